@@ -1,0 +1,37 @@
+# The few verbs people type. `make test` is what CI runs.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/tyrum
+export TEST_REDIS_URL ?= redis://127.0.0.1:6379/15
+export BACKPLANE_CHANNEL_PREFIX ?= tyrumtest
+
+.PHONY: install run test unit lint bench clean
+
+$(BIN)/.installed: requirements.txt
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -r requirements.txt
+	touch $@
+
+install: $(BIN)/.installed
+
+# Single-node gateway on SQLite with the in-process layer: no services needed.
+run: install
+	$(BIN)/python manage.py migrate --no-input -v 0
+	$(BIN)/python manage.py serve --host 127.0.0.1 --port 8000
+
+# Everything: unit, integration (PostgreSQL + Redis), e2e (daphne processes), embedded smoke.
+test: install
+	$(BIN)/python manage.py makemigrations --check --dry-run -v 0
+	DATABASE_URL=$(TEST_DATABASE_URL) REDIS_URL=$(TEST_REDIS_URL) $(BIN)/python -m pytest
+
+unit: install
+	$(BIN)/python -m pytest tests/unit
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check backplane tyrum
+
+clean:
+	rm -rf $(VENV) var

@@ -1,0 +1,26 @@
+"""Tyrum backplane: durable outbox, relay and edges for a WebSocket gateway.
+
+Producers call ``publish``/``publish_many`` inside their own transactions::
+
+    from backplane import publish
+    with transaction.atomic():
+        run.save()
+        publish(tenant, "run.updated", {"run_id": run.id}, device="node-7")
+"""
+
+from typing import Any
+
+__all__ = ["publish", "publish_many", "presence"]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy, so that importing the package does not import models before apps are ready.
+    if name in ("publish", "publish_many"):
+        from backplane import outbox
+
+        return getattr(outbox, name)
+    if name == "presence":
+        from backplane import directory
+
+        return directory.presence
+    raise AttributeError(name)

@@ -1,0 +1,152 @@
+"""Shard leases for relays: PostgreSQL advisory locks on a dedicated session.
+
+A relay holds ``pg_try_advisory_lock(LOCK_CLASS, shard)`` on its own connection; when the
+process dies (or its session is cut) PostgreSQL frees the locks and a standby takes them.
+The relay checks its lock session before every forwarding cycle and drops all shards at
+once when that session is gone, so it stops forwarding before another relay can start.
+On SQLite (embedded mode: one relay in one process) every wanted shard is simply owned.
+``RelayLease`` rows only *report* leases for the admin and ``backplane_status``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from channels.db import database_sync_to_async
+from django.db import connection
+from django.utils import timezone
+
+from backplane.conf import conf
+from backplane.models import RelayLease
+
+logger = logging.getLogger(__name__)
+
+LOCK_CLASS = 0x7479  # "ty": the first key of the two-key advisory lock space
+# How often a relay tries to take shards it does not hold (standby take-over time).
+ACQUIRE_INTERVAL_SECS = 1.0
+# How often lease rows are refreshed for status displays.
+REPORT_INTERVAL_SECS = 2.0
+
+
+def _conninfo() -> dict[str, Any]:
+    db = connection.settings_dict
+    info: dict[str, Any] = {
+        "dbname": db["NAME"], "user": db.get("USER") or None, "password": db.get("PASSWORD") or None,
+        "host": db.get("HOST") or None, "port": db.get("PORT") or None, "connect_timeout": 5,
+        "application_name": "tyrum-relay-lease",
+    }
+    return {k: v for k, v in info.items() if v is not None}
+
+
+class Leases:
+    """The set of shards this relay may forward right now."""
+
+    def __init__(self, wanted: Sequence[int], holder: str) -> None:
+        self.wanted = list(wanted)
+        self.holder = holder
+        self.owned: set[int] = set()
+        self.forwarded: dict[int, int] = {}
+        self._conn: Any = None
+        self._last_acquire = 0.0
+        self._last_report = 0.0
+
+    async def current(self) -> list[int]:
+        """Return the shards owned now, after checking the lock session is alive."""
+        if not conf.is_postgresql:
+            if not self.owned:
+                self.owned = set(self.wanted)
+                await self._report(force=True)
+            await self._report()
+            return sorted(self.owned)
+        await self._check_session()
+        now = time.monotonic()
+        if len(self.owned) < len(self.wanted) and now - self._last_acquire >= ACQUIRE_INTERVAL_SECS:
+            self._last_acquire = now
+            await self._try_acquire()
+        await self._report()
+        return sorted(self.owned)
+
+    async def _check_session(self) -> None:
+        if self._conn is None:
+            return
+        try:
+            await self._conn.execute("SELECT 1")
+        except Exception as exc:
+            if self.owned:
+                logger.error("relay lost its lease session (%s); dropping shards %s",
+                             type(exc).__name__, sorted(self.owned), extra={"action": "lease_lost"})
+            self.owned.clear()
+            await self._close()
+
+    async def _try_acquire(self) -> None:
+        import psycopg
+
+        try:
+            if self._conn is None:
+                self._conn = await psycopg.AsyncConnection.connect(autocommit=True, **_conninfo())
+            missing = [s for s in self.wanted if s not in self.owned]
+            cur = await self._conn.execute(
+                "SELECT s, pg_try_advisory_lock(%s, s) FROM unnest(%s::int[]) AS s", [LOCK_CLASS, missing]
+            )
+            got = [shard for shard, ok in await cur.fetchall() if ok]
+        except Exception as exc:
+            logger.warning("relay could not take leases: %s", type(exc).__name__, extra={"action": "lease_error"})
+            self.owned.clear()
+            await self._close()
+            return
+        if got:
+            self.owned.update(got)
+            logger.info("relay %s took shards %s", self.holder, got, extra={"action": "lease_acquired"})
+            await self._report(force=True, acquired=got)
+
+    async def _close(self) -> None:
+        if self._conn is not None:
+            try:
+                await self._conn.close()
+            except Exception:
+                pass
+            self._conn = None
+
+    async def release(self) -> None:
+        """Give every shard back (clean shutdown)."""
+        await self._close()
+        owned, self.owned = sorted(self.owned), set()
+        if owned:
+            await database_sync_to_async(_clear_rows)(owned, self.holder)
+
+    def count(self, per_shard: dict[int, int]) -> None:
+        for shard, n in per_shard.items():
+            self.forwarded[shard] = self.forwarded.get(shard, 0) + n
+
+    async def _report(self, force: bool = False, acquired: Sequence[int] = ()) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_report < REPORT_INTERVAL_SECS:
+            return
+        self._last_report = now
+        counts, self.forwarded = self.forwarded, {}
+        try:
+            await database_sync_to_async(_write_rows)(sorted(self.owned), self.holder, counts, list(acquired))
+        except Exception as exc:  # reporting must not stop forwarding
+            logger.warning("could not record relay leases: %s", type(exc).__name__, extra={"action": "lease_report"})
+
+
+def _write_rows(owned: list[int], holder: str, counts: dict[int, int], acquired: list[int]) -> None:
+    from django.db.models import F
+
+    now = timezone.now()
+    for shard in owned:
+        lease, _ = RelayLease.objects.get_or_create(shard=shard)
+        fields = {"holder": holder, "heartbeat_at": now}
+        if shard in acquired or lease.holder != holder:
+            fields["acquired_at"] = now
+        if counts.get(shard):
+            fields["forwarded_total"] = F("forwarded_total") + counts[shard]
+            fields["last_forwarded_at"] = now
+        RelayLease.objects.filter(shard=shard).update(**fields)
+
+
+def _clear_rows(shards: list[int], holder: str) -> None:
+    RelayLease.objects.filter(shard__in=shards, holder=holder).update(holder="", heartbeat_at=timezone.now())

@@ -1,0 +1,170 @@
+"""Backplane data: tenants, tokens, the outbox, streams, edges, connections, relay leases."""
+
+from __future__ import annotations
+
+import uuid
+
+from django.conf import settings
+from django.db import models
+from django.db.models.functions import Now
+
+
+class Tenant(models.Model):
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    slug = models.SlugField(max_length=64, unique=True)
+    name = models.CharField(max_length=200)
+    is_active = models.BooleanField(default=True)
+    created_at = models.DateTimeField(db_default=Now())
+
+    class Meta:
+        ordering = ["slug"]
+
+    def __str__(self) -> str:
+        return self.slug
+
+
+class AccessToken(models.Model):
+    """A peer credential: one tenant, one device, one role. Only its hash is stored."""
+
+    ROLE_CHOICES = [("client", "client"), ("node", "node"), ("operator", "operator")]
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="tokens")
+    device_id = models.CharField(max_length=128)
+    role = models.CharField(max_length=16, choices=ROLE_CHOICES)
+    token_hash = models.CharField(max_length=64, unique=True, editable=False)
+    label = models.CharField(max_length=200, blank=True, default="")
+    created_at = models.DateTimeField(db_default=Now())
+    expires_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        indexes = [models.Index(fields=["tenant", "device_id"])]
+
+    def __str__(self) -> str:
+        return f"{self.tenant_id}/{self.device_id} ({self.role})"
+
+
+class OperatorAccess(models.Model):
+    """Lets a Django user connect with a session cookie as an operator of a tenant."""
+
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE)
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["user", "tenant"], name="bp_operator_once")]
+        verbose_name_plural = "operator access"
+
+
+class OutboxItem(models.Model):
+    """One durable event or directed command. Only ``backplane.outbox`` writes these."""
+
+    KIND_CHOICES = [("event", "event"), ("command", "command")]
+
+    id = models.BigAutoField(primary_key=True)
+    tenant = models.ForeignKey(Tenant, on_delete=models.PROTECT, db_index=False)
+    kind = models.CharField(max_length=8, choices=KIND_CHOICES, default="event")
+    stream = models.CharField(max_length=200)
+    event_id = models.CharField(max_length=100)
+    type = models.CharField(max_length=100)
+    occurred_at = models.DateTimeField()
+    payload = models.JSONField()
+    payload_bytes = models.IntegerField()
+    shard = models.SmallIntegerField()
+    created_at = models.DateTimeField(db_default=Now())
+    stream_offset = models.BigIntegerField(null=True, blank=True)
+    assigned_at = models.DateTimeField(null=True, blank=True)
+    forwarded_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        permissions = [("view_payload", "Can view outbox payloads")]
+        constraints = [
+            models.UniqueConstraint(fields=["tenant", "event_id"], name="bp_outbox_event_once"),
+        ]
+        indexes = [
+            models.Index(
+                fields=["shard", "id"],
+                name="bp_outbox_unassigned",
+                condition=models.Q(stream_offset__isnull=True),
+            ),
+            models.Index(
+                fields=["shard", "stream", "stream_offset"],
+                name="bp_outbox_unforwarded",
+                condition=models.Q(forwarded_at__isnull=True, stream_offset__isnull=False),
+            ),
+            models.Index(fields=["stream", "stream_offset"], name="bp_outbox_stream_offset"),
+            models.Index(fields=["created_at"], name="bp_outbox_created"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.type} {self.event_id}"
+
+
+class Stream(models.Model):
+    """An audience's sequence: epoch, last assigned offset, lowest retained offset."""
+
+    key = models.CharField(max_length=200, primary_key=True)
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, db_index=False)
+    audience = models.CharField(max_length=8)
+    epoch = models.CharField(max_length=16)
+    last_offset = models.BigIntegerField(default=0)
+    first_retained_offset = models.BigIntegerField(default=1)
+    updated_at = models.DateTimeField(db_default=Now())
+
+    class Meta:
+        indexes = [models.Index(fields=["tenant", "audience"], name="bp_stream_tenant")]
+
+    def __str__(self) -> str:
+        return self.key
+
+
+class Edge(models.Model):
+    edge_id = models.CharField(max_length=64, primary_key=True)
+    host = models.CharField(max_length=200, blank=True, default="")
+    started_at = models.DateTimeField(db_default=Now())
+    heartbeat_at = models.DateTimeField(db_default=Now())
+
+    def __str__(self) -> str:
+        return self.edge_id
+
+
+class Connection(models.Model):
+    """A live socket in the connection directory; ``expires_at`` is refreshed by heartbeats."""
+
+    connection_id = models.CharField(max_length=32, primary_key=True)
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE)
+    device_id = models.CharField(max_length=128)
+    role = models.CharField(max_length=16)
+    token = models.ForeignKey(AccessToken, null=True, blank=True, on_delete=models.SET_NULL)
+    edge = models.ForeignKey(Edge, on_delete=models.CASCADE, related_name="connections")
+    channel_name = models.CharField(max_length=200)
+    connected_at = models.DateTimeField(db_default=Now())
+    last_seen_at = models.DateTimeField(db_default=Now())
+    expires_at = models.DateTimeField()
+
+    class Meta:
+        indexes = [
+            models.Index(fields=["tenant", "device_id"], name="bp_conn_device"),
+            models.Index(fields=["expires_at"], name="bp_conn_expires"),
+        ]
+
+    def __str__(self) -> str:
+        return self.connection_id
+
+
+class RelayLease(models.Model):
+    """Who forwards a shard, and its progress: shown by the admin and backplane_status.
+
+    The lease itself is a PostgreSQL advisory lock held by the relay's session; this row
+    only reports it.
+    """
+
+    shard = models.IntegerField(primary_key=True)
+    holder = models.CharField(max_length=200, blank=True, default="")
+    acquired_at = models.DateTimeField(null=True, blank=True)
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    forwarded_total = models.BigIntegerField(default=0)
+    last_forwarded_at = models.DateTimeField(null=True, blank=True)
+
+    def __str__(self) -> str:
+        return f"shard {self.shard}"

@@ -1,0 +1,323 @@
+"""The outbox: append, claim (assign offsets), forward-marking and range reads.
+
+This is the only module that writes outbox rows. Contract:
+
+- ``publish``/``publish_many`` insert inside the caller's transaction (durable append);
+  a rolled-back transaction publishes nothing. The relay's doorbell rings on commit only.
+- Publishing the same ``(tenant, event_id)`` twice is idempotent: the second is a no-op.
+- ``assign_offsets`` gives *visible, committed* rows without an offset the next offsets
+  of their streams, in one transaction. Rows are found by "has no offset", never by
+  "id > cursor", so a transaction that commits after one with a higher id is not skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from django.db import connection, transaction
+from django.utils import timezone
+
+from backplane import doorbell, exceptions, redaction, streams
+from backplane.conf import conf
+from backplane.models import OutboxItem, Tenant
+
+logger = logging.getLogger(__name__)
+
+OUTBOX = OutboxItem._meta.db_table
+STREAM = "backplane_stream"
+
+
+def resolve_tenant(tenant: Tenant | uuid.UUID | str) -> Tenant:
+    """Return the active tenant given as object, id or slug."""
+    if isinstance(tenant, Tenant):
+        obj = tenant
+    else:
+        try:
+            key = tenant if isinstance(tenant, uuid.UUID) else uuid.UUID(str(tenant))
+            obj = Tenant.objects.get(pk=key)
+        except (ValueError, Tenant.DoesNotExist):
+            try:
+                obj = Tenant.objects.get(slug=str(tenant))
+            except Tenant.DoesNotExist:
+                raise exceptions.UnknownTenant(f"no tenant {tenant!r}") from None
+    if not obj.is_active:
+        raise exceptions.InactiveTenant(f"tenant {obj.slug!r} is not active")
+    return obj
+
+
+def _stream_for(tenant: Tenant, device: str | None, role: str | None) -> str:
+    if device is not None and role is not None:
+        raise exceptions.InvalidAudience("give a device or a role, not both")
+    if device is not None:
+        if not isinstance(device, str) or not streams.DEVICE_ID_RE.match(device):
+            raise exceptions.InvalidAudience(f"malformed device id {device!r}")
+        return streams.device_stream(tenant.id, device)
+    if role is not None:
+        if role not in streams.ROLES:
+            raise exceptions.InvalidAudience(f"role must be one of {', '.join(streams.ROLES)}")
+        return streams.role_stream(tenant.id, role)
+    return streams.tenant_stream(tenant.id)
+
+
+def _encode(payload: Any) -> str:
+    try:
+        return json.dumps(payload, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise exceptions.InvalidPayload(f"payload is not JSON: {exc}") from None
+
+
+def _build(tenant: Tenant, spec: Mapping[str, Any], shard: int, patterns: tuple[str, ...]) -> OutboxItem:
+    unknown = set(spec) - {"type", "payload", "device", "role", "event_id", "occurred_at"}
+    if unknown:
+        raise exceptions.PublishError(f"unknown event fields: {sorted(unknown)}")
+    etype = spec.get("type")
+    if not isinstance(etype, str) or not streams.EVENT_TYPE_RE.match(etype):
+        raise exceptions.InvalidEventType(f"malformed event type {etype!r}")
+    stream = _stream_for(tenant, spec.get("device"), spec.get("role"))
+    event_id = spec.get("event_id") or str(uuid.uuid4())
+    if not isinstance(event_id, str) or not streams.EVENT_ID_RE.match(event_id):
+        raise exceptions.InvalidEventId(f"malformed event id {event_id!r}")
+    occurred_at = spec.get("occurred_at") or timezone.now()
+    if not isinstance(occurred_at, datetime) or occurred_at.tzinfo is None:
+        raise exceptions.PublishError("occurred_at must be an aware datetime")
+    payload = spec.get("payload")
+    _encode(payload)  # reject non-JSON before redaction can hide it
+    clean = redaction.redact(payload, patterns)
+    size = len(_encode(clean).encode())
+    if size > conf.MAX_PAYLOAD_BYTES:
+        raise exceptions.PayloadTooLarge(f"payload is {size} bytes; the cap is {conf.MAX_PAYLOAD_BYTES}")
+    return OutboxItem(
+        tenant=tenant, kind="event", stream=stream, event_id=event_id, type=etype,
+        occurred_at=occurred_at, payload=clean, payload_bytes=size, shard=shard,
+    )
+
+
+def publish(
+    tenant: Tenant | uuid.UUID | str,
+    type: str,
+    payload: Any,
+    *,
+    device: str | None = None,
+    role: str | None = None,
+    event_id: str | None = None,
+    occurred_at: datetime | None = None,
+) -> str:
+    """Append one event to the outbox inside the current transaction; return its event id.
+
+    At-least-once: peers may see it more than once and dedupe by event id. Idempotent on
+    ``(tenant, event_id)``. Raises a ``PublishError`` subclass and writes nothing on bad input.
+    """
+    spec = {"type": type, "payload": payload, "device": device, "role": role,
+            "event_id": event_id, "occurred_at": occurred_at}
+    return publish_many(tenant, [spec])[0]
+
+
+def publish_many(tenant: Tenant | uuid.UUID | str, events: Iterable[Mapping[str, Any]]) -> list[str]:
+    """Append several events of one tenant in one statement; return their event ids.
+
+    Each event is a mapping with ``type`` and ``payload`` and optionally ``device``,
+    ``role``, ``event_id``, ``occurred_at``. All are validated before anything is written.
+    """
+    obj = resolve_tenant(tenant)
+    shard = streams.shard_of(obj.id, conf.SHARDS)
+    patterns = redaction.normalise_patterns(conf.REDACT_PATTERNS)
+    rows = [_build(obj, spec, shard, patterns) for spec in events]
+    if not rows:
+        return []
+    OutboxItem.objects.bulk_create(rows, ignore_conflicts=True, batch_size=2000)
+    transaction.on_commit(lambda: doorbell.ring(shard))
+    return [row.event_id for row in rows]
+
+
+def publish_command(tenant_id: uuid.UUID, edge_id: str, command: str, args: Mapping[str, Any]) -> str:
+    """Append a directed command for one edge (carried like an event, to ``bp.edge.<id>``)."""
+    shard = streams.shard_of(tenant_id, conf.SHARDS)
+    body = {"command": command, **args}
+    text = _encode(body)
+    event_id = f"cmd-{uuid.uuid4().hex}"
+    OutboxItem.objects.create(
+        tenant_id=tenant_id, kind="command", stream=streams.edge_stream(edge_id), event_id=event_id,
+        type=f"bp.{command}", occurred_at=timezone.now(), payload=body, payload_bytes=len(text), shard=shard,
+    )
+    transaction.on_commit(lambda: doorbell.ring(shard))
+    return event_id
+
+
+# --- relay side -----------------------------------------------------------------------
+
+
+def _in(values: Sequence[Any]) -> str:
+    return ",".join(["%s"] * len(values))
+
+
+def assign_offsets(shards: Sequence[int], limit: int) -> int:
+    """Give committed rows without an offset their streams' next offsets; return the count.
+
+    One transaction: claim the oldest unassigned rows of ``shards``, bump each stream's
+    ``last_offset`` by its row count (creating the stream with a fresh epoch if new), and
+    write the offsets in id order within each stream.
+    """
+    if not shards:
+        return 0
+    pg = conf.is_postgresql
+    with transaction.atomic(), connection.cursor() as cur:
+        cur.execute(
+            f"SELECT id, stream, tenant_id FROM {OUTBOX} WHERE shard IN ({_in(shards)}) "
+            f"AND stream_offset IS NULL ORDER BY id LIMIT %s" + (" FOR UPDATE" if pg else ""),
+            [*shards, limit],
+        )
+        rows = cur.fetchall()
+        if not rows:
+            return 0
+        per_stream: dict[str, list[int]] = {}
+        tenant_of: dict[str, Any] = {}
+        for row_id, stream, tenant_id in rows:
+            per_stream.setdefault(stream, []).append(row_id)
+            tenant_of[stream] = tenant_id
+        keys = sorted(per_stream)  # a fixed lock order
+        values = ",".join(["(%s,%s,%s,%s,%s,1,CURRENT_TIMESTAMP)"] * len(keys))
+        params: list[Any] = []
+        for key in keys:
+            tid = tenant_of[key]
+            params += [key, tid.hex if isinstance(tid, uuid.UUID) and not pg else tid,
+                       streams.audience_of(key), streams.new_epoch(), len(per_stream[key])]
+        cur.execute(
+            f"INSERT INTO {STREAM} (key, tenant_id, audience, epoch, last_offset, "
+            f"first_retained_offset, updated_at) VALUES {values} ON CONFLICT (key) DO UPDATE SET "
+            f"last_offset = {STREAM}.last_offset + excluded.last_offset, updated_at = excluded.updated_at "
+            f"RETURNING key, last_offset",
+            params,
+        )
+        last = dict(cur.fetchall())
+        ids: list[int] = []
+        offsets: list[int] = []
+        for key, row_ids in per_stream.items():
+            first = last[key] - len(row_ids) + 1
+            ids += row_ids
+            offsets += range(first, first + len(row_ids))
+        now = timezone.now()
+        if pg:
+            cur.execute(
+                f"UPDATE {OUTBOX} o SET stream_offset = v.off, assigned_at = %s "
+                f"FROM unnest(%s::bigint[], %s::bigint[]) AS v(id, off) WHERE o.id = v.id",
+                [now, ids, offsets],
+            )
+        else:
+            cur.executemany(
+                f"UPDATE {OUTBOX} SET stream_offset = %s, assigned_at = %s WHERE id = %s",
+                [(off, now, i) for i, off in zip(ids, offsets, strict=True)],
+            )
+        return len(rows)
+
+
+@dataclass(frozen=True)
+class Pending:
+    """An assigned row that no relay has recorded as forwarded yet."""
+
+    id: int
+    kind: str
+    stream: str
+    epoch: str
+    shard: int
+    item: streams.Item
+
+
+def _iso(value: Any) -> str:
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    if value.tzinfo is None:  # SQLite hands back naive UTC
+        value = value.replace(tzinfo=UTC)
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def fetch_unforwarded(shards: Sequence[int], limit: int) -> list[Pending]:
+    """Return assigned, unforwarded rows of ``shards`` ordered by stream and offset.
+
+    After a relay crash these are exactly the rows to send again, with the same offsets.
+    """
+    if not shards:
+        return []
+    with connection.cursor() as cur:
+        cur.execute(
+            f"SELECT o.id, o.kind, o.stream, s.epoch, o.shard, o.stream_offset, o.event_id, o.type, "
+            f"o.occurred_at, o.payload FROM {OUTBOX} o JOIN {STREAM} s ON s.key = o.stream "
+            f"WHERE o.shard IN ({_in(shards)}) AND o.forwarded_at IS NULL "
+            f"AND o.stream_offset IS NOT NULL ORDER BY o.stream, o.stream_offset LIMIT %s",
+            [*shards, limit],
+        )
+        return [
+            Pending(r[0], r[1], r[2], r[3], r[4], streams.Item(r[5], r[6], r[7], _iso(r[8]), r[9]))
+            for r in cur.fetchall()
+        ]
+
+
+def mark_forwarded(ids: Sequence[int]) -> None:
+    """Record rows as forwarded (they become eligible for compaction)."""
+    if not ids:
+        return
+    now = timezone.now()
+    with connection.cursor() as cur:
+        if conf.is_postgresql:
+            cur.execute(f"UPDATE {OUTBOX} SET forwarded_at = %s WHERE id = ANY(%s)", [now, list(ids)])
+        else:
+            for start in range(0, len(ids), 500):
+                chunk = ids[start : start + 500]
+                cur.execute(f"UPDATE {OUTBOX} SET forwarded_at = %s WHERE id IN ({_in(chunk)})", [now, *chunk])
+
+
+# --- edge side ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Head:
+    epoch: str
+    offset: int
+    first_retained: int
+
+
+def ensure_streams(tenant_id: uuid.UUID, keys: Sequence[str]) -> dict[str, Head]:
+    """Return the heads of ``keys``, creating never-seen streams at offset 0 with an epoch."""
+    pg = conf.is_postgresql
+    tid: Any = tenant_id if pg else tenant_id.hex
+    with connection.cursor() as cur:
+        values = ",".join(["(%s,%s,%s,%s,0,1,CURRENT_TIMESTAMP)"] * len(keys))
+        params: list[Any] = []
+        for key in keys:
+            params += [key, tid, streams.audience_of(key), streams.new_epoch()]
+        cur.execute(
+            f"INSERT INTO {STREAM} (key, tenant_id, audience, epoch, last_offset, first_retained_offset, "
+            f"updated_at) VALUES {values} ON CONFLICT (key) DO NOTHING",
+            params,
+        )
+    return stream_heads(keys)
+
+
+def stream_heads(keys: Sequence[str]) -> dict[str, Head]:
+    """Return the current heads of the given streams (missing streams are left out)."""
+    if not keys:
+        return {}
+    with connection.cursor() as cur:
+        cur.execute(
+            f"SELECT key, epoch, last_offset, first_retained_offset FROM {STREAM} WHERE key IN ({_in(keys)})",
+            list(keys),
+        )
+        return {k: Head(e, o, f) for k, e, o, f in cur.fetchall()}
+
+
+def read_range(stream_key: str, after: int, upto: int) -> list[streams.Item]:
+    """Return the stream's stored items with ``after < offset <= upto``, in offset order."""
+    if upto <= after:
+        return []
+    with connection.cursor() as cur:
+        cur.execute(
+            f"SELECT stream_offset, event_id, type, occurred_at, payload FROM {OUTBOX} "
+            f"WHERE stream = %s AND stream_offset > %s AND stream_offset <= %s ORDER BY stream_offset",
+            [stream_key, after, upto],
+        )
+        return [streams.Item(o, e, t, _iso(at), p) for o, e, t, at, p in cur.fetchall()]

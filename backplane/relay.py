@@ -1,0 +1,178 @@
+"""The relay: forward committed outbox rows to their stream groups, at least once.
+
+Each cycle, for the shards this relay leases: assign offsets to committed rows that have
+none (one transaction), send every assigned-but-unforwarded row to its stream's group
+(one ``group_send`` per stream per cycle, chunked), then mark them forwarded. A crash
+between any two steps re-sends the same rows with the same offsets on the next cycle;
+edges drop the repeats by offset, peers by event id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from channels.db import database_sync_to_async
+
+from backplane import outbox, streams
+from backplane.conf import conf
+from backplane.doorbell import Listener
+from backplane.leases import Leases
+
+logger = logging.getLogger(__name__)
+
+# Events per group message: keeps one message well under Redis/msgpack comfort sizes.
+MAX_ITEMS_PER_MESSAGE = 250
+# Back-off after a failing cycle (database or Redis down), doubling up to the cap.
+ERROR_BACKOFF_SECS = 0.2
+ERROR_BACKOFF_MAX_SECS = 5.0
+
+
+def _failpoint(name: str) -> None:
+    """Die here when ``BACKPLANE_FAILPOINT`` names this point (fault tests only)."""
+    if os.environ.get("BACKPLANE_FAILPOINT") == name:
+        logger.warning("failpoint %s: killing relay", name, extra={"action": "failpoint"})
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class Relay:
+    """One relay process's forwarding loop. I/O is passed in: ``layer`` is a channel layer."""
+
+    def __init__(
+        self,
+        layer: Any,
+        *,
+        shards: Sequence[int] | None = None,
+        batch_size: int | None = None,
+        poll_interval: float | None = None,
+        holder: str | None = None,
+    ) -> None:
+        self.layer = layer
+        self.batch_size = batch_size or conf.RELAY_BATCH_SIZE
+        self.poll_interval = poll_interval if poll_interval is not None else conf.RELAY_POLL_INTERVAL_SECS
+        wanted = list(shards) if shards is not None else list(range(conf.SHARDS))
+        self.holder = holder or f"{socket.gethostname()}:{os.getpid()}"
+        self.leases = Leases(wanted, self.holder)
+        self.forwarded_total = 0
+        self.assigned_total = 0
+
+    async def cycle(self) -> tuple[int, int]:
+        """Run one cycle; return (rows assigned, rows forwarded)."""
+        owned = await self.leases.current()
+        if not owned:
+            return 0, 0
+        assigned = await database_sync_to_async(outbox.assign_offsets)(owned, self.batch_size)
+        if assigned:
+            _failpoint("after_assign")
+        pending = await database_sync_to_async(outbox.fetch_unforwarded)(owned, self.batch_size)
+        if not pending:
+            self.assigned_total += assigned
+            return assigned, 0
+        # Re-check the lease session right before sending: a relay whose session died must
+        # not forward shards another relay may already have taken.
+        owned_now = set(await self.leases.current())
+        pending = [p for p in pending if _shard_ok(p, owned_now)]
+        await self._send(pending)
+        _failpoint("before_mark")
+        await database_sync_to_async(outbox.mark_forwarded)([p.id for p in pending])
+        per_shard: dict[int, int] = {}
+        for p in pending:
+            per_shard[p.shard] = per_shard.get(p.shard, 0) + 1
+        self.leases.count(per_shard)
+        self.assigned_total += assigned
+        self.forwarded_total += len(pending)
+        return assigned, len(pending)
+
+    async def _send(self, pending: Sequence[outbox.Pending]) -> None:
+        prefix = conf.channel_prefix
+        by_stream: dict[str, list[outbox.Pending]] = {}
+        for p in pending:
+            by_stream.setdefault(p.stream, []).append(p)
+        for key, rows in by_stream.items():
+            audience = streams.audience_of(key)
+            if audience == "edge":
+                group = streams.edge_group(prefix, key[2:])
+                for p in rows:
+                    await self.layer.group_send(group, {"type": "bp.command", "body": p.item.payload_json})
+                continue
+            group = streams.group_name(prefix, key)
+            epoch = rows[0].epoch
+            for start in range(0, len(rows), MAX_ITEMS_PER_MESSAGE):
+                chunk = rows[start : start + MAX_ITEMS_PER_MESSAGE]
+                items = [[p.item.offset, streams.event_frame(audience, epoch, p.item)] for p in chunk]
+                await self.layer.group_send(
+                    group, {"type": "bp.batch", "stream": key, "epoch": epoch, "items": items}
+                )
+
+    async def run(self, stop: asyncio.Event | None = None, *, once: bool = False) -> None:
+        """Forward until ``stop`` is set (or one pass when ``once``)."""
+        stop = stop or asyncio.Event()
+        backoff = ERROR_BACKOFF_SECS
+        logger.info("relay %s starting for %d shards", self.holder, len(self.leases.wanted),
+                    extra={"action": "relay_start"})
+        async with Listener() as bell:
+            try:
+                while not stop.is_set():
+                    try:
+                        assigned, forwarded = await self.cycle()
+                        backoff = ERROR_BACKOFF_SECS
+                    except Exception as exc:
+                        logger.error("relay cycle failed: %s: %s", type(exc).__name__, _safe(exc),
+                                     extra={"action": "relay_error"})
+                        await _sleep_or_stop(stop, backoff)
+                        backoff = min(backoff * 2, ERROR_BACKOFF_MAX_SECS)
+                        continue
+                    if once and assigned < self.batch_size and forwarded < self.batch_size:
+                        break
+                    if assigned >= self.batch_size or forwarded >= self.batch_size:
+                        continue  # more is waiting: no sleep
+                    waiter = asyncio.create_task(bell.wait(self.poll_interval))
+                    stopper = asyncio.create_task(stop.wait())
+                    await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                    for task in (waiter, stopper):
+                        task.cancel()
+            finally:
+                await self.leases.release()
+                logger.info("relay %s stopped after forwarding %d", self.holder, self.forwarded_total,
+                            extra={"action": "relay_stop"})
+
+
+def _shard_ok(p: outbox.Pending, owned: set[int]) -> bool:
+    return p.shard in owned
+
+
+def _safe(exc: Exception) -> str:
+    # Driver messages may quote SQL parameters (payloads); keep the first line, capped.
+    return str(exc).splitlines()[0][:200] if str(exc) else ""
+
+
+async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
+    try:
+        await asyncio.wait_for(stop.wait(), seconds)
+    except TimeoutError:
+        pass
+
+
+def install_signal_handlers(stop: asyncio.Event) -> None:
+    """Set ``stop`` on SIGTERM/SIGINT so the loop finishes its cycle and releases leases."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+
+async def run_until_signal(layer: Any, **kwargs: Any) -> Relay:
+    """Run a relay until SIGTERM/SIGINT (or ``once``); return it for its counters."""
+    once = kwargs.pop("once", False)
+    stop = asyncio.Event()
+    install_signal_handlers(stop)
+    relay = Relay(layer, **kwargs)
+    started = time.monotonic()
+    await relay.run(stop, once=once)
+    logger.info("relay ran %.1fs", time.monotonic() - started, extra={"action": "relay_exit"})
+    return relay

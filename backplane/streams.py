@@ -1,0 +1,158 @@
+"""Stream keys, Channels group names, shards and event frames: pure functions.
+
+A *stream* is an audience with its own epoch and contiguous offsets: the whole tenant,
+one role in the tenant, or one device. A connection belongs to three streams. Directed
+commands use a fourth kind, one stream per edge.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from uuid import UUID
+
+ROLES = ("client", "node", "operator")
+STREAM_NAMES = ("tenant", "role", "device")
+
+DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
+EDGE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+EVENT_TYPE_RE = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z0-9_]+){0,7}$")
+EVENT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,99}$")
+
+
+def tenant_stream(tenant_id: UUID) -> str:
+    return f"t:{tenant_id.hex}"
+
+
+def role_stream(tenant_id: UUID, role: str) -> str:
+    return f"r:{tenant_id.hex}:{role}"
+
+
+def device_stream(tenant_id: UUID, device_id: str) -> str:
+    return f"d:{tenant_id.hex}:{device_id}"
+
+
+def edge_stream(edge_id: str) -> str:
+    return f"e:{edge_id}"
+
+
+def audience_of(stream_key: str) -> str:
+    """Return ``tenant``, ``role``, ``device`` or ``edge`` for a stream key."""
+    return {"t": "tenant", "r": "role", "d": "device", "e": "edge"}[stream_key[0]]
+
+
+def connection_streams(tenant_id: UUID, role: str, device_id: str) -> dict[str, str]:
+    """Return the three stream keys of a connection, by their name on the wire."""
+    return {
+        "tenant": tenant_stream(tenant_id),
+        "role": role_stream(tenant_id, role),
+        "device": device_stream(tenant_id, device_id),
+    }
+
+
+def group_name(prefix: str, stream_key: str) -> str:
+    """Return the Channels group of a stream.
+
+    Group names allow only ``[A-Za-z0-9._-]`` and fewer than 100 characters, and device
+    ids may hold other characters, so the key is hashed. The prefix keeps deployments
+    that share one Redis apart.
+    """
+    digest = hashlib.blake2b(stream_key.encode(), digest_size=16).hexdigest()
+    return f"bp.{_safe(prefix)}.s.{digest}"
+
+
+def edge_group(prefix: str, edge_id: str) -> str:
+    """Return the group that carries directed commands to one edge."""
+    return f"bp.{_safe(prefix)}.edge.{edge_id}"[:99]
+
+
+def _safe(prefix: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "_", prefix)[:30] or "tyrum"
+
+
+def shard_of(tenant_id: UUID, shards: int) -> int:
+    """Return the relay shard of a tenant: a stable hash mod ``shards``."""
+    return zlib.crc32(tenant_id.bytes) % shards
+
+
+def new_epoch() -> str:
+    import secrets
+
+    return secrets.token_hex(4)
+
+
+@dataclass(frozen=True)
+class Item:
+    """One event as stored: what the frame builder needs."""
+
+    offset: int
+    event_id: str
+    type: str
+    occurred_at: str
+    payload_json: str
+
+
+def event_frame(stream_name: str, epoch: str, item: Item) -> str:
+    """Render the ``event`` frame text; the payload JSON is spliced in, not re-encoded."""
+    return (
+        '{"type":"event","stream":' + json.dumps(stream_name)
+        + ',"epoch":' + json.dumps(epoch)
+        + ',"offset":' + str(int(item.offset))
+        + ',"event":{"event_id":' + json.dumps(item.event_id)
+        + ',"type":' + json.dumps(item.type)
+        + ',"occurred_at":' + json.dumps(item.occurred_at)
+        + ',"payload":' + item.payload_json + "}}"
+    )
+
+
+def parse_shards(spec: str | None, total: int) -> list[int]:
+    """Parse ``"0-3,7"`` into shard numbers; ``None`` or ``""`` means all shards."""
+    if not spec:
+        return list(range(total))
+    result: set[int] = set()
+    for part in spec.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if "-" in part:
+            low, high = (int(x) for x in part.split("-", 1))
+            result.update(range(low, high + 1))
+        else:
+            result.add(int(part))
+    bad = [s for s in result if not 0 <= s < total]
+    if bad:
+        raise ValueError(f"shards {sorted(bad)} are outside 0..{total - 1}")
+    return sorted(result)
+
+
+class DeliveryCursor:
+    """Per-stream delivery state of one connection: drop repeats, find gaps.
+
+    ``next`` is the offset the peer should get next. ``accept(offsets)`` splits incoming
+    offsets into what to send and the gap (first missing, last missing) to fill first.
+    """
+
+    __slots__ = ("epoch", "next")
+
+    def __init__(self, epoch: str, head: int) -> None:
+        self.epoch = epoch
+        self.next = head + 1
+
+    def plan(self, offsets: Iterable[int]) -> list[tuple[int, int] | int]:
+        """Return an ordered plan: ``int`` = send this offset, ``(a, b)`` = fill a..b.
+
+        Offsets must be ascending. The plan advances ``next`` as if it were carried out.
+        """
+        plan: list[tuple[int, int] | int] = []
+        for offset in offsets:
+            if offset < self.next:
+                continue
+            if offset > self.next:
+                plan.append((self.next, offset - 1))
+            plan.append(offset)
+            self.next = offset + 1
+        return plan

@@ -1,0 +1,170 @@
+"""Django settings for the Tyrum gateway.
+
+Everything that differs between deployments comes from the environment:
+
+- ``DATABASE_URL``: ``postgres://…`` or ``sqlite:///…``; unset means a SQLite file
+  ``var/tyrum.sqlite3`` in the project (the embedded mode).
+- ``REDIS_URL``: ``redis://…``; unset means the in-process channel layer, which only
+  works when every part runs in one process (``manage.py serve``).
+- ``EDGE_ID``: this process's stable edge identity (default: host name and port).
+- ``SECRET_KEY``: required outside ``DEBUG``; the embedded default is for development only.
+- ``BACKPLANE_CHANNEL_PREFIX``: per-deployment prefix of every Redis key and channel.
+- ``BACKPLANE_LAYER``: ``pubsub`` (default) or ``core`` channels-redis layer.
+- ``BACKPLANE_LAYER_CAPACITY``: the core layer's per-channel capacity.
+- ``BACKPLANE_SHARDS``: number of relay shards (default 16).
+- ``BACKPLANE_ALLOWED_ORIGINS``: comma-separated origins allowed for session-cookie auth.
+- ``DEBUG``, ``ALLOWED_HOSTS`` (comma-separated), ``LOG_LEVEL``.
+
+The ``BACKPLANE`` dict holds the backplane's own settings; ``backplane/conf.py`` documents
+each key and its default, and ``manage.py check`` validates them (ids ``backplane.E00x``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import dj_database_url
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+
+def _env_list(name: str, default: str = "") -> list[str]:
+    return [item.strip() for item in os.environ.get(name, default).split(",") if item.strip()]
+
+
+DEBUG = os.environ.get("DEBUG", "0").lower() in {"1", "true", "yes"}
+SECRET_KEY = os.environ.get("SECRET_KEY", "tyrum-embedded-development-key-change-me")
+ALLOWED_HOSTS = _env_list("ALLOWED_HOSTS", "127.0.0.1,localhost,[::1]")
+
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "channels",
+    "backplane",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "tyrum.urls"
+ASGI_APPLICATION = "tyrum.asgi.application"
+WSGI_APPLICATION = None
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+# --- StateStore -------------------------------------------------------------------------
+_default_sqlite = BASE_DIR / "var" / "tyrum.sqlite3"
+DATABASE_URL = os.environ.get("DATABASE_URL") or f"sqlite:///{_default_sqlite}"
+_db = dj_database_url.parse(DATABASE_URL)
+if _db["ENGINE"] == "django.db.backends.sqlite3":
+    Path(_db["NAME"]).parent.mkdir(parents=True, exist_ok=True)
+    # Several processes (serve, publish_event, create_token) share the file: WAL lets
+    # readers run beside the writer, IMMEDIATE avoids lock upgrades that deadlock, and the
+    # busy timeout makes a second writer wait instead of failing.
+    _db["OPTIONS"] = {
+        "transaction_mode": "IMMEDIATE",
+        "timeout": 20,
+        "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+    }
+    _db["TEST"] = {"NAME": str(_default_sqlite.with_name("test.sqlite3"))}
+else:
+    # Edges are long-lived: keep connections and check them before reuse, instead of
+    # Django's default of one PostgreSQL connection per database call (DESIGN.md).
+    _db["CONN_MAX_AGE"] = int(os.environ.get("CONN_MAX_AGE", "600"))
+    _db["CONN_HEALTH_CHECKS"] = True
+    _db.setdefault("OPTIONS", {})["connect_timeout"] = 5
+DATABASES = {"default": _db}
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# --- Transport --------------------------------------------------------------------------
+REDIS_URL = os.environ.get("REDIS_URL", "")
+BACKPLANE_CHANNEL_PREFIX = os.environ.get("BACKPLANE_CHANNEL_PREFIX", "tyrum")
+BACKPLANE_LAYER = os.environ.get("BACKPLANE_LAYER", "pubsub")
+
+if not REDIS_URL:
+    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+elif BACKPLANE_LAYER == "core":
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {
+                # redis-py's default 5 s socket timeout equals the layer's 5 s blocking
+                # receive, which kills idle consumers; and its pool of 100 refuses a connect
+                # storm instead of waiting (DESIGN.md, known pitfalls).
+                "hosts": [{"address": REDIS_URL, "socket_timeout": 30, "max_connections": 10_000}],
+                "prefix": f"{BACKPLANE_CHANNEL_PREFIX}:",
+                "capacity": int(os.environ.get("BACKPLANE_LAYER_CAPACITY", "1000")),
+                "expiry": 60,
+                "group_expiry": 86400,
+            },
+        }
+    }
+else:
+    CHANNEL_LAYERS = {
+        "default": {
+            # At-most-once transport; the outbox and the edge's per-stream check make it
+            # safe (gaps are filled from the outbox). It ignores the database number, so
+            # the prefix is what separates deployments sharing one Redis.
+            "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
+            "CONFIG": {"hosts": [REDIS_URL], "prefix": f"{BACKPLANE_CHANNEL_PREFIX}:"},
+        }
+    }
+
+EDGE_ID = os.environ.get("EDGE_ID", "")
+
+BACKPLANE = {
+    "SHARDS": int(os.environ.get("BACKPLANE_SHARDS", "16")),
+    "ALLOWED_ORIGINS": _env_list("BACKPLANE_ALLOWED_ORIGINS"),
+}
+
+# --- The rest ---------------------------------------------------------------------------
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+]
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+STATIC_URL = "static/"
+STATIC_ROOT = BASE_DIR / "var" / "static"
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {
+        "plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
+    },
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": os.environ.get("LOG_LEVEL", "INFO")},
+    "loggers": {
+        # daphne's access log prints paths only (never query strings or headers).
+        "daphne": {"level": os.environ.get("DAPHNE_LOG_LEVEL", "WARNING")},
+        "django.channels.server": {"level": "WARNING"},
+    },
+}
