@@ -137,9 +137,9 @@ class DedupeCache:
 class Backoff:
     """Full-jitter exponential backoff: sleep uniform(0, current), then double up to a cap."""
 
-    def __init__(self, initial: float, maximum: float, uniform: Uniform = random.uniform) -> None:
+    def __init__(self, initial: float, maximum: float, uniform: Uniform | None = None) -> None:
         self.initial, self.maximum, self.current = initial, maximum, initial
-        self._uniform = uniform
+        self._uniform = uniform or random.uniform
 
     def next_delay(self) -> float:
         delay = self._uniform(0, self.current)
@@ -175,13 +175,7 @@ def parse_positions(raw: Any) -> dict[str, StreamPosition]:
     for name, value in raw.items():
         epoch = value.get("epoch") if isinstance(value, dict) else None
         offset = value.get("offset") if isinstance(value, dict) else None
-        if (
-            not isinstance(name, str)
-            or not isinstance(epoch, str)
-            or not isinstance(offset, int)
-            or isinstance(offset, bool)
-            or offset < 0
-        ):
+        if not isinstance(name, str) or not isinstance(epoch, str) or type(offset) is not int or offset < 0:
             raise ValueError(f"invalid position for stream {name!r}")
         positions[name] = (epoch, offset)
     return positions
@@ -437,13 +431,12 @@ class TyrumClient:
 
 
 def _decode(raw: str | bytes) -> dict[str, Any]:
-    """Decode a text frame to a JSON object; anything else becomes an empty (ignored) frame."""
-    if isinstance(raw, bytes):
-        logger.warning("ignoring binary frame", extra={"action": "malformed_frame"})
-        return {}
+    """Decode a text frame to a JSON object; anything else becomes an empty, ignored frame."""
     try:
-        frame = json.loads(raw)
+        frame = json.loads(raw) if isinstance(raw, str) else None
     except ValueError:
-        logger.warning("ignoring non-JSON frame", extra={"action": "malformed_frame"})
+        frame = None
+    if not isinstance(frame, dict):
+        logger.warning("ignoring a frame that is not a JSON object", extra={"action": "malformed_frame"})
         return {}
-    return frame if isinstance(frame, dict) else {}
+    return frame

@@ -466,6 +466,27 @@ def test_events__transient_close_reconnects(monkeypatch: pytest.MonkeyPatch, cod
     assert len(calls) == 2
 
 
+def test_events__throttle_close_keeps_growing_backoff_until_a_clean_session(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    delays: list[float] = []
+
+    async def record_sleep(self: TyrumClient, delay: float) -> None:
+        delays.append(delay)
+
+    monkeypatch.setattr(TyrumClient, "_sleep", record_sleep)
+    monkeypatch.setattr(random, "uniform", lambda low, high: high)
+    codes: list[int | Exception] = [4013, 4029, 4001, OSError("down"), 4008]
+    outcomes: list[FakeConnection | Exception] = [
+        code if isinstance(code, Exception) else FakeConnection([hello()], close_code=code) for code in codes
+    ]
+    script_connect(monkeypatch, outcomes)
+    with pytest.raises(TokenRevoked):
+        run(collect(make_client(backoff_initial=1.0, backoff_max=8.0)))
+    # 4013 and 4029 ask us to slow down: no reset; 4001 after a hello resets; a failure doubles.
+    assert delays == [1.0, 2.0, 1.0, 2.0]
+
+
 def test_events__503_retries_until_max_attempts(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = script_connect(monkeypatch, [http_error(503), OSError("refused"), http_error(503)])
     with pytest.raises(ConnectionFailed) as info:
