@@ -10,8 +10,7 @@ from typing import Any
 from django.contrib import admin
 from django.http import HttpRequest
 
-from backplane.models import (AccessToken, Connection, Edge, OperatorAccess, OutboxItem, RelayLease, Stream,
-                              Tenant)
+from backplane.models import AccessToken, Connection, Edge, OperatorAccess, OutboxItem, RelayLease, Stream, Tenant
 
 
 @admin.register(Tenant)
@@ -33,8 +32,18 @@ class AccessTokenAdmin(admin.ModelAdmin):
 
 @admin.register(OutboxItem)
 class OutboxItemAdmin(admin.ModelAdmin):
-    list_display = ("id", "tenant", "kind", "type", "event_id", "stream", "stream_offset", "created_at",
-                    "forwarded_at", "payload_bytes")
+    list_display = (
+        "id",
+        "tenant",
+        "kind",
+        "type",
+        "event_id",
+        "stream",
+        "stream_offset",
+        "created_at",
+        "forwarded_at",
+        "payload_bytes",
+    )
     list_filter = ("kind", "tenant")
     search_fields = ("event_id", "type")
     show_full_result_count = False

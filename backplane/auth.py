@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 PROTOCOL = "tyrum-v1"
 AUTH_SUBPROTOCOL_PREFIX = "tyrum-auth."
 URL_CREDENTIAL_PARAMS = frozenset({"token", "access_token", "auth", "authorization", "api_key", "jwt"})
-TOKEN_PREFIX = "tyr_"
+TOKEN_PREFIX = "tyr_"  # noqa: S105  (a public prefix, not a secret)
 
 
 class AuthRefused(exceptions.BackplaneError):
@@ -64,7 +64,11 @@ def create_token(
         raise exceptions.TokenError(f"role must be one of {', '.join(streams.ROLES)}")
     token = TOKEN_PREFIX + secrets.token_urlsafe(32)
     row = AccessToken.objects.create(
-        tenant=tenant, device_id=device_id, role=role, token_hash=hash_token(token), label=label,
+        tenant=tenant,
+        device_id=device_id,
+        role=role,
+        token_hash=hash_token(token),
+        label=label,
         expires_at=expires_at,
     )
     return row, token
@@ -97,8 +101,7 @@ def revoke_token(token_or_id: str) -> tuple[AccessToken, list[str]]:
             row.save(update_fields=["revoked_at"])
         edges = sorted(set(Connection.objects.filter(token=row).values_list("edge_id", flat=True)))
         for edge_id in edges:
-            outbox.publish_command(row.tenant_id, edge_id, "disconnect",
-                                   {"token_id": str(row.id), "code": 4008})
+            outbox.publish_command(row.tenant_id, edge_id, "disconnect", {"token_id": str(row.id), "code": 4008})
     return row, edges
 
 
@@ -186,9 +189,7 @@ def _by_session(scope: dict[str, Any], headers: dict[bytes, bytes]) -> Principal
         user = get_user_model()._default_manager.get(pk=user_id)
     except get_user_model().DoesNotExist:
         raise AuthRefused("no such user") from None
-    if not user.is_active or not constant_time_compare(
-        session.get(HASH_SESSION_KEY, ""), user.get_session_auth_hash()
-    ):
+    if not user.is_active or not constant_time_compare(session.get(HASH_SESSION_KEY, ""), user.get_session_auth_hash()):
         raise AuthRefused("stale session")
     access = OperatorAccess.objects.filter(user=user, tenant__is_active=True).select_related("tenant")
     wanted = dict(parse_qsl(scope.get("query_string", b"").decode("latin1"))).get("tenant")

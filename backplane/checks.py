@@ -9,11 +9,25 @@ from django.core.checks import Error, register
 
 from backplane.conf import DEFAULTS, conf
 
-_POSITIVE_INTS = ("SHARDS", "MAX_PAYLOAD_BYTES", "RELAY_BATCH_SIZE", "COMPACT_BATCH_SIZE",
-                  "MAX_INBOUND_FRAME_BYTES", "INBOUND_BURST", "MAX_REPLAY_EVENTS", "LIVE_HOLD_MS")
-_POSITIVE_NUMBERS = ("RELAY_POLL_INTERVAL_SECS", "RETENTION_SECS", "COMPACT_INTERVAL_SECS",
-                     "HEARTBEAT_INTERVAL_SECS", "CONNECTION_TTL_SECS", "HEAD_CHECK_INTERVAL_SECS",
-                     "INBOUND_RATE_PER_SEC")
+_POSITIVE_INTS = (
+    "SHARDS",
+    "MAX_PAYLOAD_BYTES",
+    "RELAY_BATCH_SIZE",
+    "COMPACT_BATCH_SIZE",
+    "MAX_INBOUND_FRAME_BYTES",
+    "INBOUND_BURST",
+    "MAX_REPLAY_EVENTS",
+    "LIVE_HOLD_MS",
+)
+_POSITIVE_NUMBERS = (
+    "RELAY_POLL_INTERVAL_SECS",
+    "RETENTION_SECS",
+    "COMPACT_INTERVAL_SECS",
+    "HEARTBEAT_INTERVAL_SECS",
+    "CONNECTION_TTL_SECS",
+    "HEAD_CHECK_INTERVAL_SECS",
+    "INBOUND_RATE_PER_SEC",
+)
 
 
 @register()
@@ -24,42 +38,86 @@ def check_backplane_settings(app_configs: Any = None, **kwargs: Any) -> list[Err
         return [Error("BACKPLANE must be a dict.", hint="Set BACKPLANE = {...} in settings.", id="backplane.E001")]
     unknown = sorted(set(user) - set(DEFAULTS))
     if unknown:
-        errors.append(Error(f"Unknown BACKPLANE keys: {', '.join(unknown)}.",
-                            hint=f"Known keys: {', '.join(sorted(DEFAULTS))}.", id="backplane.E002"))
+        errors.append(
+            Error(
+                f"Unknown BACKPLANE keys: {', '.join(unknown)}.",
+                hint=f"Known keys: {', '.join(sorted(DEFAULTS))}.",
+                id="backplane.E002",
+            )
+        )
     for key in _POSITIVE_INTS:
         value = conf._get(key)
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            errors.append(Error(f"BACKPLANE['{key}'] must be a positive integer, not {value!r}.",
-                                hint=f"The default is {DEFAULTS[key]!r}.", id="backplane.E003"))
+            errors.append(
+                Error(
+                    f"BACKPLANE['{key}'] must be a positive integer, not {value!r}.",
+                    hint=f"The default is {DEFAULTS[key]!r}.",
+                    id="backplane.E003",
+                )
+            )
     for key in _POSITIVE_NUMBERS:
         value = conf._get(key)
         if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
-            errors.append(Error(f"BACKPLANE['{key}'] must be a positive number, not {value!r}.",
-                                hint=f"The default is {DEFAULTS[key]!r}.", id="backplane.E004"))
+            errors.append(
+                Error(
+                    f"BACKPLANE['{key}'] must be a positive number, not {value!r}.",
+                    hint=f"The default is {DEFAULTS[key]!r}.",
+                    id="backplane.E004",
+                )
+            )
     hb, ttl = conf._get("HEARTBEAT_INTERVAL_SECS"), conf._get("CONNECTION_TTL_SECS")
     if isinstance(hb, int | float) and isinstance(ttl, int | float) and hb * 2 >= ttl:
-        errors.append(Error("CONNECTION_TTL_SECS must be more than twice HEARTBEAT_INTERVAL_SECS.",
-                            hint="Two missed beats must still leave a live connection's row alive.",
-                            id="backplane.E005"))
+        errors.append(
+            Error(
+                "CONNECTION_TTL_SECS must be more than twice HEARTBEAT_INTERVAL_SECS.",
+                hint="Two missed beats must still leave a live connection's row alive.",
+                id="backplane.E005",
+            )
+        )
     patterns = conf._get("REDACT_PATTERNS")
     if not isinstance(patterns, list | tuple) or not all(isinstance(p, str) and p for p in patterns):
-        errors.append(Error("BACKPLANE['REDACT_PATTERNS'] must be a list of non-empty strings.",
-                            hint="For example ['password', 'secret', 'token'].", id="backplane.E006"))
+        errors.append(
+            Error(
+                "BACKPLANE['REDACT_PATTERNS'] must be a list of non-empty strings.",
+                hint="For example ['password', 'secret', 'token'].",
+                id="backplane.E006",
+            )
+        )
     origins = conf._get("ALLOWED_ORIGINS")
     if not isinstance(origins, list | tuple) or not all(isinstance(o, str) and "://" in o for o in origins):
-        errors.append(Error("BACKPLANE['ALLOWED_ORIGINS'] must be a list of origins like 'https://ops.example'.",
-                            hint="Set BACKPLANE_ALLOWED_ORIGINS=https://a,https://b.", id="backplane.E007"))
+        errors.append(
+            Error(
+                "BACKPLANE['ALLOWED_ORIGINS'] must be a list of origins like 'https://ops.example'.",
+                hint="Set BACKPLANE_ALLOWED_ORIGINS=https://a,https://b.",
+                id="backplane.E007",
+            )
+        )
     for key in ("COMPACT_MAX_ROWS", "COMPACT_MAX_BYTES"):
         value = conf._get(key)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
-            errors.append(Error(f"BACKPLANE['{key}'] must be None or a positive integer.",
-                                hint="None means no budget.", id="backplane.E008"))
+            errors.append(
+                Error(
+                    f"BACKPLANE['{key}'] must be None or a positive integer.",
+                    hint="None means no budget.",
+                    id="backplane.E008",
+                )
+            )
     layer = getattr(settings, "BACKPLANE_LAYER", "pubsub")
     if layer not in ("pubsub", "core"):
-        errors.append(Error(f"BACKPLANE_LAYER must be 'pubsub' or 'core', not {layer!r}.",
-                            hint="Unset it for the default pub/sub layer.", id="backplane.E009"))
+        errors.append(
+            Error(
+                f"BACKPLANE_LAYER must be 'pubsub' or 'core', not {layer!r}.",
+                hint="Unset it for the default pub/sub layer.",
+                id="backplane.E009",
+            )
+        )
     redis_url = getattr(settings, "REDIS_URL", "")
     if redis_url and not str(redis_url).startswith(("redis://", "rediss://", "unix://")):
-        errors.append(Error("REDIS_URL must start with redis://, rediss:// or unix://.",
-                            hint="For example redis://127.0.0.1:6379/0.", id="backplane.E010"))
+        errors.append(
+            Error(
+                "REDIS_URL must start with redis://, rediss:// or unix://.",
+                hint="For example redis://127.0.0.1:6379/0.",
+                id="backplane.E010",
+            )
+        )
     return errors

@@ -29,8 +29,18 @@ DEFAULTS: dict[str, Any] = {
     # Embedded mode: how often serve compacts.
     "COMPACT_INTERVAL_SECS": 300,
     # Keys whose lower-cased, '-'→'_' name contains one of these are redacted.
-    "REDACT_PATTERNS": ["password", "passwd", "secret", "token", "api_key", "apikey",
-                        "authorization", "cookie", "private_key", "credential"],
+    "REDACT_PATTERNS": [
+        "password",
+        "passwd",
+        "secret",
+        "token",
+        "api_key",
+        "apikey",
+        "authorization",
+        "cookie",
+        "private_key",
+        "credential",
+    ],
     # Edge heartbeat; a third of the TTL-ish, so a couple of missed beats leave rows alive.
     "HEARTBEAT_INTERVAL_SECS": 5.0,
     "CONNECTION_TTL_SECS": 30.0,

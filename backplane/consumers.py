@@ -9,6 +9,7 @@ first frame (or LIVE_HOLD_MS), so a resume's replay is never overtaken by live e
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -52,8 +53,11 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         self.tokens = float(conf.INBOUND_BURST)
         self.tokens_at = time.monotonic()
         if auth.url_has_credential(self.scope.get("query_string", b"")):
-            logger.warning("refused: credential in URL (path %s)", self.scope.get("path"),
-                           extra={"action": "refused_url_credential"})
+            logger.warning(
+                "refused: credential in URL (path %s)",
+                self.scope.get("path"),
+                extra={"action": "refused_url_credential"},
+            )
             await self.close()
             return
         if auth.PROTOCOL not in (self.scope.get("subprotocols") or []):
@@ -86,11 +90,18 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         await self.accept(auth.PROTOCOL)
         self.hello_heads = {name: heads[key] for name, key in self.keys.items()}
         self.cursors = {name: streams.DeliveryCursor(h.epoch, h.offset) for name, h in self.hello_heads.items()}
-        await self.send(text_data=json.dumps({
-            "type": "hello", "protocol": auth.PROTOCOL, "connection_id": self.connection_id,
-            "edge_id": self.runtime.edge_id,
-            "streams": {name: {"epoch": h.epoch, "offset": h.offset} for name, h in self.hello_heads.items()},
-        }, separators=(",", ":")))
+        await self.send(
+            text_data=json.dumps(
+                {
+                    "type": "hello",
+                    "protocol": auth.PROTOCOL,
+                    "connection_id": self.connection_id,
+                    "edge_id": self.runtime.edge_id,
+                    "streams": {name: {"epoch": h.epoch, "offset": h.offset} for name, h in self.hello_heads.items()},
+                },
+                separators=(",", ":"),
+            )
+        )
         self.runtime.add(self)
         self.hold_task = asyncio.create_task(self._hold_timer())
         logger.info("connected %s", self.connection_id, extra={"action": "connected"})
@@ -107,10 +118,8 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         self.runtime.remove(self)
         prefix = conf.channel_prefix
         for key in self.keys.values():
-            try:
+            with contextlib.suppress(Exception):  # the transport may be down; the socket is gone anyway
                 await self.channel_layer.group_discard(streams.group_name(prefix, key), self.channel_name)
-            except Exception:
-                pass
         try:
             await database_sync_to_async(Connection.objects.filter(connection_id=self.connection_id).delete)()
         except Exception as exc:  # the heartbeat sweep removes it later
@@ -177,8 +186,11 @@ class GatewayConsumer(AsyncWebsocketConsumer):
     async def _resume(self, frame: dict[str, Any]) -> None:
         wanted = frame.get("streams")
         if not isinstance(wanted, dict) or not all(
-            isinstance(v, dict) and isinstance(v.get("epoch"), str)
-            and isinstance(v.get("offset"), int) and not isinstance(v.get("offset"), bool) and v["offset"] >= 0
+            isinstance(v, dict)
+            and isinstance(v.get("epoch"), str)
+            and isinstance(v.get("offset"), int)
+            and not isinstance(v.get("offset"), bool)
+            and v["offset"] >= 0
             for v in wanted.values()
         ):
             await self._send_json({"type": "error", "code": "invalid_resume"})
@@ -304,8 +316,13 @@ def _open(consumer: GatewayConsumer, edge_id: str) -> dict[str, outbox.Head]:
     heads = outbox.ensure_streams(p.tenant_id, list(consumer.keys.values()))
     now = timezone.now()
     Connection.objects.create(
-        connection_id=consumer.connection_id, tenant_id=p.tenant_id, device_id=p.device_id, role=p.role,
-        token_id=p.token_id, edge_id=edge_id, channel_name=consumer.channel_name,
+        connection_id=consumer.connection_id,
+        tenant_id=p.tenant_id,
+        device_id=p.device_id,
+        role=p.role,
+        token_id=p.token_id,
+        edge_id=edge_id,
+        channel_name=consumer.channel_name,
         expires_at=now + timedelta(seconds=conf.CONNECTION_TTL_SECS),
     )
     return heads

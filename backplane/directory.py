@@ -22,10 +22,10 @@ def presence(tenant: Tenant | uuid.UUID | str) -> list[dict[str, Any]]:
     )
     devices: dict[str, dict[str, Any]] = {}
     for device_id, role, edge_id in rows:
-        entry = devices.setdefault(device_id, {"device_id": device_id, "roles": set(), "edges": set(), "connections": 0})
+        entry = devices.setdefault(
+            device_id, {"device_id": device_id, "roles": set(), "edges": set(), "connections": 0}
+        )
         entry["roles"].add(role)
         entry["edges"].add(edge_id)
         entry["connections"] += 1
-    return [
-        {**d, "roles": sorted(d["roles"]), "edges": sorted(d["edges"])} for d in devices.values()
-    ]
+    return [{**d, "roles": sorted(d["roles"]), "edges": sorted(d["edges"])} for d in devices.values()]

@@ -9,6 +9,7 @@ transaction serialises all committers). Without Redis (embedded mode) it is in-p
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 from typing import Any
@@ -71,10 +72,8 @@ class Listener:
             _local.discard(self._key)
         if self._task:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
 
     async def _subscribe(self) -> None:
         import redis.asyncio as aredis
@@ -93,8 +92,7 @@ class Listener:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                logger.warning("doorbell subscription lost: %s", type(exc).__name__,
-                               extra={"action": "doorbell_lost"})
+                logger.warning("doorbell subscription lost: %s", type(exc).__name__, extra={"action": "doorbell_lost"})
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
             finally:

@@ -168,10 +168,12 @@ def _beat(eid: str, token_ids: set[Any]) -> dict[Any, int]:
     if not token_ids:
         return {}
     bad: dict[Any, int] = {}
-    rows = AccessToken.objects.filter(id__in=token_ids).filter(
-        Q(revoked_at__isnull=False) | Q(tenant__is_active=False) | Q(expires_at__lte=now)
-    ).values_list("id", "revoked_at", "tenant__is_active", "expires_at")
-    for tid, revoked_at, active, expires_at in rows:
+    rows = (
+        AccessToken.objects.filter(id__in=token_ids)
+        .filter(Q(revoked_at__isnull=False) | Q(tenant__is_active=False) | Q(expires_at__lte=now))
+        .values_list("id", "revoked_at", "tenant__is_active", "expires_at")
+    )
+    for tid, revoked_at, active, _expires_at in rows:
         bad[tid] = 4008 if (revoked_at is not None or not active) else 4401
     return bad
 

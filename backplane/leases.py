@@ -10,6 +10,7 @@ On SQLite (embedded mode: one relay in one process) every wanted shard is simply
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -34,8 +35,12 @@ REPORT_INTERVAL_SECS = 2.0
 def _conninfo() -> dict[str, Any]:
     db = connection.settings_dict
     info: dict[str, Any] = {
-        "dbname": db["NAME"], "user": db.get("USER") or None, "password": db.get("PASSWORD") or None,
-        "host": db.get("HOST") or None, "port": db.get("PORT") or None, "connect_timeout": 5,
+        "dbname": db["NAME"],
+        "user": db.get("USER") or None,
+        "password": db.get("PASSWORD") or None,
+        "host": db.get("HOST") or None,
+        "port": db.get("PORT") or None,
+        "connect_timeout": 5,
         "application_name": "tyrum-relay-lease",
     }
     return {k: v for k, v in info.items() if v is not None}
@@ -76,8 +81,12 @@ class Leases:
             await self._conn.execute("SELECT 1")
         except Exception as exc:
             if self.owned:
-                logger.error("relay lost its lease session (%s); dropping shards %s",
-                             type(exc).__name__, sorted(self.owned), extra={"action": "lease_lost"})
+                logger.error(
+                    "relay lost its lease session (%s); dropping shards %s",
+                    type(exc).__name__,
+                    sorted(self.owned),
+                    extra={"action": "lease_lost"},
+                )
             self.owned.clear()
             await self._close()
 
@@ -104,10 +113,8 @@ class Leases:
 
     async def _close(self) -> None:
         if self._conn is not None:
-            try:
+            with contextlib.suppress(Exception):  # a dead session frees its locks anyway
                 await self._conn.close()
-            except Exception:
-                pass
             self._conn = None
 
     async def release(self) -> None:

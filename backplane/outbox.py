@@ -93,8 +93,15 @@ def _build(tenant: Tenant, spec: Mapping[str, Any], shard: int, patterns: tuple[
     if size > conf.MAX_PAYLOAD_BYTES:
         raise exceptions.PayloadTooLarge(f"payload is {size} bytes; the cap is {conf.MAX_PAYLOAD_BYTES}")
     return OutboxItem(
-        tenant=tenant, kind="event", stream=stream, event_id=event_id, type=etype,
-        occurred_at=occurred_at, payload=clean, payload_bytes=size, shard=shard,
+        tenant=tenant,
+        kind="event",
+        stream=stream,
+        event_id=event_id,
+        type=etype,
+        occurred_at=occurred_at,
+        payload=clean,
+        payload_bytes=size,
+        shard=shard,
     )
 
 
@@ -113,8 +120,14 @@ def publish(
     At-least-once: peers may see it more than once and dedupe by event id. Idempotent on
     ``(tenant, event_id)``. Raises a ``PublishError`` subclass and writes nothing on bad input.
     """
-    spec = {"type": type, "payload": payload, "device": device, "role": role,
-            "event_id": event_id, "occurred_at": occurred_at}
+    spec = {
+        "type": type,
+        "payload": payload,
+        "device": device,
+        "role": role,
+        "event_id": event_id,
+        "occurred_at": occurred_at,
+    }
     return publish_many(tenant, [spec])[0]
 
 
@@ -142,8 +155,15 @@ def publish_command(tenant_id: uuid.UUID, edge_id: str, command: str, args: Mapp
     text = _encode(body)
     event_id = f"cmd-{uuid.uuid4().hex}"
     OutboxItem.objects.create(
-        tenant_id=tenant_id, kind="command", stream=streams.edge_stream(edge_id), event_id=event_id,
-        type=f"bp.{command}", occurred_at=timezone.now(), payload=body, payload_bytes=len(text), shard=shard,
+        tenant_id=tenant_id,
+        kind="command",
+        stream=streams.edge_stream(edge_id),
+        event_id=event_id,
+        type=f"bp.{command}",
+        occurred_at=timezone.now(),
+        payload=body,
+        payload_bytes=len(text),
+        shard=shard,
     )
     transaction.on_commit(lambda: doorbell.ring(shard))
     return event_id
@@ -185,8 +205,13 @@ def assign_offsets(shards: Sequence[int], limit: int) -> int:
         params: list[Any] = []
         for key in keys:
             tid = tenant_of[key]
-            params += [key, tid.hex if isinstance(tid, uuid.UUID) and not pg else tid,
-                       streams.audience_of(key), streams.new_epoch(), len(per_stream[key])]
+            params += [
+                key,
+                tid.hex if isinstance(tid, uuid.UUID) and not pg else tid,
+                streams.audience_of(key),
+                streams.new_epoch(),
+                len(per_stream[key]),
+            ]
         cur.execute(
             f"INSERT INTO {STREAM} (key, tenant_id, audience, epoch, last_offset, "
             f"first_retained_offset, updated_at) VALUES {values} ON CONFLICT (key) DO UPDATE SET "

@@ -106,16 +106,15 @@ class Relay:
             for start in range(0, len(rows), MAX_ITEMS_PER_MESSAGE):
                 chunk = rows[start : start + MAX_ITEMS_PER_MESSAGE]
                 items = [[p.item.offset, streams.event_frame(audience, epoch, p.item)] for p in chunk]
-                await self.layer.group_send(
-                    group, {"type": "bp.batch", "stream": key, "epoch": epoch, "items": items}
-                )
+                await self.layer.group_send(group, {"type": "bp.batch", "stream": key, "epoch": epoch, "items": items})
 
     async def run(self, stop: asyncio.Event | None = None, *, once: bool = False) -> None:
         """Forward until ``stop`` is set (or one pass when ``once``)."""
         stop = stop or asyncio.Event()
         backoff = ERROR_BACKOFF_SECS
-        logger.info("relay %s starting for %d shards", self.holder, len(self.leases.wanted),
-                    extra={"action": "relay_start"})
+        logger.info(
+            "relay %s starting for %d shards", self.holder, len(self.leases.wanted), extra={"action": "relay_start"}
+        )
         async with Listener() as bell:
             try:
                 while not stop.is_set():
@@ -123,8 +122,12 @@ class Relay:
                         assigned, forwarded = await self.cycle()
                         backoff = ERROR_BACKOFF_SECS
                     except Exception as exc:
-                        logger.error("relay cycle failed: %s: %s", type(exc).__name__, _safe(exc),
-                                     extra={"action": "relay_error"})
+                        logger.error(
+                            "relay cycle failed: %s: %s",
+                            type(exc).__name__,
+                            _safe(exc),
+                            extra={"action": "relay_error"},
+                        )
                         await _sleep_or_stop(stop, backoff)
                         backoff = min(backoff * 2, ERROR_BACKOFF_MAX_SECS)
                         continue
@@ -139,8 +142,12 @@ class Relay:
                         task.cancel()
             finally:
                 await self.leases.release()
-                logger.info("relay %s stopped after forwarding %d", self.holder, self.forwarded_total,
-                            extra={"action": "relay_stop"})
+                logger.info(
+                    "relay %s stopped after forwarding %d",
+                    self.holder,
+                    self.forwarded_total,
+                    extra={"action": "relay_stop"},
+                )
 
 
 def _shard_ok(p: outbox.Pending, owned: set[int]) -> bool:

@@ -25,8 +25,13 @@ class CompactionResult:
     batches: int = 0
 
 
-def compact(retention_secs: float | None = None, *, batch_size: int | None = None,
-            max_batches: int = 1000, dry_run: bool = False) -> CompactionResult:
+def compact(
+    retention_secs: float | None = None,
+    *,
+    batch_size: int | None = None,
+    max_batches: int = 1000,
+    dry_run: bool = False,
+) -> CompactionResult:
     """Delete forwarded rows older than ``retention_secs`` by the database clock, in batches."""
     retention = float(retention_secs if retention_secs is not None else conf.RETENTION_SECS)
     batch = batch_size or conf.COMPACT_BATCH_SIZE
@@ -34,9 +39,7 @@ def compact(retention_secs: float | None = None, *, batch_size: int | None = Non
     cutoff = "now() - make_interval(secs => %s)" if pg else "datetime('now', '-' || %s || ' seconds')"
     result = CompactionResult()
     with connection.cursor() as cur:
-        cur.execute(
-            f"SELECT count(*) FROM {OUTBOX} WHERE forwarded_at IS NULL AND created_at < {cutoff}", [retention]
-        )
+        cur.execute(f"SELECT count(*) FROM {OUTBOX} WHERE forwarded_at IS NULL AND created_at < {cutoff}", [retention])
         result.unforwarded_expired = cur.fetchone()[0]
         if dry_run:
             cur.execute(
@@ -48,7 +51,8 @@ def compact(retention_secs: float | None = None, *, batch_size: int | None = Non
         with transaction.atomic(), connection.cursor() as cur:
             cur.execute(
                 f"SELECT id, stream, stream_offset FROM {OUTBOX} WHERE forwarded_at IS NOT NULL "
-                f"AND created_at < {cutoff} ORDER BY id LIMIT %s", [retention, batch]
+                f"AND created_at < {cutoff} ORDER BY id LIMIT %s",
+                [retention, batch],
             )
             rows = cur.fetchall()
             if not rows:
@@ -66,6 +70,9 @@ def compact(retention_secs: float | None = None, *, batch_size: int | None = Non
             result.deleted += len(ids)
             result.batches += 1
     if result.unforwarded_expired:
-        logger.warning("%d rows past retention are not forwarded yet; kept", result.unforwarded_expired,
-                       extra={"action": "compact_unforwarded"})
+        logger.warning(
+            "%d rows past retention are not forwarded yet; kept",
+            result.unforwarded_expired,
+            extra={"action": "compact_unforwarded"},
+        )
     return result

@@ -28,18 +28,31 @@ def snapshot() -> dict[str, Any]:
         oldest = datetime.fromisoformat(oldest).replace(tzinfo=UTC)
     lag = (now - oldest).total_seconds() if oldest else 0.0
     return {
-        "outbox": {"rows": total, "unassigned": unassigned, "unforwarded": unforwarded,
-                   "oldest_pending_age_secs": round(lag, 3)},
+        "outbox": {
+            "rows": total,
+            "unassigned": unassigned,
+            "unforwarded": unforwarded,
+            "oldest_pending_age_secs": round(lag, 3),
+        },
         "leases": [
-            {"shard": lease.shard, "holder": lease.holder,
-             "heartbeat_age_secs": round((now - lease.heartbeat_at).total_seconds(), 1) if lease.heartbeat_at else None,
-             "live": bool(lease.holder and lease.heartbeat_at and (now - lease.heartbeat_at).total_seconds() < 10),
-             "forwarded_total": lease.forwarded_total}
+            {
+                "shard": lease.shard,
+                "holder": lease.holder,
+                "heartbeat_age_secs": round((now - lease.heartbeat_at).total_seconds(), 1)
+                if lease.heartbeat_at
+                else None,
+                "live": bool(lease.holder and lease.heartbeat_at and (now - lease.heartbeat_at).total_seconds() < 10),
+                "forwarded_total": lease.forwarded_total,
+            }
             for lease in RelayLease.objects.order_by("shard")
         ],
         "edges": [
-            {"edge_id": e.edge_id, "host": e.host, "heartbeat_age_secs": round((now - e.heartbeat_at).total_seconds(), 1),
-             "connections": e.n}
+            {
+                "edge_id": e.edge_id,
+                "host": e.host,
+                "heartbeat_age_secs": round((now - e.heartbeat_at).total_seconds(), 1),
+                "connections": e.n,
+            }
             for e in Edge.objects.annotate(n=Count("connections")).order_by("edge_id")
         ],
         "connections": Connection.objects.filter(expires_at__gt=now).count(),

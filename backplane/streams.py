@@ -99,13 +99,21 @@ class Item:
 def event_frame(stream_name: str, epoch: str, item: Item) -> str:
     """Render the ``event`` frame text; the payload JSON is spliced in, not re-encoded."""
     return (
-        '{"type":"event","stream":' + json.dumps(stream_name)
-        + ',"epoch":' + json.dumps(epoch)
-        + ',"offset":' + str(int(item.offset))
-        + ',"event":{"event_id":' + json.dumps(item.event_id)
-        + ',"type":' + json.dumps(item.type)
-        + ',"occurred_at":' + json.dumps(item.occurred_at)
-        + ',"payload":' + item.payload_json + "}}"
+        '{"type":"event","stream":'
+        + json.dumps(stream_name)
+        + ',"epoch":'
+        + json.dumps(epoch)
+        + ',"offset":'
+        + str(int(item.offset))
+        + ',"event":{"event_id":'
+        + json.dumps(item.event_id)
+        + ',"type":'
+        + json.dumps(item.type)
+        + ',"occurred_at":'
+        + json.dumps(item.occurred_at)
+        + ',"payload":'
+        + item.payload_json
+        + "}}"
     )
 
 

@@ -18,16 +18,21 @@ class Command(BaseCommand):
             self.stdout.write(json.dumps(snap, sort_keys=True))
             return
         box = snap["outbox"]
-        self.stdout.write(f"outbox: {box['rows']} rows, {box['unassigned']} unassigned, {box['unforwarded']} "
-                          f"unforwarded, oldest pending {box['oldest_pending_age_secs']}s")
+        self.stdout.write(
+            f"outbox: {box['rows']} rows, {box['unassigned']} unassigned, {box['unforwarded']} "
+            f"unforwarded, oldest pending {box['oldest_pending_age_secs']}s"
+        )
         held = [lease for lease in snap["leases"] if lease["live"]]
         self.stdout.write(f"shards: {len(held)} leased of {len(snap['leases'])} known")
         for lease in held:
-            self.stdout.write(f"  shard {lease['shard']:>3}  {lease['holder']}  beat {lease['heartbeat_age_secs']}s ago"
-                              f"  forwarded {lease['forwarded_total']}")
+            self.stdout.write(
+                f"  shard {lease['shard']:>3}  {lease['holder']}  beat {lease['heartbeat_age_secs']}s ago"
+                f"  forwarded {lease['forwarded_total']}"
+            )
         self.stdout.write(f"edges: {len(snap['edges'])}")
         for edge in snap["edges"]:
-            self.stdout.write(f"  {edge['edge_id']}  beat {edge['heartbeat_age_secs']}s ago  "
-                              f"{edge['connections']} connections")
+            self.stdout.write(
+                f"  {edge['edge_id']}  beat {edge['heartbeat_age_secs']}s ago  {edge['connections']} connections"
+            )
         self.stdout.write(f"connections: {snap['connections']}")
         self.stdout.write("streams: " + ", ".join(f"{k} {v}" for k, v in sorted(snap["streams"].items())))

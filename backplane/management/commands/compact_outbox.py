@@ -26,4 +26,6 @@ class Command(BaseCommand):
         secs = parse_duration(options["retention"]) if options["retention"] else None
         result = retention.compact(secs, dry_run=options["dry_run"])
         verb = "would delete" if options["dry_run"] else "deleted"
-        self.stdout.write(f"{verb} {result.deleted} rows; {result.unforwarded_expired} expired rows not forwarded yet (kept)")
+        self.stdout.write(
+            f"{verb} {result.deleted} rows; {result.unforwarded_expired} expired rows not forwarded yet (kept)"
+        )

@@ -9,8 +9,10 @@ from backplane.streams import ROLES
 
 
 class Command(BaseCommand):
-    help = ("Publish one event to a tenant, a role (--role) or a device (--device). "
-            "Prints the event id alone on its last line.")
+    help = (
+        "Publish one event to a tenant, a role (--role) or a device (--device). "
+        "Prints the event id alone on its last line."
+    )
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--tenant", required=True, help="tenant slug or id")
@@ -28,8 +30,14 @@ class Command(BaseCommand):
             raise CommandError(f"--payload is not JSON: {exc}") from None
         try:
             with transaction.atomic():
-                event_id = outbox.publish(options["tenant"], options["type"], payload, device=options["device"],
-                                          role=options["role"], event_id=options["event_id"])
+                event_id = outbox.publish(
+                    options["tenant"],
+                    options["type"],
+                    payload,
+                    device=options["device"],
+                    role=options["role"],
+                    event_id=options["event_id"],
+                )
         except exceptions.BackplaneError as exc:
             raise CommandError(str(exc)) from None
         self.stdout.write(event_id)

@@ -6,8 +6,9 @@ from backplane import auth, exceptions
 
 
 class Command(BaseCommand):
-    help = ("Revoke a token (given as the token or its id). Its live sockets close with 4008 on "
-            "whichever edge holds them.")
+    help = (
+        "Revoke a token (given as the token or its id). Its live sockets close with 4008 on whichever edge holds them."
+    )
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("token_or_id")

@@ -9,25 +9,36 @@ from backplane.conf import conf
 
 
 class Command(BaseCommand):
-    help = ("Run a relay worker: assign stream offsets to committed outbox rows and forward them "
-            "to the edges through the channel layer. Several may run; each shard has one active relay.")
+    help = (
+        "Run a relay worker: assign stream offsets to committed outbox rows and forward them "
+        "to the edges through the channel layer. Several may run; each shard has one active relay."
+    )
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--shards", default="", help="shards this relay may take, e.g. '0-7,9' (default: all)")
         parser.add_argument("--batch-size", type=int, default=None)
-        parser.add_argument("--poll-interval", type=float, default=None, help="seconds between polls without a doorbell")
+        parser.add_argument(
+            "--poll-interval", type=float, default=None, help="seconds between polls without a doorbell"
+        )
         parser.add_argument("--once", action="store_true", help="forward what is waiting, then exit")
 
     def handle(self, *args: Any, **options: Any) -> None:
         if conf.embedded_layer:
-            raise CommandError("REDIS_URL is unset: the in-process channel layer reaches no edge. "
-                               "Set REDIS_URL, or use 'manage.py serve' for the embedded mode.")
+            raise CommandError(
+                "REDIS_URL is unset: the in-process channel layer reaches no edge. "
+                "Set REDIS_URL, or use 'manage.py serve' for the embedded mode."
+            )
         try:
             shards = streams.parse_shards(options["shards"], conf.SHARDS)
         except ValueError as exc:
             raise CommandError(f"--shards: {exc}") from None
-        done = asyncio.run(relay.run_until_signal(
-            get_channel_layer(), shards=shards, batch_size=options["batch_size"],
-            poll_interval=options["poll_interval"], once=options["once"],
-        ))
+        done = asyncio.run(
+            relay.run_until_signal(
+                get_channel_layer(),
+                shards=shards,
+                batch_size=options["batch_size"],
+                poll_interval=options["poll_interval"],
+                once=options["once"],
+            )
+        )
         self.stdout.write(f"forwarded {done.forwarded_total} (assigned {done.assigned_total})")

@@ -10,8 +10,10 @@ logger = logging.getLogger("backplane.serve")
 
 
 class Command(BaseCommand):
-    help = ("Serve the gateway on one machine: a daphne edge, a relay and periodic compaction in one "
-            "process. With DATABASE_URL/REDIS_URL unset it uses SQLite and the in-process channel layer.")
+    help = (
+        "Serve the gateway on one machine: a daphne edge, a relay and periodic compaction in one "
+        "process. With DATABASE_URL/REDIS_URL unset it uses SQLite and the in-process channel layer."
+    )
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--host", default="127.0.0.1")
@@ -55,8 +57,10 @@ class Command(BaseCommand):
 
         reactor.callWhenRunning(start_background)  # type: ignore[attr-defined]
         reactor.addSystemEventTrigger("before", "shutdown", stop_background)  # type: ignore[attr-defined]
-        self.stdout.write(f"Tyrum gateway on ws://{options['host']}:{options['port']}/ws "
-                          f"(embedded: {conf.embedded_layer}); Ctrl-C stops it.")
+        self.stdout.write(
+            f"Tyrum gateway on ws://{options['host']}:{options['port']}/ws "
+            f"(embedded: {conf.embedded_layer}); Ctrl-C stops it."
+        )
         self.stdout.flush()
         Server(
             application=application,
