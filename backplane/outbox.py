@@ -36,7 +36,10 @@ STREAM = "backplane_stream"
 def resolve_tenant(tenant: Tenant | uuid.UUID | str) -> Tenant:
     """Return the active tenant given as object, id or slug."""
     if isinstance(tenant, Tenant):
-        obj = tenant
+        # Re-read: the caller's object may be stale (deleted or deactivated since loaded).
+        obj = Tenant.objects.filter(pk=tenant.pk).first()
+        if obj is None:
+            raise exceptions.UnknownTenant(f"no tenant {tenant.pk}")
     else:
         try:
             key = tenant if isinstance(tenant, uuid.UUID) else uuid.UUID(str(tenant))
@@ -80,7 +83,9 @@ def _build(tenant: Tenant, spec: Mapping[str, Any], shard: int, patterns: tuple[
     if not isinstance(etype, str) or not streams.EVENT_TYPE_RE.match(etype):
         raise exceptions.InvalidEventType(f"malformed event type {etype!r}")
     stream = _stream_for(tenant, spec.get("device"), spec.get("role"))
-    event_id = spec.get("event_id") or str(uuid.uuid4())
+    event_id = spec.get("event_id")
+    if event_id is None:
+        event_id = str(uuid.uuid4())
     if not isinstance(event_id, str) or not streams.EVENT_ID_RE.match(event_id):
         raise exceptions.InvalidEventId(f"malformed event id {event_id!r}")
     occurred_at = spec.get("occurred_at") or timezone.now()

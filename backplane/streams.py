@@ -18,10 +18,10 @@ from uuid import UUID
 ROLES = ("client", "node", "operator")
 STREAM_NAMES = ("tenant", "role", "device")
 
-DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
-EDGE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-EVENT_TYPE_RE = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z0-9_]+){0,7}$")
-EVENT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,99}$")
+DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}\Z")
+EDGE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+EVENT_TYPE_RE = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z0-9_]+){0,7}\Z")
+EVENT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,99}\Z")
 
 
 def tenant_stream(tenant_id: UUID) -> str:
@@ -67,7 +67,11 @@ def group_name(prefix: str, stream_key: str) -> str:
 
 def edge_group(prefix: str, edge_id: str) -> str:
     """Return the group that carries directed commands to one edge."""
-    return f"bp.{_safe(prefix)}.edge.{edge_id}"[:99]
+    name = f"bp.{_safe(prefix)}.edge.{edge_id}"
+    if len(name) < 100:
+        return name
+    # Too long for a group name: hash rather than cut, so two edges never share a group.
+    return f"bp.{_safe(prefix)}.edge.{hashlib.blake2b(edge_id.encode(), digest_size=16).hexdigest()}"
 
 
 def _safe(prefix: str) -> str:
@@ -128,9 +132,13 @@ def parse_shards(spec: str | None, total: int) -> list[int]:
             continue
         if "-" in part:
             low, high = (int(x) for x in part.split("-", 1))
+            if low > high:
+                raise ValueError(f"empty shard range {part!r}")
             result.update(range(low, high + 1))
         else:
             result.add(int(part))
+    if not result:
+        raise ValueError(f"shard spec {spec!r} selects no shard")
     bad = [s for s in result if not 0 <= s < total]
     if bad:
         raise ValueError(f"shards {sorted(bad)} are outside 0..{total - 1}")

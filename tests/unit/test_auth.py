@@ -8,7 +8,7 @@ import re
 from urllib.parse import urlencode
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from backplane import auth
@@ -46,6 +46,7 @@ def test_url_has_credential__other_parameters_pass(query):
     assert not auth.url_has_credential(query)
 
 
+@settings(deadline=None)
 @given(params=st.lists(st.tuples(st.text(min_size=1), st.text()), max_size=5))
 def test_url_has_credential__exactly_when_a_credential_name_is_present(params):
     query = urlencode(params).encode()
@@ -57,6 +58,7 @@ def test_url_has_credential__exactly_when_a_credential_name_is_present(params):
 # --- subprotocol_token ------------------------------------------------------------------
 
 
+@settings(deadline=None)
 @given(token=st.text(min_size=1))
 def test_subprotocol_token__decodes_unpadded_base64url(token):
     proto = auth.AUTH_SUBPROTOCOL_PREFIX + unpadded(token)
@@ -97,6 +99,7 @@ def test_hash_token__sha256_hex_without_the_token():
     assert token not in digest
 
 
+@settings(deadline=None)
 @given(a=st.text(), b=st.text())
 def test_hash_token__stable_and_distinct(a, b):
     assert auth.hash_token(a) == auth.hash_token(a)

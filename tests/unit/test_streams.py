@@ -1,4 +1,7 @@
-"""Unit tests of ``backplane.streams``: keys, group names, shards, frames, delivery plans."""
+"""Unit tests of ``backplane.streams``: keys, group names, shards, frames, delivery plans.
+
+Hypothesis runs without a per-example deadline: timing varies on a loaded CI machine.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ import re
 import uuid
 
 import pytest
-from hypothesis import assume, given
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from backplane import streams
@@ -42,6 +45,7 @@ def test_stream_keys__one_per_audience_with_its_audience():
     assert streams.audience_of(streams.edge_stream("edge-a")) == "edge"
 
 
+@settings(deadline=None)
 @given(a=st.uuids(), b=st.uuids(), device=device_ids, role=st.sampled_from(streams.ROLES))
 def test_stream_keys__tenants_never_share_a_stream(a, b, device, role):
     assume(a != b)
@@ -55,6 +59,7 @@ def test_stream_keys__tenants_never_share_a_stream(a, b, device, role):
 # --- group names ------------------------------------------------------------------------
 
 
+@settings(deadline=None)
 @given(prefix=st.text(max_size=80), tenant=st.uuids(), device=device_ids, role=st.sampled_from(streams.ROLES))
 def test_group_name__allowed_chars_and_short_for_any_device(prefix, tenant, device, role):
     for key in streams.connection_streams(tenant, role, device).values():
@@ -64,6 +69,7 @@ def test_group_name__allowed_chars_and_short_for_any_device(prefix, tenant, devi
         assert len(group) < 100
 
 
+@settings(deadline=None)
 @given(a=st.text(min_size=1), b=st.text(min_size=1))
 def test_group_name__distinct_stream_keys_give_distinct_groups(a, b):
     assume(a != b)
@@ -78,6 +84,7 @@ def test_group_name__prefix_separates_deployments():
     assert streams.group_name("", key).startswith("bp.tyrum.")
 
 
+@settings(deadline=None)
 @given(prefix=st.text(max_size=80), edge=edge_ids)
 def test_edge_group__allowed_chars_and_short(prefix, edge):
     group = streams.edge_group(prefix, edge)
@@ -86,13 +93,25 @@ def test_edge_group__allowed_chars_and_short(prefix, edge):
     assert len(group) < 100
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: edge_group truncates to 99 chars, so long edge ids share a group")
 def test_edge_group__distinct_edges_give_distinct_groups():
     prefix = "p" * 30
     a, b = "e" * 63 + "1", "e" * 63 + "2"
     assert streams.EDGE_ID_RE.match(a) and streams.EDGE_ID_RE.match(b)
 
     assert streams.edge_group(prefix, a) != streams.edge_group(prefix, b)
+
+
+@pytest.mark.parametrize(
+    ("pattern", "value"),
+    [
+        pytest.param(streams.DEVICE_ID_RE, "dev-1\n", id="device"),
+        pytest.param(streams.EDGE_ID_RE, "edge-1\n", id="edge"),
+        pytest.param(streams.EVENT_TYPE_RE, "run.updated\n", id="type"),
+        pytest.param(streams.EVENT_ID_RE, "e-1\n", id="event-id"),
+    ],
+)
+def test_id_patterns__reject_trailing_newline(pattern, value):
+    assert pattern.match(value) is None
 
 
 # --- shards -----------------------------------------------------------------------------
@@ -105,6 +124,7 @@ def test_shard_of__pinned_values():
     assert streams.shard_of(uuid.UUID("9f1c2a7e-0000-4000-8000-c0ffee012345"), 16) == 9
 
 
+@settings(deadline=None)
 @given(tenant=st.uuids(), shards=st.integers(min_value=1, max_value=4096))
 def test_shard_of__stable_and_in_range(tenant, shards):
     shard = streams.shard_of(tenant, shards)
@@ -144,7 +164,6 @@ def test_parse_shards__bad_input_raises_value_error(spec):
         streams.parse_shards(spec, 8)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: parse_shards returns [] for a reversed range or only commas")
 @pytest.mark.parametrize("spec", ["3-1", ",", " , "])
 def test_parse_shards__spec_selecting_no_shard_raises(spec):
     with pytest.raises(ValueError):
@@ -154,6 +173,7 @@ def test_parse_shards__spec_selecting_no_shard_raises(spec):
 # --- event frames -----------------------------------------------------------------------
 
 
+@settings(deadline=None)
 @given(
     stream=st.sampled_from(streams.STREAM_NAMES),
     epoch=st.text(),
@@ -223,6 +243,7 @@ def carry_out(plan: list[tuple[int, int] | int]) -> list[int]:
     return delivered
 
 
+@settings(deadline=None)
 @given(head=st.integers(min_value=0, max_value=200),
        batches=st.lists(st.lists(st.integers(min_value=0, max_value=300)).map(sorted), max_size=5))
 def test_delivery_cursor__plan_yields_every_offset_once_in_order(head, batches):

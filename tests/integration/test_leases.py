@@ -1,0 +1,121 @@
+"""Shard leases on PostgreSQL advisory locks: one owner per shard; a standby takes over."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from django.db import connection
+
+from backplane import leases, outbox
+from backplane.conf import conf
+from backplane.leases import Leases
+from backplane.models import OutboxItem, RelayLease
+
+from .helpers import eventually, orm
+
+pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
+
+SHARDS = [0, 1, 2, 3]
+
+
+@pytest.fixture
+async def make_leases(services: None, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Any]:
+    # Take-over attempts every 50 ms instead of every second keeps the waits short.
+    monkeypatch.setattr(leases, "ACQUIRE_INTERVAL_SECS", 0.05)
+    made: list[Leases] = []
+
+    def make(wanted: list[int], holder: str) -> Leases:
+        made.append(Leases(wanted, holder))
+        return made[-1]
+
+    yield make
+    for lease in made:
+        await lease.release()
+
+
+async def owned_by_both(a: Leases, b: Leases, rounds: int = 10) -> set[int]:
+    overlap: set[int] = set()
+    for _ in range(rounds):
+        got_a, got_b = await asyncio.gather(a.current(), b.current())
+        overlap |= set(got_a) & set(got_b)
+        await asyncio.sleep(0.06)
+    return overlap
+
+
+def terminate_backend(pid: int) -> bool:
+    with connection.cursor() as cur:
+        cur.execute("SELECT pg_terminate_backend(%s)", [pid])
+        return bool(cur.fetchone()[0])
+
+
+async def test_leases__first_takes_all_second_none(make_leases):
+    a, b = make_leases(SHARDS, "relay-a"), make_leases(SHARDS, "relay-b")
+
+    assert await a.current() == SHARDS
+    assert await b.current() == []
+    assert await owned_by_both(a, b) == set()
+    assert await a.current() == SHARDS
+    assert await b.current() == []
+
+
+async def test_leases__overlapping_wants_never_shared(make_leases):
+    a, b = make_leases([0, 1, 2], "relay-a"), make_leases([1, 2, 3, 4], "relay-b")
+
+    assert await a.current() == [0, 1, 2]
+    assert await b.current() == [3, 4]
+    assert await owned_by_both(a, b) == set()
+
+
+async def test_leases__standby_takes_over_after_release(make_leases):
+    a, b = make_leases(SHARDS, "relay-a"), make_leases(SHARDS, "relay-b")
+    assert await a.current() == SHARDS
+    assert await b.current() == []
+
+    await a.release()
+
+    assert await eventually(b.current) == SHARDS
+    assert a.owned == set()
+
+
+async def test_leases__standby_takes_over_when_session_dies(make_leases):
+    a, b = make_leases(SHARDS, "relay-a"), make_leases(SHARDS, "relay-b")
+    assert await a.current() == SHARDS
+    assert await b.current() == []
+
+    # The lock session dies (relay crashed, or its connection was cut): PostgreSQL frees the locks.
+    assert await orm(terminate_backend, a._conn.info.backend_pid)
+
+    assert await eventually(b.current) == SHARDS
+    # The old holder notices its dead session and owns nothing while b holds the shards.
+    assert await a.current() == []
+    assert await owned_by_both(a, b) == set()
+
+
+async def test_leases__reported_in_relay_lease_rows(make_leases):
+    a = make_leases([2, 5], "relay-a")
+
+    assert await a.current() == [2, 5]
+    rows = await orm(lambda: dict(RelayLease.objects.values_list("shard", "holder")))
+    assert rows == {2: "relay-a", 5: "relay-a"}
+
+    await a.release()
+    rows = await orm(lambda: dict(RelayLease.objects.values_list("shard", "holder")))
+    assert rows == {2: "", 5: ""}
+
+
+async def test_relay__lost_lease_session_forwards_nothing(make_leases, make_relay, tenant_factory):
+    relay = make_relay()
+    assert await relay.cycle() == (0, 0)
+    assert relay.leases.owned == set(range(conf.SHARDS))
+    standby = make_leases(list(range(conf.SHARDS)), "standby")
+    tenant = await orm(tenant_factory, "acme")
+    await orm(outbox.publish, tenant, "run.updated", {}, event_id="e-1")
+
+    assert await orm(terminate_backend, relay.leases._conn.info.backend_pid)
+    assert await eventually(standby.current) == list(range(conf.SHARDS))
+
+    assert await relay.cycle() == (0, 0)
+    assert await orm(lambda: list(OutboxItem.objects.values_list("stream_offset", "forwarded_at"))) == [(None, None)]

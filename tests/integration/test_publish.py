@@ -1,0 +1,215 @@
+"""Integration tests of ``publish``/``publish_many`` on PostgreSQL: rows, redaction, idempotence, errors."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import UTC, datetime
+
+import pytest
+from django.db import transaction
+from django.test import override_settings
+
+from backplane import exceptions, outbox, streams
+from backplane.conf import conf
+from backplane.models import OutboxItem, Stream, Tenant
+
+pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
+
+
+@pytest.fixture
+def tenant(tenant_factory):
+    return tenant_factory("acme")
+
+
+def test_publish__returns_event_id_and_inserts_row(tenant):
+    event_id = outbox.publish(tenant, "run.updated", {"run_id": "r1", "status": "running"})
+
+    row = OutboxItem.objects.get()
+    assert row.event_id == event_id
+    assert uuid.UUID(event_id)
+    assert row.tenant_id == tenant.id
+    assert row.kind == "event"
+    assert row.type == "run.updated"
+    assert row.stream == streams.tenant_stream(tenant.id)
+    assert row.shard == streams.shard_of(tenant.id, conf.SHARDS)
+    assert row.payload == {"run_id": "r1", "status": "running"}
+    assert row.payload_bytes == len(b'{"run_id":"r1","status":"running"}')
+    assert (row.stream_offset, row.assigned_at, row.forwarded_at) == (None, None, None)
+    assert not Stream.objects.exists()  # streams get offsets from the relay, not from publish
+
+
+def test_publish__audience_picks_stream(tenant):
+    occurred = datetime(2026, 11, 26, 20, 0, tzinfo=UTC)
+    outbox.publish(tenant, "a.b", {}, device="node-7:x@y", event_id="dev")
+    outbox.publish(tenant, "a.b", {}, role="operator", event_id="role")
+    outbox.publish(tenant, "a.b", [], event_id="all", occurred_at=occurred)
+
+    rows = dict(OutboxItem.objects.values_list("event_id", "stream"))
+    assert rows == {
+        "dev": streams.device_stream(tenant.id, "node-7:x@y"),
+        "role": streams.role_stream(tenant.id, "operator"),
+        "all": streams.tenant_stream(tenant.id),
+    }
+    assert OutboxItem.objects.get(event_id="all").occurred_at == occurred
+
+
+def test_publish__redacts_before_insert_without_mutating_input(tenant):
+    payload = {"user": "ann", "Password": "hunter2",
+               "nested": [{"X-Api-Key": "k1", "ok": 1}], "session": {"Cookie": "c", "refresh_token": "t"}}
+    before = json.loads(json.dumps(payload))
+
+    outbox.publish(tenant, "user.updated", payload)
+
+    row = OutboxItem.objects.get()
+    assert row.payload == {"user": "ann", "Password": "[REDACTED]", "nested": [{"X-Api-Key": "[REDACTED]", "ok": 1}],
+                           "session": {"Cookie": "[REDACTED]", "refresh_token": "[REDACTED]"}}
+    assert payload == before
+    assert "hunter2" not in json.dumps(row.payload)
+
+
+def test_publish__idempotent_on_tenant_and_event_id(tenant):
+    first = outbox.publish(tenant, "run.updated", {"v": 1}, event_id="run-1:v1")
+    second = outbox.publish(tenant, "run.updated", {"v": 2}, event_id="run-1:v1")
+
+    assert first == second == "run-1:v1"
+    assert list(OutboxItem.objects.values_list("event_id", "payload")) == [("run-1:v1", {"v": 1})]
+
+
+def test_publish__idempotent_inside_one_atomic_block(tenant):
+    with transaction.atomic():
+        outbox.publish(tenant, "run.updated", {"v": 1}, event_id="e-1")
+        outbox.publish(tenant, "run.updated", {"v": 2}, event_id="e-1")
+        outbox.publish(tenant, "run.updated", {"v": 3}, event_id="e-2")  # the transaction is still usable
+
+    assert sorted(OutboxItem.objects.values_list("event_id", flat=True)) == ["e-1", "e-2"]
+
+
+def test_publish_many__duplicate_ids_in_one_call_insert_once(tenant):
+    ids = outbox.publish_many(tenant, [{"type": "a.b", "payload": 1, "event_id": "same"},
+                                       {"type": "a.b", "payload": 2, "event_id": "same"}])
+
+    assert ids == ["same", "same"]
+    assert OutboxItem.objects.count() == 1
+
+
+def test_publish__same_event_id_in_two_tenants_is_two_events(tenant, tenant_factory):
+    other = tenant_factory("other")
+
+    outbox.publish(tenant, "a.b", 1, event_id="shared")
+    outbox.publish(other, "a.b", 2, event_id="shared")
+
+    assert sorted(OutboxItem.objects.values_list("payload", flat=True)) == [1, 2]
+
+
+def test_publish__tenant_by_object_uuid_str_id_and_slug(tenant):
+    for ref in (tenant, tenant.id, str(tenant.id), tenant.slug):
+        outbox.publish(ref, "a.b", {"ref": str(ref)})
+
+    assert OutboxItem.objects.filter(tenant=tenant).count() == 4
+
+
+@pytest.mark.parametrize("ref", ["nope", uuid.UUID(int=7), str(uuid.UUID(int=7)), ""])
+def test_publish__unknown_tenant_writes_nothing(tenant, ref):
+    with pytest.raises(exceptions.UnknownTenant):
+        outbox.publish(ref, "a.b", {})
+
+    assert not OutboxItem.objects.exists()
+
+
+def test_publish__inactive_tenant_writes_nothing(tenant_factory):
+    inactive = tenant_factory("gone", is_active=False)
+
+    for ref in (inactive, inactive.id, "gone"):
+        with pytest.raises(exceptions.InactiveTenant):
+            outbox.publish(ref, "a.b", {})
+
+    assert not OutboxItem.objects.exists()
+
+
+BAD_EVENTS = [
+    pytest.param({"payload": float("nan")}, exceptions.InvalidPayload, id="nan"),
+    pytest.param({"payload": {"x": float("inf")}}, exceptions.InvalidPayload, id="infinity"),
+    pytest.param({"payload": {"s": {1, 2}}}, exceptions.InvalidPayload, id="set"),
+    pytest.param({"payload": {"password": {1}}}, exceptions.InvalidPayload, id="set-under-secret-key"),
+    pytest.param({"payload": object()}, exceptions.InvalidPayload, id="object"),
+    pytest.param({"payload": "x" * 70_000}, exceptions.PayloadTooLarge, id="too-large"),
+    pytest.param({"type": "Run.Updated"}, exceptions.InvalidEventType, id="type-upper"),
+    pytest.param({"type": "run..updated"}, exceptions.InvalidEventType, id="type-empty-word"),
+    pytest.param({"type": ""}, exceptions.InvalidEventType, id="type-empty"),
+    pytest.param({"type": None}, exceptions.InvalidEventType, id="type-none"),
+    pytest.param({"device": "d-1", "role": "node"}, exceptions.InvalidAudience, id="device-and-role"),
+    pytest.param({"device": "bad id"}, exceptions.InvalidAudience, id="device-space"),
+    pytest.param({"device": ""}, exceptions.InvalidAudience, id="device-empty"),
+    pytest.param({"device": "d" * 129}, exceptions.InvalidAudience, id="device-too-long"),
+    pytest.param({"device": 7}, exceptions.InvalidAudience, id="device-int"),
+    pytest.param({"role": "admin"}, exceptions.InvalidAudience, id="role-unknown"),
+    pytest.param({"event_id": "bad id"}, exceptions.InvalidEventId, id="event-id-space"),
+    pytest.param({"event_id": "-lead"}, exceptions.InvalidEventId, id="event-id-lead"),
+    pytest.param({"event_id": "e" * 101}, exceptions.InvalidEventId, id="event-id-too-long"),
+    pytest.param({"event_id": 5}, exceptions.InvalidEventId, id="event-id-int"),
+    pytest.param({"occurred_at": datetime(2026, 1, 1)}, exceptions.PublishError, id="naive-occurred-at"),
+    pytest.param({"colour": "red"}, exceptions.PublishError, id="unknown-field"),
+]
+
+
+@pytest.mark.parametrize(("bad", "error"), BAD_EVENTS)
+def test_publish_many__one_bad_item_writes_nothing(tenant, bad, error):
+    good = {"type": "run.updated", "payload": {"ok": True}}
+    events = [dict(good, event_id="g-1"), {**good, **bad}, dict(good, event_id="g-2")]
+
+    with pytest.raises(error) as info:
+        outbox.publish_many(tenant, events)
+
+    assert isinstance(info.value, exceptions.BackplaneError)
+    assert not OutboxItem.objects.exists()
+
+
+@pytest.mark.parametrize(("bad", "error"), [p for p in BAD_EVENTS if p.id != "unknown-field"])
+def test_publish__bad_input_raises_named_error_and_writes_nothing(tenant, bad, error):
+    spec = {"type": "run.updated", "payload": {}, **bad}
+
+    with pytest.raises(error):
+        outbox.publish(tenant, spec.pop("type"), spec.pop("payload"), **spec)
+
+    assert not OutboxItem.objects.exists()
+
+
+def test_publish__payload_cap_counts_compact_utf8_bytes(tenant):
+    with override_settings(BACKPLANE={"MAX_PAYLOAD_BYTES": 10}):
+        outbox.publish(tenant, "a.b", "é" * 4)  # '"éééé"' is 10 bytes
+        with pytest.raises(exceptions.PayloadTooLarge):
+            outbox.publish(tenant, "a.b", "é" * 5)
+        with pytest.raises(exceptions.PayloadTooLarge):
+            outbox.publish(tenant, "a.b", ["x"] * 3)  # '["x","x","x"]' is 13 bytes
+
+    assert list(OutboxItem.objects.values_list("payload_bytes", flat=True)) == [10]
+
+
+@pytest.mark.parametrize("bad", [{"type": "run.updated\n"}, {"device": "dev-1\n"}, {"event_id": "e-1\n"}])
+def test_publish__trailing_newline_is_malformed(tenant, bad):
+    spec = {"type": "run.updated", "payload": {}, **bad}
+
+    with pytest.raises(exceptions.PublishError):
+        outbox.publish(tenant, spec.pop("type"), spec.pop("payload"), **spec)
+
+    assert not OutboxItem.objects.exists()
+
+
+def test_publish__deleted_tenant_object_is_unknown(tenant_factory):
+    gone = tenant_factory("gone")
+    Tenant.objects.filter(pk=gone.pk).delete()
+
+    with pytest.raises(exceptions.UnknownTenant):
+        outbox.publish(gone, "a.b", {})
+
+    assert not OutboxItem.objects.exists()
+
+
+def test_publish__tenant_deactivated_since_object_was_loaded_is_inactive(tenant):
+    Tenant.objects.filter(pk=tenant.pk).update(is_active=False)
+
+    with pytest.raises(exceptions.InactiveTenant):
+        outbox.publish(tenant, "a.b", {})
+
+    assert not OutboxItem.objects.exists()
