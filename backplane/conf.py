@@ -26,6 +26,12 @@ DEFAULTS: dict[str, Any] = {
     "COMPACT_MAX_ROWS": None,
     "COMPACT_MAX_BYTES": None,
     "COMPACT_BATCH_SIZE": 5000,
+    # PostgreSQL time partitions of the outbox: width, and how many are made ahead.
+    "PARTITION_INTERVAL_SECS": 3600,
+    "PARTITIONS_AHEAD": 48,
+    # A stream with no retained items, untouched this long and with no live socket, is
+    # pruned; if it comes back it gets a new epoch.
+    "STREAM_PRUNE_GRACE_SECS": 7 * 24 * 3600,
     # Embedded mode: how often serve compacts.
     "COMPACT_INTERVAL_SECS": 300,
     # Keys whose lower-cased, '-'→'_' name contains one of these are redacted.

@@ -78,9 +78,9 @@ class OutboxItem(models.Model):
 
     class Meta:
         permissions = [("view_payload", "Can view outbox payloads")]
-        constraints = [
-            models.UniqueConstraint(fields=["tenant", "event_id"], name="bp_outbox_event_once"),
-        ]
+        # No unique (tenant, event_id) here: on PostgreSQL this table is partitioned by
+        # created_at, and a unique constraint there must include the partition key.
+        # ``EventKey`` keeps publishing idempotent instead.
         indexes = [
             models.Index(
                 fields=["shard", "id"],
@@ -98,6 +98,20 @@ class OutboxItem(models.Model):
 
     def __str__(self) -> str:
         return f"{self.type} {self.event_id}"
+
+
+class EventKey(models.Model):
+    """One row per published ``(tenant, event_id)``: makes ``publish`` idempotent.
+
+    Inserted with ON CONFLICT DO NOTHING in the producer's transaction, together with the
+    outbox row; kept as long as the retention window (compaction removes older keys), so
+    a retry inside the window is a no-op.
+    """
+
+    pk = models.CompositePrimaryKey("tenant_id", "event_id")
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE)
+    event_id = models.CharField(max_length=100)
+    created_at = models.DateTimeField(db_default=Now(), db_index=True)
 
 
 class Stream(models.Model):

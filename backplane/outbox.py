@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 
 OUTBOX = OutboxItem._meta.db_table
 STREAM = "backplane_stream"
+EVENTKEY = "backplane_eventkey"
 
 
 def resolve_tenant(tenant: Tenant | uuid.UUID | str) -> Tenant:
@@ -75,7 +76,8 @@ def _encode(payload: Any) -> str:
         raise exceptions.InvalidPayload(f"payload is not JSON: {exc}") from None
 
 
-def _build(tenant: Tenant, spec: Mapping[str, Any], shard: int, patterns: tuple[str, ...]) -> OutboxItem:
+def _build(tenant: Tenant, spec: Mapping[str, Any], patterns: tuple[str, ...]) -> tuple[Any, ...]:
+    """Validate and redact one event; return (stream, event_id, type, occurred_at, payload_json, bytes)."""
     unknown = set(spec) - {"type", "payload", "device", "role", "event_id", "occurred_at"}
     if unknown:
         raise exceptions.PublishError(f"unknown event fields: {sorted(unknown)}")
@@ -93,21 +95,11 @@ def _build(tenant: Tenant, spec: Mapping[str, Any], shard: int, patterns: tuple[
         raise exceptions.PublishError("occurred_at must be an aware datetime")
     payload = spec.get("payload")
     _encode(payload)  # reject non-JSON before redaction can hide it
-    clean = redaction.redact(payload, patterns)
-    size = len(_encode(clean).encode())
+    text = _encode(redaction.redact(payload, patterns))
+    size = len(text.encode())
     if size > conf.MAX_PAYLOAD_BYTES:
         raise exceptions.PayloadTooLarge(f"payload is {size} bytes; the cap is {conf.MAX_PAYLOAD_BYTES}")
-    return OutboxItem(
-        tenant=tenant,
-        kind="event",
-        stream=stream,
-        event_id=event_id,
-        type=etype,
-        occurred_at=occurred_at,
-        payload=clean,
-        payload_bytes=size,
-        shard=shard,
-    )
+    return stream, event_id, etype, occurred_at, text, size
 
 
 def publish(
@@ -145,12 +137,71 @@ def publish_many(tenant: Tenant | uuid.UUID | str, events: Iterable[Mapping[str,
     obj = resolve_tenant(tenant)
     shard = streams.shard_of(obj.id, conf.SHARDS)
     patterns = redaction.normalise_patterns(conf.REDACT_PATTERNS)
-    rows = [_build(obj, spec, shard, patterns) for spec in events]
+    rows = [_build(obj, spec, patterns) for spec in events]
     if not rows:
         return []
-    OutboxItem.objects.bulk_create(rows, ignore_conflicts=True, batch_size=2000)
+    unique: dict[str, tuple[Any, ...]] = {}
+    for row in rows:  # the same id twice in one call is one event
+        unique.setdefault(row[1], row)
+    _insert(obj.id, shard, list(unique.values()))
     transaction.on_commit(lambda: doorbell.ring(shard))
-    return [row.event_id for row in rows]
+    return [row[1] for row in rows]
+
+
+# Rows per INSERT statement (PostgreSQL arrays; SQLite bound-parameter limits).
+INSERT_CHUNK = 5000
+
+
+def _insert(tenant_id: uuid.UUID, shard: int, rows: list[tuple[Any, ...]]) -> None:
+    """Insert event keys and, for the keys that are new, outbox rows — atomically.
+
+    On PostgreSQL one statement: a data-modifying CTE inserts the keys with ON CONFLICT DO
+    NOTHING and only the rows whose keys went in are inserted into the outbox.
+    """
+    with transaction.atomic(), connection.cursor() as cur:
+        for start in range(0, len(rows), INSERT_CHUNK):
+            chunk = rows[start : start + INSERT_CHUNK]
+            if conf.is_postgresql:
+                cols = list(zip(*chunk, strict=True))
+                cur.execute(
+                    f"WITH k AS (INSERT INTO {EVENTKEY} (tenant_id, event_id) SELECT %s, unnest(%s::text[]) "
+                    f"ON CONFLICT DO NOTHING RETURNING event_id) "
+                    f"INSERT INTO {OUTBOX} (tenant_id, kind, stream, event_id, type, occurred_at, payload, "
+                    f"payload_bytes, shard) SELECT %s, 'event', v.stream, v.event_id, v.type, v.occurred_at, "
+                    f"v.payload, v.payload_bytes, %s FROM unnest(%s::text[], %s::text[], %s::text[], "
+                    f"%s::timestamptz[], %s::jsonb[], %s::int[]) AS v(stream, event_id, type, occurred_at, payload, "
+                    f"payload_bytes) JOIN k USING (event_id)",
+                    [tenant_id, list(cols[1]), tenant_id, shard, *(list(c) for c in cols)],
+                )
+                continue
+            fresh: set[str] = set()
+            for part in range(0, len(chunk), 300):
+                ids = [r[1] for r in chunk[part : part + 300]]
+                cur.execute(
+                    f"INSERT INTO {EVENTKEY} (tenant_id, event_id, created_at) VALUES "
+                    + ",".join(["(%s,%s,CURRENT_TIMESTAMP)"] * len(ids))
+                    + " ON CONFLICT DO NOTHING RETURNING event_id",
+                    [x for eid in ids for x in (tenant_id.hex, eid)],
+                )
+                fresh.update(e for (e,) in cur.fetchall())
+            OutboxItem.objects.bulk_create(
+                [
+                    OutboxItem(
+                        tenant_id=tenant_id,
+                        kind="event",
+                        stream=st,
+                        event_id=eid,
+                        type=et,
+                        occurred_at=at,
+                        payload=json.loads(text),
+                        payload_bytes=size,
+                        shard=shard,
+                    )
+                    for st, eid, et, at, text, size in chunk
+                    if eid in fresh
+                ],
+                batch_size=500,
+            )
 
 
 def publish_command(tenant_id: uuid.UUID, edge_id: str, command: str, args: Mapping[str, Any]) -> str:

@@ -20,7 +20,7 @@ from typing import Any
 
 from channels.db import database_sync_to_async
 
-from backplane import outbox, streams
+from backplane import outbox, partitions, streams
 from backplane.conf import conf
 from backplane.doorbell import Listener
 from backplane.leases import Leases
@@ -32,6 +32,8 @@ MAX_ITEMS_PER_MESSAGE = 250
 # Back-off after a failing cycle (database or Redis down), doubling up to the cap.
 ERROR_BACKOFF_SECS = 0.2
 ERROR_BACKOFF_MAX_SECS = 5.0
+# How often a relay makes sure outbox partitions exist ahead (cheap when they do).
+PARTITION_CHECK_SECS = 600.0
 
 
 def _failpoint(name: str) -> None:
@@ -116,9 +118,13 @@ class Relay:
             "relay %s starting for %d shards", self.holder, len(self.leases.wanted), extra={"action": "relay_start"}
         )
         async with Listener() as bell:
+            next_partition_check = 0.0
             try:
                 while not stop.is_set():
                     try:
+                        if time.monotonic() >= next_partition_check and self.leases.owned:
+                            next_partition_check = time.monotonic() + PARTITION_CHECK_SECS
+                            await database_sync_to_async(partitions.ensure_ahead)()
                         assigned, forwarded = await self.cycle()
                         backoff = ERROR_BACKOFF_SECS
                     except Exception as exc:

@@ -1,78 +1,372 @@
-"""Retention: delete forwarded outbox rows past the window, keep replay exact inside it.
+"""Retention: keep the outbox bounded while replay stays exact inside the window.
 
-Never deletes a row no relay has forwarded. After deleting, each touched stream records its
-lowest retained offset, so a ``resume`` from before it answers ``retention_exceeded``.
-(Issue 3 adds budgets, partition drops and the compaction benchmark.)
+Rules, applied in this order by ``compact()`` (one compactor at a time):
+
+1. **Age** — forwarded rows created (database clock) before ``now - retention`` go.
+2. **Row budget** — while more than ``max_rows`` rows remain, the oldest forwarded rows go.
+3. **Byte budget** — while the payloads add up to more than ``max_bytes``, the oldest
+   forwarded rows go.
+
+A row no relay has forwarded is never deleted, whatever its age or the budgets: such rows
+are counted and reported with the age of the oldest. Every deletion raises the touched
+streams' ``first_retained_offset`` past the highest deleted offset, so a ``resume`` from
+before it answers ``retention_exceeded`` and never replays a partial window. Then the
+bookkeeping is swept: idle streams whose items are all gone (after a grace period; they
+come back with a new epoch), expired directory rows, dead edges and stale relay leases.
+
+On PostgreSQL whole time partitions are dropped first (``backplane.partitions``), so at
+volume most of the work costs no row deletes and no VACUUM.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import timedelta
 
 from django.db import connection, transaction
+from django.utils import timezone
 
+from backplane import streams
 from backplane.conf import conf
+from backplane.models import Connection, Edge, RelayLease
 from backplane.outbox import OUTBOX, STREAM
 
 logger = logging.getLogger(__name__)
+
+# Second key of the compactor's advisory lock (the first is the relays' LOCK_CLASS).
+COMPACTOR_LOCK = -1
+# A relay lease row whose holder has not reported for this long is shown as free.
+STALE_LEASE_SECS = 60
+
+Progress = Callable[[int, int], None]
 
 
 @dataclass
 class CompactionResult:
     deleted: int = 0
+    deleted_bytes: int = 0
+    by_rule: dict[str, int] = field(default_factory=lambda: {"age": 0, "rows": 0, "bytes": 0, "partitions": 0})
+    partitions_dropped: int = 0
     unforwarded_expired: int = 0
+    oldest_unforwarded_age_secs: float = 0.0
+    streams_pruned: int = 0
+    connections_swept: int = 0
+    edges_swept: int = 0
+    leases_cleared: int = 0
+    keys_expired: int = 0
     batches: int = 0
+    capped: bool = False
+    skipped: bool = False
+    dry_run: bool = False
+
+    def summary(self) -> str:
+        if self.skipped:
+            return "another compactor holds the lock; nothing done"
+        verb = "would delete" if self.dry_run else "deleted"
+        rules = ", ".join(f"{k} {v}" for k, v in self.by_rule.items() if v)
+        text = f"{verb} {self.deleted} rows ({self.deleted_bytes} payload bytes{'; ' + rules if rules else ''})"
+        if self.partitions_dropped:
+            text += f"; dropped {self.partitions_dropped} partitions"
+        if self.unforwarded_expired:
+            text += (
+                f"; kept {self.unforwarded_expired} unforwarded rows past retention "
+                f"(oldest {self.oldest_unforwarded_age_secs:.0f}s)"
+            )
+        if not self.dry_run:
+            text += (
+                f"; pruned {self.streams_pruned} streams, swept {self.connections_swept} connections, "
+                f"{self.edges_swept} edges, {self.leases_cleared} leases"
+            )
+        if self.capped:
+            text += "; stopped at the per-run cap (run again)"
+        return text
+
+
+@contextlib.contextmanager
+def compactor_lock() -> Iterator[bool]:
+    """Hold the compactor's lock; yield False if another compactor has it."""
+    if not conf.is_postgresql:
+        yield True  # SQLite: writers are serialised by the database file itself
+        return
+    from backplane.leases import LOCK_CLASS
+
+    with connection.cursor() as cur:
+        cur.execute("SELECT pg_try_advisory_lock(%s, %s)", [LOCK_CLASS, COMPACTOR_LOCK])
+        got = bool(cur.fetchone()[0])
+    try:
+        yield got
+    finally:
+        if got:
+            with connection.cursor() as cur:
+                cur.execute("SELECT pg_advisory_unlock(%s, %s)", [LOCK_CLASS, COMPACTOR_LOCK])
+
+
+def _cutoff_sql() -> str:
+    if conf.is_postgresql:
+        return "now() - make_interval(secs => %s)"
+    return "strftime('%%Y-%%m-%%d %%H:%%M:%%f', 'now', '-' || %s || ' seconds')"
 
 
 def compact(
     retention_secs: float | None = None,
     *,
+    max_rows: int | None = None,
+    max_bytes: int | None = None,
     batch_size: int | None = None,
-    max_batches: int = 1000,
+    max_batches: int = 2000,
     dry_run: bool = False,
+    progress: Progress | None = None,
 ) -> CompactionResult:
-    """Delete forwarded rows older than ``retention_secs`` by the database clock, in batches."""
+    """Apply the retention rules once; bounded by ``max_batches`` batches of ``batch_size``."""
     retention = float(retention_secs if retention_secs is not None else conf.RETENTION_SECS)
+    max_rows = max_rows if max_rows is not None else conf.COMPACT_MAX_ROWS
+    max_bytes = max_bytes if max_bytes is not None else conf.COMPACT_MAX_BYTES
     batch = batch_size or conf.COMPACT_BATCH_SIZE
-    pg = conf.is_postgresql
-    cutoff = "now() - make_interval(secs => %s)" if pg else "datetime('now', '-' || %s || ' seconds')"
-    result = CompactionResult()
-    with connection.cursor() as cur:
-        cur.execute(f"SELECT count(*) FROM {OUTBOX} WHERE forwarded_at IS NULL AND created_at < {cutoff}", [retention])
-        result.unforwarded_expired = cur.fetchone()[0]
-        if dry_run:
-            cur.execute(
-                f"SELECT count(*) FROM {OUTBOX} WHERE forwarded_at IS NOT NULL AND created_at < {cutoff}", [retention]
-            )
-            result.deleted = cur.fetchone()[0]
+    result = CompactionResult(dry_run=dry_run)
+    with compactor_lock() as got:
+        if not got:
+            result.skipped = True
             return result
-    while result.batches < max_batches:
-        with transaction.atomic(), connection.cursor() as cur:
-            cur.execute(
-                f"SELECT id, stream, stream_offset FROM {OUTBOX} WHERE forwarded_at IS NOT NULL "
-                f"AND created_at < {cutoff} ORDER BY id LIMIT %s",
-                [retention, batch],
-            )
-            rows = cur.fetchall()
-            if not rows:
+        _report_unforwarded(result, retention)
+        plan = _plan(retention, max_rows, max_bytes)
+        total = sum(plan.values())
+        if dry_run:
+            result.by_rule.update(plan)
+            result.deleted = total
+            return result
+        if conf.is_postgresql:
+            from backplane import partitions
+
+            dropped_rows, dropped = partitions.drop_expired(retention)
+            result.partitions_dropped = dropped
+            result.by_rule["partitions"] = dropped_rows
+            result.deleted += dropped_rows
+            partitions.ensure_ahead()
+        state = {"done": 0}
+
+        def tick(n: int) -> None:
+            state["done"] += n
+            if progress:
+                progress(state["done"], max(total, state["done"]))
+
+        for rule, where, limit in _rules(retention, max_rows, max_bytes):
+            while result.batches < max_batches:
+                n, nbytes = _delete_batch(where, limit(), batch)
+                if not n:
+                    break
+                result.batches += 1
+                result.by_rule[rule] += n
+                result.deleted += n
+                result.deleted_bytes += nbytes
+                tick(n)
+            else:
+                result.capped = True
                 break
-            ids = [r[0] for r in rows]
-            top: dict[str, int] = {}
-            for _, stream, offset in rows:
-                top[stream] = max(top.get(stream, 0), offset)
-            cur.execute(f"DELETE FROM {OUTBOX} WHERE id IN ({','.join(['%s'] * len(ids))})", ids)
-            for stream, offset in top.items():
-                cur.execute(
-                    f"UPDATE {STREAM} SET first_retained_offset = %s WHERE key = %s AND first_retained_offset <= %s",
-                    [offset + 1, stream, offset],
-                )
-            result.deleted += len(ids)
-            result.batches += 1
+        result.keys_expired = _expire_keys(retention, batch, max_batches)
+        _sweep(result)
+    logger.info("compaction: %s", result.summary(), extra={"action": "compact"})
+    return result
+
+
+def _report_unforwarded(result: CompactionResult, retention: float) -> None:
+    with connection.cursor() as cur:
+        cur.execute(
+            f"SELECT count(*), min(created_at) FROM {OUTBOX} "
+            f"WHERE forwarded_at IS NULL AND created_at < {_cutoff_sql()}",
+            [retention],
+        )
+        count, oldest = cur.fetchone()
+    result.unforwarded_expired = int(count or 0)
+    if oldest is not None:
+        if isinstance(oldest, str):
+            from datetime import UTC, datetime
+
+            oldest = datetime.fromisoformat(oldest).replace(tzinfo=UTC)
+        result.oldest_unforwarded_age_secs = (timezone.now() - oldest).total_seconds()
     if result.unforwarded_expired:
         logger.warning(
-            "%d rows past retention are not forwarded yet; kept",
+            "%d rows past retention are not forwarded yet (oldest %.0fs); kept",
             result.unforwarded_expired,
+            result.oldest_unforwarded_age_secs,
             extra={"action": "compact_unforwarded"},
         )
-    return result
+
+
+def _totals() -> tuple[int, int]:
+    with connection.cursor() as cur:
+        cur.execute(f"SELECT count(*), coalesce(sum(payload_bytes), 0) FROM {OUTBOX}")
+        rows, nbytes = cur.fetchone()
+    return int(rows), int(nbytes)
+
+
+def _plan(retention: float, max_rows: int | None, max_bytes: int | None) -> dict[str, int]:
+    """Count what each rule would delete now (rules apply in order, so budgets net of age)."""
+    with connection.cursor() as cur:
+        cur.execute(
+            f"SELECT count(*), coalesce(sum(payload_bytes), 0) FROM {OUTBOX} "
+            f"WHERE forwarded_at IS NOT NULL AND created_at < {_cutoff_sql()}",
+            [retention],
+        )
+        age_rows, age_bytes = (int(x) for x in cur.fetchone())
+    rows, nbytes = _totals()
+    plan = {"age": age_rows, "rows": 0, "bytes": 0}
+    rows -= age_rows
+    nbytes -= age_bytes
+    if max_rows is not None and rows > max_rows:
+        plan["rows"] = _forwarded_prefix_rows(age_rows, rows - max_rows)
+        rows -= plan["rows"]
+    if max_bytes is not None and nbytes > max_bytes:
+        plan["bytes"] = _rows_for_bytes(age_rows + plan["rows"], nbytes - max_bytes)
+    return plan
+
+
+def _forwarded_prefix_rows(skip: int, want: int) -> int:
+    with connection.cursor() as cur:
+        cur.execute(
+            f"SELECT count(*) FROM (SELECT id FROM {OUTBOX} WHERE forwarded_at IS NOT NULL "
+            f"ORDER BY id LIMIT %s OFFSET %s) x",
+            [want, skip],
+        )
+        return int(cur.fetchone()[0])
+
+
+def _rows_for_bytes(skip: int, excess: int) -> int:
+    n = 0
+    covered = 0
+    with connection.cursor() as cur:
+        cur.execute(
+            f"SELECT payload_bytes FROM {OUTBOX} WHERE forwarded_at IS NOT NULL ORDER BY id LIMIT %s OFFSET %s",
+            [1_000_000, skip],
+        )
+        for (size,) in cur.fetchall():
+            if covered >= excess:
+                break
+            covered += size
+            n += 1
+    return n
+
+
+def _rules(
+    retention: float, max_rows: int | None, max_bytes: int | None
+) -> list[tuple[str, tuple[str, list[object]], Callable[[], int | None]]]:
+    """Each rule: its WHERE clause, and a function giving how many rows it may still take."""
+    age = (f"forwarded_at IS NOT NULL AND created_at < {_cutoff_sql()}", [retention])
+    forwarded = ("forwarded_at IS NOT NULL", [])
+
+    def row_excess() -> int | None:
+        return max(0, _totals()[0] - max_rows) if max_rows is not None else 0
+
+    def byte_excess() -> int | None:
+        if max_bytes is None:
+            return 0
+        excess = _totals()[1] - max_bytes
+        return -excess if excess > 0 else 0  # negative: a byte budget, not a row count
+
+    return [("age", age, lambda: None), ("rows", forwarded, row_excess), ("bytes", forwarded, byte_excess)]
+
+
+def _delete_batch(where: tuple[str, list[object]], limit: int | None, batch: int) -> tuple[int, int]:
+    """Delete one batch of the oldest matching rows; return (rows, payload bytes)."""
+    if limit == 0:
+        return 0, 0
+    clause, params = where
+    with transaction.atomic(), connection.cursor() as cur:
+        cur.execute(
+            f"SELECT id, stream, stream_offset, payload_bytes FROM {OUTBOX} WHERE {clause} ORDER BY id LIMIT %s",
+            [*params, batch],
+        )
+        rows = cur.fetchall()
+        if limit is not None and limit > 0:
+            rows = rows[:limit]
+        elif limit is not None and limit < 0:  # byte budget: take rows until the excess is covered
+            need, taken = -limit, []
+            for row in rows:
+                if need <= 0:
+                    break
+                taken.append(row)
+                need -= row[3]
+            rows = taken
+        if not rows:
+            return 0, 0
+        ids = [r[0] for r in rows]
+        cur.execute(f"DELETE FROM {OUTBOX} WHERE id IN ({','.join(['%s'] * len(ids))})", ids)
+        raise_first_retained(cur, rows)
+        return len(rows), sum(r[3] for r in rows)
+
+
+def raise_first_retained(cur: object, rows: list[tuple[object, ...]]) -> None:
+    """Record, per stream, that offsets up to the highest deleted one are gone."""
+    top: dict[str, int] = {}
+    for _, stream, offset, *_ in rows:
+        if offset is not None:
+            top[str(stream)] = max(top.get(str(stream), 0), int(offset))  # type: ignore[call-overload]
+    for stream, offset in sorted(top.items()):
+        cur.execute(  # type: ignore[attr-defined]
+            f"UPDATE {STREAM} SET first_retained_offset = %s WHERE key = %s AND first_retained_offset <= %s",
+            [offset + 1, stream, offset],
+        )
+
+
+def _expire_keys(retention: float, batch: int, max_batches: int) -> int:
+    """Forget idempotency keys older than the window (a retry after it publishes anew)."""
+    from backplane.outbox import EVENTKEY
+
+    gone = 0
+    for _ in range(max_batches):
+        with connection.cursor() as cur:
+            if conf.is_postgresql:
+                cur.execute(
+                    f"DELETE FROM {EVENTKEY} WHERE (tenant_id, event_id) IN (SELECT tenant_id, event_id FROM "
+                    f"{EVENTKEY} WHERE created_at < {_cutoff_sql()} LIMIT %s)",
+                    [retention, batch],
+                )
+            else:
+                cur.execute(
+                    f"DELETE FROM {EVENTKEY} WHERE rowid IN (SELECT rowid FROM {EVENTKEY} "
+                    f"WHERE created_at < {_cutoff_sql()} LIMIT %s)",
+                    [retention, batch],
+                )
+            n = cur.rowcount
+        gone += n
+        if n < batch:
+            break
+    return gone
+
+
+def _sweep(result: CompactionResult) -> None:
+    now = timezone.now()
+    result.connections_swept = Connection.objects.filter(expires_at__lt=now).delete()[0]
+    dead = now - timedelta(seconds=conf.CONNECTION_TTL_SECS)
+    result.edges_swept = Edge.objects.filter(heartbeat_at__lt=dead).delete()[1].get("backplane.Edge", 0)
+    stale = now - timedelta(seconds=STALE_LEASE_SECS)
+    result.leases_cleared = RelayLease.objects.filter(heartbeat_at__lt=stale).exclude(holder="").update(holder="")
+    result.streams_pruned = prune_idle_streams(now - timedelta(seconds=conf.STREAM_PRUNE_GRACE_SECS))
+
+
+def prune_idle_streams(before: object, limit: int = 10_000) -> int:
+    """Delete streams with no retained items, untouched since ``before``, with no live socket.
+
+    A pruned stream that gets a new event is created again with a new epoch, so a peer that
+    resumes with the old epoch is told ``epoch_changed`` instead of replaying a wrong window.
+    """
+    with connection.cursor() as cur:
+        cur.execute(
+            f"SELECT s.key FROM {STREAM} s WHERE s.audience <> 'edge' AND s.updated_at < %s "
+            f"AND NOT EXISTS (SELECT 1 FROM {OUTBOX} o WHERE o.stream = s.key) LIMIT %s",
+            [before, limit],
+        )
+        keys = [k for (k,) in cur.fetchall()]
+    if not keys:
+        return 0
+    live: set[str] = set()
+    for tenant_id, role, device_id in Connection.objects.values_list("tenant_id", "role", "device_id"):
+        live.update(streams.connection_streams(tenant_id, role, device_id).values())
+    doomed = [k for k in keys if k not in live]
+    with connection.cursor() as cur:
+        for start in range(0, len(doomed), 500):
+            chunk = doomed[start : start + 500]
+            cur.execute(f"DELETE FROM {STREAM} WHERE key IN ({','.join(['%s'] * len(chunk))})", chunk)
+    return len(doomed)

@@ -276,13 +276,13 @@ class Cluster:
     def edge_ids(self) -> list[str]:
         return [edge.name for edge in self.edges]
 
-    def start_edges(self, names: list[str], **env: str) -> None:
+    def start_edges(self, names: list[str], ping_interval: int = 20, **env: str) -> None:
         """Start daphne edges at once, then wait for their ports (bounded)."""
         started = []
         for name in names:
             port = support.free_port()
-            args = [support.PYTHON, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "--ping-interval", "20",
-                    "tyrum.asgi:application"]
+            args = [support.PYTHON, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port),
+                    "--ping-interval", str(ping_interval), "tyrum.asgi:application"]
             proc = support.Proc(name, args, {**self.env, **env, "EDGE_ID": name}, self.log_dir)
             self.edges.append(proc)
             self.ports.append(port)

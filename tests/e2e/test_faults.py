@@ -157,3 +157,29 @@ async def test_channel_layer__over_capacity_messages_are_filled_from_the_outbox(
     finally:
         await a.close()
         await b.close()
+
+
+async def test_relay__a_standby_takes_over_when_the_active_relay_dies(own_cluster) -> None:
+    own_cluster.start_edges(["e2e-fault-standby"])
+    active = own_cluster.start_relay("relay-active")
+    standby = own_cluster.start_relay("relay-standby", wait=False)
+    await wait_log(standby, "starting for")
+    await asyncio.sleep(0.5)  # past its first attempt to take shards
+    tenant = await orm(make_tenant)
+    peer = await Peer.open(own_cluster.urls[0], await orm(make_token, tenant, "dev-1"))
+    try:
+        ids = await orm(publish_many, tenant, [{"type": "before", "payload": {"i": i}} for i in range(30)])
+        await peer.until_events(30)
+        assert "took shards" not in standby.log()  # one active relay per shard
+        active.kill()
+        for i in range(30):  # while nobody holds the shards, then after the standby took them
+            ids += await orm(publish_many, tenant, [{"type": "after", "payload": {"i": i}}])
+        await peer.until_events(60, timeout=20)
+        assert await peer.quiet(1.2) == []
+        assert [e["offset"] for e in peer.events] == list(range(1, 61))
+        assert [e["event"]["event_id"] for e in peer.events] == ids
+        assert "took shards" in standby.log()
+    finally:
+        await peer.close()
+    assert standby.stop() == 0  # SIGTERM: a clean stop that releases its leases
+    assert "stopped after forwarding 30" in standby.log_path.read_text()

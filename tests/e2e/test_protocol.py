@@ -291,6 +291,30 @@ async def test_inbound_rate__a_flood_closes_4029(cluster, peers) -> None:
     assert await calm.recv() == {"type": "pong"}
 
 
+async def test_keepalive__the_server_sends_websocket_pings(own_cluster) -> None:
+    """Daphne's --ping-interval (20 s by default) is shortened here to see a ping on the wire."""
+    from websockets.frames import Opcode
+
+    own_cluster.start_edges(["e2e-proto-ping"], ping_interval=1)
+    _, token = await _tenant_and_token()
+    peer = await Peer.open(own_cluster.urls[0], token)
+    try:
+        seen: list[Opcode] = []
+        original = peer.ws.protocol.recv_frame
+
+        def spy(frame):  # type: ignore[no-untyped-def]
+            seen.append(frame.opcode)
+            return original(frame)
+
+        peer.ws.protocol.recv_frame = spy  # type: ignore[method-assign]
+        await peer.quiet(3.5)
+        assert Opcode.PING in seen, seen
+        await peer.send({"type": "ping"})  # the client answered the pings: still open
+        assert await peer.recv() == {"type": "pong"}
+    finally:
+        await peer.close()
+
+
 async def test_resume__not_first_frame_is_an_error(cluster, peers) -> None:
     _, token = await _tenant_and_token()
     peer = await peers(cluster.urls[0], token)

@@ -186,14 +186,16 @@ def old_forwarded_row(tenant_factory) -> None:
 def test_compact_outbox__dry_run_deletes_nothing(old_forwarded_row):
     lines = run("compact_outbox", "--dry-run", "--retention", "24h")
 
-    assert lines[-1].startswith("would delete 1 rows; 1 expired rows not forwarded")
+    assert lines[-1].startswith("would delete 1 rows")
+    assert "kept 1 unforwarded rows past retention" in lines[-1]
     assert OutboxItem.objects.count() == 2
 
 
 def test_compact_outbox__deletes_forwarded_only(old_forwarded_row):
     lines = run("compact_outbox", "--retention", "1h")
 
-    assert lines[-1].startswith("deleted 1 rows; 1 expired")
+    assert lines[-1].startswith("deleted 1 rows")
+    assert "kept 1 unforwarded rows past retention" in lines[-1]
     assert list(OutboxItem.objects.values_list("event_id", flat=True)) == ["pending"]
 
 

@@ -1,0 +1,189 @@
+"""Time partitions of the outbox on PostgreSQL (native RANGE partitioning on created_at).
+
+Partitions of ``PARTITION_INTERVAL_SECS`` are created ``PARTITIONS_AHEAD`` intervals ahead
+(at migrate, by relays every few minutes, and by every compaction). A DEFAULT partition
+catches rows if creation ever lapses; they are then compacted by plain deletes. Compaction
+drops a whole partition once its upper bound is past retention and every row in it has
+been forwarded — no row deletes, no VACUUM. DDL runs with a short ``lock_timeout`` so a long
+producer transaction delays a drop to the next run instead of queueing every publisher.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from django.db import DatabaseError, connection, transaction
+
+from backplane.conf import conf
+
+logger = logging.getLogger(__name__)
+
+TABLE = "backplane_outboxitem"
+DEFAULT_PARTITION = f"{TABLE}_default"
+# DDL on the parent waits at most this long for its lock, then gives up until the next run.
+DDL_LOCK_TIMEOUT = "2s"
+_BOUND_RE = re.compile(r"FROM \('([^']+)'\) TO \('([^']+)'\)")
+
+
+def is_partitioned(cur: Any = None) -> bool:
+    if not conf.is_postgresql:
+        return False
+    own = cur is None
+    cur = cur or connection.cursor()
+    try:
+        cur.execute("SELECT 1 FROM pg_partitioned_table WHERE partrelid = to_regclass(%s)", [TABLE])
+        return cur.fetchone() is not None
+    finally:
+        if own:
+            cur.close()
+
+
+def _name(start: datetime) -> str:
+    return f"{TABLE}_p{start:%Y%m%d_%H%M%S}"
+
+
+def _db_now(cur: Any) -> datetime:
+    cur.execute("SELECT now()")
+    value: datetime = cur.fetchone()[0]
+    return value.astimezone(UTC)
+
+
+def partitions(cur: Any) -> list[tuple[str, datetime | None, datetime | None]]:
+    """Return (name, lower, upper) of every partition; bounds None for the default one."""
+    cur.execute(
+        "SELECT c.relname, pg_get_expr(c.relpartbound, c.oid) FROM pg_inherits i "
+        "JOIN pg_class c ON c.oid = i.inhrelid WHERE i.inhparent = to_regclass(%s) ORDER BY c.relname",
+        [TABLE],
+    )
+    result: list[tuple[str, datetime | None, datetime | None]] = []
+    for name, bound in cur.fetchall():
+        match = _BOUND_RE.search(bound or "")
+        if match is None:
+            result.append((name, None, None))
+        else:
+            lower, upper = (datetime.fromisoformat(x).astimezone(UTC) for x in match.groups())
+            result.append((name, lower, upper))
+    return result
+
+
+def ensure_ahead(cur: Any = None) -> int:
+    """Create missing partitions from the current interval to PARTITIONS_AHEAD ahead."""
+    if not is_partitioned(cur):
+        return 0
+    interval = int(conf.PARTITION_INTERVAL_SECS)
+    created = 0
+    with connection.cursor() as own:
+        c = cur or own
+        now = _db_now(c)
+        existing = {name for name, _, _ in partitions(c)}
+        first = int(now.timestamp()) // interval * interval
+        for k in range(int(conf.PARTITIONS_AHEAD) + 1):
+            start = datetime.fromtimestamp(first + k * interval, UTC)
+            name = _name(start)
+            if name in existing:
+                continue
+            end = start + timedelta(seconds=interval)
+            try:
+                with transaction.atomic():
+                    c.execute(f"SET LOCAL lock_timeout = '{DDL_LOCK_TIMEOUT}'")
+                    c.execute(
+                        f'CREATE TABLE IF NOT EXISTS "{name}" PARTITION OF {TABLE} FOR VALUES FROM (%s) TO (%s)',
+                        [start, end],
+                    )
+                created += 1
+            except DatabaseError as exc:  # rows already in DEFAULT for that range, or a lock wait
+                logger.warning(
+                    "could not create partition %s: %s",
+                    name,
+                    type(exc).__name__,
+                    extra={"action": "partition_create_failed"},
+                )
+    if created:
+        logger.info("created %d outbox partitions", created, extra={"action": "partition_created"})
+    return created
+
+
+def drop_expired(retention_secs: float) -> tuple[int, int]:
+    """Drop partitions wholly past retention with every row forwarded; return (rows, partitions)."""
+    if not is_partitioned():
+        return 0, 0
+    rows = dropped = 0
+    with connection.cursor() as cur:
+        cutoff = _db_now(cur) - timedelta(seconds=retention_secs)
+        for name, _lower, upper in partitions(cur):
+            if upper is None or upper > cutoff:
+                continue
+            try:
+                with transaction.atomic():
+                    cur.execute(f"SET LOCAL lock_timeout = '{DDL_LOCK_TIMEOUT}'")
+                    # Lock first, so no row can be added or changed between the check and the drop.
+                    cur.execute(f'LOCK TABLE "{name}" IN ACCESS EXCLUSIVE MODE')
+                    cur.execute(f'SELECT count(*), count(*) FILTER (WHERE forwarded_at IS NULL) FROM "{name}"')
+                    total, unforwarded = cur.fetchone()
+                    if unforwarded:
+                        logger.warning(
+                            "partition %s keeps %d unforwarded rows; not dropped",
+                            name,
+                            unforwarded,
+                            extra={"action": "partition_kept"},
+                        )
+                        continue
+                    cur.execute(
+                        f"UPDATE backplane_stream s SET first_retained_offset = m.top + 1 FROM "
+                        f'(SELECT stream, max(stream_offset) AS top FROM "{name}" GROUP BY stream) m '
+                        f"WHERE s.key = m.stream AND s.first_retained_offset <= m.top"
+                    )
+                    cur.execute(f'DROP TABLE "{name}"')
+                rows += int(total)
+                dropped += 1
+            except DatabaseError as exc:
+                logger.warning(
+                    "could not drop partition %s: %s",
+                    name,
+                    type(exc).__name__,
+                    extra={"action": "partition_drop_failed"},
+                )
+    return rows, dropped
+
+
+def convert_outbox(schema_editor: Any) -> None:
+    """Migration step: turn the plain outbox table into a partitioned one (PostgreSQL only).
+
+    Existing rows are copied; their partitions are created to cover them.
+    """
+    if schema_editor.connection.vendor != "postgresql":
+        return
+    old = f"{TABLE}_unpartitioned"
+    with schema_editor.connection.cursor() as cur:
+        if is_partitioned(cur):
+            return
+        cur.execute(f"ALTER TABLE {TABLE} RENAME TO {old}")
+        cur.execute("SELECT indexname FROM pg_indexes WHERE tablename = %s AND indexname LIKE 'bp_outbox_%%'", [old])
+        for (index,) in cur.fetchall():
+            cur.execute(f'DROP INDEX "{index}"')
+        cur.execute(
+            f"CREATE TABLE {TABLE} (LIKE {old} INCLUDING DEFAULTS INCLUDING IDENTITY) PARTITION BY RANGE (created_at)"
+        )
+        cur.execute(f"ALTER TABLE {TABLE} ADD CONSTRAINT {TABLE}_pkey_p PRIMARY KEY (id, created_at)")
+        cur.execute(
+            f"ALTER TABLE {TABLE} ADD CONSTRAINT {TABLE}_tenant_fk FOREIGN KEY (tenant_id) "
+            f"REFERENCES backplane_tenant (id) DEFERRABLE INITIALLY DEFERRED"
+        )
+        cur.execute(f"CREATE TABLE {DEFAULT_PARTITION} PARTITION OF {TABLE} DEFAULT")
+        cur.execute(f"CREATE INDEX bp_outbox_unassigned ON {TABLE} (shard, id) WHERE stream_offset IS NULL")
+        cur.execute(
+            f"CREATE INDEX bp_outbox_unforwarded ON {TABLE} (shard, stream, stream_offset) "
+            f"WHERE forwarded_at IS NULL AND stream_offset IS NOT NULL"
+        )
+        cur.execute(f"CREATE INDEX bp_outbox_stream_offset ON {TABLE} (stream, stream_offset)")
+        cur.execute(f"CREATE INDEX bp_outbox_created ON {TABLE} (created_at)")
+        ensure_ahead(cur)
+        cur.execute(f"INSERT INTO {TABLE} SELECT * FROM {old}")
+        cur.execute(
+            f"SELECT setval(pg_get_serial_sequence('{TABLE}', 'id'), "
+            f"coalesce((SELECT max(id) FROM {TABLE}), 0) + 1, false)"
+        )
+        cur.execute(f"DROP TABLE {old}")
