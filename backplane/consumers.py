@@ -77,6 +77,10 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         server = self.scope.get("server") or (None, None)
         try:
             self.runtime = await EdgeRuntime.get(server[1])
+            if self.runtime.draining:
+                self.runtime = None
+                await self._deny(503)
+                return
             p = self.principal
             self.keys = streams.connection_streams(p.tenant_id, p.role, p.device_id)
             prefix = conf.channel_prefix

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import signal
 import socket
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -31,6 +33,8 @@ logger = logging.getLogger(__name__)
 
 # Largest number of stream keys in one head query.
 HEAD_QUERY_CHUNK = 1000
+# After closing every socket on shutdown, wait this long for the close frames to go out.
+DRAIN_FLUSH_SECS = 0.5
 
 
 class EdgeRuntime:
@@ -42,18 +46,26 @@ class EdgeRuntime:
         self.consumers: dict[str, GatewayConsumer] = {}
         self.tasks: list[asyncio.Task[None]] = []
         self.channel: str | None = None
-        self._started = asyncio.Event()
+        self.draining = False
+        self._started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     @classmethod
     async def get(cls, port: int | None = None) -> EdgeRuntime:
-        """Return this loop's runtime, starting it on first use."""
+        """Return this loop's runtime, starting it on first use (again after a failed start)."""
         loop = asyncio.get_running_loop()
         runtime = cls._by_loop.get(loop)
         if runtime is None:
             runtime = cls(edge_id(port))
             cls._by_loop[loop] = runtime
-            await runtime.start()
-        await runtime._started.wait()
+            try:
+                await runtime.start()
+            except BaseException as exc:
+                cls._by_loop.pop(loop, None)
+                runtime._started.set_exception(exc)
+                runtime._started.exception()  # mark retrieved: waiters re-raise it themselves
+                raise
+            runtime._started.set_result(None)
+        await asyncio.shield(runtime._started)
         return runtime
 
     async def start(self) -> None:
@@ -67,8 +79,34 @@ class EdgeRuntime:
             asyncio.create_task(self._heartbeat()),
             asyncio.create_task(self._head_check()),
         ]
-        self._started.set()
+        _install_sigterm(self)
         logger.info("edge %s started", self.edge_id, extra={"action": "edge_start"})
+
+    async def drain(self, code: int = 4001) -> int:
+        """Stop accepting, close every socket with ``code``, remove this edge's directory rows."""
+        self.draining = True
+        closing = list(self.consumers.values())
+        for c in closing:
+            await c.close_with(code)
+        try:
+            await database_sync_to_async(_unregister_edge)(self.edge_id)
+        except Exception as exc:  # the sweep removes the rows once the TTL passes
+            logger.warning("could not remove edge rows: %s", type(exc).__name__, extra={"action": "drain_error"})
+        logger.info("edge %s drained %d sockets", self.edge_id, len(closing), extra={"action": "drained"})
+        return len(closing)
+
+    async def shutdown(self) -> None:
+        """SIGTERM: drain with 4001 so peers reconnect elsewhere and resume, then exit."""
+        await self.drain(4001)
+        await asyncio.sleep(DRAIN_FLUSH_SECS)  # let the close frames reach the peers
+        for task in self.tasks:
+            task.cancel()
+        try:
+            from twisted.internet import reactor
+
+            reactor.stop()  # type: ignore[attr-defined]
+        except Exception:
+            os._exit(0)
 
     def add(self, consumer: GatewayConsumer) -> None:
         self.consumers[consumer.connection_id] = consumer
@@ -103,9 +141,19 @@ class EdgeRuntime:
                     device and c.principal.device_id == device and str(c.principal.tenant_id) == body.get("tenant_id")
                 ):
                     targets.append(c)
-        elif command == "resync":
-            code = 4409
-            targets = [c for c in self.consumers.values() if str(c.principal.tenant_id) == body.get("tenant_id")]
+        elif command in ("resync", "resume"):
+            # resync: 4409, the peer refetches; resume: 4001, the peer reconnects and resumes.
+            code = 4409 if command == "resync" else 4001
+            device = body.get("device_id")
+            targets = [
+                c
+                for c in self.consumers.values()
+                if str(c.principal.tenant_id) == body.get("tenant_id")
+                and (not device or c.principal.device_id == device)
+            ]
+        elif command == "drain":
+            await self.drain(4001)
+            return
         logger.info("edge command %s closes %d sockets", command, len(targets), extra={"action": "command"})
         for c in targets:
             await c.close_with(code)
@@ -116,6 +164,8 @@ class EdgeRuntime:
         while True:
             await asyncio.sleep(conf.HEARTBEAT_INTERVAL_SECS)
             try:
+                if _joins_expire(self.layer):
+                    await self._rejoin_groups()
                 token_ids = {c.principal.token_id for c in self.consumers.values() if c.principal.token_id}
                 bad = await database_sync_to_async(_beat)(self.edge_id, token_ids)
                 for c in list(self.consumers.values()):
@@ -125,6 +175,15 @@ class EdgeRuntime:
                 raise
             except Exception as exc:
                 logger.warning("edge heartbeat failed: %s", type(exc).__name__, extra={"action": "heartbeat_error"})
+
+    async def _rejoin_groups(self) -> None:
+        """Re-add every socket to its groups: the core layer forgets memberships after
+        ``group_expiry`` and on a Redis restart or flush (group_add is idempotent)."""
+        prefix = conf.channel_prefix
+        await self.layer.group_add(streams.edge_group(prefix, self.edge_id), self.channel)
+        for c in list(self.consumers.values()):
+            for key in c.keys.values():
+                await self.layer.group_add(streams.group_name(prefix, key), c.channel_name)
 
     # --- head check: find and fill trailing loss ------------------------------------
 
@@ -146,6 +205,27 @@ class EdgeRuntime:
             heads.update(await database_sync_to_async(outbox.stream_heads)(keys[start : start + HEAD_QUERY_CHUNK]))
         for c in consumers:
             await c.observe_heads(heads)
+
+
+def _joins_expire(layer: Any) -> bool:
+    return type(layer).__name__ == "RedisChannelLayer"
+
+
+def _install_sigterm(runtime: EdgeRuntime) -> None:
+    loop = asyncio.get_running_loop()
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        loop.call_soon_threadsafe(lambda: asyncio.ensure_future(runtime.shutdown()))
+
+    try:
+        signal.signal(signal.SIGTERM, on_sigterm)
+    except ValueError:  # not the main thread (tests driving a runtime directly)
+        pass
+
+
+def _unregister_edge(eid: str) -> None:
+    Connection.objects.filter(edge_id=eid).delete()
+    Edge.objects.filter(edge_id=eid).delete()
 
 
 def _register_edge(eid: str) -> None:

@@ -75,6 +75,9 @@ class OutboxItem(models.Model):
     stream_offset = models.BigIntegerField(null=True, blank=True)
     assigned_at = models.DateTimeField(null=True, blank=True)
     forwarded_at = models.DateTimeField(null=True, blank=True)
+    # Directed commands only: why the command was not delivered to its edge (re-routed, or
+    # no live edge holds its target). Shown by backplane_status and the admin.
+    undeliverable_reason = models.CharField(max_length=200, null=True, blank=True)
 
     class Meta:
         permissions = [("view_payload", "Can view outbox payloads")]

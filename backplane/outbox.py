@@ -207,7 +207,7 @@ def _insert(tenant_id: uuid.UUID, shard: int, rows: list[tuple[Any, ...]]) -> No
 def publish_command(tenant_id: uuid.UUID, edge_id: str, command: str, args: Mapping[str, Any]) -> str:
     """Append a directed command for one edge (carried like an event, to ``bp.edge.<id>``)."""
     shard = streams.shard_of(tenant_id, conf.SHARDS)
-    body = {"command": command, **args}
+    body = {"command": command, "tenant_id": str(tenant_id), **args}
     text = _encode(body)
     event_id = f"cmd-{uuid.uuid4().hex}"
     OutboxItem.objects.create(
@@ -232,21 +232,49 @@ def _in(values: Sequence[Any]) -> str:
     return ",".join(["%s"] * len(values))
 
 
-def assign_offsets(shards: Sequence[int], limit: int) -> int:
+def _tid(tenant_id: Any) -> Any:
+    """A tenant id as the database driver wants it (SQLite stores UUIDs as hex)."""
+    value = tenant_id if isinstance(tenant_id, uuid.UUID) else uuid.UUID(str(tenant_id))
+    return value if conf.is_postgresql else value.hex
+
+
+def _tenant_filter(only: Any, skip: Sequence[Any], column: str = "tenant_id") -> tuple[str, list[Any]]:
+    if only is not None:
+        return f" AND {column} = %s", [_tid(only)]
+    if skip:
+        return f" AND {column} NOT IN ({_in(skip)})", [_tid(t) for t in skip]
+    return "", []
+
+
+def pending_tenants(shards: Sequence[int]) -> list[Any]:
+    """Tenants with unassigned or unforwarded rows in ``shards`` (for per-tenant fallback)."""
+    with connection.cursor() as cur:
+        cur.execute(
+            f"SELECT DISTINCT tenant_id FROM {OUTBOX} WHERE shard IN ({_in(shards)}) AND forwarded_at IS NULL",
+            list(shards),
+        )
+        return [t for (t,) in cur.fetchall()]
+
+
+def assign_offsets(
+    shards: Sequence[int], limit: int, *, only_tenant: Any = None, skip_tenants: Sequence[Any] = ()
+) -> int:
     """Give committed rows without an offset their streams' next offsets; return the count.
 
     One transaction: claim the oldest unassigned rows of ``shards``, bump each stream's
     ``last_offset`` by its row count (creating the stream with a fresh epoch if new), and
-    write the offsets in id order within each stream.
+    write the offsets in id order within each stream. ``only_tenant``/``skip_tenants`` let
+    the relay isolate a tenant whose rows make the transaction fail.
     """
     if not shards:
         return 0
     pg = conf.is_postgresql
+    extra, extra_params = _tenant_filter(only_tenant, skip_tenants)
     with transaction.atomic(), connection.cursor() as cur:
         cur.execute(
             f"SELECT id, stream, tenant_id FROM {OUTBOX} WHERE shard IN ({_in(shards)}) "
-            f"AND stream_offset IS NULL ORDER BY id LIMIT %s" + (" FOR UPDATE" if pg else ""),
-            [*shards, limit],
+            f"AND stream_offset IS NULL{extra} ORDER BY id LIMIT %s" + (" FOR UPDATE" if pg else ""),
+            [*shards, *extra_params, limit],
         )
         rows = cur.fetchall()
         if not rows:
@@ -307,6 +335,7 @@ class Pending:
     epoch: str
     shard: int
     item: streams.Item
+    tenant_id: Any = None
 
 
 def _iso(value: Any) -> str:
@@ -317,23 +346,24 @@ def _iso(value: Any) -> str:
     return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
-def fetch_unforwarded(shards: Sequence[int], limit: int) -> list[Pending]:
+def fetch_unforwarded(shards: Sequence[int], limit: int, *, skip_tenants: Sequence[Any] = ()) -> list[Pending]:
     """Return assigned, unforwarded rows of ``shards`` ordered by stream and offset.
 
     After a relay crash these are exactly the rows to send again, with the same offsets.
     """
     if not shards:
         return []
+    extra, extra_params = _tenant_filter(None, skip_tenants, "o.tenant_id")
     with connection.cursor() as cur:
         cur.execute(
             f"SELECT o.id, o.kind, o.stream, s.epoch, o.shard, o.stream_offset, o.event_id, o.type, "
-            f"o.occurred_at, o.payload FROM {OUTBOX} o JOIN {STREAM} s ON s.key = o.stream "
+            f"o.occurred_at, o.payload, o.tenant_id FROM {OUTBOX} o JOIN {STREAM} s ON s.key = o.stream "
             f"WHERE o.shard IN ({_in(shards)}) AND o.forwarded_at IS NULL "
-            f"AND o.stream_offset IS NOT NULL ORDER BY o.stream, o.stream_offset LIMIT %s",
-            [*shards, limit],
+            f"AND o.stream_offset IS NOT NULL{extra} ORDER BY o.stream, o.stream_offset LIMIT %s",
+            [*shards, *extra_params, limit],
         )
         return [
-            Pending(r[0], r[1], r[2], r[3], r[4], streams.Item(r[5], r[6], r[7], _iso(r[8]), r[9]))
+            Pending(r[0], r[1], r[2], r[3], r[4], streams.Item(r[5], r[6], r[7], _iso(r[8]), r[9]), r[10])
             for r in cur.fetchall()
         ]
 

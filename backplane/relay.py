@@ -19,7 +19,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from channels.db import database_sync_to_async
+from django.db import DatabaseError
 
+from backplane import commands as command_routing
 from backplane import outbox, partitions, streams
 from backplane.conf import conf
 from backplane.doorbell import Listener
@@ -32,6 +34,8 @@ MAX_ITEMS_PER_MESSAGE = 250
 # Back-off after a failing cycle (database or Redis down), doubling up to the cap.
 ERROR_BACKOFF_SECS = 0.2
 ERROR_BACKOFF_MAX_SECS = 5.0
+# A tenant whose rows make assignment fail is set aside this long, then retried.
+QUARANTINE_SECS = 30.0
 # How often a relay makes sure outbox partitions exist ahead (cheap when they do).
 PARTITION_CHECK_SECS = 600.0
 
@@ -63,52 +67,114 @@ class Relay:
         self.leases = Leases(wanted, self.holder)
         self.forwarded_total = 0
         self.assigned_total = 0
+        self.quarantine: dict[Any, float] = {}
 
     async def cycle(self) -> tuple[int, int]:
         """Run one cycle; return (rows assigned, rows forwarded)."""
         owned = await self.leases.current()
         if not owned:
             return 0, 0
-        assigned = await database_sync_to_async(outbox.assign_offsets)(owned, self.batch_size)
+        now = time.monotonic()
+        self.quarantine = {t: until for t, until in self.quarantine.items() if until > now}
+        skip = list(self.quarantine)
+        try:
+            assigned = await database_sync_to_async(outbox.assign_offsets)(owned, self.batch_size, skip_tenants=skip)
+        except DatabaseError as exc:
+            # One tenant's rows must not stop the others: assign tenant by tenant and set
+            # aside (for QUARANTINE_SECS) the ones that still fail.
+            logger.error(
+                "relay assignment failed (%s); retrying tenant by tenant",
+                type(exc).__name__,
+                extra={"action": "relay_assign_error"},
+            )
+            assigned = await self._assign_per_tenant(owned)
         if assigned:
             _failpoint("after_assign")
-        pending = await database_sync_to_async(outbox.fetch_unforwarded)(owned, self.batch_size)
+        pending = await database_sync_to_async(outbox.fetch_unforwarded)(
+            owned, self.batch_size, skip_tenants=list(self.quarantine)
+        )
         if not pending:
             self.assigned_total += assigned
             return assigned, 0
+        commands = [p for p in pending if p.kind == "command"]
+        not_sent: set[int] = set()
+        if commands:  # a command for a dead edge is re-routed or recorded, never sent into the void
+            not_sent = await database_sync_to_async(command_routing.route)(commands)
         # Re-check the lease session right before sending: a relay whose session died must
         # not forward shards another relay may already have taken.
         owned_now = set(await self.leases.current())
-        pending = [p for p in pending if _shard_ok(p, owned_now)]
-        await self._send(pending)
+        pending = [p for p in pending if p.shard in owned_now]
+        failed = await self._send([p for p in pending if p.id not in not_sent])
         _failpoint("before_mark")
-        await database_sync_to_async(outbox.mark_forwarded)([p.id for p in pending])
+        done = [p for p in pending if p.id not in failed]
+        await database_sync_to_async(outbox.mark_forwarded)([p.id for p in done])
         per_shard: dict[int, int] = {}
-        for p in pending:
+        for p in done:
             per_shard[p.shard] = per_shard.get(p.shard, 0) + 1
         self.leases.count(per_shard)
         self.assigned_total += assigned
-        self.forwarded_total += len(pending)
-        return assigned, len(pending)
+        self.forwarded_total += len(done)
+        return assigned, len(done)
 
-    async def _send(self, pending: Sequence[outbox.Pending]) -> None:
+    async def _assign_per_tenant(self, owned: Sequence[int]) -> int:
+        total = 0
+        for tenant_id in await database_sync_to_async(outbox.pending_tenants)(owned):
+            try:
+                total += await database_sync_to_async(outbox.assign_offsets)(
+                    owned, self.batch_size, only_tenant=tenant_id
+                )
+            except DatabaseError as exc:
+                self.quarantine[tenant_id] = time.monotonic() + QUARANTINE_SECS
+                logger.error(
+                    "relay sets tenant %s aside for %ss: %s",
+                    tenant_id,
+                    QUARANTINE_SECS,
+                    type(exc).__name__,
+                    extra={"action": "tenant_quarantined"},
+                )
+        return total
+
+    async def _send(self, pending: Sequence[outbox.Pending]) -> set[int]:
+        """Send rows to their groups, one stream at a time; return the ids that failed.
+
+        A stream whose send fails stays unforwarded (it is sent again next cycle); the
+        others go on, so one tenant's failure does not hold up the rest.
+        """
         prefix = conf.channel_prefix
         by_stream: dict[str, list[outbox.Pending]] = {}
         for p in pending:
             by_stream.setdefault(p.stream, []).append(p)
+        failed: set[int] = set()
+        errors = 0
         for key, rows in by_stream.items():
-            audience = streams.audience_of(key)
-            if audience == "edge":
-                group = streams.edge_group(prefix, key[2:])
-                for p in rows:
-                    await self.layer.group_send(group, {"type": "bp.command", "body": p.item.payload_json})
-                continue
-            group = streams.group_name(prefix, key)
-            epoch = rows[0].epoch
-            for start in range(0, len(rows), MAX_ITEMS_PER_MESSAGE):
-                chunk = rows[start : start + MAX_ITEMS_PER_MESSAGE]
-                items = [[p.item.offset, streams.event_frame(audience, epoch, p.item)] for p in chunk]
-                await self.layer.group_send(group, {"type": "bp.batch", "stream": key, "epoch": epoch, "items": items})
+            try:
+                await self._send_stream(prefix, key, rows)
+            except Exception as exc:
+                failed.update(p.id for p in rows)
+                errors += 1
+                if errors == len(by_stream):  # everything failed: the transport is down
+                    raise
+                logger.error(
+                    "relay could not send stream of tenant %s: %s",
+                    rows[0].tenant_id,
+                    type(exc).__name__,
+                    extra={"action": "relay_send_error"},
+                )
+        return failed
+
+    async def _send_stream(self, prefix: str, key: str, rows: Sequence[outbox.Pending]) -> None:
+        audience = streams.audience_of(key)
+        if audience == "edge":
+            group = streams.edge_group(prefix, key[2:])
+            for p in rows:
+                await self.layer.group_send(group, {"type": "bp.command", "body": p.item.payload_json})
+            return
+        group = streams.group_name(prefix, key)
+        epoch = rows[0].epoch
+        for start in range(0, len(rows), MAX_ITEMS_PER_MESSAGE):
+            chunk = rows[start : start + MAX_ITEMS_PER_MESSAGE]
+            items = [[p.item.offset, streams.event_frame(audience, epoch, p.item)] for p in chunk]
+            await self.layer.group_send(group, {"type": "bp.batch", "stream": key, "epoch": epoch, "items": items})
 
     async def run(self, stop: asyncio.Event | None = None, *, once: bool = False) -> None:
         """Forward until ``stop`` is set (or one pass when ``once``)."""
@@ -154,10 +220,6 @@ class Relay:
                     self.forwarded_total,
                     extra={"action": "relay_stop"},
                 )
-
-
-def _shard_ok(p: outbox.Pending, owned: set[int]) -> bool:
-    return p.shard in owned
 
 
 def _safe(exc: Exception) -> str:

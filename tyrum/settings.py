@@ -21,6 +21,7 @@ each key and its default, and ``manage.py check`` validates them (ids ``backplan
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -138,10 +139,26 @@ else:
 
 EDGE_ID = os.environ.get("EDGE_ID", "")
 
-BACKPLANE = {
+BACKPLANE: dict[str, object] = {
     "SHARDS": int(os.environ.get("BACKPLANE_SHARDS", "16")),
     "ALLOWED_ORIGINS": _env_list("BACKPLANE_ALLOWED_ORIGINS"),
 }
+# Any BACKPLANE key can also be set as BACKPLANE_<KEY>=<JSON value> in the environment,
+# e.g. BACKPLANE_RETENTION_SECS=60 or BACKPLANE_REDACT_PATTERNS='["pin"]'. A value that is
+# not JSON is taken as a string; `manage.py check` validates the result either way.
+for _name, _raw in os.environ.items():
+    if _name.startswith("BACKPLANE_") and _name not in {
+        "BACKPLANE_SHARDS",
+        "BACKPLANE_ALLOWED_ORIGINS",
+        "BACKPLANE_CHANNEL_PREFIX",
+        "BACKPLANE_LAYER",
+        "BACKPLANE_LAYER_CAPACITY",
+        "BACKPLANE_FAILPOINT",
+    }:
+        try:
+            BACKPLANE[_name[len("BACKPLANE_") :]] = json.loads(_raw)
+        except ValueError:
+            BACKPLANE[_name[len("BACKPLANE_") :]] = _raw
 
 # --- The rest ---------------------------------------------------------------------------
 AUTH_PASSWORD_VALIDATORS = [

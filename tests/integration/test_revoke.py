@@ -50,7 +50,10 @@ def test_revoke_token__one_command_per_edge_holding_a_socket(tenant):
         ("command", streams.edge_stream("edge-a"), "bp.disconnect", tenant.id),
         ("command", streams.edge_stream("edge-b"), "bp.disconnect", tenant.id),
     ]
-    assert all(c.payload == {"command": "disconnect", "token_id": str(row.id), "code": 4008} for c in commands)
+    assert all(
+        c.payload == {"command": "disconnect", "tenant_id": str(tenant.id), "token_id": str(row.id), "code": 4008}
+        for c in commands
+    )
     assert len({c.event_id for c in commands}) == 2
 
 
@@ -92,4 +95,6 @@ async def test_revoke_token__relay_carries_command_to_the_edge_group(tenant, mak
 
     message = await asyncio.wait_for(layer.receive(channel), TIMEOUT)
     assert message["type"] == "bp.command"
-    assert json.loads(message["body"]) == {"command": "disconnect", "token_id": str(row.id), "code": 4008}
+    assert json.loads(message["body"]) == {
+        "command": "disconnect", "tenant_id": str(tenant.id), "token_id": str(row.id), "code": 4008,
+    }
