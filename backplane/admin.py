@@ -43,6 +43,7 @@ class OutboxItemAdmin(admin.ModelAdmin):
         "created_at",
         "forwarded_at",
         "payload_bytes",
+        "undeliverable_reason",
     )
     list_filter = ("kind", "tenant")
     search_fields = ("event_id", "type")

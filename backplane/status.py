@@ -8,7 +8,7 @@ from django.db import connection
 from django.db.models import Count
 from django.utils import timezone
 
-from backplane.models import Connection, Edge, RelayLease, Stream
+from backplane.models import Connection, Edge, OutboxItem, RelayLease, Stream
 from backplane.outbox import OUTBOX
 
 
@@ -56,5 +56,15 @@ def snapshot() -> dict[str, Any]:
             for e in Edge.objects.annotate(n=Count("connections")).order_by("edge_id")
         ],
         "connections": Connection.objects.filter(expires_at__gt=now).count(),
+        "undeliverable_commands": [
+            {
+                "id": c.id,
+                "type": c.type,
+                "edge": c.stream[2:],
+                "reason": c.undeliverable_reason,
+                "created_at": c.created_at.isoformat(),
+            }
+            for c in OutboxItem.objects.filter(kind="command", undeliverable_reason__isnull=False).order_by("-id")[:20]
+        ],
         "streams": dict(Stream.objects.values_list("audience").annotate(n=Count("key")).order_by()),
     }

@@ -35,4 +35,8 @@ class Command(BaseCommand):
                 f"  {edge['edge_id']}  beat {edge['heartbeat_age_secs']}s ago  {edge['connections']} connections"
             )
         self.stdout.write(f"connections: {snap['connections']}")
+        if snap["undeliverable_commands"]:
+            self.stdout.write(f"undeliverable commands (latest {len(snap['undeliverable_commands'])}):")
+            for c in snap["undeliverable_commands"]:
+                self.stdout.write(f"  #{c['id']} {c['type']} → {c['edge']}: {c['reason']}")
         self.stdout.write("streams: " + ", ".join(f"{k} {v}" for k, v in sorted(snap["streams"].items())))
