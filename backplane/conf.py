@@ -27,8 +27,9 @@ DEFAULTS: dict[str, Any] = {
     "COMPACT_MAX_BYTES": None,
     "COMPACT_BATCH_SIZE": 5000,
     # PostgreSQL time partitions of the outbox: width, and how many are made ahead.
-    "PARTITION_INTERVAL_SECS": 3600,
-    "PARTITIONS_AHEAD": 48,
+    # Few partitions keep planning cheap; rows live up to retention + one interval.
+    "PARTITION_INTERVAL_SECS": 6 * 3600,
+    "PARTITIONS_AHEAD": 2,
     # A stream with no retained items, untouched this long and with no live socket, is
     # pruned; if it comes back it gets a new epoch.
     "STREAM_PRUNE_GRACE_SECS": 7 * 24 * 3600,

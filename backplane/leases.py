@@ -57,12 +57,14 @@ class Leases:
         self._conn: Any = None
         self._last_acquire = 0.0
         self._last_report = 0.0
+        self._new_shards = False
 
     async def current(self) -> list[int]:
         """Return the shards owned now, after checking the lock session is alive."""
         if not conf.is_postgresql:
             if not self.owned:
                 self.owned = set(self.wanted)
+                self._new_shards = True
                 await self._report(force=True)
             await self._report()
             return sorted(self.owned)
@@ -108,6 +110,7 @@ class Leases:
             return
         if got:
             self.owned.update(got)
+            self._new_shards = True
             logger.info("relay %s took shards %s", self.holder, got, extra={"action": "lease_acquired"})
             await self._report(force=True, acquired=got)
 
@@ -123,6 +126,11 @@ class Leases:
         owned, self.owned = sorted(self.owned), set()
         if owned:
             await database_sync_to_async(_clear_rows)(owned, self.holder)
+
+    def took_new_shards(self) -> bool:
+        """True once after shards were acquired (their leftovers need re-sending)."""
+        new, self._new_shards = self._new_shards, False
+        return new
 
     def count(self, per_shard: dict[int, int]) -> None:
         for shard, n in per_shard.items():

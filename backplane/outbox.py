@@ -232,6 +232,18 @@ def _in(values: Sequence[Any]) -> str:
     return ",".join(["%s"] * len(values))
 
 
+def _part(alias: str = "") -> str:
+    """SQL for the partition holding a row, usable as a table name (PostgreSQL), or NULL."""
+    return f"{alias}tableoid::regclass::text" if conf.is_postgresql else "NULL"
+
+
+def _by_part(pairs: Iterable[tuple[int, int]], part_of: Mapping[int, Any]) -> dict[str, list[tuple[int, int]]]:
+    grouped: dict[str, list[tuple[int, int]]] = {}
+    for pair in pairs:
+        grouped.setdefault(part_of[pair[0]], []).append(pair)
+    return grouped
+
+
 def _tid(tenant_id: Any) -> Any:
     """A tenant id as the database driver wants it (SQLite stores UUIDs as hex)."""
     value = tenant_id if isinstance(tenant_id, uuid.UUID) else uuid.UUID(str(tenant_id))
@@ -266,63 +278,87 @@ def assign_offsets(
     write the offsets in id order within each stream. ``only_tenant``/``skip_tenants`` let
     the relay isolate a tenant whose rows make the transaction fail.
     """
+    return len(assign_and_fetch(shards, limit, only_tenant=only_tenant, skip_tenants=skip_tenants))
+
+
+def assign_and_fetch(
+    shards: Sequence[int], limit: int, *, only_tenant: Any = None, skip_tenants: Sequence[Any] = ()
+) -> list[Pending]:
+    """``assign_offsets``, returning the newly assigned rows ready to send (one round of I/O less)."""
     if not shards:
-        return 0
+        return []
     pg = conf.is_postgresql
     extra, extra_params = _tenant_filter(only_tenant, skip_tenants)
     with transaction.atomic(), connection.cursor() as cur:
         cur.execute(
-            f"SELECT id, stream, tenant_id FROM {OUTBOX} WHERE shard IN ({_in(shards)}) "
+            f"SELECT id, stream, tenant_id, {_part()} FROM {OUTBOX} WHERE shard IN ({_in(shards)}) "
             f"AND stream_offset IS NULL{extra} ORDER BY id LIMIT %s" + (" FOR UPDATE" if pg else ""),
             [*shards, *extra_params, limit],
         )
         rows = cur.fetchall()
         if not rows:
-            return 0
+            return []
         per_stream: dict[str, list[int]] = {}
         tenant_of: dict[str, Any] = {}
-        for row_id, stream, tenant_id in rows:
+        part_of: dict[int, str] = {}
+        for row_id, stream, tenant_id, part in rows:
             per_stream.setdefault(stream, []).append(row_id)
             tenant_of[stream] = tenant_id
+            part_of[row_id] = part
         keys = sorted(per_stream)  # a fixed lock order
         values = ",".join(["(%s,%s,%s,%s,%s,1,CURRENT_TIMESTAMP)"] * len(keys))
         params: list[Any] = []
         for key in keys:
-            tid = tenant_of[key]
-            params += [
-                key,
-                tid.hex if isinstance(tid, uuid.UUID) and not pg else tid,
-                streams.audience_of(key),
-                streams.new_epoch(),
-                len(per_stream[key]),
-            ]
+            params += [key, _tid(tenant_of[key]), streams.audience_of(key), streams.new_epoch(), len(per_stream[key])]
         cur.execute(
             f"INSERT INTO {STREAM} (key, tenant_id, audience, epoch, last_offset, "
             f"first_retained_offset, updated_at) VALUES {values} ON CONFLICT (key) DO UPDATE SET "
             f"last_offset = {STREAM}.last_offset + excluded.last_offset, updated_at = excluded.updated_at "
-            f"RETURNING key, last_offset",
+            f"RETURNING key, last_offset, epoch",
             params,
         )
-        last = dict(cur.fetchall())
+        heads = {key: (last, epoch) for key, last, epoch in cur.fetchall()}
         ids: list[int] = []
         offsets: list[int] = []
         for key, row_ids in per_stream.items():
-            first = last[key] - len(row_ids) + 1
+            first = heads[key][0] - len(row_ids) + 1
             ids += row_ids
             offsets += range(first, first + len(row_ids))
         now = timezone.now()
+        cols = (
+            "o.id, o.kind, o.stream, o.shard, o.stream_offset, o.event_id, o.type, o.occurred_at, o.payload, "
+            "o.tenant_id"
+        )
         if pg:
-            cur.execute(
-                f"UPDATE {OUTBOX} o SET stream_offset = v.off, assigned_at = %s "
-                f"FROM unnest(%s::bigint[], %s::bigint[]) AS v(id, off) WHERE o.id = v.id",
-                [now, ids, offsets],
-            )
+            # Update each partition directly: through the parent, planning alone would cost
+            # more than the work (every partition is planned).
+            out = []
+            for part, pairs in _by_part(zip(ids, offsets, strict=True), part_of).items():
+                cur.execute(
+                    f"UPDATE {part} o SET stream_offset = v.off, assigned_at = %s "
+                    f"FROM unnest(%s::bigint[], %s::bigint[]) AS v(id, off) WHERE o.id = v.id "
+                    f"RETURNING {cols}, {_part('o.')}",
+                    [now, [i for i, _ in pairs], [o for _, o in pairs]],
+                )
+                out += cur.fetchall()
         else:
             cur.executemany(
                 f"UPDATE {OUTBOX} SET stream_offset = %s, assigned_at = %s WHERE id = %s",
                 [(off, now, i) for i, off in zip(ids, offsets, strict=True)],
             )
-        return len(rows)
+            out = []
+            for part in range(0, len(ids), 500):
+                chunk = ids[part : part + 500]
+                cur.execute(f"SELECT {cols}, NULL FROM {OUTBOX} o WHERE o.id IN ({_in(chunk)})", chunk)
+                out += cur.fetchall()
+        pending = [
+            Pending(
+                r[0], r[1], r[2], heads[r[2]][1], r[3], streams.Item(r[4], r[5], r[6], _iso(r[7]), r[8]), r[9], r[10]
+            )
+            for r in out
+        ]
+        pending.sort(key=lambda p: (p.stream, p.item.offset))
+        return pending
 
 
 @dataclass(frozen=True)
@@ -336,6 +372,7 @@ class Pending:
     shard: int
     item: streams.Item
     tenant_id: Any = None
+    part: str | None = None  # PostgreSQL: the partition holding the row
 
 
 def _iso(value: Any) -> str:
@@ -357,25 +394,34 @@ def fetch_unforwarded(shards: Sequence[int], limit: int, *, skip_tenants: Sequen
     with connection.cursor() as cur:
         cur.execute(
             f"SELECT o.id, o.kind, o.stream, s.epoch, o.shard, o.stream_offset, o.event_id, o.type, "
-            f"o.occurred_at, o.payload, o.tenant_id FROM {OUTBOX} o JOIN {STREAM} s ON s.key = o.stream "
+            f"o.occurred_at, o.payload, o.tenant_id, {_part('o.')} "
+            f"FROM {OUTBOX} o JOIN {STREAM} s ON s.key = o.stream "
             f"WHERE o.shard IN ({_in(shards)}) AND o.forwarded_at IS NULL "
             f"AND o.stream_offset IS NOT NULL{extra} ORDER BY o.stream, o.stream_offset LIMIT %s",
             [*shards, *extra_params, limit],
         )
         return [
-            Pending(r[0], r[1], r[2], r[3], r[4], streams.Item(r[5], r[6], r[7], _iso(r[8]), r[9]), r[10])
+            Pending(r[0], r[1], r[2], r[3], r[4], streams.Item(r[5], r[6], r[7], _iso(r[8]), r[9]), r[10], r[11])
             for r in cur.fetchall()
         ]
 
 
-def mark_forwarded(ids: Sequence[int]) -> None:
-    """Record rows as forwarded (they become eligible for compaction)."""
+def mark_forwarded(ids: Sequence[int], parts: Sequence[str | None] | None = None) -> None:
+    """Record rows as forwarded (they become eligible for compaction).
+
+    ``parts`` (the partition of each row, from ``Pending.part``) lets PostgreSQL update each
+    partition directly.
+    """
     if not ids:
         return
     now = timezone.now()
     with connection.cursor() as cur:
         if conf.is_postgresql:
-            cur.execute(f"UPDATE {OUTBOX} SET forwarded_at = %s WHERE id = ANY(%s)", [now, list(ids)])
+            if parts is None or None in parts:
+                cur.execute(f"UPDATE {OUTBOX} SET forwarded_at = %s WHERE id = ANY(%s)", [now, list(ids)])
+                return
+            for part, pairs in _by_part(zip(ids, ids, strict=True), dict(zip(ids, parts, strict=True))).items():
+                cur.execute(f"UPDATE {part} SET forwarded_at = %s WHERE id = ANY(%s)", [now, [i for i, _ in pairs]])
         else:
             for start in range(0, len(ids), 500):
                 chunk = ids[start : start + 500]

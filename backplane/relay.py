@@ -34,6 +34,9 @@ MAX_ITEMS_PER_MESSAGE = 250
 # Back-off after a failing cycle (database or Redis down), doubling up to the cap.
 ERROR_BACKOFF_SECS = 0.2
 ERROR_BACKOFF_MAX_SECS = 5.0
+# How often a relay re-sends whatever is assigned but unforwarded in its shards, whatever
+# the reason it was left (belt and braces: starts, take-overs and failures already do).
+RESEND_SWEEP_SECS = 5.0
 # A tenant whose rows make assignment fail is set aside this long, then retried.
 QUARANTINE_SECS = 30.0
 # How often a relay makes sure outbox partitions exist ahead (cheap when they do).
@@ -68,17 +71,28 @@ class Relay:
         self.forwarded_total = 0
         self.assigned_total = 0
         self.quarantine: dict[Any, float] = {}
+        # True until a cycle has swept up everything assigned-but-unforwarded (at start,
+        # after a crash of a previous relay, and after any failed send).
+        self.resend_needed = True
 
     async def cycle(self) -> tuple[int, int]:
         """Run one cycle; return (rows assigned, rows forwarded)."""
+        # Check the lease session first: a relay whose session died must neither assign nor
+        # send, so it stops before another relay can take its shards over.
         owned = await self.leases.current()
         if not owned:
             return 0, 0
         now = time.monotonic()
+        if self.leases.took_new_shards() or now >= self.next_sweep:
+            # Shards just taken may hold rows a dead relay assigned but never forwarded; and a
+            # periodic sweep catches anything else left unforwarded.
+            self.resend_needed = True
+            self.next_sweep = now + RESEND_SWEEP_SECS
         self.quarantine = {t: until for t, until in self.quarantine.items() if until > now}
         skip = list(self.quarantine)
         try:
-            assigned = await database_sync_to_async(outbox.assign_offsets)(owned, self.batch_size, skip_tenants=skip)
+            fresh = await database_sync_to_async(outbox.assign_and_fetch)(owned, self.batch_size, skip_tenants=skip)
+            assigned = len(fresh)
         except DatabaseError as exc:
             # One tenant's rows must not stop the others: assign tenant by tenant and set
             # aside (for QUARANTINE_SECS) the ones that still fail.
@@ -88,26 +102,33 @@ class Relay:
                 extra={"action": "relay_assign_error"},
             )
             assigned = await self._assign_per_tenant(owned)
+            fresh = []
+            self.resend_needed = True
         if assigned:
             _failpoint("after_assign")
-        pending = await database_sync_to_async(outbox.fetch_unforwarded)(
-            owned, self.batch_size, skip_tenants=list(self.quarantine)
-        )
+        if self.resend_needed:
+            # After a start, a crash or a failed send: everything assigned and not yet
+            # forwarded goes again, with the same offsets.
+            pending = await database_sync_to_async(outbox.fetch_unforwarded)(
+                owned, self.batch_size, skip_tenants=list(self.quarantine)
+            )
+            more = len(pending) >= self.batch_size
+        else:
+            pending, more = fresh, False
         if not pending:
+            self.resend_needed = more
             self.assigned_total += assigned
             return assigned, 0
+        self.resend_needed = True  # until this cycle's rows are marked: an exception leaves it set
         commands = [p for p in pending if p.kind == "command"]
         not_sent: set[int] = set()
         if commands:  # a command for a dead edge is re-routed or recorded, never sent into the void
             not_sent = await database_sync_to_async(command_routing.route)(commands)
-        # Re-check the lease session right before sending: a relay whose session died must
-        # not forward shards another relay may already have taken.
-        owned_now = set(await self.leases.current())
-        pending = [p for p in pending if p.shard in owned_now]
         failed = await self._send([p for p in pending if p.id not in not_sent])
         _failpoint("before_mark")
         done = [p for p in pending if p.id not in failed]
-        await database_sync_to_async(outbox.mark_forwarded)([p.id for p in done])
+        await database_sync_to_async(outbox.mark_forwarded)([p.id for p in done], [p.part for p in done])
+        self.resend_needed = more or bool(failed)
         per_shard: dict[int, int] = {}
         for p in done:
             per_shard[p.shard] = per_shard.get(p.shard, 0) + 1

@@ -154,7 +154,7 @@ async def test_relay__crash_before_mark_resends_same_offsets(tenant_factory, mak
     channel = await join(layer, key)
     ids = await orm(publish_each, tenant, 3, "t")
 
-    def die(_ids):
+    def die(*_args):
         raise RuntimeError("relay died before marking")
 
     relay_ = make_relay()
