@@ -25,6 +25,8 @@ TABLE = "backplane_outboxitem"
 DEFAULT_PARTITION = f"{TABLE}_default"
 # DDL on the parent waits at most this long for its lock, then gives up until the next run.
 DDL_LOCK_TIMEOUT = "2s"
+# A drop waits at most this long for the parent: publishers queue behind the request meanwhile.
+DROP_LOCK_TIMEOUT = "100ms"
 _BOUND_RE = re.compile(r"FROM \('([^']+)'\) TO \('([^']+)'\)")
 
 
@@ -106,11 +108,11 @@ def ensure_ahead(cur: Any = None) -> int:
     return created
 
 
-def drop_expired(retention_secs: float) -> tuple[int, int]:
-    """Drop partitions wholly past retention with every row forwarded; return (rows, partitions)."""
+def drop_expired(retention_secs: float) -> tuple[int, int, int]:
+    """Drop partitions wholly past retention with every row forwarded; return (rows, bytes, partitions)."""
     if not is_partitioned():
-        return 0, 0
-    rows = dropped = 0
+        return 0, 0, 0
+    rows = nbytes = dropped = 0
     with connection.cursor() as cur:
         cutoff = _db_now(cur) - timedelta(seconds=retention_secs)
         for name, _lower, upper in partitions(cur):
@@ -118,11 +120,17 @@ def drop_expired(retention_secs: float) -> tuple[int, int]:
                 continue
             try:
                 with transaction.atomic():
-                    cur.execute(f"SET LOCAL lock_timeout = '{DDL_LOCK_TIMEOUT}'")
-                    # Lock first, so no row can be added or changed between the check and the drop.
+                    cur.execute(f"SET LOCAL lock_timeout = '{DROP_LOCK_TIMEOUT}'")
+                    # Parent first, then the partition: the order every statement on the outbox
+                    # takes them in (no deadlock), and a short wait bounds how long publishers
+                    # queue behind this lock request.
+                    cur.execute(f"LOCK TABLE ONLY {TABLE} IN ACCESS EXCLUSIVE MODE")
                     cur.execute(f'LOCK TABLE "{name}" IN ACCESS EXCLUSIVE MODE')
-                    cur.execute(f'SELECT count(*), count(*) FILTER (WHERE forwarded_at IS NULL) FROM "{name}"')
-                    total, unforwarded = cur.fetchone()
+                    cur.execute(
+                        f"SELECT count(*), count(*) FILTER (WHERE forwarded_at IS NULL), "
+                        f'coalesce(sum(payload_bytes), 0) FROM "{name}"'
+                    )
+                    total, unforwarded, size = cur.fetchone()
                     if unforwarded:
                         logger.warning(
                             "partition %s keeps %d unforwarded rows; not dropped",
@@ -138,6 +146,7 @@ def drop_expired(retention_secs: float) -> tuple[int, int]:
                     )
                     cur.execute(f'DROP TABLE "{name}"')
                 rows += int(total)
+                nbytes += int(size)
                 dropped += 1
             except DatabaseError as exc:
                 logger.warning(
@@ -146,7 +155,7 @@ def drop_expired(retention_secs: float) -> tuple[int, int]:
                     type(exc).__name__,
                     extra={"action": "partition_drop_failed"},
                 )
-    return rows, dropped
+    return rows, nbytes, dropped
 
 
 def convert_outbox(schema_editor: Any) -> None:

@@ -131,19 +131,21 @@ def compact(
             result.skipped = True
             return result
         _report_unforwarded(result, retention)
-        plan = _plan(retention, max_rows, max_bytes)
+        plan, planned_bytes = _plan(retention, max_rows, max_bytes)
         total = sum(plan.values())
         if dry_run:
             result.by_rule.update(plan)
             result.deleted = total
+            result.deleted_bytes = planned_bytes
             return result
         if conf.is_postgresql:
             from backplane import partitions
 
-            dropped_rows, dropped = partitions.drop_expired(retention)
+            dropped_rows, dropped_bytes, dropped = partitions.drop_expired(retention)
             result.partitions_dropped = dropped
             result.by_rule["partitions"] = dropped_rows
             result.deleted += dropped_rows
+            result.deleted_bytes += dropped_bytes
             partitions.ensure_ahead()
         state = {"done": 0}
 
@@ -202,8 +204,8 @@ def _totals() -> tuple[int, int]:
     return int(rows), int(nbytes)
 
 
-def _plan(retention: float, max_rows: int | None, max_bytes: int | None) -> dict[str, int]:
-    """Count what each rule would delete now (rules apply in order, so budgets net of age)."""
+def _plan(retention: float, max_rows: int | None, max_bytes: int | None) -> tuple[dict[str, int], int]:
+    """Count what each rule would delete now, and the payload bytes (rules apply in order)."""
     with connection.cursor() as cur:
         cur.execute(
             f"SELECT count(*), coalesce(sum(payload_bytes), 0) FROM {OUTBOX} "
@@ -212,41 +214,29 @@ def _plan(retention: float, max_rows: int | None, max_bytes: int | None) -> dict
         )
         age_rows, age_bytes = (int(x) for x in cur.fetchone())
     rows, nbytes = _totals()
-    plan = {"age": age_rows, "rows": 0, "bytes": 0}
     rows -= age_rows
     nbytes -= age_bytes
-    if max_rows is not None and rows > max_rows:
-        plan["rows"] = _forwarded_prefix_rows(age_rows, rows - max_rows)
-        rows -= plan["rows"]
-    if max_bytes is not None and nbytes > max_bytes:
-        plan["bytes"] = _rows_for_bytes(age_rows + plan["rows"], nbytes - max_bytes)
-    return plan
-
-
-def _forwarded_prefix_rows(skip: int, want: int) -> int:
-    with connection.cursor() as cur:
-        cur.execute(
-            f"SELECT count(*) FROM (SELECT id FROM {OUTBOX} WHERE forwarded_at IS NOT NULL "
-            f"ORDER BY id LIMIT %s OFFSET %s) x",
-            [want, skip],
-        )
-        return int(cur.fetchone()[0])
-
-
-def _rows_for_bytes(skip: int, excess: int) -> int:
-    n = 0
-    covered = 0
-    with connection.cursor() as cur:
-        cur.execute(
-            f"SELECT payload_bytes FROM {OUTBOX} WHERE forwarded_at IS NOT NULL ORDER BY id LIMIT %s OFFSET %s",
-            [1_000_000, skip],
-        )
-        for (size,) in cur.fetchall():
-            if covered >= excess:
-                break
-            covered += size
-            n += 1
-    return n
+    plan = {"age": age_rows, "rows": 0, "bytes": 0}
+    planned = age_bytes
+    over_rows = max_rows is not None and rows > max_rows
+    over_bytes = max_bytes is not None and nbytes > max_bytes
+    if over_rows or over_bytes:
+        with connection.cursor() as cur:
+            # What the budgets take: the oldest forwarded rows that the age rule leaves.
+            cur.execute(
+                f"SELECT payload_bytes FROM {OUTBOX} WHERE forwarded_at IS NOT NULL "
+                f"AND NOT (created_at < {_cutoff_sql()}) ORDER BY id",
+                [retention],
+            )
+            sizes = [int(size) for (size,) in cur.fetchall()]
+        i = 0
+        while max_rows is not None and rows > max_rows and i < len(sizes):
+            rows, nbytes, planned, i = rows - 1, nbytes - sizes[i], planned + sizes[i], i + 1
+            plan["rows"] += 1
+        while max_bytes is not None and nbytes > max_bytes and i < len(sizes):
+            nbytes, planned, i = nbytes - sizes[i], planned + sizes[i], i + 1
+            plan["bytes"] += 1
+    return plan, planned
 
 
 def _rules(
@@ -365,8 +355,15 @@ def prune_idle_streams(before: object, limit: int = 10_000) -> int:
     for tenant_id, role, device_id in Connection.objects.values_list("tenant_id", "role", "device_id"):
         live.update(streams.connection_streams(tenant_id, role, device_id).values())
     doomed = [k for k in keys if k not in live]
+    gone = 0
     with connection.cursor() as cur:
         for start in range(0, len(doomed), 500):
             chunk = doomed[start : start + 500]
-            cur.execute(f"DELETE FROM {STREAM} WHERE key IN ({','.join(['%s'] * len(chunk))})", chunk)
-    return len(doomed)
+            # Re-check in the DELETE itself: a relay may have assigned a new row since the SELECT.
+            cur.execute(
+                f"DELETE FROM {STREAM} WHERE key IN ({','.join(['%s'] * len(chunk))}) AND updated_at < %s "
+                f"AND NOT EXISTS (SELECT 1 FROM {OUTBOX} o WHERE o.stream = {STREAM}.key)",
+                [*chunk, before],
+            )
+            gone += cur.rowcount
+    return gone
