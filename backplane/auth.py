@@ -48,6 +48,7 @@ class Principal:
     role: str
     token_id: uuid.UUID | None
     expires_at: datetime | None
+    user_id: Any = None  # operators authenticated by session cookie
 
 
 def hash_token(token: str) -> str:
@@ -198,4 +199,4 @@ def _by_session(scope: dict[str, Any], headers: dict[bytes, bytes]) -> Principal
     rows = list(access[:2])
     if len(rows) != 1:
         raise AuthRefused("no single tenant for this operator (use ?tenant=<slug>)")
-    return Principal(rows[0].tenant_id, f"operator-{user.pk}", "operator", None, None)
+    return Principal(rows[0].tenant_id, f"operator-{user.pk}", "operator", None, None, user.pk)

@@ -56,6 +56,10 @@ DEFAULTS: dict[str, Any] = {
     "HEAD_CHECK_INTERVAL_SECS": 0.5,
     # PROTOCOL.md: hold live events for a new connection until its first frame or this.
     "LIVE_HOLD_MS": 300,
+    # Slow consumers: a socket whose unsent bytes pass this is closed with 4013; the peer
+    # then has SLOW_CLOSE_GRACE_SECS to read up to the close frame before it is cut.
+    "MAX_OUTBOUND_BUFFER_BYTES": 4 * 1024 * 1024,
+    "SLOW_CLOSE_GRACE_SECS": 30.0,
     # Inbound frames: size cap (close 4009) and rate (close 4029).
     "MAX_INBOUND_FRAME_BYTES": 64 * 1024,
     "INBOUND_RATE_PER_SEC": 20.0,

@@ -19,6 +19,7 @@ from typing import Any
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
+from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from backplane import auth, exceptions, outbox, streams
@@ -129,6 +130,17 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         except Exception as exc:  # the heartbeat sweep removes it later
             logger.warning("could not remove connection row: %s", type(exc).__name__, extra={"action": "disconnect"})
         logger.info("disconnected %s code %s", self.connection_id, code, extra={"action": "disconnected"})
+
+    def directory_row(self) -> dict[str, Any]:
+        p = self.principal
+        return {
+            "connection_id": self.connection_id,
+            "tenant_id": p.tenant_id,
+            "device_id": p.device_id,
+            "role": p.role,
+            "token_id": p.token_id,
+            "channel_name": self.channel_name,
+        }
 
     async def close_with(self, code: int) -> None:
         if not self.closed:
@@ -318,15 +330,13 @@ def _open(consumer: GatewayConsumer, edge_id: str) -> dict[str, outbox.Head]:
     """Read the connection's heads (after it joined its groups) and add its directory row."""
     p = consumer.principal
     heads = outbox.ensure_streams(p.tenant_id, list(consumer.keys.values()))
-    now = timezone.now()
-    Connection.objects.create(
-        connection_id=consumer.connection_id,
-        tenant_id=p.tenant_id,
-        device_id=p.device_id,
-        role=p.role,
-        token_id=p.token_id,
-        edge_id=edge_id,
-        channel_name=consumer.channel_name,
-        expires_at=now + timedelta(seconds=conf.CONNECTION_TTL_SECS),
-    )
+    expires = timezone.now() + timedelta(seconds=conf.CONNECTION_TTL_SECS)
+    try:
+        with transaction.atomic():
+            Connection.objects.create(edge_id=edge_id, expires_at=expires, **consumer.directory_row())
+    except IntegrityError:  # this edge's row was swept (a stalled heartbeat): register again
+        from backplane.edge import _register_edge
+
+        _register_edge(edge_id)
+        Connection.objects.create(edge_id=edge_id, expires_at=expires, **consumer.directory_row())
     return heads

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import queue
 import threading
 from typing import Any
 
@@ -37,8 +38,16 @@ def _redis() -> Any:
         return _client
 
 
+_queue: queue.SimpleQueue[int] = queue.SimpleQueue()
+_sender: threading.Thread | None = None
+
+
 def ring(shard: int) -> None:
-    """Wake the relays; never raises (the relay's polling covers a lost ring)."""
+    """Wake the relays; never raises and never waits (the relay's polling covers a lost ring).
+
+    The Redis PUBLISH happens on a background thread, so a producer's commit does not wait
+    for a round trip to Redis; rings that queue up meanwhile are sent as one.
+    """
     for loop, event in list(_local):
         try:
             loop.call_soon_threadsafe(event.set)
@@ -46,10 +55,27 @@ def ring(shard: int) -> None:
             _local.discard((loop, event))
     if not conf.redis_url:
         return
-    try:
-        _redis().publish(channel_name(), str(shard))
-    except Exception as exc:  # the doorbell is an optimisation, not a dependency
-        logger.warning("doorbell ring failed: %s", type(exc).__name__, extra={"action": "doorbell_failed"})
+    global _sender
+    if _sender is None or not _sender.is_alive():
+        with _client_lock:
+            if _sender is None or not _sender.is_alive():
+                _sender = threading.Thread(target=_send_rings, name="tyrum-doorbell", daemon=True)
+                _sender.start()
+    _queue.put(shard)
+
+
+def _send_rings() -> None:
+    while True:
+        shards = {_queue.get()}
+        while True:  # coalesce what queued up meanwhile
+            try:
+                shards.add(_queue.get_nowait())
+            except queue.Empty:
+                break
+        try:
+            _redis().publish(channel_name(), ",".join(str(s) for s in sorted(shards)))
+        except Exception as exc:  # the doorbell is an optimisation, not a dependency
+            logger.warning("doorbell ring failed: %s", type(exc).__name__, extra={"action": "doorbell_failed"})
 
 
 class Listener:

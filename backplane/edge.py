@@ -166,11 +166,15 @@ class EdgeRuntime:
             try:
                 if _joins_expire(self.layer):
                     await self._rejoin_groups()
-                token_ids = {c.principal.token_id for c in self.consumers.values() if c.principal.token_id}
-                bad = await database_sync_to_async(_beat)(self.edge_id, token_ids)
-                for c in list(self.consumers.values()):
-                    if c.principal.token_id in bad:
-                        await c.close_with(bad[c.principal.token_id])
+                consumers = list(self.consumers.values())
+                token_ids = {c.principal.token_id for c in consumers if c.principal.token_id}
+                operators = {(c.principal.tenant_id, c.principal.user_id) for c in consumers if c.principal.user_id}
+                rows = [c.directory_row() for c in consumers]
+                bad = await database_sync_to_async(_beat)(self.edge_id, token_ids, operators, rows)
+                for c in consumers:
+                    key = c.principal.token_id or (c.principal.tenant_id, c.principal.user_id)
+                    if key in bad:
+                        await c.close_with(bad[key])
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -235,34 +239,63 @@ def _register_edge(eid: str) -> None:
     )
 
 
-def _beat(eid: str, token_ids: set[Any]) -> dict[Any, int]:
-    """Refresh this edge's rows in two statements; sweep dead rows; return tokens to close."""
+def _beat(
+    eid: str, token_ids: set[Any], operators: set[tuple[Any, Any]], rows: list[dict[str, Any]] | None = None
+) -> dict[Any, int]:
+    """Refresh this edge's rows; sweep dead rows; return the sockets to close and their codes.
+
+    If this edge's rows were swept while it lived (a heartbeat stall past the TTL), the edge
+    row and the rows of its live sockets are written again.
+    """
     now = timezone.now()
     ttl = timedelta(seconds=conf.CONNECTION_TTL_SECS)
     if not Edge.objects.filter(edge_id=eid).update(heartbeat_at=now):
         _register_edge(eid)
-    Connection.objects.filter(edge_id=eid).update(expires_at=now + ttl, last_seen_at=now)
+    refreshed = Connection.objects.filter(edge_id=eid).update(expires_at=now + ttl, last_seen_at=now)
+    if rows and refreshed < len(rows):
+        Connection.objects.bulk_create(
+            [Connection(edge_id=eid, expires_at=now + ttl, last_seen_at=now, **row) for row in rows],
+            ignore_conflicts=True,
+        )
     # Rows of edges that died without a clean close.
     Connection.objects.filter(expires_at__lt=now).delete()
     Edge.objects.filter(heartbeat_at__lt=now - ttl).exclude(edge_id=eid).delete()
-    if not token_ids:
-        return {}
     bad: dict[Any, int] = {}
-    rows = (
-        AccessToken.objects.filter(id__in=token_ids)
-        .filter(Q(revoked_at__isnull=False) | Q(tenant__is_active=False) | Q(expires_at__lte=now))
-        .values_list("id", "revoked_at", "tenant__is_active", "expires_at")
-    )
-    for tid, revoked_at, active, _expires_at in rows:
-        bad[tid] = 4008 if (revoked_at is not None or not active) else 4401
+    if token_ids:
+        found = (
+            AccessToken.objects.filter(id__in=token_ids)
+            .filter(Q(revoked_at__isnull=False) | Q(tenant__is_active=False) | Q(expires_at__lte=now))
+            .values_list("id", "revoked_at", "tenant__is_active")
+        )
+        for tid, revoked_at, active in found:
+            bad[tid] = 4008 if (revoked_at is not None or not active) else 4401
+    if operators:
+        from backplane.models import OperatorAccess
+
+        still = set(
+            OperatorAccess.objects.filter(
+                tenant_id__in={t for t, _ in operators},
+                user_id__in={u for _, u in operators},
+                tenant__is_active=True,
+                user__is_active=True,
+            ).values_list("tenant_id", "user_id")
+        )
+        for key in operators - still:
+            bad[key] = 4008
     return bad
 
 
 def install_daphne_denial_response() -> None:
-    """Teach daphne the ASGI "websocket.http.response" extension for HTTP 503 refusals.
+    """Teach daphne two things the protocol needs and its application API cannot express.
 
-    Daphne answers every refused upgrade with 403; PROTOCOL.md wants 503 when the edge
-    cannot check a credential right now, so peers retry with backoff.
+    1. The ASGI "websocket.http.response" extension, for HTTP 503 refusals: daphne answers
+       every refused upgrade with 403; PROTOCOL.md wants 503 when the edge cannot check a
+       credential right now, so peers retry with backoff.
+    2. A slow-consumer bound: daphne accepts every send and buffers it in the socket's
+       transport, with no backpressure to the application. When a peer's unsent bytes pass
+       ``MAX_OUTBOUND_BUFFER_BYTES``, further frames are dropped and the socket is closed
+       with 4013 (the close frame queues behind what is buffered; the peer gets
+       ``SLOW_CLOSE_GRACE_SECS`` to read up to it before the connection is cut).
     """
     try:
         from autobahn.websocket.types import ConnectionDeny
@@ -282,7 +315,23 @@ def install_daphne_denial_response() -> None:
             return
         if kind == "websocket.http.response.body":
             return
+        if kind == "websocket.send" and self.state == self.STATE_OPEN:
+            if getattr(self, "_tyrum_slow", False):
+                return  # already closing with 4013: drop further frames
+            if outbound_buffered(self.transport) > conf.MAX_OUTBOUND_BUFFER_BYTES:
+                self._tyrum_slow = True
+                logger.warning("slow consumer: closing with 4013", extra={"action": "slow_consumer"})
+                self.closeHandshakeTimeout = conf.SLOW_CLOSE_GRACE_SECS
+                self.sendClose(code=4013)
+                return
         original(self, message)
 
     WebSocketProtocol.handle_reply = handle_reply
     WebSocketProtocol._tyrum_denial = True
+
+
+def outbound_buffered(transport: Any) -> int:
+    """Bytes a twisted TCP transport holds that the peer has not taken yet."""
+    data = getattr(transport, "dataBuffer", b"")
+    offset = int(getattr(transport, "offset", 0))
+    return len(data) - offset + int(getattr(transport, "_tempDataLen", 0))

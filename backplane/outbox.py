@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import psycopg
 from django.db import connection, transaction
 from django.utils import timezone
 
@@ -55,18 +56,18 @@ def resolve_tenant(tenant: Tenant | uuid.UUID | str) -> Tenant:
     return obj
 
 
-def _stream_for(tenant: Tenant, device: str | None, role: str | None) -> str:
+def _stream_for(tenant_id: uuid.UUID, device: str | None, role: str | None) -> str:
     if device is not None and role is not None:
         raise exceptions.InvalidAudience("give a device or a role, not both")
     if device is not None:
         if not isinstance(device, str) or not streams.DEVICE_ID_RE.match(device):
             raise exceptions.InvalidAudience(f"malformed device id {device!r}")
-        return streams.device_stream(tenant.id, device)
+        return streams.device_stream(tenant_id, device)
     if role is not None:
         if role not in streams.ROLES:
             raise exceptions.InvalidAudience(f"role must be one of {', '.join(streams.ROLES)}")
-        return streams.role_stream(tenant.id, role)
-    return streams.tenant_stream(tenant.id)
+        return streams.role_stream(tenant_id, role)
+    return streams.tenant_stream(tenant_id)
 
 
 def _encode(payload: Any) -> str:
@@ -76,7 +77,7 @@ def _encode(payload: Any) -> str:
         raise exceptions.InvalidPayload(f"payload is not JSON: {exc}") from None
 
 
-def _build(tenant: Tenant, spec: Mapping[str, Any], patterns: tuple[str, ...]) -> tuple[Any, ...]:
+def _build(tenant_id: uuid.UUID, spec: Mapping[str, Any], patterns: tuple[str, ...]) -> tuple[Any, ...]:
     """Validate and redact one event; return (stream, event_id, type, occurred_at, payload_json, bytes)."""
     unknown = set(spec) - {"type", "payload", "device", "role", "event_id", "occurred_at"}
     if unknown:
@@ -84,7 +85,7 @@ def _build(tenant: Tenant, spec: Mapping[str, Any], patterns: tuple[str, ...]) -
     etype = spec.get("type")
     if not isinstance(etype, str) or not streams.EVENT_TYPE_RE.match(etype):
         raise exceptions.InvalidEventType(f"malformed event type {etype!r}")
-    stream = _stream_for(tenant, spec.get("device"), spec.get("role"))
+    stream = _stream_for(tenant_id, spec.get("device"), spec.get("role"))
     event_id = spec.get("event_id")
     if event_id is None:
         event_id = str(uuid.uuid4())
@@ -94,8 +95,10 @@ def _build(tenant: Tenant, spec: Mapping[str, Any], patterns: tuple[str, ...]) -
     if not isinstance(occurred_at, datetime) or occurred_at.tzinfo is None:
         raise exceptions.PublishError("occurred_at must be an aware datetime")
     payload = spec.get("payload")
-    _encode(payload)  # reject non-JSON before redaction can hide it
-    text = _encode(redaction.redact(payload, patterns))
+    text = _encode(payload)  # rejects non-JSON before redaction could hide it
+    clean = redaction.redact(payload, patterns)
+    if clean is not payload:
+        text = _encode(clean)
     size = len(text.encode())
     if size > conf.MAX_PAYLOAD_BYTES:
         raise exceptions.PayloadTooLarge(f"payload is {size} bytes; the cap is {conf.MAX_PAYLOAD_BYTES}")
@@ -134,45 +137,79 @@ def publish_many(tenant: Tenant | uuid.UUID | str, events: Iterable[Mapping[str,
     Each event is a mapping with ``type`` and ``payload`` and optionally ``device``,
     ``role``, ``event_id``, ``occurred_at``. All are validated before anything is written.
     """
-    obj = resolve_tenant(tenant)
-    shard = streams.shard_of(obj.id, conf.SHARDS)
+    events = list(events)
+    tenant_id = _known_id(tenant) if conf.is_postgresql else None
+    if tenant_id is None:  # a slug (or SQLite): look the tenant up first
+        tenant_id = resolve_tenant(tenant).id
+    shard = streams.shard_of(tenant_id, conf.SHARDS)
     patterns = redaction.normalise_patterns(conf.REDACT_PATTERNS)
-    rows = [_build(obj, spec, patterns) for spec in events]
+    rows = [_build(tenant_id, spec, patterns) for spec in events]
     if not rows:
         return []
     unique: dict[str, tuple[Any, ...]] = {}
     for row in rows:  # the same id twice in one call is one event
         unique.setdefault(row[1], row)
-    _insert(obj.id, shard, list(unique.values()))
+    state = _insert(tenant_id, shard, list(unique.values()))
+    if state is None and not isinstance(tenant, Tenant | uuid.UUID):
+        return publish_many(resolve_tenant(tenant), events)  # a slug that looks like a UUID
+    if state is None:
+        raise exceptions.UnknownTenant(f"no tenant {tenant_id}")
+    if state is False:
+        raise exceptions.InactiveTenant(f"tenant {tenant_id} is not active")
     transaction.on_commit(lambda: doorbell.ring(shard))
     return [row[1] for row in rows]
+
+
+def _known_id(tenant: Tenant | uuid.UUID | str) -> uuid.UUID | None:
+    if isinstance(tenant, Tenant):
+        return tenant.id
+    if isinstance(tenant, uuid.UUID):
+        return tenant
+    try:
+        return uuid.UUID(str(tenant))
+    except ValueError:
+        return None
 
 
 # Rows per INSERT statement (PostgreSQL arrays; SQLite bound-parameter limits).
 INSERT_CHUNK = 5000
 
 
-def _insert(tenant_id: uuid.UUID, shard: int, rows: list[tuple[Any, ...]]) -> None:
-    """Insert event keys and, for the keys that are new, outbox rows — atomically.
+def _insert(tenant_id: uuid.UUID, shard: int, rows: list[tuple[Any, ...]]) -> bool | None:
+    """Insert event keys and, for the keys that are new, outbox rows; return the tenant's
+    ``is_active`` (None: no such tenant). Nothing is written unless the tenant is active.
 
-    On PostgreSQL one statement: a data-modifying CTE inserts the keys with ON CONFLICT DO
-    NOTHING and only the rows whose keys went in are inserted into the outbox.
+    On PostgreSQL one statement per chunk checks the tenant, inserts the keys with ON CONFLICT
+    DO NOTHING, and inserts into the outbox only the rows whose keys went in. No savepoint:
+    a single statement is atomic, and on SQLite the caller's transaction (or ours) is.
     """
-    with transaction.atomic(), connection.cursor() as cur:
+    state: bool | None = True
+    with transaction.atomic(savepoint=False), connection.cursor() as cur:
         for start in range(0, len(rows), INSERT_CHUNK):
             chunk = rows[start : start + INSERT_CHUNK]
             if conf.is_postgresql:
                 cols = list(zip(*chunk, strict=True))
-                cur.execute(
-                    f"WITH k AS (INSERT INTO {EVENTKEY} (tenant_id, event_id) SELECT %s, unnest(%s::text[]) "
-                    f"ON CONFLICT DO NOTHING RETURNING event_id) "
-                    f"INSERT INTO {OUTBOX} (tenant_id, kind, stream, event_id, type, occurred_at, payload, "
+                # Bind server-side, in binary: Django's client-side binding would render
+                # thousands of array elements into the SQL text, escaping each one.
+                connection.ensure_connection()
+                raw = psycopg.Cursor(connection.connection)
+                raw.execute(
+                    f"WITH t AS (SELECT is_active FROM backplane_tenant WHERE id = %s), "
+                    f"k AS (INSERT INTO {EVENTKEY} (tenant_id, event_id) SELECT %s, unnest(%s::text[]) "
+                    f"WHERE coalesce((SELECT is_active FROM t), false) ON CONFLICT DO NOTHING RETURNING event_id), "
+                    f"o AS (INSERT INTO {OUTBOX} (tenant_id, kind, stream, event_id, type, occurred_at, payload, "
                     f"payload_bytes, shard) SELECT %s, 'event', v.stream, v.event_id, v.type, v.occurred_at, "
                     f"v.payload, v.payload_bytes, %s FROM unnest(%s::text[], %s::text[], %s::text[], "
                     f"%s::timestamptz[], %s::jsonb[], %s::int[]) AS v(stream, event_id, type, occurred_at, payload, "
-                    f"payload_bytes) JOIN k USING (event_id)",
-                    [tenant_id, list(cols[1]), tenant_id, shard, *(list(c) for c in cols)],
+                    f"payload_bytes) JOIN k USING (event_id) RETURNING 1) "
+                    f"SELECT (SELECT is_active FROM t), (SELECT count(*) FROM o)",
+                    [tenant_id, tenant_id, list(cols[1]), tenant_id, shard, *(list(c) for c in cols)],
+                    binary=True,
                 )
+                state = raw.fetchone()[0]
+                raw.close()
+                if state is not True:
+                    return state
                 continue
             fresh: set[str] = set()
             for part in range(0, len(chunk), 300):
@@ -202,6 +239,7 @@ def _insert(tenant_id: uuid.UUID, shard: int, rows: list[tuple[Any, ...]]) -> No
                 ],
                 batch_size=500,
             )
+    return state
 
 
 def publish_command(tenant_id: uuid.UUID, edge_id: str, command: str, args: Mapping[str, Any]) -> str:

@@ -177,10 +177,6 @@ def convert_outbox(schema_editor: Any) -> None:
             f"CREATE TABLE {TABLE} (LIKE {old} INCLUDING DEFAULTS INCLUDING IDENTITY) PARTITION BY RANGE (created_at)"
         )
         cur.execute(f"ALTER TABLE {TABLE} ADD CONSTRAINT {TABLE}_pkey_p PRIMARY KEY (id, created_at)")
-        cur.execute(
-            f"ALTER TABLE {TABLE} ADD CONSTRAINT {TABLE}_tenant_fk FOREIGN KEY (tenant_id) "
-            f"REFERENCES backplane_tenant (id) DEFERRABLE INITIALLY DEFERRED"
-        )
         cur.execute(f"CREATE TABLE {DEFAULT_PARTITION} PARTITION OF {TABLE} DEFAULT")
         cur.execute(f"CREATE INDEX bp_outbox_unassigned ON {TABLE} (shard, id) WHERE stream_offset IS NULL")
         cur.execute(

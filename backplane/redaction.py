@@ -23,12 +23,23 @@ def is_secret_key(key: str, patterns: tuple[str, ...]) -> bool:
 
 
 def redact(value: Any, patterns: tuple[str, ...]) -> Any:
-    """Return ``value`` with secret-looking keys' values replaced; the input is not changed."""
+    """Return ``value`` with secret-looking keys' values replaced; the input is not changed.
+
+    When nothing needs redacting the very same object is returned, so callers can tell
+    (``result is value``) without comparing.
+    """
     if isinstance(value, dict):
-        return {
-            k: (REDACTED if isinstance(k, str) and is_secret_key(k, patterns) else redact(v, patterns))
-            for k, v in value.items()
-        }
+        out: dict[Any, Any] | None = None
+        for k, v in value.items():
+            new = REDACTED if isinstance(k, str) and is_secret_key(k, patterns) else redact(v, patterns)
+            if new is not v and out is None:
+                out = dict(value)
+            if out is not None:
+                out[k] = new
+        return value if out is None else out
     if isinstance(value, list | tuple):
-        return [redact(v, patterns) for v in value]
+        items = [redact(v, patterns) for v in value]
+        if isinstance(value, list) and all(a is b for a, b in zip(items, value, strict=True)):
+            return value
+        return items
     return value

@@ -1,9 +1,10 @@
 """E2E fixtures: real daphne edges and relays over the test database and Redis, and a peer
 written only from PROTOCOL.md with the stock ``websockets`` client.
 
-Processes are module-scoped (starting daphne costs seconds on a small machine) while data is
-per test: ``transactional_db`` truncates every table after each test, so each test makes its
-own tenants and tokens. Every process is stopped by its PID in the fixture teardown.
+Processes are module-scoped where a module can share them (starting daphne costs seconds on
+a small machine); tests that crash, freeze or reconfigure processes start their own. Data is
+per test: each test makes its own tenants and tokens (see ``e2e_db``). Every process is
+stopped by its PID in a fixture teardown, and every wait is bounded.
 """
 
 from __future__ import annotations
@@ -22,10 +23,12 @@ from typing import Any
 
 import pytest
 import support
+from django.conf import settings
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 PROTOCOL = "tyrum-v1"
+OPERATOR_ORIGIN = "https://ops.example"
 # Bounds on every wait (seconds).
 FRAME_TIMEOUT = 5.0
 OPEN_TIMEOUT = 10.0
@@ -62,6 +65,24 @@ def make_token(tenant: Any, device: str = "dev-1", role: str = "client", expires
     from backplane import auth
 
     return auth.create_token(tenant, device, role, expires_at=expires_at)[1]
+
+
+def operator_session(tenant: Any) -> str:
+    """Log a Django user in (a server-side session) as an operator of ``tenant``; return the
+    ``Cookie`` header value. Edges accept it from ``OPERATOR_ORIGIN`` where they allow it."""
+    from django.contrib.auth import BACKEND_SESSION_KEY, HASH_SESSION_KEY, SESSION_KEY, get_user_model
+    from django.contrib.sessions.backends.db import SessionStore
+
+    from backplane.models import OperatorAccess
+
+    user = get_user_model().objects.create_user(f"op-{tenant.slug}", password="not-used-here-1")
+    OperatorAccess.objects.create(user=user, tenant=tenant)
+    session = SessionStore()
+    session[SESSION_KEY] = str(user.pk)
+    session[BACKEND_SESSION_KEY] = "django.contrib.auth.backends.ModelBackend"
+    session[HASH_SESSION_KEY] = user.get_session_auth_hash()
+    session.save()
+    return f"{settings.SESSION_COOKIE_NAME}={session.session_key}"
 
 
 def publish(tenant: Any, type: str, payload: Any, **kw: Any) -> str:
@@ -110,7 +131,7 @@ async def wait_forwarded(tenant: Any, timeout: float = 10.0) -> None:
     from backplane.models import OutboxItem
 
     def pending() -> int:
-        return OutboxItem.objects.filter(tenant=tenant, forwarded_at__isnull=True).count()
+        return OutboxItem.objects.filter(tenant=tenant, kind="event", forwarded_at__isnull=True).count()
 
     deadline = time.monotonic() + timeout
     while await orm(pending):
@@ -157,8 +178,12 @@ class Peer:
                            open_timeout=OPEN_TIMEOUT, max_size=2**24, close_timeout=2)
         peer = cls(ws)
         if read_hello:
-            peer.hello = await peer.recv()
-            assert peer.hello["type"] == "hello", peer.hello
+            try:
+                peer.hello = await peer.recv()
+                assert peer.hello["type"] == "hello", peer.hello
+            except BaseException:
+                ws.transport.abort()
+                raise
         return peer
 
     def head(self, name: str) -> tuple[str, int]:
@@ -321,13 +346,12 @@ class Cluster:
             proc.stop()
 
     def register_edges(self) -> None:
-        """Recreate the edges' directory rows after the per-test flush.
+        """Make sure each edge's directory row exists.
 
-        ``transactional_db`` truncates every table after each test, including the rows each
-        running edge registered when it started; a live edge only re-registers at its next
-        heartbeat (5 s), and until then its new sockets cannot be recorded. Production never
-        truncates these tables; see test_edge__swept_row_refuses_new_sockets for the related
-        case the product should handle itself.
+        A test that removes one (as another edge's sweep would) leaves a live edge that
+        refuses new sockets until its next heartbeat re-registers it (5 s): a product bug
+        shown by test_lifecycle.py::test_edge__swept_directory_row_still_accepts_new_sockets,
+        kept out of the other tests by this.
         """
         from backplane.models import Edge
 
@@ -335,16 +359,61 @@ class Cluster:
             Edge.objects.get_or_create(edge_id=name)
 
 
-@pytest.fixture(scope="module")
-def module_env(django_db_setup: None, django_db_blocker: Any) -> dict[str, str]:
-    """The child processes' environment: this run's test database and Redis.
+# The database name before pytest-django renames it to the test database's.
+_CONFIGURED_DB_NAME = settings.DATABASES["default"]["NAME"]
 
-    ``django_db_setup`` has renamed the database to the test database by now.
+
+@pytest.fixture(scope="session")
+def e2e_database(django_db_setup: None, django_db_blocker: Any) -> Iterator[None]:
+    """Make sure the test database exists, even when only e2e tests were collected.
+
+    pytest-django creates it only for tests that request ``db``/``transactional_db``,
+    and these tests do not (see ``e2e_db``). Never let a child process near the
+    configured, non-test database.
     """
-    from django.conf import settings
+    from django.test.utils import setup_databases, teardown_databases
+
+    created = None
+    if settings.DATABASES["default"]["NAME"] == _CONFIGURED_DB_NAME:
+        with django_db_blocker.unblock():
+            created = setup_databases(verbosity=0, interactive=False, aliases={"default"})
+    assert settings.DATABASES["default"]["NAME"] != _CONFIGURED_DB_NAME, "no test database"
+    yield
+    if created is not None:
+        with django_db_blocker.unblock():
+            teardown_databases(created, verbosity=0)
+
+
+@pytest.fixture(scope="module")
+def e2e_db(e2e_database: None, django_db_blocker: Any) -> Iterator[None]:
+    """Committed, shared data for one module's tests, emptied when the module is done.
+
+    Not ``transactional_db``: its flush after every test costs most of a second here, and
+    the tests need no clean slate — each makes its own tenants and tokens, and every
+    assertion is about its own tenant. Writes commit at once (autocommit), so the child
+    processes see them. The module ends with the same flush ``transactional_db`` would run,
+    so later tests find an empty database.
+    """
+    import redis
+    from django.core.management import call_command
+    from django.db import connections
 
     if not settings.DATABASES["default"]["ENGINE"].endswith("postgresql") or not settings.REDIS_URL:
         pytest.fail("e2e tests need DATABASE_URL=postgres://… and REDIS_URL=redis://… (run them with `make test`)")
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    client.ping()
+    client.close()
+    with django_db_blocker.unblock():
+        try:
+            yield
+        finally:
+            call_command("flush", verbosity=0, interactive=False)
+            connections.close_all()
+
+
+@pytest.fixture(scope="module")
+def module_env(e2e_db: None) -> dict[str, str]:
+    """The child processes' environment: this run's test database and Redis."""
     return support.child_env()
 
 
@@ -368,8 +437,8 @@ def module_cluster(module_env: dict[str, str], request: pytest.FixtureRequest,
 
 
 @pytest.fixture
-def cluster(module_cluster: Cluster, services: None) -> Iterator[Cluster]:
-    """The module's cluster, with a clean database for this test."""
+def cluster(module_cluster: Cluster) -> Iterator[Cluster]:
+    """The module's cluster, checked alive, with its edges registered."""
     for proc in [*module_cluster.edges, *module_cluster.relays]:
         assert proc.alive(), f"{proc.name} died: {proc.log()[-3000:]}"
     module_cluster.register_edges()
@@ -377,7 +446,7 @@ def cluster(module_cluster: Cluster, services: None) -> Iterator[Cluster]:
 
 
 @pytest.fixture
-def own_cluster(module_env: dict[str, str], services: None, tmp_path: Path) -> Iterator[Cluster]:
+def own_cluster(module_env: dict[str, str], tmp_path: Path) -> Iterator[Cluster]:
     """An empty cluster for one test; the test starts what it needs; all stopped after it."""
     log_dir = tmp_path / "logs"
     log_dir.mkdir()

@@ -14,12 +14,14 @@ import support
 from django.utils import timezone
 
 from e2e.conftest import (
+    OPERATOR_ORIGIN,
     PROTOCOL,
     Cluster,
     Peer,
     b64url,
     make_tenant,
     make_token,
+    operator_session,
     orm,
     publish,
     publish_many,
@@ -30,7 +32,6 @@ from e2e.conftest import (
 
 pytestmark = pytest.mark.e2e
 
-OPERATOR_ORIGIN = "https://ops.example"
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +155,7 @@ async def test_auth__unusable_credentials_are_refused_403(cluster) -> None:
 
 async def test_auth__operator_session_cookie_needs_an_allowed_origin(cluster, peers) -> None:
     tenant = await orm(make_tenant)
-    cookie = await orm(_operator_session, tenant)
+    cookie = await orm(operator_session, tenant)
     url = cluster.urls[0]
     assert await refused_status(url, headers={"Cookie": cookie}) == 403
     assert await refused_status(url, headers={"Cookie": cookie, "Origin": "https://evil.example"}) == 403
@@ -165,24 +166,11 @@ async def test_auth__operator_session_cookie_needs_an_allowed_origin(cluster, pe
     await orm(publish, tenant, "run.updated", {"for": "clients"}, role="client")
     events = await peer.until_events(1)
     assert [(e["stream"], e["event"]["payload"]["for"]) for e in events] == [("role", "operators")]
-
-
-def _operator_session(tenant) -> str:  # type: ignore[no-untyped-def]
-    """Log a Django user in (a server-side session) as an operator of ``tenant``."""
-    from django.conf import settings
-    from django.contrib.auth import BACKEND_SESSION_KEY, HASH_SESSION_KEY, SESSION_KEY, get_user_model
-    from django.contrib.sessions.backends.db import SessionStore
-
-    from backplane.models import OperatorAccess
-
-    user = get_user_model().objects.create_user(f"op-{tenant.slug}", password="not-used-here-1")
-    OperatorAccess.objects.create(user=user, tenant=tenant)
-    session = SessionStore()
-    session[SESSION_KEY] = str(user.pk)
-    session[BACKEND_SESSION_KEY] = "django.contrib.auth.backends.ModelBackend"
-    session[HASH_SESSION_KEY] = user.get_session_auth_hash()
-    session.save()
-    return f"{settings.SESSION_COOKIE_NAME}={session.session_key}"
+    # A token comes first: with a client's Bearer token as well, the socket is that client's.
+    client = await peers(url, await orm(make_token, tenant, "dev-1", "client"),
+                         headers={"Cookie": cookie, "Origin": OPERATOR_ORIGIN})
+    await orm(publish, tenant, "run.updated", {"for": "clients"}, role="client")
+    assert [e["event"]["payload"]["for"] for e in await client.until_events(1)] == ["clients"]
 
 
 async def test_edge__store_unreachable_is_refused_503(own_cluster) -> None:
