@@ -144,7 +144,7 @@ def test_authenticate__session_from_allowed_origin_accepted(tenant, operator):
 
     principal = auth.authenticate(cookie_scope(session, OPS))
 
-    assert principal == auth.Principal(tenant.id, f"operator-{user.pk}", "operator", None, None)
+    assert principal == auth.Principal(tenant.id, f"operator-{user.pk}", "operator", None, None, user.pk)
 
 
 @override_settings(BACKPLANE={"ALLOWED_ORIGINS": [OPS]})
