@@ -34,13 +34,29 @@ pytestmark = pytest.mark.e2e
 
 
 
-@pytest.fixture(scope="module")
-def module_cluster(module_env, tmp_path_factory):  # type: ignore[no-untyped-def]
-    """Two edges that accept operator sessions from OPERATOR_ORIGIN, and one relay."""
+@pytest.fixture(scope="module", params=["cluster", "serve"])
+def module_cluster(module_env, tmp_path_factory, request):  # type: ignore[no-untyped-def]
+    """The same protocol suite against both deployments (issue 2's "done when"):
+
+    - ``cluster``: two daphne edges that accept operator sessions from OPERATOR_ORIGIN, and
+      one relay, over PostgreSQL and Redis;
+    - ``serve``: the single-process gateway (edge + relay + compaction) with the in-process
+      channel layer (REDIS_URL empty), on the same test database so the test can seed it.
+    """
     cluster = Cluster(log_dir=tmp_path_factory.mktemp("logs"), env=module_env)
     try:
-        cluster.start_edges(["e2e-proto-a", "e2e-proto-b"], BACKPLANE_ALLOWED_ORIGINS=OPERATOR_ORIGIN)
-        cluster.start_relay("e2e-proto-relay")
+        if request.param == "cluster":
+            cluster.start_edges(["e2e-proto-a", "e2e-proto-b"], BACKPLANE_ALLOWED_ORIGINS=OPERATOR_ORIGIN)
+            cluster.start_relay("e2e-proto-relay")
+        else:
+            port = support.free_port()
+            env = {**module_env, "REDIS_URL": "", "EDGE_ID": "e2e-proto-serve",
+                   "BACKPLANE_ALLOWED_ORIGINS": OPERATOR_ORIGIN}
+            proc = support.Proc("e2e-proto-serve", [support.PYTHON, "manage.py", "serve", "--port", str(port)],
+                                env, cluster.log_dir)
+            cluster.edges += [proc, proc]  # one process stands for "both edges"
+            cluster.ports += [port, port]
+            support.wait_port(port, timeout=30)
         yield cluster
     finally:
         cluster.stop()
