@@ -59,7 +59,29 @@ class Leases:
         self._last_report = 0.0
         self._new_shards = False
 
-    async def current(self) -> list[int]:
+    @property
+    def conn(self) -> Any:
+        """The lock session (PostgreSQL). The relay runs its statements on it too, so a
+        statement that succeeds proves the locks are still held."""
+        return self._conn
+
+    async def lost(self, exc: BaseException) -> None:
+        """The lock session failed under a statement: drop every shard at once."""
+        if self.owned:
+            logger.error(
+                "relay lost its lease session (%s); dropping shards %s",
+                type(exc).__name__,
+                sorted(self.owned),
+                extra={"action": "lease_lost"},
+            )
+        self.owned.clear()
+        await self._close()
+
+    async def maintain(self) -> list[int]:
+        """Take missing shards now and then, and report; no per-call session check."""
+        return await self.current(check=False)
+
+    async def current(self, check: bool = True) -> list[int]:
         """Return the shards owned now, after checking the lock session is alive."""
         if not conf.is_postgresql:
             if not self.owned:
@@ -68,7 +90,10 @@ class Leases:
                 await self._report(force=True)
             await self._report()
             return sorted(self.owned)
-        await self._check_session()
+        if check:
+            await self._check_session()
+        elif self._conn is not None and (self._conn.closed or self._conn.broken):
+            await self.lost(ConnectionError("lease session closed"))
         now = time.monotonic()
         if len(self.owned) < len(self.wanted) and now - self._last_acquire >= ACQUIRE_INTERVAL_SECS:
             self._last_acquire = now

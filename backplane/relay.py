@@ -18,6 +18,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import psycopg
 from channels.db import database_sync_to_async
 from django.db import DatabaseError
 
@@ -77,9 +78,11 @@ class Relay:
 
     async def cycle(self) -> tuple[int, int]:
         """Run one cycle; return (rows assigned, rows forwarded)."""
-        # Check the lease session first: a relay whose session died must neither assign nor
-        # send, so it stops before another relay can take its shards over.
-        owned = await self.leases.current()
+        fast = conf.is_postgresql
+        # On PostgreSQL the assignment runs on the lease session itself: if that session died,
+        # the statement fails and the relay drops its shards before sending anything, so it
+        # stops before another relay can take them over. Elsewhere, check before assigning.
+        owned = await (self.leases.maintain() if fast else self.leases.current())
         if not owned:
             return 0, 0
         now = time.monotonic()
@@ -91,9 +94,15 @@ class Relay:
         self.quarantine = {t: until for t, until in self.quarantine.items() if until > now}
         skip = list(self.quarantine)
         try:
-            fresh = await database_sync_to_async(outbox.assign_and_fetch)(owned, self.batch_size, skip_tenants=skip)
+            if fast:
+                fresh = await outbox.aassign_and_fetch(self.leases.conn, owned, self.batch_size, skip_tenants=skip)
+            else:
+                fresh = await database_sync_to_async(outbox.assign_and_fetch)(owned, self.batch_size, skip_tenants=skip)
             assigned = len(fresh)
-        except DatabaseError as exc:
+        except (DatabaseError, psycopg.Error) as exc:
+            if fast and (self.leases.conn is None or self.leases.conn.broken or self.leases.conn.closed):
+                await self.leases.lost(exc)
+                return 0, 0
             # One tenant's rows must not stop the others: assign tenant by tenant and set
             # aside (for QUARANTINE_SECS) the ones that still fail.
             logger.error(
@@ -107,7 +116,7 @@ class Relay:
         if assigned:
             _failpoint("after_assign")
         if self.resend_needed:
-            # After a start, a crash or a failed send: everything assigned and not yet
+            # After a start, a take-over or a failure: everything assigned and not yet
             # forwarded goes again, with the same offsets.
             pending = await database_sync_to_async(outbox.fetch_unforwarded)(
                 owned, self.batch_size, skip_tenants=list(self.quarantine)
@@ -127,7 +136,14 @@ class Relay:
         failed = await self._send([p for p in pending if p.id not in not_sent])
         _failpoint("before_mark")
         done = [p for p in pending if p.id not in failed]
-        await database_sync_to_async(outbox.mark_forwarded)([p.id for p in done], [p.part for p in done])
+        if fast:
+            try:
+                await outbox.amark_forwarded(self.leases.conn, done)
+            except psycopg.Error as exc:
+                await self.leases.lost(exc)  # sent but not marked: the next owner sends them again
+                raise
+        else:
+            await database_sync_to_async(outbox.mark_forwarded)([p.id for p in done], [p.part for p in done])
         self.resend_needed = more or bool(failed)
         per_shard: dict[int, int] = {}
         for p in done:
@@ -141,10 +157,15 @@ class Relay:
         total = 0
         for tenant_id in await database_sync_to_async(outbox.pending_tenants)(owned):
             try:
-                total += await database_sync_to_async(outbox.assign_offsets)(
-                    owned, self.batch_size, only_tenant=tenant_id
-                )
-            except DatabaseError as exc:
+                if conf.is_postgresql and self.leases.conn is not None:
+                    total += len(
+                        await outbox.aassign_and_fetch(self.leases.conn, owned, self.batch_size, only_tenant=tenant_id)
+                    )
+                else:
+                    total += await database_sync_to_async(outbox.assign_offsets)(
+                        owned, self.batch_size, only_tenant=tenant_id
+                    )
+            except (DatabaseError, psycopg.Error) as exc:
                 self.quarantine[tenant_id] = time.monotonic() + QUARANTINE_SECS
                 logger.error(
                     "relay sets tenant %s aside for %ss: %s",

@@ -112,6 +112,9 @@ def main() -> None:
         "cpu_edges",
         "cpu_relay",
         "cpu_bench",
+        "p50_to_assigned_ms",
+        "p50_assigned_to_marked_ms",
+        "p50_marked_to_peer_ms",
     ]
     print(
         f"e2e latency — {args.peers} peers on 2 edges, {args.tenants} tenants, device events, "
@@ -188,6 +191,7 @@ async def run_rates(
         elapsed = time.monotonic() - started
         await asyncio.sleep(3.0)  # let stragglers arrive
         lat = [(arrivals[e] - t) * 1000 for e, t in commits.items() if e in arrivals]
+        stages = await asyncio.to_thread(_stages, commits, arrivals)
         cpu1 = {name: common.cpu_seconds(p.pid) for name, p in procs.items()}
         results.append(
             {
@@ -204,6 +208,7 @@ async def run_rates(
                 "cpu_edges": sum(cpu1[k] - cpu0[k] for k in cpu1 if k.startswith("edge")),
                 "cpu_relay": cpu1["relay"] - cpu0["relay"],
                 "cpu_bench": time.process_time() - me0,
+                **stages,
             }
         )
     for t in readers:
@@ -211,6 +216,28 @@ async def run_rates(
     for ws in sockets:
         await ws.close()
     return results
+
+
+def _stages(commits: dict[str, float], arrivals: dict[str, float]) -> dict[str, float]:
+    """Median time spent commit→assigned, assigned→marked forwarded, marked→at the peer (ms)."""
+    from django.db import connections
+
+    from backplane.models import OutboxItem
+
+    rows = OutboxItem.objects.filter(event_id__in=list(commits)).values_list("event_id", "assigned_at", "forwarded_at")
+    a, f, d = [], [], []
+    for eid, assigned, forwarded in rows:
+        if assigned is None or forwarded is None or eid not in arrivals:
+            continue
+        a.append((assigned.timestamp() - commits[eid]) * 1000)
+        f.append((forwarded.timestamp() - assigned.timestamp()) * 1000)
+        d.append((arrivals[eid] - forwarded.timestamp()) * 1000)
+    connections.close_all()
+    return {
+        "p50_to_assigned_ms": common.percentile(a, 50),
+        "p50_assigned_to_marked_ms": common.percentile(f, 50),
+        "p50_marked_to_peer_ms": common.percentile(d, 50),
+    }
 
 
 if __name__ == "__main__":

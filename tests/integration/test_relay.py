@@ -157,8 +157,12 @@ async def test_relay__crash_before_mark_resends_same_offsets(tenant_factory, mak
     def die(*_args):
         raise RuntimeError("relay died before marking")
 
+    async def adie(*_args):
+        raise RuntimeError("relay died before marking")
+
     relay_ = make_relay()
     monkeypatch.setattr(outbox, "mark_forwarded", die)
+    monkeypatch.setattr(outbox, "amark_forwarded", adie)
     with pytest.raises(RuntimeError):
         await relay_.cycle()
     monkeypatch.undo()
