@@ -10,6 +10,7 @@ edges drop the repeats by offset, peers by event id.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -38,6 +39,8 @@ ERROR_BACKOFF_MAX_SECS = 5.0
 # How often a relay re-sends whatever is assigned but unforwarded in its shards, whatever
 # the reason it was left (belt and braces: starts, take-overs and failures already do).
 RESEND_SWEEP_SECS = 5.0
+# Streams sent at once per cycle (each may hold one Redis connection from the pool).
+SEND_CONCURRENCY = 32
 # A tenant whose rows make assignment fail is set aside this long, then retried.
 QUARANTINE_SECS = 30.0
 # How often a relay makes sure outbox partitions exist ahead (cheap when they do).
@@ -75,6 +78,16 @@ class Relay:
         # True until a cycle has swept up everything assigned-but-unforwarded (at start,
         # after a crash of a previous relay, and after any failed send).
         self.resend_needed = True
+        self.next_sweep = 0.0
+        self._publisher: _PubSubPublisher | bool | None = None
+
+    async def aclose(self) -> None:
+        """Release the shards and close this relay's connections."""
+        if self._publisher:
+            with contextlib.suppress(Exception):
+                await self._publisher.client.aclose()  # type: ignore[union-attr]
+        self._publisher = None
+        await self.leases.release()
 
     async def cycle(self) -> tuple[int, int]:
         """Run one cycle; return (rows assigned, rows forwarded)."""
@@ -177,25 +190,42 @@ class Relay:
         return total
 
     async def _send(self, pending: Sequence[outbox.Pending]) -> set[int]:
-        """Send rows to their groups, one stream at a time; return the ids that failed.
+        """Send rows to their groups, streams side by side; return the ids that failed.
 
-        A stream whose send fails stays unforwarded (it is sent again next cycle); the
-        others go on, so one tenant's failure does not hold up the rest.
+        Streams are independent, so their sends overlap (up to SEND_CONCURRENCY at once);
+        within a stream the chunks go in offset order. A stream whose send fails stays
+        unforwarded (it is sent again next cycle); the others go on, so one tenant's failure
+        does not hold up the rest.
         """
         prefix = conf.channel_prefix
         by_stream: dict[str, list[outbox.Pending]] = {}
         for p in pending:
             by_stream.setdefault(p.stream, []).append(p)
+        if self._publisher is None:
+            self._publisher = _PubSubPublisher.for_layer(self.layer)
+        if self._publisher:
+            # One pipelined round trip for every group message of the cycle.
+            messages = [m for key, rows in by_stream.items() for m in _messages(prefix, key, rows)]
+            await self._publisher.publish_all(messages)
+            return set()
+        gate = asyncio.Semaphore(SEND_CONCURRENCY)
+
+        async def one(key: str, rows: list[outbox.Pending]) -> BaseException | None:
+            async with gate:
+                try:
+                    await self._send_stream(prefix, key, rows)
+                    return None
+                except Exception as exc:
+                    return exc
+
+        outcomes = await asyncio.gather(*(one(key, rows) for key, rows in by_stream.items()))
         failed: set[int] = set()
-        errors = 0
-        for key, rows in by_stream.items():
-            try:
-                await self._send_stream(prefix, key, rows)
-            except Exception as exc:
+        errors = [exc for exc in outcomes if exc is not None]
+        if errors and len(errors) == len(by_stream):  # everything failed: the transport is down
+            raise errors[0]
+        for (_key, rows), exc in zip(by_stream.items(), outcomes, strict=True):
+            if exc is not None:
                 failed.update(p.id for p in rows)
-                errors += 1
-                if errors == len(by_stream):  # everything failed: the transport is down
-                    raise
                 logger.error(
                     "relay could not send stream of tenant %s: %s",
                     rows[0].tenant_id,
@@ -205,18 +235,8 @@ class Relay:
         return failed
 
     async def _send_stream(self, prefix: str, key: str, rows: Sequence[outbox.Pending]) -> None:
-        audience = streams.audience_of(key)
-        if audience == "edge":
-            group = streams.edge_group(prefix, key[2:])
-            for p in rows:
-                await self.layer.group_send(group, {"type": "bp.command", "body": p.item.payload_json})
-            return
-        group = streams.group_name(prefix, key)
-        epoch = rows[0].epoch
-        for start in range(0, len(rows), MAX_ITEMS_PER_MESSAGE):
-            chunk = rows[start : start + MAX_ITEMS_PER_MESSAGE]
-            items = [[p.item.offset, streams.event_frame(audience, epoch, p.item)] for p in chunk]
-            await self.layer.group_send(group, {"type": "bp.batch", "stream": key, "epoch": epoch, "items": items})
+        for group, message in _messages(prefix, key, rows):
+            await self.layer.group_send(group, message)
 
     async def run(self, stop: asyncio.Event | None = None, *, once: bool = False) -> None:
         """Forward until ``stop`` is set (or one pass when ``once``)."""
@@ -255,13 +275,64 @@ class Relay:
                     for task in (waiter, stopper):
                         task.cancel()
             finally:
-                await self.leases.release()
+                await self.aclose()
                 logger.info(
                     "relay %s stopped after forwarding %d",
                     self.holder,
                     self.forwarded_total,
                     extra={"action": "relay_stop"},
                 )
+
+
+def _messages(prefix: str, key: str, rows: Sequence[outbox.Pending]) -> list[tuple[str, dict[str, Any]]]:
+    """The group messages carrying one stream's rows (commands one by one, events in chunks)."""
+    audience = streams.audience_of(key)
+    if audience == "edge":
+        group = streams.edge_group(prefix, key[2:])
+        return [(group, {"type": "bp.command", "body": p.item.payload_json}) for p in rows]
+    group = streams.group_name(prefix, key)
+    epoch = rows[0].epoch
+    out = []
+    for start in range(0, len(rows), MAX_ITEMS_PER_MESSAGE):
+        chunk = rows[start : start + MAX_ITEMS_PER_MESSAGE]
+        items = [[p.item.offset, streams.event_frame(audience, epoch, p.item)] for p in chunk]
+        out.append((group, {"type": "bp.batch", "stream": key, "epoch": epoch, "items": items}))
+    return out
+
+
+class _PubSubPublisher:
+    """Publish many group messages of the channels-redis pub/sub layer in one pipeline.
+
+    The layer's own ``group_send`` takes a lock and a round trip per message; a relay cycle
+    with hundreds of device streams would pay hundreds of sequential round trips. This
+    writes exactly what ``group_send`` writes (same channel names, same serializer), pipelined.
+    """
+
+    def __init__(self, layer: Any, loop_layer: Any) -> None:
+        import redis.asyncio as aredis
+
+        self.layer = layer
+        self.loop_layer = loop_layer
+        self.client = aredis.Redis.from_url(conf.redis_url, socket_connect_timeout=2.0, socket_timeout=5.0)
+
+    @classmethod
+    def for_layer(cls, layer: Any) -> _PubSubPublisher | bool:
+        """A publisher for a single-host pub/sub layer; False for any other layer."""
+        if type(layer).__name__ != "RedisPubSubChannelLayer" or not conf.redis_url:
+            return False
+        loop_layer = layer._get_layer()
+        if len(getattr(loop_layer, "_shards", [])) != 1 or not hasattr(loop_layer, "_get_group_channel_name"):
+            return False
+        return cls(layer, loop_layer)
+
+    async def publish_all(self, messages: Sequence[tuple[str, dict[str, Any]]]) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        for group, message in messages:
+            pipe.publish(self.loop_layer._get_group_channel_name(group), self.layer.serialize(message))
+        await pipe.execute()
+
+    def __bool__(self) -> bool:
+        return True
 
 
 def _safe(exc: Exception) -> str:

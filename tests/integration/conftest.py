@@ -35,7 +35,7 @@ async def layer(services: None) -> AsyncIterator[Any]:
 
 @pytest.fixture
 async def make_relay(layer: Any) -> AsyncIterator[Any]:
-    """Build ``Relay`` objects on the real layer; their leases are released afterwards."""
+    """Build ``Relay`` objects on the real layer; they are closed (leases released) afterwards."""
     from backplane.relay import Relay
 
     made: list[Relay] = []
@@ -47,4 +47,4 @@ async def make_relay(layer: Any) -> AsyncIterator[Any]:
 
     yield make
     for relay in made:
-        await relay.leases.release()
+        await relay.aclose()
