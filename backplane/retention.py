@@ -169,6 +169,7 @@ def compact(
                 break
         result.keys_expired = _expire_keys(retention, batch, max_batches)
         _sweep(result)
+        _reclaim(result)
     logger.info("compaction: %s", result.summary(), extra={"action": "compact"})
     return result
 
@@ -324,6 +325,27 @@ def _expire_keys(retention: float, batch: int, max_batches: int) -> int:
         if n < batch:
             break
     return gone
+
+
+def _reclaim(result: CompactionResult) -> None:
+    """Make the space of deleted rows reusable, so sizes stay flat even without autovacuum.
+
+    Only what row deletes touched: the narrow key table, and the outbox partitions when the
+    budgets or the DEFAULT partition took the row-delete path. Whole-partition drops need none.
+    """
+    if not conf.is_postgresql or connection.in_atomic_block:
+        return
+    from backplane.outbox import EVENTKEY
+
+    tables = [EVENTKEY] if result.keys_expired else []
+    if result.deleted > result.by_rule.get("partitions", 0):
+        tables.append(OUTBOX)
+    for table in tables:
+        try:
+            with connection.cursor() as cur:
+                cur.execute(f"VACUUM (ANALYZE) {table}")
+        except Exception as exc:  # reclaiming is an optimisation; the next run tries again
+            logger.warning("could not vacuum %s: %s", table, type(exc).__name__, extra={"action": "vacuum_failed"})
 
 
 def _sweep(result: CompactionResult) -> None:
