@@ -72,7 +72,10 @@ class EdgeRuntime:
         if not streams.EDGE_ID_RE.match(self.edge_id):
             raise ValueError(f"malformed EDGE_ID {self.edge_id!r}")
         await database_sync_to_async(_register_edge)(self.edge_id)
-        self.channel = await self.layer.new_channel("edge.")
+        # The default prefix, like the consumers' channels: the core layer receives every
+        # channel of one prefix through one BRPOP loop, and a second prefix would take turns
+        # with it (delaying every socket's messages by up to the BRPOP timeout).
+        self.channel = await self.layer.new_channel()
         await self.layer.group_add(streams.edge_group(conf.channel_prefix, self.edge_id), self.channel)
         self.tasks = [
             asyncio.create_task(self._commands()),

@@ -183,3 +183,30 @@ async def test_relay__a_standby_takes_over_when_the_active_relay_dies(own_cluste
         await peer.close()
     assert standby.stop() == 0  # SIGTERM: a clean stop that releases its leases
     assert "stopped after forwarding 30" in standby.log_path.read_text()
+
+
+async def test_core_layer__heartbeat_rejoins_groups_after_a_redis_flush(own_cluster) -> None:
+    """The core layer forgets group memberships on a flush (or a restart, or group_expiry);
+    the edge's heartbeat adds its sockets back, so live delivery resumes without waiting for
+    the head check (set to 30 s here, so only a re-join can deliver within the bound)."""
+    import redis
+
+    url = "redis://127.0.0.1:6379/9"
+    env = {"BACKPLANE_LAYER": "core", "REDIS_URL": url, "BACKPLANE_HEARTBEAT_INTERVAL_SECS": "1",
+           "BACKPLANE_CONNECTION_TTL_SECS": "10", "BACKPLANE_HEAD_CHECK_INTERVAL_SECS": "30"}
+    own_cluster.start_edges(["e2e-fault-rejoin"], **env)
+    own_cluster.start_relay("relay", **env)
+    tenant = await orm(make_tenant)
+    peer = await Peer.open(own_cluster.urls[0], await orm(make_token, tenant, "dev-1"))
+    client = redis.Redis.from_url(url)
+    try:
+        await orm(publish, tenant, "before", {}, device="dev-1")
+        await peer.until_events(1)
+        client.flushdb()  # every group membership of the core layer is gone
+        await asyncio.sleep(3.0)  # a few heartbeats
+        await orm(publish, tenant, "after", {}, device="dev-1")
+        events = await peer.until_events(2, timeout=5.0)
+        assert [e["event"]["type"] for e in events] == ["before", "after"]
+    finally:
+        client.close()
+        await peer.close()
