@@ -88,9 +88,11 @@ class OutboxItem(models.Model):
         # created_at, and a unique constraint there must include the partition key.
         # ``EventKey`` keeps publishing idempotent instead.
         indexes = [
+            # The relay claims unassigned rows in id order across its shards: id leads, and
+            # shard rides in the index so rows of other shards are skipped without a heap visit.
             models.Index(
-                fields=["shard", "id"],
-                name="bp_outbox_unassigned",
+                fields=["id", "shard"],
+                name="bp_outbox_unassigned_id",
                 condition=models.Q(stream_offset__isnull=True),
             ),
             models.Index(

@@ -524,9 +524,9 @@ def read_range(stream_key: str, after: int, upto: int) -> list[streams.Item]:
 # no thread hop, server-side binding (prepared after a few runs), and a statement that
 # succeeds proves the session holding the shard locks is alive.
 
-_ASSIGN_SQL = """
+_CLAIM_SQL = """
 WITH claimed AS (
-    SELECT id, stream, tenant_id FROM backplane_outboxitem
+    SELECT id, stream, tenant_id, tableoid FROM backplane_outboxitem
     WHERE shard = ANY(%(shards)s) AND stream_offset IS NULL {tenant_filter}
     ORDER BY id LIMIT %(limit)s FOR UPDATE
 ), counts AS (
@@ -539,36 +539,61 @@ WITH claimed AS (
     FROM counts ORDER BY stream
     ON CONFLICT (key) DO UPDATE SET last_offset = s.last_offset + excluded.last_offset, updated_at = excluded.updated_at
     RETURNING s.key, s.last_offset, s.epoch
-), numbered AS (
-    SELECT c.id, h.epoch, h.last_offset - count(*) OVER w + row_number() OVER (w ORDER BY c.id) AS off
-    FROM claimed c JOIN heads h ON h.key = c.stream
-    WINDOW w AS (PARTITION BY c.stream)
 )
-UPDATE backplane_outboxitem o SET stream_offset = n.off, assigned_at = now()
-FROM numbered n WHERE o.id = n.id
-RETURNING o.id, o.kind, o.stream, n.epoch, o.shard, o.stream_offset, o.event_id, o.type, o.occurred_at,
-          o.payload::text, o.tenant_id, o.tableoid::regclass::text
+SELECT c.id, c.tableoid::regclass::text, h.epoch,
+       h.last_offset - count(*) OVER w + row_number() OVER (w ORDER BY c.id) AS off
+FROM claimed c JOIN heads h ON h.key = c.stream
+WINDOW w AS (PARTITION BY c.stream)
+"""
+
+_SET_OFFSETS_SQL = """
+UPDATE {part} o SET stream_offset = v.off, assigned_at = now()
+FROM unnest(%s::bigint[], %s::bigint[]) AS v(id, off) WHERE o.id = v.id
+RETURNING o.id, o.kind, o.stream, o.shard, o.stream_offset, o.event_id, o.type, o.occurred_at,
+          o.payload::text, o.tenant_id
 """
 
 
 async def aassign_and_fetch(
     conn: Any, shards: Sequence[int], limit: int, *, only_tenant: Any = None, skip_tenants: Sequence[Any] = ()
 ) -> list[Pending]:
-    """``assign_and_fetch`` in one statement on the relay's own PostgreSQL session."""
+    """``assign_and_fetch`` on the relay's own PostgreSQL session, in one transaction of two
+    round trips: one statement claims the rows, bumps the streams' heads and numbers the rows;
+    then each partition's rows get their offsets by primary key (and come back to be sent)."""
     params: dict[str, Any] = {"shards": list(shards), "limit": limit}
     tenant_filter = ""
     if only_tenant is not None:
         tenant_filter, params["tenant"] = "AND tenant_id = %(tenant)s", only_tenant
     elif skip_tenants:
         tenant_filter, params["skip"] = "AND NOT (tenant_id = ANY(%(skip)s))", list(skip_tenants)
-    cur = await conn.execute(_ASSIGN_SQL.format(tenant_filter=tenant_filter), params)
-    rows = await cur.fetchall()
-    pending = [
-        Pending(r[0], r[1], r[2], r[3], r[4], streams.Item(r[5], r[6], r[7], _iso(r[8]), r[9]), r[10], r[11])
-        for r in rows
-    ]
-    pending.sort(key=lambda p: (p.stream, p.item.offset))
-    return pending
+    out: list[Pending] = []
+    async with conn.transaction():
+        cur = await conn.execute(_CLAIM_SQL.format(tenant_filter=tenant_filter), params)
+        claimed = await cur.fetchall()
+        if not claimed:
+            return []
+        epochs: dict[int, str] = {}
+        by_part: dict[str, tuple[list[int], list[int]]] = {}
+        for row_id, part, epoch, off in claimed:
+            epochs[row_id] = epoch
+            ids, offs = by_part.setdefault(part, ([], []))
+            ids.append(row_id)
+            offs.append(off)
+        # One pipelined round trip. The rows are found by primary key: a hash join would
+        # read the whole partition (the planner picks one for a few hundred keys).
+        async with conn.pipeline():
+            await conn.execute("SET LOCAL enable_hashjoin = off")
+            await conn.execute("SET LOCAL enable_mergejoin = off")
+            cursors = [
+                (part, await conn.execute(_SET_OFFSETS_SQL.format(part=part), [ids, offs]))
+                for part, (ids, offs) in by_part.items()
+            ]
+        for part, cur in cursors:
+            for r in await cur.fetchall():
+                item = streams.Item(r[4], r[5], r[6], _iso(r[7]), r[8])
+                out.append(Pending(r[0], r[1], r[2], epochs[r[0]], r[3], item, r[9], part))
+    out.sort(key=lambda p: (p.stream, p.item.offset))
+    return out
 
 
 async def amark_forwarded(conn: Any, pending: Sequence[Pending]) -> None:

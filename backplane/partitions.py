@@ -179,6 +179,7 @@ def convert_outbox(schema_editor: Any) -> None:
         cur.execute(f"ALTER TABLE {TABLE} ADD CONSTRAINT {TABLE}_pkey_p PRIMARY KEY (id, created_at)")
         cur.execute(f"CREATE TABLE {DEFAULT_PARTITION} PARTITION OF {TABLE} DEFAULT")
         cur.execute(f"CREATE INDEX bp_outbox_unassigned ON {TABLE} (shard, id) WHERE stream_offset IS NULL")
+        # (Migration 0005 replaces this index with bp_outbox_unassigned_id on (id, shard).)
         cur.execute(
             f"CREATE INDEX bp_outbox_unforwarded ON {TABLE} (shard, stream, stream_offset) "
             f"WHERE forwarded_at IS NULL AND stream_offset IS NOT NULL"

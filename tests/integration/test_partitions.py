@@ -124,7 +124,7 @@ def test_migrate__outbox_is_range_partitioned_on_created_at_with_a_default(servi
         assert cur.fetchall() == [("r", "created_at", partitions.DEFAULT_PARTITION)]
         cur.execute("SELECT indexname FROM pg_indexes WHERE tablename = %s ORDER BY indexname", [TABLE])
         assert [r[0] for r in cur.fetchall()] == [
-            "backplane_outboxitem_pkey_p", "bp_outbox_created", "bp_outbox_stream_offset", "bp_outbox_unassigned",
+            "backplane_outboxitem_pkey_p", "bp_outbox_created", "bp_outbox_stream_offset", "bp_outbox_unassigned_id",
             "bp_outbox_unforwarded",
         ]
     assert partitions.is_partitioned()
