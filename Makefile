@@ -6,7 +6,7 @@ export TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/tyrum
 export TEST_REDIS_URL ?= redis://127.0.0.1:6379/15
 export BACKPLANE_CHANNEL_PREFIX ?= tyrumtest
 
-.PHONY: install run test unit lint bench clean
+.PHONY: install run test unit faults lint bench clean
 
 $(BIN)/.installed: requirements.txt
 	$(PY) -m venv $(VENV)
@@ -29,9 +29,19 @@ test: install
 unit: install
 	$(BIN)/python -m pytest tests/unit
 
+# The failure matrix alone (`make test` runs it too); its figures go to FAULTS_RESULTS.
+faults: install
+	DATABASE_URL=$(TEST_DATABASE_URL) REDIS_URL=$(TEST_REDIS_URL) FAULTS_RESULTS=$(or $(FAULTS_RESULTS),bench/results/faults.json) \
+		$(BIN)/python -m pytest tests/faults
+
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check backplane tyrum
+
+# The benchmark suite (bench/run_all.py, under 10 minutes): needs PostgreSQL and Redis on
+# 127.0.0.1 and node/npm for the Socket.IO peer; figures in bench/results, docs/performance.md.
+bench: install
+	$(BIN)/python bench/run_all.py
 
 clean:
 	rm -rf $(VENV) var

@@ -39,6 +39,9 @@ ERROR_BACKOFF_MAX_SECS = 5.0
 # How often a relay re-sends whatever is assigned but unforwarded in its shards, whatever
 # the reason it was left (belt and braces: starts, take-overs and failures already do).
 RESEND_SWEEP_SECS = 5.0
+# Longest a cycle waits for the transport to take its messages before giving up (they stay
+# unforwarded and go again; edges fill from the outbox meanwhile).
+SEND_TIMEOUT_SECS = 2.0
 # Streams sent at once per cycle (each may hold one Redis connection from the pool).
 SEND_CONCURRENCY = 32
 # A tenant whose rows make assignment fail is set aside this long, then retried.
@@ -146,7 +149,8 @@ class Relay:
         not_sent: set[int] = set()
         if commands:  # a command for a dead edge is re-routed or recorded, never sent into the void
             not_sent = await database_sync_to_async(command_routing.route)(commands)
-        failed = await self._send([p for p in pending if p.id not in not_sent])
+        # Bounded: a hung Redis must not stop assignment (edges fill from the outbox meanwhile).
+        failed = await asyncio.wait_for(self._send([p for p in pending if p.id not in not_sent]), SEND_TIMEOUT_SECS)
         _failpoint("before_mark")
         done = [p for p in pending if p.id not in failed]
         if fast:
@@ -313,7 +317,9 @@ class _PubSubPublisher:
 
         self.layer = layer
         self.loop_layer = loop_layer
-        self.client = aredis.Redis.from_url(conf.redis_url, socket_connect_timeout=2.0, socket_timeout=5.0)
+        self.client = aredis.Redis.from_url(
+            conf.redis_url, socket_connect_timeout=SEND_TIMEOUT_SECS, socket_timeout=SEND_TIMEOUT_SECS
+        )
 
     @classmethod
     def for_layer(cls, layer: Any) -> _PubSubPublisher | bool:

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from e2e.conftest import e2e_database, e2e_db, module_env  # noqa: F401 - fixtures used here
+
 from faults.harness import Scenario
 from faults.services import PrivatePostgres, PrivateRedis
 
@@ -45,7 +45,7 @@ def faults_results(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[di
 
 
 @pytest.fixture
-async def scenario(module_env: dict[str, str], tmp_path: Path,
+async def scenario(module_env: dict[str, str], tmp_path: Path,  # noqa: F811 - the fixture imported above
                    faults_results: list[dict[str, Any]]) -> AsyncIterator[Callable[..., Scenario]]:
     """``scenario(name, **env)`` makes a Scenario; its processes are stopped by PID after the
     test, and its report (if it got one) joins the run's results."""

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import support
-
 from e2e.conftest import Cluster
+
 from faults.checker import Checker, LivePeer, PeerRecord, load_journal, load_truth
 from faults.services import EdgeFront
 
@@ -94,6 +94,7 @@ class Scenario:
         return self.cluster.spawn(name, args)
 
     def check_alive(self) -> None:
+        """Every edge and relay is alive, except those the test killed (SIGKILL)."""
         for proc in [*self.cluster.edges, *self.cluster.relays]:
             assert proc.alive() or proc.popen.returncode == -9, f"{proc.name} died: {proc.log()[-3000:]}"
 
@@ -176,6 +177,7 @@ class Scenario:
     async def finish(self, drain_timeout: float = DRAIN_TIMEOUT_SECS) -> dict[str, Any]:
         """Stop the producers, wait (bounded) until every committed event is assigned and
         every peer has what it is owed, stop the peers, and verify."""
+        self.check_alive()
         for proc in self.producers:
             await asyncio.to_thread(proc.stop, 15)
         self.checker.journal = load_journal(self.journals)

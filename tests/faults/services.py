@@ -48,6 +48,7 @@ class PrivateRedis:
         """SIGKILL by PID: everything in it is gone, every client connection is cut."""
         assert self.proc is not None
         self.proc.kill()
+        self.proc.stop()  # closes its log; the process is gone already
 
     def pause(self) -> None:
         """SIGSTOP: the port still accepts TCP connections, nothing answers."""
