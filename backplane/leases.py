@@ -107,15 +107,7 @@ class Leases:
         try:
             await self._conn.execute("SELECT 1")
         except Exception as exc:
-            if self.owned:
-                logger.error(
-                    "relay lost its lease session (%s); dropping shards %s",
-                    type(exc).__name__,
-                    sorted(self.owned),
-                    extra={"action": "lease_lost"},
-                )
-            self.owned.clear()
-            await self._close()
+            await self.lost(exc)
 
     async def _try_acquire(self) -> None:
         import psycopg
