@@ -237,6 +237,7 @@ class TyrumClient:
         self._hello_seen = False
         self._pending_resume: dict[str, Any] | None = None
         self._replay_heads: dict[str, int] = {}  # streams named in resume -> head offset at hello
+        self._floors: dict[str, tuple[str, int]] = {}  # stream -> (epoch, offset covered already)
 
     def _handle_frame(self, frame: dict[str, Any]) -> list[Event | Resync]:
         """Apply one server frame to the client state; return what to hand to the caller."""
@@ -265,6 +266,12 @@ class TyrumClient:
         # Resume with what we hold, even if the epoch changed: the server answers epoch_changed.
         self._pending_resume = build_resume_frame(self.streams)
         self._replay_heads = {name: heads[name][1] for name in self.streams if name in heads}
+        # Below the floor everything is covered: by what we processed (resumed streams) or by
+        # the durable state a fresh peer loads after reading the heads.
+        self._floors = {
+            name: (epoch, min(self.streams[name][1], offset) if name in self._replay_heads else offset)
+            for name, (epoch, offset) in heads.items()
+        }
         for name, (epoch, offset) in heads.items():
             current = self.streams.get(name)
             # A stored offset beyond the head (offset_ahead) would drop live events as duplicates.
@@ -288,9 +295,17 @@ class TyrumClient:
         )
         last_epoch, last_offset = self.streams.get(stream, (None, -1))
         same_epoch = last_epoch == epoch
-        if self._dedupe.seen(event.event_id) or (same_epoch and offset <= last_offset):
+        if self._dedupe.seen(event.event_id):
             self.duplicates += 1
             return []
+        floor = self._floors.get(stream)
+        if floor is not None and floor[0] == epoch and offset <= floor[1]:
+            self.duplicates += 1
+            return []
+        if same_epoch and offset <= last_offset:
+            # Not seen, above the floor, yet below our position: a replay that arrived after
+            # live events (the resume reached the edge after its 300 ms hold). Yield it.
+            return [event]
         if same_epoch and offset != last_offset + 1 and stream not in self._replay_heads:
             logger.warning("gap in stream %s before %d", stream, offset, extra={"action": "gap"})
         self.streams[stream] = (epoch, offset)

@@ -510,3 +510,22 @@ def test_events__closing_the_iterator_closes_the_connection(
     items = run(collect(make_client(), until=lambda items: len(items) == 1))
     assert len(items) == 1
     assert conn.closed
+
+
+def test_client__late_replay_after_live_events_is_yielded_not_dropped() -> None:
+    """Under load a resume can reach the edge after its 300 ms hold: live events (past the
+    head) then arrive before the replay. The replayed events are new, so they are yielded;
+    events at or below what the peer had processed stay duplicates."""
+    client = make_client()
+    client.load_state({"device": {"epoch": "e", "offset": 5}})
+    client._handle_frame(hello(device=("e", 8)))
+    live = client._handle_frame(event("device", "e", 9))
+    late = [client._handle_frame(event("device", "e", o)) for o in (6, 7, 8)]
+    covered = client._handle_frame(event("device", "e", 5))
+    again = client._handle_frame(event("device", "e", 9))
+
+    assert [e.offset for e in live] == [9]  # type: ignore[union-attr]
+    assert [[e.offset for e in got] for got in late] == [[6], [7], [8]]  # type: ignore[union-attr]
+    assert covered == [] and again == []
+    assert client.duplicates == 2
+    assert client.state()["device"] == {"epoch": "e", "offset": 9}
