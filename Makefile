@@ -24,7 +24,8 @@ run: install
 # Everything: unit, integration (PostgreSQL + Redis), e2e (daphne processes), embedded smoke.
 test: install
 	$(BIN)/python manage.py makemigrations --check --dry-run -v 0
-	DATABASE_URL=$(TEST_DATABASE_URL) REDIS_URL=$(TEST_REDIS_URL) $(BIN)/python -m pytest
+	SECRET_KEY=tyrum-test-suite-key DATABASE_URL=$(TEST_DATABASE_URL) REDIS_URL=$(TEST_REDIS_URL) \
+		$(BIN)/python -m pytest
 
 unit: install
 	$(BIN)/python -m pytest tests/unit

@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from django.conf import settings
-from django.core.checks import Error, register
+from django.core.checks import Error, Warning, register
 
-from backplane.conf import DEFAULTS, conf
+from backplane.conf import DEFAULTS, DEVELOPMENT_SECRET_KEY, conf
 
 _POSITIVE_INTS = (
     "SHARDS",
@@ -123,6 +123,14 @@ def check_backplane_settings(app_configs: Any = None, **kwargs: Any) -> list[Err
                 "REDIS_URL must start with redis://, rediss:// or unix://.",
                 hint="For example redis://127.0.0.1:6379/0.",
                 id="backplane.E010",
+            )
+        )
+    if not settings.DEBUG and settings.SECRET_KEY == DEVELOPMENT_SECRET_KEY and getattr(settings, "REDIS_URL", ""):
+        errors.append(
+            Warning(
+                "SECRET_KEY is the public development key while DEBUG is off.",
+                hint="Set SECRET_KEY in the environment for any cluster deployment.",
+                id="backplane.W001",
             )
         )
     return errors

@@ -11,6 +11,9 @@ from typing import Any
 
 from django.conf import settings
 
+# tyrum/settings.py's fallback; fine for the embedded mode, flagged (backplane.W001) in clusters.
+DEVELOPMENT_SECRET_KEY = "tyrum-embedded-development-key-change-me"  # noqa: S105  (public on purpose)
+
 DEFAULTS: dict[str, Any] = {
     # Relay shards: hash(tenant) mod SHARDS. Each shard has one active relay at a time.
     "SHARDS": 16,

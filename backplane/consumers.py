@@ -18,6 +18,7 @@ from datetime import timedelta
 from typing import Any
 
 from channels.db import database_sync_to_async
+from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.db import IntegrityError, transaction
 from django.utils import timezone
@@ -121,6 +122,9 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         if self.runtime is None or not self.keys:
             return
         self.runtime.remove(self)
+        hold = getattr(self, "hold_task", None)
+        if hold is not None:
+            hold.cancel()
         prefix = conf.channel_prefix
         for key in self.keys.values():
             with contextlib.suppress(Exception):  # the transport may be down; the socket is gone anyway
@@ -243,7 +247,27 @@ class GatewayConsumer(AsyncWebsocketConsumer):
 
     async def _hold_timer(self) -> None:
         await asyncio.sleep(conf.LIVE_HOLD_MS / 1000)
-        await self._release()
+        try:
+            await self._release()
+        except Exception as exc:
+            await self._failed(exc)
+
+    async def dispatch(self, message: dict[str, Any]) -> None:
+        """Dispatch, but never let a handler's error leave a half-alive consumer behind:
+        close with 4001 (the peer reconnects and resumes) and let disconnect() clean up."""
+        try:
+            await super().dispatch(message)
+        except StopConsumer:
+            raise
+        except Exception as exc:
+            await self._failed(exc)
+
+    async def _failed(self, exc: BaseException) -> None:
+        logger.error("consumer failed (%s): closing 4001", type(exc).__name__, extra={"action": "consumer_error"})
+        if getattr(self, "cursors", None):
+            await self.close_with(4001)
+        else:  # failed before accept
+            await self.close()
 
     async def _release(self) -> None:
         if not self.holding:
@@ -285,7 +309,17 @@ class GatewayConsumer(AsyncWebsocketConsumer):
                 await self._send_text(frames[step])
 
     async def _fill(self, name: str, epoch: str, after: int, upto: int) -> None:
-        items = await database_sync_to_async(outbox.read_range)(self.keys[name], after, upto)
+        # The cursor has moved past the gap already: if the gap cannot be sent now, the socket
+        # must close (4001) so the peer resumes from what it really processed.
+        if upto - after > conf.MAX_REPLAY_EVENTS:
+            await self.close_with(4001)
+            raise _Closed
+        try:
+            items = await database_sync_to_async(outbox.read_range)(self.keys[name], after, upto)
+        except Exception as exc:
+            logger.warning("gap fill failed (%s): closing 4001", type(exc).__name__, extra={"action": "gap_error"})
+            await self.close_with(4001)
+            raise _Closed from None
         if len(items) != upto - after:  # compacted away: the peer must refetch
             logger.warning("gap %s..%s no longer in the outbox", after + 1, upto, extra={"action": "gap_lost"})
             await self.close_with(4409)
@@ -303,6 +337,12 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         """Fill a lag that persists across two head checks (the relay was not just slow)."""
         if self.holding or self.closed:
             return
+        try:
+            await self._observe_heads(heads)
+        except Exception as exc:
+            await self._failed(exc)
+
+    async def _observe_heads(self, heads: dict[str, outbox.Head]) -> None:
         for name, key in self.keys.items():
             head = heads.get(key)
             cursor = self.cursors.get(name)

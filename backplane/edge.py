@@ -215,7 +215,8 @@ class EdgeRuntime:
 
 
 def _joins_expire(layer: Any) -> bool:
-    return type(layer).__name__ == "RedisChannelLayer"
+    # Both forget memberships after group_expiry (the in-memory layer: 24 h by default).
+    return type(layer).__name__ in ("RedisChannelLayer", "InMemoryChannelLayer")
 
 
 def _install_sigterm(runtime: EdgeRuntime) -> None:
@@ -255,7 +256,11 @@ def _beat(
     if not Edge.objects.filter(edge_id=eid).update(heartbeat_at=now):
         _register_edge(eid)
     refreshed = Connection.objects.filter(edge_id=eid).update(expires_at=now + ttl, last_seen_at=now)
-    if rows and refreshed < len(rows):
+    if rows is not None and refreshed != len(rows):
+        # Rows of sockets this edge no longer holds (a failed delete at disconnect) go;
+        # rows of live sockets that were swept come back.
+        live = [row["connection_id"] for row in rows]
+        Connection.objects.filter(edge_id=eid).exclude(connection_id__in=live).delete()
         Connection.objects.bulk_create(
             [Connection(edge_id=eid, expires_at=now + ttl, last_seen_at=now, **row) for row in rows],
             ignore_conflicts=True,

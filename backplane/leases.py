@@ -42,6 +42,13 @@ def _conninfo() -> dict[str, Any]:
         "port": db.get("PORT") or None,
         "connect_timeout": 5,
         "application_name": "tyrum-relay-lease",
+        # A partitioned relay must lose its locks in seconds, not after the OS's 2-hour
+        # keepalive: the server side notices a silent peer through these.
+        "keepalives": 1,
+        "keepalives_idle": 10,
+        "keepalives_interval": 5,
+        "keepalives_count": 3,
+        "options": "-c tcp_keepalives_idle=10 -c tcp_keepalives_interval=5 -c tcp_keepalives_count=3",
     }
     return {k: v for k, v in info.items() if v is not None}
 

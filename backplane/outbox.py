@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -33,6 +34,8 @@ logger = logging.getLogger(__name__)
 OUTBOX = OutboxItem._meta.db_table
 STREAM = "backplane_stream"
 EVENTKEY = "backplane_eventkey"
+# An escaped NUL in JSON text: \u0000 after an even number of backslashes.
+_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 
 
 def resolve_tenant(tenant: Tenant | uuid.UUID | str) -> Tenant:
@@ -72,9 +75,12 @@ def _stream_for(tenant_id: uuid.UUID, device: str | None, role: str | None) -> s
 
 def _encode(payload: Any) -> str:
     try:
-        return json.dumps(payload, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        text = json.dumps(payload, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise exceptions.InvalidPayload(f"payload is not JSON: {exc}") from None
+    if "\\u0000" in text and _NUL.search(text):  # PostgreSQL's jsonb cannot store NUL
+        raise exceptions.InvalidPayload("payload holds a NUL character (\\u0000)")
+    return text
 
 
 def _build(tenant_id: uuid.UUID, spec: Mapping[str, Any], patterns: tuple[str, ...]) -> tuple[Any, ...]:
@@ -149,13 +155,12 @@ def publish_many(tenant: Tenant | uuid.UUID | str, events: Iterable[Mapping[str,
     unique: dict[str, tuple[Any, ...]] = {}
     for row in rows:  # the same id twice in one call is one event
         unique.setdefault(row[1], row)
-    state = _insert(tenant_id, shard, list(unique.values()))
-    if state is None and not isinstance(tenant, Tenant | uuid.UUID):
+    try:
+        _insert(tenant_id, shard, list(unique.values()))
+    except exceptions.UnknownTenant:
+        if isinstance(tenant, Tenant | uuid.UUID):
+            raise
         return publish_many(resolve_tenant(tenant), events)  # a slug that looks like a UUID
-    if state is None:
-        raise exceptions.UnknownTenant(f"no tenant {tenant_id}")
-    if state is False:
-        raise exceptions.InactiveTenant(f"tenant {tenant_id} is not active")
     transaction.on_commit(lambda: doorbell.ring(shard))
     return [row[1] for row in rows]
 
@@ -175,15 +180,14 @@ def _known_id(tenant: Tenant | uuid.UUID | str) -> uuid.UUID | None:
 INSERT_CHUNK = 5000
 
 
-def _insert(tenant_id: uuid.UUID, shard: int, rows: list[tuple[Any, ...]]) -> bool | None:
-    """Insert event keys and, for the keys that are new, outbox rows; return the tenant's
-    ``is_active`` (None: no such tenant). Nothing is written unless the tenant is active.
+def _insert(tenant_id: uuid.UUID, shard: int, rows: list[tuple[Any, ...]]) -> None:
+    """Insert event keys and, for the keys that are new, outbox rows. Raises UnknownTenant or
+    InactiveTenant (and writes nothing) unless the tenant exists and is active.
 
     On PostgreSQL one statement per chunk checks the tenant, inserts the keys with ON CONFLICT
     DO NOTHING, and inserts into the outbox only the rows whose keys went in. No savepoint:
     a single statement is atomic, and on SQLite the caller's transaction (or ours) is.
     """
-    state: bool | None = True
     with transaction.atomic(savepoint=False), connection.cursor() as cur:
         for start in range(0, len(rows), INSERT_CHUNK):
             chunk = rows[start : start + INSERT_CHUNK]
@@ -193,7 +197,8 @@ def _insert(tenant_id: uuid.UUID, shard: int, rows: list[tuple[Any, ...]]) -> bo
                 # thousands of array elements into the SQL text, escaping each one.
                 connection.ensure_connection()
                 raw = psycopg.Cursor(connection.connection)
-                raw.execute(
+                _execute_raw(
+                    raw,
                     f"WITH t AS (SELECT is_active FROM backplane_tenant WHERE id = %s), "
                     f"k AS (INSERT INTO {EVENTKEY} (tenant_id, event_id) SELECT %s, unnest(%s::text[]) "
                     f"WHERE coalesce((SELECT is_active FROM t), false) ON CONFLICT DO NOTHING RETURNING event_id), "
@@ -208,8 +213,11 @@ def _insert(tenant_id: uuid.UUID, shard: int, rows: list[tuple[Any, ...]]) -> bo
                 )
                 state = raw.fetchone()[0]
                 raw.close()
-                if state is not True:
-                    return state
+                # Raised inside the atomic block: earlier chunks roll back with it.
+                if state is None:
+                    raise exceptions.UnknownTenant(f"no tenant {tenant_id}")
+                if state is False:
+                    raise exceptions.InactiveTenant(f"tenant {tenant_id} is not active")
                 continue
             fresh: set[str] = set()
             for part in range(0, len(chunk), 300):
@@ -239,7 +247,17 @@ def _insert(tenant_id: uuid.UUID, shard: int, rows: list[tuple[Any, ...]]) -> bo
                 ],
                 batch_size=500,
             )
-    return state
+
+
+def _execute_raw(cur: Any, sql: str, params: Sequence[Any], *, binary: bool = False) -> None:
+    """Run a statement on a raw psycopg cursor; turn driver errors into backplane errors
+    without their DETAIL/CONTEXT lines (PostgreSQL quotes parameter values there)."""
+    try:
+        cur.execute(sql, params, binary=binary)
+    except psycopg.OperationalError as exc:
+        raise exceptions.StoreUnavailable(type(exc).__name__) from None
+    except psycopg.Error as exc:
+        raise exceptions.PublishError(f"the database refused the events ({type(exc).__name__})") from None
 
 
 def publish_command(tenant_id: uuid.UUID, edge_id: str, command: str, args: Mapping[str, Any]) -> str:

@@ -42,6 +42,8 @@ RESEND_SWEEP_SECS = 5.0
 # Longest a cycle waits for the transport to take its messages before giving up (they stay
 # unforwarded and go again; edges fill from the outbox meanwhile).
 SEND_TIMEOUT_SECS = 2.0
+# ...plus this much per byte sent (a conservative floor for loopback-to-LAN Redis).
+SEND_BYTES_PER_SEC = 5_000_000
 # Streams sent at once per cycle (each may hold one Redis connection from the pool).
 SEND_CONCURRENCY = 32
 # A tenant whose rows make assignment fail is set aside this long, then retried.
@@ -150,7 +152,10 @@ class Relay:
         if commands:  # a command for a dead edge is re-routed or recorded, never sent into the void
             not_sent = await database_sync_to_async(command_routing.route)(commands)
         # Bounded: a hung Redis must not stop assignment (edges fill from the outbox meanwhile).
-        failed = await asyncio.wait_for(self._send([p for p in pending if p.id not in not_sent]), SEND_TIMEOUT_SECS)
+        to_send = [p for p in pending if p.id not in not_sent]
+        # Bounded, but by size too: a big batch of big payloads must not time out every cycle.
+        timeout = SEND_TIMEOUT_SECS + sum(len(p.item.payload_json) for p in to_send) / SEND_BYTES_PER_SEC
+        failed = await asyncio.wait_for(self._send(to_send), timeout)
         _failpoint("before_mark")
         done = [p for p in pending if p.id not in failed]
         if fast:
@@ -208,10 +213,21 @@ class Relay:
         if self._publisher is None:
             self._publisher = _PubSubPublisher.for_layer(self.layer)
         if self._publisher:
-            # One pipelined round trip for every group message of the cycle.
-            messages = [m for key, rows in by_stream.items() for m in _messages(prefix, key, rows)]
-            await self._publisher.publish_all(messages)
-            return set()
+            # One pipelined round trip for every group message of the cycle. A command that
+            # reached no subscriber (its edge is re-subscribing) is not forwarded: it goes
+            # again, and is re-routed if its edge is dead by then.
+            messages: list[tuple[str, dict[str, Any]]] = []
+            owners: list[list[outbox.Pending]] = []
+            for key, rows in by_stream.items():
+                for group, message in _messages(prefix, key, rows):
+                    messages.append((group, message))
+                    owners.append(rows if message["type"] == "bp.command" else [])
+            receivers = await self._publisher.publish_all(messages)
+            unheard: set[int] = set()
+            for rows, count in zip(owners, receivers, strict=True):
+                if rows and not count:
+                    unheard.update(p.id for p in rows)
+            return unheard
         gate = asyncio.Semaphore(SEND_CONCURRENCY)
 
         async def one(key: str, rows: list[outbox.Pending]) -> BaseException | None:
@@ -331,11 +347,12 @@ class _PubSubPublisher:
             return False
         return cls(layer, loop_layer)
 
-    async def publish_all(self, messages: Sequence[tuple[str, dict[str, Any]]]) -> None:
+    async def publish_all(self, messages: Sequence[tuple[str, dict[str, Any]]]) -> list[int]:
+        """Publish every message; return how many subscribers each reached."""
         pipe = self.client.pipeline(transaction=False)
         for group, message in messages:
             pipe.publish(self.loop_layer._get_group_channel_name(group), self.layer.serialize(message))
-        await pipe.execute()
+        return [int(n) for n in await pipe.execute()]
 
     def __bool__(self) -> bool:
         return True

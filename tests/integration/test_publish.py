@@ -213,3 +213,35 @@ def test_publish__tenant_deactivated_since_object_was_loaded_is_inactive(tenant)
         outbox.publish(tenant, "a.b", {})
 
     assert not OutboxItem.objects.exists()
+
+
+@pytest.mark.parametrize("payload", [{"note": "a\x00b"}, {"k\x00": 1}, ["\x00"]])
+def test_publish__nul_character_is_invalid_payload_and_writes_nothing(tenant, payload):
+    """PostgreSQL's jsonb cannot store NUL: refuse it up front, with a named error (and no
+    driver message that would quote the payload)."""
+    with pytest.raises(exceptions.InvalidPayload):
+        outbox.publish(tenant, "run.updated", payload)
+    assert OutboxItem.objects.count() == 0
+
+
+def test_publish__literal_backslash_u0000_text_is_fine(tenant):
+    outbox.publish(tenant, "run.updated", {"note": "\\u0000"})
+    assert OutboxItem.objects.get().payload == {"note": "\\u0000"}
+
+
+def test_publish_many__inactive_tenant_midway_writes_no_chunk(tenant, monkeypatch):
+    """A publish of several chunks is all or nothing even if the tenant changes between them."""
+    monkeypatch.setattr(outbox, "INSERT_CHUNK", 2)
+    calls = {"n": 0}
+    real = outbox._execute_raw
+
+    def flip_after_first(cur, sql, params, **kw):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == 2:
+            Tenant.objects.filter(pk=tenant.pk).update(is_active=False)
+        return real(cur, sql, params, **kw)
+
+    monkeypatch.setattr(outbox, "_execute_raw", flip_after_first)
+    with pytest.raises(exceptions.InactiveTenant):
+        outbox.publish_many(tenant, [{"type": "a.b", "payload": {"i": i}} for i in range(5)])
+    assert OutboxItem.objects.count() == 0

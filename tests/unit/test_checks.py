@@ -107,3 +107,15 @@ def test_checks__every_error_has_a_hint():
 def test_checks__registered_with_manage_check():
     with override_settings(BACKPLANE={"SHARDS": 0}), pytest.raises(SystemCheckError, match="backplane.E003"):
         call_command("check")
+
+
+def test_checks__w001_development_secret_key_in_a_cluster() -> None:
+    from backplane.checks import check_backplane_settings
+    from backplane.conf import DEVELOPMENT_SECRET_KEY
+
+    with override_settings(SECRET_KEY=DEVELOPMENT_SECRET_KEY, REDIS_URL="redis://127.0.0.1:6379/0", DEBUG=False):
+        assert [m.id for m in check_backplane_settings()] == ["backplane.W001"]
+    with override_settings(SECRET_KEY=DEVELOPMENT_SECRET_KEY, REDIS_URL="", DEBUG=False):  # embedded: fine
+        assert check_backplane_settings() == []
+    with override_settings(SECRET_KEY="a-real-secret", REDIS_URL="redis://127.0.0.1:6379/0", DEBUG=False):
+        assert check_backplane_settings() == []
