@@ -1,24 +1,58 @@
-"""Shared bench plumbing: a scratch PostgreSQL database, machine facts, result output."""
+"""Shared bench plumbing: scratch database, processes, CPU accounting, machine facts, output.
+
+Every benchmark records, per phase, the CPU seconds of each process involved (edges, relay,
+load clients, producers, Redis, PostgreSQL) and of the whole machine, and says when a load
+client was the bottleneck (it used ≥ 90 % of a core) or the machine was saturated.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
+import resource
+import signal
+import socket
 import subprocess
 import sys
 import time
+import uuid
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
+LOGS = RESULTS / "logs"
 PG_ADMIN = os.environ.get("BENCH_PG_ADMIN_URL", "postgres://postgres@127.0.0.1:5432/postgres")
+# Our own Redis database number; the pub/sub layer ignores it, so every run also uses its own
+# channel prefix (see ``prefix()``).
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
+PY = sys.executable
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+# A load-client process that used this share of one core over a phase was the bottleneck.
+BOTTLENECK_CORE_SHARE = 0.9
+# The whole machine busier than this share of all cores: the box itself was the limit.
+SATURATED_MACHINE_SHARE = 0.95
+
+
+def prefix(name: str) -> str:
+    """A channel prefix of our own for this run (deployments sharing one Redis stay apart)."""
+    return f"bench{name}{os.getpid()}"
+
+
+# --- database and Django ------------------------------------------------------------------
+
+
+def scratch_name(name: str) -> str:
+    """A database name of this run's own: several people may run the benchmarks at once."""
+    return f"{name}_{os.getpid()}"
 
 
 def scratch_database(name: str) -> str:
-    """(Re)create database ``name`` and migrate it; return its URL."""
+    """(Re)create database ``name`` and migrate it; return its URL (``drop_database`` after)."""
     import psycopg
 
     with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
@@ -26,54 +60,414 @@ def scratch_database(name: str) -> str:
         conn.execute(f'CREATE DATABASE "{name}"')
     url = PG_ADMIN.rsplit("/", 1)[0] + f"/{name}"
     env = {**os.environ, "DATABASE_URL": url, "REDIS_URL": REDIS_URL}
-    subprocess.run([sys.executable, "manage.py", "migrate", "-v", "0"], cwd=ROOT, env=env, check=True)
+    subprocess.run([PY, "manage.py", "migrate", "-v", "0"], cwd=ROOT, env=env, check=True, timeout=120)
     return url
 
 
-def setup_django(database_url: str, prefix: str) -> None:
+def drop_database(name: str) -> None:
+    import psycopg
+
+    with contextlib.suppress(Exception):
+        from django.db import connections
+
+        connections.close_all()
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def setup_django(database_url: str, channel_prefix: str) -> None:
     os.environ["DATABASE_URL"] = database_url
     os.environ["REDIS_URL"] = REDIS_URL
-    os.environ["BACKPLANE_CHANNEL_PREFIX"] = prefix
+    os.environ["BACKPLANE_CHANNEL_PREFIX"] = channel_prefix
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tyrum.settings")
     os.environ.setdefault("LOG_LEVEL", "WARNING")
-    sys.path.insert(0, str(ROOT))
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
     import django
 
     django.setup()
 
 
-def machine() -> dict[str, Any]:
-    cpu = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    versions: dict[str, str] = {"python": platform.python_version()}
-    for mod in ("django", "channels", "channels_redis", "daphne", "psycopg", "redis"):
-        try:
-            versions[mod] = __import__(mod).__version__
-        except Exception:
-            pass
+def service_env(database_url: str, channel_prefix: str, **extra: str) -> dict[str, str]:
     return {
-        "host": platform.node(),
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "kernel": platform.release(),
-        "versions": versions,
+        **os.environ,
+        "DATABASE_URL": database_url,
+        "REDIS_URL": REDIS_URL,
+        "BACKPLANE_CHANNEL_PREFIX": channel_prefix,
+        "LOG_LEVEL": "WARNING",
+        "PYTHONUNBUFFERED": "1",
+        **extra,
     }
+
+
+def balanced_tenants(count: int, shards: int = 16) -> list[uuid.UUID]:
+    """Tenant ids spread evenly over the two halves of the shard space (so two relays with
+    shards 0..7 and 8..15 get the same load) and over distinct shards where possible."""
+    from backplane import streams
+
+    half = shards // 2
+    want = {0: count - count // 2, 1: count // 2}
+    used: set[int] = set()
+    out: list[uuid.UUID] = []
+    for _ in range(100_000):
+        if len(out) == count:
+            break
+        tid = uuid.uuid4()
+        shard = streams.shard_of(tid, shards)
+        side = 0 if shard < half else 1
+        if want[side] == 0 or (shard in used and len(used) < shards):
+            continue
+        want[side] -= 1
+        used.add(shard)
+        out.append(tid)
+    assert len(out) == count, "could not spread tenants over the shards"
+    return out
+
+
+def make_tenants(count: int, slug: str = "t") -> list[Any]:
+    from backplane.models import Tenant
+
+    return [
+        Tenant.objects.create(id=tid, slug=f"{slug}{i}", name=f"{slug.upper()}{i}")
+        for i, tid in enumerate(balanced_tenants(count))
+    ]
+
+
+def make_tokens(tenant_of: Sequence[Any], devices: Sequence[str], role: str = "node") -> list[str]:
+    """Create one token per device in one statement (``auth.create_token`` row by row is slow
+    for 10 000 peers); return the tokens in order."""
+    import secrets
+
+    from backplane import auth
+    from backplane.models import AccessToken
+
+    tokens = [auth.TOKEN_PREFIX + secrets.token_urlsafe(32) for _ in devices]
+    AccessToken.objects.bulk_create(
+        [
+            AccessToken(tenant=t, device_id=d, role=role, token_hash=auth.hash_token(tok))
+            for t, d, tok in zip(tenant_of, devices, tokens, strict=True)
+        ],
+        batch_size=2000,
+    )
+    return tokens
+
+
+# --- processes ------------------------------------------------------------------------------
+
+
+def raise_nofile() -> None:
+    """Raise this process's open-files limit as far as allowed (for thousands of sockets)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    for want in (max(hard, 65536), hard):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, want))
+            return
+        except (ValueError, OSError):
+            continue
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (the edges of concurrent runs must not collide)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+class Procs:
+    """The processes a benchmark started, by role; stops each by its PID (also on error)."""
+
+    def __init__(self, tag: str) -> None:
+        self.tag = tag
+        self.procs: dict[str, subprocess.Popen[Any]] = {}
+        LOGS.mkdir(parents=True, exist_ok=True)
+
+    def start(self, name: str, args: list[str], env: dict[str, str], **kw: Any) -> subprocess.Popen[Any]:
+        log = open(LOGS / f"{self.tag}-{name}.log", "wb")  # noqa: SIM115
+        kw.setdefault("stdout", log)
+        kw.setdefault("stderr", log if kw["stdout"] is log else None)
+        proc = subprocess.Popen(args, cwd=ROOT, env=env, **kw)
+        log.close()  # the child holds its own copy
+        self.procs[name] = proc
+        return proc
+
+    def edge(self, name: str, port: int, env: dict[str, str]) -> subprocess.Popen[Any]:
+        """A daphne edge, started as the Dockerfile does, with a raised open-files limit."""
+        return self.start(
+            name,
+            [PY, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "tyrum.asgi:application"],
+            {**env, "EDGE_ID": f"{self.tag}-{name}"},
+            preexec_fn=raise_nofile,
+        )
+
+    def relay(self, name: str, env: dict[str, str], shards: str = "") -> subprocess.Popen[Any]:
+        args = [PY, "manage.py", "run_backplane"] + (["--shards", shards] if shards else [])
+        return self.start(name, args, env)
+
+    def pids(self, startswith: str = "") -> list[int]:
+        return [p.pid for n, p in self.procs.items() if n.startswith(startswith) and p.poll() is None]
+
+    def stop(self, name: str, sig: int = signal.SIGTERM, wait: float = 10.0) -> None:
+        proc = self.procs.pop(name, None)
+        if proc is None:
+            return
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, sig)
+        try:
+            proc.wait(wait)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+
+    def stop_all(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for proc in self.procs.values():
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGKILL)
+                proc.wait(5)
+        self.procs.clear()
+
+    def __enter__(self) -> Procs:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop_all()
+
+
+# --- CPU and memory -------------------------------------------------------------------------
 
 
 def cpu_seconds(pid: int) -> float:
     """User+system CPU seconds of a process so far (from /proc)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        ticks = os.sysconf("SC_CLK_TCK")
-        return (int(fields[11]) + int(fields[12])) / ticks
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK
     except (OSError, IndexError, ValueError):
         return float("nan")
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of a process (VmRSS)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds the whole machine spent busy (all cores; not idle, not iowait)."""
+    parts = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    ticks = [int(x) for x in parts]
+    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)
+    return (sum(ticks[:8]) - idle) / CLK_TCK
+
+
+def redis_cpu_seconds() -> float:
+    """CPU seconds of the Redis server so far (INFO cpu, main process and its threads)."""
+    import redis
+
+    try:
+        info = redis.Redis.from_url(REDIS_URL, socket_timeout=2).info("cpu")
+        return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+    except Exception:
+        return float("nan")
+
+
+def _postgres_procs(database: str | None) -> dict[int, float]:
+    """CPU seconds of PostgreSQL's processes that are ours: the backends of ``database`` and
+    the shared background processes (postmaster, WAL writer, checkpointer, …). Backends of
+    other databases (other people's tests on this machine) are left out."""
+    out: dict[int, float] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{d}/stat").read_text()
+            if stat[stat.index("(") + 1 : stat.rindex(")")] != "postgres":
+                continue
+            cmd = Path(f"/proc/{d}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, ValueError):
+            continue
+        is_backend = "127.0.0.1(" in cmd or "[local]" in cmd
+        if is_backend and (database is None or f" {database} " not in cmd):
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        out[int(d)] = (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return out
+
+
+class CpuMeter:
+    """Snapshots of CPU seconds by role; ``delta`` gives what each role used in between.
+
+    ``roles`` maps a role name to a callable returning the PIDs that play it now (edges,
+    relays, load clients); Redis, PostgreSQL (our database's backends plus the shared
+    background processes), this process and the whole machine are always measured.
+    Short-lived processes (producers) report their own CPU and are added with ``add``.
+    """
+
+    def __init__(self, database: str | None, roles: dict[str, Any]) -> None:
+        self.database = database
+        self.roles = roles
+
+    def snap(self) -> dict[str, Any]:
+        return {
+            "t": time.monotonic(),
+            "pids": {role: {pid: cpu_seconds(pid) for pid in get()} for role, get in self.roles.items()},
+            "redis": redis_cpu_seconds(),
+            "postgres": _postgres_procs(self.database),
+            "self": time.process_time(),
+            "machine": machine_busy_seconds(),
+        }
+
+    def delta(self, a: dict[str, Any], b: dict[str, Any], extra: dict[str, float] | None = None) -> dict[str, Any]:
+        wall = b["t"] - a["t"]
+        out: dict[str, Any] = {"wall_s": round(wall, 2)}
+        per_process: dict[str, list[float]] = {}
+        for role, now in b["pids"].items():
+            before = a["pids"].get(role, {})
+            used = [now[pid] - before.get(pid, 0.0) for pid in now]
+            per_process[role] = [round(u, 2) for u in used]
+            out[role] = round(sum(used), 2)
+        out["redis"] = round(b["redis"] - a["redis"], 2)
+        out["postgres"] = round(sum(v - a["postgres"].get(pid, 0.0) for pid, v in b["postgres"].items()), 2)
+        out["bench"] = round(b["self"] - a["self"], 2)
+        for role, secs in (extra or {}).items():
+            out[role] = round(out.get(role, 0.0) + secs, 2)
+        ours = sum(v for k, v in out.items() if k not in ("wall_s", "machine", "other"))
+        out["machine"] = round(b["machine"] - a["machine"], 2)
+        out["other"] = round(max(0.0, out["machine"] - ours), 2)  # someone else on the box
+        out["per_process"] = per_process
+        return out
+
+
+def notes_for(cpu: dict[str, Any], load_roles: Iterable[str], label: str) -> list[str]:
+    """Say when a load client was the bottleneck or the machine was saturated."""
+    notes = []
+    wall = cpu["wall_s"] or 1.0
+    for role in load_roles:
+        for i, used in enumerate(cpu.get("per_process", {}).get(role, [])):
+            if used >= BOTTLENECK_CORE_SHARE * wall:
+                notes.append(
+                    f"{label}: load client {role}[{i}] used {used:.1f} CPU-s in {wall:.1f}s "
+                    f"({used / wall:.0%} of a core): the load client was the bottleneck"
+                )
+    cores = os.cpu_count() or 1
+    if cpu["machine"] >= SATURATED_MACHINE_SHARE * wall * cores:
+        notes.append(
+            f"{label}: the machine was saturated ({cpu['machine'] / wall / cores:.0%} of {cores} cores busy; "
+            f"{cpu['other']:.1f} CPU-s by processes outside this benchmark)"
+        )
+    elif cpu["other"] >= 0.2 * wall:
+        notes.append(f"{label}: other processes on the machine used {cpu['other']:.1f} CPU-s in {wall:.1f}s")
+    return notes
+
+
+def cpu_columns(cpu: dict[str, Any], roles: Sequence[str]) -> dict[str, float]:
+    """Flatten a CPU delta into ``cpu_<role>`` columns for tables."""
+    return {f"cpu_{r}": cpu.get(r, 0.0) for r in roles}
+
+
+# --- facts, stats, output ---------------------------------------------------------------------
+
+
+def versions() -> dict[str, str]:
+    out: dict[str, str] = {"python": platform.python_version()}
+    for mod in (
+        "django",
+        "channels",
+        "channels_redis",
+        "daphne",
+        "twisted",
+        "autobahn",
+        "psycopg",
+        "redis",
+        "websockets",
+        "msgpack",
+    ):
+        try:
+            m = __import__(mod)
+            out[mod] = str(getattr(m, "__version__", "") or getattr(m, "version", ""))
+        except Exception:
+            pass
+    try:
+        import psycopg
+
+        with psycopg.connect(PG_ADMIN, connect_timeout=3) as conn:
+            out["postgresql"] = str(conn.execute("SHOW server_version").fetchone()[0])
+    except Exception:
+        pass
+    try:
+        import redis
+
+        out["redis_server"] = str(redis.Redis.from_url(REDIS_URL, socket_timeout=2).info("server")["redis_version"])
+    except Exception:
+        pass
+    return out
+
+
+def machine() -> dict[str, Any]:
+    cpu = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem = 0
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        mem = int(Path("/proc/meminfo").read_text().split()[1]) * 1024
+    return {
+        "commit": code_version(),
+        "host": platform.node(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "mem_gib": round(mem / 2**30, 1),
+        "kernel": platform.release(),
+        "loadavg": os.getloadavg(),
+        "versions": versions(),
+    }
+
+
+def code_version() -> str:
+    """The commit measured, with ``+dirty`` when the product code has uncommitted changes."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "backplane", "tyrum"], cwd=ROOT, capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
+def machine_line() -> str:
+    m = machine()
+    v = m["versions"]
+    return (
+        f"machine: {m['cpu']} × {m['cores']} cores, {m['mem_gib']} GiB; Python {v.get('python')}, "
+        f"Django {v.get('django')}, channels {v.get('channels')}, channels-redis {v.get('channels_redis')}, "
+        f"daphne {v.get('daphne')}, PostgreSQL {v.get('postgresql')}, Redis {v.get('redis_server')}; "
+        f"load average {m['loadavg'][0]:.2f}; code {m['commit']}"
+    )
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -82,6 +476,22 @@ def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     idx = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
     return ordered[idx]
+
+
+def latency_stats(lat_ms: list[float]) -> dict[str, float]:
+    ordered = sorted(lat_ms)
+
+    def q(p: float) -> float:
+        if not ordered:
+            return float("nan")
+        return ordered[min(len(ordered) - 1, max(0, round(p / 100 * (len(ordered) - 1))))]
+
+    return {
+        "p50_ms": q(50),
+        "p90_ms": q(90),
+        "p99_ms": q(99),
+        "max_ms": ordered[-1] if ordered else float("nan"),
+    }
 
 
 def write(name: str, rows: list[dict[str, Any]], extra: dict[str, Any] | None = None) -> Path:
@@ -94,12 +504,12 @@ def write(name: str, rows: list[dict[str, Any]], extra: dict[str, Any] | None = 
         "rows": rows,
         **(extra or {}),
     }
-    out.write_text(json.dumps(data, indent=2))
+    out.write_text(json.dumps(data, indent=2, default=str))
     return out
 
 
 def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
-    widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns}
+    widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) if rows else len(c) for c in columns}
     lines = ["  ".join(c.rjust(widths[c]) for c in columns), "  ".join("-" * widths[c] for c in columns)]
     for r in rows:
         lines.append("  ".join(_fmt(r.get(c)).rjust(widths[c]) for c in columns))
@@ -107,6 +517,19 @@ def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 
 
 def _fmt(v: Any) -> str:
+    if isinstance(v, bool):
+        return "yes" if v else "NO"
     if isinstance(v, float):
+        if v != v:
+            return "-"
+        if abs(v) >= 1000:
+            return f"{v:.0f}"
         return f"{v:.2f}"
     return "" if v is None else str(v)
+
+
+def report(title: str, rows: list[dict[str, Any]], columns: list[str], notes: Iterable[str] = ()) -> None:
+    print(f"\n{title}")
+    print(table(rows, columns))
+    for note in notes:
+        print(f"note: {note}")

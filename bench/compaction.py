@@ -84,8 +84,20 @@ def insert_expired(tenant: Any, label: str, rows: int, streams_n: int, *, partit
             "SELECT %s, 'event', %s || (i %% %s), %s || i, 'bench.tick', ts, jsonb_build_object('n', i, 'pad', %s), "
             "%s, %s, ts, i / %s + 1, ts, ts FROM generate_series(0, %s - 1) AS i, "
             "LATERAL (SELECT %s::timestamptz + make_interval(secs => i * %s::float8 / %s) AS ts) t",
-            [tenant.id, key_prefix, streams_n, f"{label}-", PAD, len(PAD) + 24, shard, streams_n, rows, base,
-             span_hours * 3600 - 1, rows],
+            [
+                tenant.id,
+                key_prefix,
+                streams_n,
+                f"{label}-",
+                PAD,
+                len(PAD) + 24,
+                shard,
+                streams_n,
+                rows,
+                base,
+                span_hours * 3600 - 1,
+                rows,
+            ],
         )
         cur.execute("ANALYZE backplane_outboxitem")
     return time.perf_counter() - t0
@@ -123,9 +135,19 @@ def throughput(tenant: Any, rows: int, partitions_n: int, streams_n: int) -> lis
         with connection.cursor() as cur:
             after = outbox_bytes(cur)
         assert result.deleted == rows and not result.capped, result.summary()
-        out.append({"path": path, "rows": rows, "insert_s": insert_secs, "compact_s": secs, "rows_per_s": rows / secs,
-                    "partitions": result.partitions_dropped, "batches": result.batches,
-                    "mb_before": before / 2**20, "mb_after": after / 2**20})
+        out.append(
+            {
+                "path": path,
+                "rows": rows,
+                "insert_s": insert_secs,
+                "compact_s": secs,
+                "rows_per_s": rows / secs,
+                "partitions": result.partitions_dropped,
+                "batches": result.batches,
+                "mb_before": before / 2**20,
+                "mb_after": after / 2**20,
+            }
+        )
     insert_expired_keys(tenant, rows)
     t0 = time.perf_counter()
     result = retention.compact(DAY, max_batches=1_000_000)
@@ -171,8 +193,14 @@ def hold_transaction(url: str, secs: float) -> None:
 
 
 def summarise(phase: str, lat: list[float], base: dict[str, Any] | None, **extra: Any) -> dict[str, Any]:
-    row = {"phase": phase, "publishes": len(lat), "p50_ms": common.percentile(lat, 50),
-           "p99_ms": common.percentile(lat, 99), "max_ms": max(lat) if lat else float("nan"), **extra}
+    row = {
+        "phase": phase,
+        "publishes": len(lat),
+        "p50_ms": common.percentile(lat, 50),
+        "p99_ms": common.percentile(lat, 99),
+        "max_ms": max(lat) if lat else float("nan"),
+        **extra,
+    }
     if base:
         row["p50_ratio"] = row["p50_ms"] / base["p50_ms"]
         row["p99_ratio"] = row["p99_ms"] / base["p99_ms"]
@@ -182,13 +210,21 @@ def summarise(phase: str, lat: list[float], base: dict[str, Any] | None, **extra
 def latency(tenant: Any, url: str, backlog: int, partitions_n: int, baseline_secs: float) -> list[dict[str, Any]]:
     base = summarise("no compaction", publish_loop(tenant, lambda: False, baseline_secs), None)
     rows = [base]
-    phases = (("during partition drop", "lp", partitions_n, 40, 0.0), ("during row delete", "ld", 0, 50, 0.0),
-              (f"partition drop, a {HOLD_SECS:.0f}s txn open", "lh", partitions_n, 45, HOLD_SECS))
+    phases = (
+        ("during partition drop", "lp", partitions_n, 40, 0.0),
+        ("during row delete", "ld", 0, 50, 0.0),
+        (f"partition drop, a {HOLD_SECS:.0f}s txn open", "lh", partitions_n, 45, HOLD_SECS),
+    )
     for path, label, parts, days, hold in phases:
         insert_expired(tenant, label, backlog, 100, partitions_n=parts, days_ago=days)
         holder = threading.Thread(target=hold_transaction, args=(url, hold)) if hold else None
-        proc = subprocess.Popen([sys.executable, __file__, "--worker", url], cwd=common.ROOT, text=True,
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        proc = subprocess.Popen(
+            [sys.executable, __file__, "--worker", url],
+            cwd=common.ROOT,
+            text=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
         assert proc.stdout is not None and proc.stdin is not None
         assert proc.stdout.readline().strip() == "ready"
         if holder:
@@ -216,8 +252,12 @@ def worker(url: str) -> None:
     sys.stdin.readline()
     t0 = time.perf_counter()
     result = retention.compact(DAY, max_batches=1_000_000)
-    print(json.dumps({"secs": time.perf_counter() - t0, "deleted": result.deleted,
-                      "partitions": result.partitions_dropped}), flush=True)
+    print(
+        json.dumps(
+            {"secs": time.perf_counter() - t0, "deleted": result.deleted, "partitions": result.partitions_dropped}
+        ),
+        flush=True,
+    )
 
 
 # --- (3) steady state -----------------------------------------------------------------------
@@ -243,8 +283,13 @@ def steady(secs: float, rate: float) -> list[dict[str, Any]]:
         started = time.perf_counter()
         while not stop.is_set():
             with transaction.atomic():
-                outbox.publish_many(tenant, [{"type": "bench.steady", "payload": {"n": n + i, "pad": PAD},
-                                              "device": f"dev-{(n + i) % 50}"} for i in range(10)])
+                outbox.publish_many(
+                    tenant,
+                    [
+                        {"type": "bench.steady", "payload": {"n": n + i, "pad": PAD}, "device": f"dev-{(n + i) % 50}"}
+                        for i in range(10)
+                    ],
+                )
             n += 10
             stop.wait(max(0.0, started + n / rate - time.perf_counter()))
         connections.close_all()
@@ -269,18 +314,29 @@ def steady(secs: float, rate: float) -> list[dict[str, Any]]:
             time.sleep(2.0)
             result = retention.compact()
             with connection.cursor() as cur:
-                cur.execute("SELECT count(*), count(*) FILTER (WHERE tableoid = 'backplane_outboxitem_default'"
-                            "::regclass) FROM backplane_outboxitem")
+                cur.execute(
+                    "SELECT count(*), count(*) FILTER (WHERE tableoid = 'backplane_outboxitem_default'"
+                    "::regclass) FROM backplane_outboxitem"
+                )
                 rows, in_default = cur.fetchone()
                 cur.execute("SELECT count(*) FROM pg_inherits WHERE inhparent = 'backplane_outboxitem'::regclass")
                 parts = cur.fetchone()[0]
                 size = outbox_bytes(cur)
                 cur.execute("SELECT pg_total_relation_size('backplane_eventkey')")
                 keys_size = cur.fetchone()[0]
-            samples.append({"t": round(time.perf_counter() - started, 1), "rows": rows, "in_default": in_default,
-                            "outbox_mb": size / 2**20, "partitions": parts, "dropped": result.partitions_dropped,
-                            "deleted": result.deleted, "keys_expired": result.keys_expired,
-                            "eventkey_mb": keys_size / 2**20})
+            samples.append(
+                {
+                    "t": round(time.perf_counter() - started, 1),
+                    "rows": rows,
+                    "in_default": in_default,
+                    "outbox_mb": size / 2**20,
+                    "partitions": parts,
+                    "dropped": result.partitions_dropped,
+                    "deleted": result.deleted,
+                    "keys_expired": result.keys_expired,
+                    "eventkey_mb": keys_size / 2**20,
+                }
+            )
     finally:
         stop.set()
         for t in threads:
@@ -298,8 +354,13 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=100)
     parser.add_argument("--backlog", type=int, default=None, help="rows compacted during (2) (default: rows/2)")
     parser.add_argument("--baseline-secs", type=float, default=5.0)
-    parser.add_argument("--steady", type=float, default=0.0, metavar="SECS",
-                        help="instead: run a steady workload this long (5 s partitions, 10 s retention)")
+    parser.add_argument(
+        "--steady",
+        type=float,
+        default=0.0,
+        metavar="SECS",
+        help="instead: run a steady workload this long (5 s partitions, 10 s retention)",
+    )
     parser.add_argument("--rate", type=float, default=200.0, help="events/s for --steady")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -311,10 +372,26 @@ def main() -> None:
         os.environ.update({"BACKPLANE_PARTITION_INTERVAL_SECS": "5", "BACKPLANE_RETENTION_SECS": "10"})
         common.setup_django(common.scratch_database(DB_NAME + "_steady"), PREFIX)
         samples = steady(args.steady, args.rate)
-        print(f"\nsteady state — {args.rate:.0f} events/s for {args.steady:.0f}s, 5 s partitions, 10 s retention, "
-              f"compaction every 2 s")
-        print(common.table(samples, ["t", "rows", "in_default", "outbox_mb", "partitions", "dropped", "deleted",
-                                     "keys_expired", "eventkey_mb"]))
+        print(
+            f"\nsteady state — {args.rate:.0f} events/s for {args.steady:.0f}s, 5 s partitions, 10 s retention, "
+            f"compaction every 2 s"
+        )
+        print(
+            common.table(
+                samples,
+                [
+                    "t",
+                    "rows",
+                    "in_default",
+                    "outbox_mb",
+                    "partitions",
+                    "dropped",
+                    "deleted",
+                    "keys_expired",
+                    "eventkey_mb",
+                ],
+            )
+        )
         print("wrote", common.write("compaction_steady", samples, {"args": vars(args), "loadavg": os.getloadavg()}))
         return
     if args.full:
@@ -332,15 +409,24 @@ def main() -> None:
     m = common.machine()
     load = os.getloadavg()
 
-    print(f"\ncompaction — {args.rows} expired rows per path, {args.partitions} old partitions, "
-          f"{args.streams} streams, batch 5000")
-    print(common.table(rows1, ["path", "rows", "insert_s", "compact_s", "rows_per_s", "partitions", "batches",
-                               "mb_before", "mb_after"]))
+    print(
+        f"\ncompaction — {args.rows} expired rows per path, {args.partitions} old partitions, "
+        f"{args.streams} streams, batch 5000"
+    )
+    print(
+        common.table(
+            rows1,
+            ["path", "rows", "insert_s", "compact_s", "rows_per_s", "partitions", "batches", "mb_before", "mb_after"],
+        )
+    )
     print(f"\nproducer append latency (1 publish per transaction), backlog {backlog} rows per compaction")
-    print(common.table(rows2, ["phase", "publishes", "p50_ms", "p99_ms", "max_ms", "p50_ratio", "p99_ratio",
-                               "compact_s"]))
-    print(f"\nmachine: {m['cpu']} × {m['cores']} cores; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; "
-          f"PostgreSQL on the same host; ran {time.perf_counter() - started:.0f}s")
+    print(
+        common.table(rows2, ["phase", "publishes", "p50_ms", "p99_ms", "max_ms", "p50_ratio", "p99_ratio", "compact_s"])
+    )
+    print(
+        f"\nmachine: {m['cpu']} × {m['cores']} cores; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; "
+        f"PostgreSQL on the same host; ran {time.perf_counter() - started:.0f}s"
+    )
     extra = {"args": vars(args), "latency": rows2, "loadavg": load}
     print("wrote", common.write("compaction_full" if args.full else "compaction", rows1, extra))
 

@@ -80,8 +80,12 @@ def measure(kind: str, rings: int) -> dict[str, float]:
     done.set()
     thread.join(10)
     lat = [(w - s) * 1000 for s, w in zip(sent, woke, strict=False)]
-    return {"p50_ms": common.percentile(lat, 50), "p99_ms": common.percentile(lat, 99),
-            "ring_cost_us": ring_cost / rings * 1e6, "rings": len(lat)}
+    return {
+        "p50_ms": common.percentile(lat, 50),
+        "p99_ms": common.percentile(lat, 99),
+        "ring_cost_us": ring_cost / rings * 1e6,
+        "rings": len(lat),
+    }
 
 
 def main() -> None:
@@ -91,8 +95,9 @@ def main() -> None:
     rows = []
     for kind in ("redis", "notify"):
         rows.append({"doorbell": f"{kind} after commit", **measure(kind, args.rings)})
-    rows.append({"doorbell": "poll every 250 ms (embedded)", "p50_ms": 125.0, "p99_ms": 247.5, "ring_cost_us": 0.0,
-                 "rings": 0})
+    rows.append(
+        {"doorbell": "poll every 250 ms (embedded)", "p50_ms": 125.0, "p99_ms": 247.5, "ring_cost_us": 0.0, "rings": 0}
+    )
     print("doorbell — commit → listener wake-up (one ring at a time)")
     print(common.table(rows, ["doorbell", "rings", "p50_ms", "p99_ms", "ring_cost_us"]))
     m = common.machine()

@@ -1,11 +1,30 @@
-"""End-to-end latency: producer commit → event frame at the peer, device-targeted.
+"""End-to-end benchmarks on one cluster: 2 daphne edges, 1 relay, 1000 peers (issue 5, 1–3, 6).
 
-Starts 2 daphne edges and 1 relay (real processes) on a scratch PostgreSQL database and
-Redis; connects peers (one device each) spread over the edges; a producer thread publishes
-device events at a fixed rate, one per transaction, and records each commit time; peers
-record arrival times. Reports p50/p90/p99/max and lost, and the CPU of every process.
+Starts real processes on a scratch PostgreSQL database and Redis (own prefix), connects the
+peers (one device each, 10 tenants) from load-client processes, then, in one session and in
+this order:
 
-    .venv/bin/python bench/e2e_latency.py [--peers 200] [--rates 500,2000] [--seconds 10]
+- ``kill``: device events at 1000/s; one edge is SIGKILLed; its peers reconnect to the other
+  edge after 0.5–1.5 s (socket.io's default) and resume — events lost; then the edge restarts
+  and every peer connects afresh;
+- ``e2e``: device-targeted events through the outbox at 500, 2000 and 5000 events/s, commit →
+  frame at the peer (p50/p90/p99/max, lost), with the median time commit → assigned →
+  marked forwarded → at the peer; the search for the maximum sustainable rate adds a rate
+  between the first failure and the last pass, or escalates (7500, 10000) while all pass;
+- ``floor``: the raw Channels floor on the same edges and peers — pre-rendered frames
+  ``group_send`` straight to the device groups (no outbox, no relay), send → frame, at the
+  same rates and the same search;
+- ``resume``: a peer that missed 10 000 events reconnects and resumes — time to ``resumed``;
+- ``fanout``: 1000 peers of one tenant, tenant-wide events at 100/s (deliveries/s, latency).
+
+"Lost" is what had not arrived 10 s after sending ended (20 s for fan-out; for the kill, up to
+60 s, until every failed-over peer has resumed and nothing arrived for 3 s); a rate
+that fails is followed by a pause until its backlog has cleared.
+
+Each prints a table and writes ``bench/results/<name>.json`` (e2e_latency, max_rate, resume,
+fanout, edge_kill), with the CPU seconds of every process involved per phase.
+
+    .venv/bin/python bench/e2e_latency.py [--peers 1000] [--seconds 6] [--only e2e,floor,...]
 """
 
 from __future__ import annotations
@@ -13,223 +32,217 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import random
-import signal
-import subprocess
 import sys
-import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+from cluster import Cluster  # noqa: E402
 
-
-def start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(args, cwd=common.ROOT, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
-
-
-def wait_port(port: int, timeout: float = 20) -> None:
-    import socket
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise TimeoutError(port)
+PHASES = ("e2e", "floor", "resume", "fanout", "kill")
+COLS = [
+    "phase",
+    "rate",
+    "sent",
+    "received",
+    "lost",
+    "p50_ms",
+    "p90_ms",
+    "p99_ms",
+    "max_ms",
+    "recv_rate",
+    "ok",
+    "cpu_edges",
+    "cpu_relay",
+    "cpu_peers",
+    "cpu_senders",
+    "cpu_redis",
+    "cpu_postgres",
+    "cpu_other",
+]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--peers", type=int, default=200)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--peers", type=int, default=1000)
     parser.add_argument("--tenants", type=int, default=10)
-    parser.add_argument("--rates", default="500,2000")
-    parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--base-port", type=int, default=18700)
+    parser.add_argument("--rates", default="500,2000,5000")
+    parser.add_argument("--escalate", default="7500,10000", help="rates tried after --rates while all pass")
+    parser.add_argument("--seconds", type=float, default=6.0, help="sending time per rate")
+    parser.add_argument("--pools", type=int, default=2, help="load-client processes")
+    parser.add_argument("--producers", type=int, default=2, help="producer (and floor sender) processes")
+    parser.add_argument("--fanout-rate", type=float, default=100.0)
+    parser.add_argument("--resume-events", type=int, default=10_000)
+    parser.add_argument("--resume-runs", type=int, default=3)
+    parser.add_argument("--kill-rate", type=float, default=1000.0)
+    parser.add_argument("--kill-seconds", type=float, default=8.0)
+    parser.add_argument("--only", default=",".join(PHASES), help=f"phases to run, of {','.join(PHASES)}")
+    parser.add_argument("--budget", type=float, default=330.0, help="seconds; the rate search stops past it")
     args = parser.parse_args()
+    only = {p.strip() for p in args.only.split(",") if p.strip()}
+    started = time.monotonic()
 
-    url = common.scratch_database("tyrum_bench_e2e")
-    prefix = f"benche2e{os.getpid()}"
-    common.setup_django(url, prefix)
-    from django.db import transaction
-
-    from backplane import auth, outbox
-    from backplane.models import Tenant
-
-    tenants = [Tenant.objects.create(slug=f"t{i}", name=f"T{i}") for i in range(args.tenants)]
-    peers: list[tuple[Any, str, str]] = []
-    for i in range(args.peers):
-        tenant = tenants[i % len(tenants)]
-        device = f"dev-{i}"
-        peers.append((tenant, device, auth.create_token(tenant, device, "node")[1]))
-
-    logs = common.RESULTS / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    env = {
-        **os.environ,
-        "DATABASE_URL": url,
-        "REDIS_URL": common.REDIS_URL,
-        "BACKPLANE_CHANNEL_PREFIX": prefix,
-        "LOG_LEVEL": "WARNING",
-    }
-    ports = [args.base_port, args.base_port + 1]
-    procs = {
-        f"edge-{i}": start(
-            [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(p), "tyrum.asgi:application"],
-            {**env, "EDGE_ID": f"bench-edge-{i}"},
-            logs / f"edge-{i}.log",
+    with Cluster("e2e", peers=args.peers, tenants=args.tenants, pools=args.pools) as c:
+        tenants = common.make_tenants(args.tenants)
+        devices = [f"dev-{i}" for i in range(args.peers)]
+        pairs, peers_file = c.peer_set(tenants, devices, "main")
+        connect = c.pools.connect(pairs)
+        print(
+            f"connected {connect['connected']} peers over {len(c.ports)} edges in {connect['secs']:.1f}s "
+            f"({connect['retries']} handshakes retried, {connect['failed']} failed {connect['errors'] or ''}) "
+            f"from {args.pools} load-client processes"
         )
-        for i, p in enumerate(ports)
-    }
-    procs["relay"] = start([sys.executable, "manage.py", "run_backplane"], env, logs / "relay.log")
-    try:
-        for p in ports:
-            wait_port(p)
-        results = asyncio.run(run_rates(args, peers, ports, procs, transaction, outbox))
-    finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                os.kill(proc.pid, signal.SIGTERM)
-        for proc in procs.values():
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.kill(proc.pid, signal.SIGKILL)
-    cols = [
-        "rate",
-        "sent",
-        "received",
-        "lost",
-        "p50_ms",
-        "p90_ms",
-        "p99_ms",
-        "max_ms",
-        "achieved_rate",
-        "cpu_edges",
-        "cpu_relay",
-        "cpu_bench",
-        "p50_to_assigned_ms",
-        "p50_assigned_to_marked_ms",
-        "p50_marked_to_peer_ms",
-    ]
-    print(
-        f"e2e latency — {args.peers} peers on 2 edges, {args.tenants} tenants, device events, "
-        f"{args.seconds:.0f}s per rate"
-    )
-    print(common.table(results, cols))
-    for r in results:
-        if r["cpu_bench"] > 0.9 * r["seconds"]:
+        searches: dict[str, Any] = {}
+        rows: list[dict[str, Any]] = []
+        if "kill" in only:  # first, on a quiet cluster: a failing rate's backlog would spoil it
+            run_kill(c, args, peers_file)
+            # Back to the starting line: both edges up, every peer connected afresh.
+            c.restart_edge(len(c.ports) - 1)
+            c.pools.disconnect()
+            if not c.wait_outbox_drained(60):
+                raise RuntimeError("the relay did not drain the outbox after the kill phase")
+            again = c.pools.connect(pairs)
             print(
-                f"note: at {r['rate']} ev/s the load client used {r['cpu_bench']:.1f} CPU-s of "
-                f"{r['seconds']:.1f}s: it was the bottleneck"
+                f"after the kill: reconnected {again['connected']} peers in {again['secs']:.1f}s "
+                f"({again['retries']} handshakes retried, {again['failed']} failed {again['errors'] or ''})"
             )
-    m = common.machine()
-    print(f"machine: {m['cpu']} × {m['cores']} cores")
-    print("wrote", common.write("e2e_latency", results, {"args": vars(args)}))
+        if "e2e" in only:
+            rows += search(c, args, "e2e", peers_file, started)
+            searches["backplane e2e"] = rows[:]
+        if "floor" in only:
+            if not c.wait_outbox_drained(90):
+                raise RuntimeError("the relay did not drain the outbox before the floor phase")
+            floor_rows = search(c, args, "floor", peers_file, started)
+            rows += floor_rows
+            searches["raw Channels floor"] = floor_rows
+        if rows:
+            report_e2e(args, connect, rows, searches)
+        if "resume" in only:
+            run_resume(c, args, tenants[0])
+        if "fanout" in only:  # last: a backlog it leaves behind would spoil what follows
+            c.pools.disconnect()
+            fan = common.make_tenants(1, slug="fan")
+            fan_pairs, fan_file = c.peer_set(fan, [f"fan-{i}" for i in range(args.peers)], "fan")
+            fan_connect = c.pools.connect(fan_pairs)
+            run_fanout(c, args, fan_file, fan_connect)
+    print(common.machine_line())
+    print(f"e2e session ran {time.monotonic() - started:.0f}s")
 
 
-async def run_rates(
-    args: Any, peers: list[Any], ports: list[int], procs: dict[str, Any], transaction: Any, outbox: Any
-) -> list[dict[str, Any]]:
-    from websockets.asyncio.client import connect
+# --- device-targeted rates: e2e and the raw floor -----------------------------------------------
 
-    arrivals: dict[str, float] = {}
-    sockets = []
-    for i, (_, _, token) in enumerate(peers):
-        ws = await connect(
-            f"ws://127.0.0.1:{ports[i % len(ports)]}/ws",
-            subprotocols=["tyrum-v1"],
-            additional_headers={"Authorization": f"Bearer {token}"},
-            max_queue=None,
-        )
-        await ws.recv()  # hello
-        await ws.send('{"type":"ping"}')
-        sockets.append(ws)
 
-    async def reader(ws: Any) -> None:
-        try:
-            async for raw in ws:
-                now = time.time()
-                if raw.startswith('{"type":"event"'):
-                    arrivals.setdefault(json.loads(raw)["event"]["event_id"], now)
-        except Exception:
+def search(c: Cluster, args: Any, kind: str, peers_file: Path, started: float) -> list[dict[str, Any]]:
+    """Run the fixed rates in ascending order, trying once between the first failing rate and
+    the last passing one right after that failure; past the fixed rates, escalate while
+    everything passes, then try once between the first failure and the last pass."""
+    targets = floor_targets(c, peers_file) if kind == "floor" else None
+    rows: list[dict[str, Any]] = []
+
+    def run(rate: float) -> bool:
+        rows.append(run_rate(c, args, kind, rate, peers_file, targets))
+        return bool(rows[-1]["ok"])
+
+    def bisect(high: float) -> None:
+        passed = [r["rate"] for r in rows if r["ok"] and r["rate"] < high]
+        if not passed or time.monotonic() - started > args.budget:
             return
+        mid = round((max(passed) + high) / 2 / 500) * 500
+        if max(passed) < mid < high:
+            run(mid)
 
-    readers = [asyncio.create_task(reader(ws)) for ws in sockets]
-    await asyncio.sleep(0.5)
-    results = []
-    for rate in [int(r) for r in args.rates.split(",")]:
-        commits: dict[str, float] = {}
-        cpu0 = {name: common.cpu_seconds(p.pid) for name, p in procs.items()}
-        me0 = time.process_time()
-        stop_at = time.monotonic() + args.seconds
-
-        def produce() -> None:
-            interval = 1.0 / rate
-            nxt = time.monotonic()
-            n = 0
-            while time.monotonic() < stop_at:
-                tenant, device, _ = peers[random.randrange(len(peers))]
-                with transaction.atomic():
-                    eid = outbox.publish(tenant, "bench.tick", {"n": n}, device=device)
-                commits[eid] = time.time()
-                n += 1
-                nxt += interval
-                delay = nxt - time.monotonic()
-                if delay > 0:
-                    time.sleep(delay)
-
-        started = time.monotonic()
-        thread = threading.Thread(target=produce)
-        thread.start()
-        while thread.is_alive():
-            await asyncio.sleep(0.1)
-        elapsed = time.monotonic() - started
-        await asyncio.sleep(3.0)  # let stragglers arrive
-        lat = [(arrivals[e] - t) * 1000 for e, t in commits.items() if e in arrivals]
-        stages = await asyncio.to_thread(_stages, commits, arrivals)
-        cpu1 = {name: common.cpu_seconds(p.pid) for name, p in procs.items()}
-        results.append(
-            {
-                "rate": rate,
-                "seconds": elapsed,
-                "sent": len(commits),
-                "received": len(lat),
-                "lost": len(commits) - len(lat),
-                "achieved_rate": len(commits) / elapsed,
-                "p50_ms": common.percentile(lat, 50),
-                "p90_ms": common.percentile(lat, 90),
-                "p99_ms": common.percentile(lat, 99),
-                "max_ms": max(lat) if lat else float("nan"),
-                "cpu_edges": sum(cpu1[k] - cpu0[k] for k in cpu1 if k.startswith("edge")),
-                "cpu_relay": cpu1["relay"] - cpu0["relay"],
-                "cpu_bench": time.process_time() - me0,
-                **stages,
-            }
-        )
-    for t in readers:
-        t.cancel()
-    for ws in sockets:
-        await ws.close()
-    return results
+    bisected = False
+    for rate in sorted(float(r) for r in args.rates.split(",") if r):
+        if not run(rate) and not bisected:
+            bisect(rate)
+            bisected = True
+    if all(r["ok"] for r in rows):
+        for rate in (float(r) for r in args.escalate.split(",") if r):
+            if time.monotonic() - started > args.budget:
+                break
+            if not run(rate):
+                bisect(rate)
+                break
+    return rows
 
 
-def _stages(commits: dict[str, float], arrivals: dict[str, float]) -> dict[str, float]:
+def floor_targets(c: Cluster, peers_file: Path) -> dict[str, list[Any]]:
+    """Device streams of the peers with their epoch and the next offset (after the e2e phase)."""
+    from backplane import streams
+    from backplane.models import Stream
+
+    keys = [streams.device_stream(uuid.UUID(t), d) for t, d in json.loads(peers_file.read_text())]
+    found = {s.key: [s.key, s.epoch, s.last_offset + 1] for s in Stream.objects.filter(key__in=keys)}
+    missing = len(keys) - len(found)
+    if missing:
+        raise RuntimeError(f"{missing} device streams have no head; did the peers connect?")
+    return found
+
+
+def run_rate(
+    c: Cluster, args: Any, kind: str, rate: float, peers_file: Path, targets: dict[str, list[Any]] | None
+) -> dict[str, Any]:
+    n = args.producers
+    if kind == "e2e":
+        argvs = c.producer_argvs(rate, args.seconds, peers_file, n, "device")
+        row, got, rep = c.phase("e2e", rate, "producer_proc.py", argvs, seconds=args.seconds, by_id=True)
+        row.update(_stages(rep["sent"], got["arrivals"]))
+    else:
+        assert targets is not None
+        keys = sorted(targets)
+        files = []
+        for i in range(n):  # disjoint streams per sender: each stream's offsets stay contiguous
+            path = common.LOGS / f"{c.tag}-floor-targets-{i}.json"
+            path.write_text(json.dumps([targets[k] for k in keys[i::n]]))
+            files.append(path)
+        argvs = [
+            [
+                "--url",
+                c.url,
+                "--prefix",
+                c.prefix,
+                "--rate",
+                str(rate / n),
+                "--seconds",
+                str(args.seconds),
+                "--targets",
+                str(files[i]),
+                "--tag",
+                f"{int(rate)}-{i}",
+                "--seed",
+                str(i),
+            ]
+            for i in range(n)
+        ]
+        row, got, rep = c.phase("floor", rate, "floor_proc.py", argvs, seconds=args.seconds, by_id=True)
+        for r in rep["reports"]:
+            for key, nxt in r["next"].items():
+                targets[key][2] = nxt
+    print(
+        f"  {kind} {rate:g}/s: sent {row['sent']} recv {row['received']} lost {row['lost']} "
+        f"p50 {row['p50_ms']:.1f} p99 {row['p99_ms']:.1f} max {row['max_ms']:.1f} ms "
+        f"recv {row['recv_rate']:.0f}/s {'PASS' if row['ok'] else 'FAIL'}"
+        + (f" (lost: {row['lost_targets']} streams)" if row.get("lost_targets") else ""),
+        flush=True,
+    )
+    return row
+
+
+def _stages(sent: dict[str, float], arrivals: dict[str, float]) -> dict[str, float]:
     """Median time spent commit→assigned, assigned→marked forwarded, marked→at the peer (ms)."""
     from django.db import connections
 
     from backplane.models import OutboxItem
 
-    rows = OutboxItem.objects.filter(event_id__in=list(commits)).values_list("event_id", "assigned_at", "forwarded_at")
+    rows = OutboxItem.objects.filter(event_id__in=list(sent)).values_list("event_id", "assigned_at", "forwarded_at")
     a, f, d = [], [], []
     for eid, assigned, forwarded in rows:
         if assigned is None or forwarded is None or eid not in arrivals:
             continue
-        a.append((assigned.timestamp() - commits[eid]) * 1000)
+        a.append((assigned.timestamp() - sent[eid]) * 1000)
         f.append((forwarded.timestamp() - assigned.timestamp()) * 1000)
         d.append((arrivals[eid] - forwarded.timestamp()) * 1000)
     connections.close_all()
@@ -238,6 +251,278 @@ def _stages(commits: dict[str, float], arrivals: dict[str, float]) -> dict[str, 
         "p50_assigned_to_marked_ms": common.percentile(f, 50),
         "p50_marked_to_peer_ms": common.percentile(d, 50),
     }
+
+
+def max_sustainable(rows: list[dict[str, Any]]) -> tuple[float | None, float | None]:
+    passed = [r["rate"] for r in rows if r["ok"]]
+    best = max(passed) if passed else None
+    fails = [r["rate"] for r in rows if not r["ok"] and (best is None or r["rate"] > best)]
+    return best, (min(fails) if fails else None)
+
+
+def report_e2e(args: Any, connect: dict[str, Any], rows: list[dict[str, Any]], searches: dict[str, Any]) -> None:
+    notes = [n for r in rows for n in r["notes"]]
+    common.report(
+        f"e2e latency — {args.peers} peers on 2 edges, {args.tenants} tenants, device events, "
+        f"{args.seconds:g}s per rate; floor = raw Channels group_send → frame on the same edges and peers "
+        f"(CPU in CPU-seconds per phase)",
+        rows,
+        COLS,
+        notes,
+    )
+    e2e = [r for r in rows if r["phase"] == "e2e"]
+    if e2e:
+        common.report(
+            "e2e latency breakdown (medians, ms)",
+            e2e,
+            ["rate", "p50_to_assigned_ms", "p50_assigned_to_marked_ms", "p50_marked_to_peer_ms"],
+        )
+    floor = {r["rate"]: r for r in rows if r["phase"] == "floor"}
+    ratios = []
+    for r in e2e:
+        f = floor.get(r["rate"])
+        if f and f["received"]:
+            ratios.append(
+                {
+                    "rate": r["rate"],
+                    "p50_e2e/floor": r["p50_ms"] / f["p50_ms"],
+                    "p99_e2e/floor": r["p99_ms"] / f["p99_ms"],
+                    "cpu_e2e/floor": _our_cpu(r) / max(0.01, _our_cpu(f)),
+                }
+            )
+    if ratios:
+        common.report(
+            "ratios ours / raw Channels floor (same run; cpu = edges+relay+redis+postgres+senders)",
+            ratios,
+            ["rate", "p50_e2e/floor", "p99_e2e/floor", "cpu_e2e/floor"],
+        )
+    max_rows = []
+    for system, srows in searches.items():
+        best, first_fail = max_sustainable(srows)
+        max_rows.append(
+            {
+                "system": system,
+                "max_sustainable": best,
+                "first_failing": first_fail,
+                "tried": ",".join(f"{r['rate']:g}{'' if r['ok'] else '✗'}" for r in srows),
+            }
+        )
+    common.report(
+        "maximum sustainable device rate (0 lost, p99 ≤ 1 s, ≥ 95 % of the rate received)",
+        max_rows,
+        ["system", "max_sustainable", "first_failing", "tried"],
+    )
+    print("wrote", common.write("e2e_latency", rows, {"args": vars(args), "connect": connect, "ratios": ratios}))
+    print("wrote", common.write("max_rate", max_rows, {"args": vars(args)}))
+
+
+def _our_cpu(r: dict[str, Any]) -> float:
+    return sum(r[k] for k in ("cpu_edges", "cpu_relay", "cpu_redis", "cpu_postgres", "cpu_senders"))
+
+
+# --- resume -------------------------------------------------------------------------------------
+
+
+def run_resume(c: Cluster, args: Any, tenant: Any) -> None:
+    pairs, _ = c.peer_set([tenant], ["resume-dev"], "resume")
+    url, token = pairs[0]
+    rows = []
+    for i in range(args.resume_runs):
+        a = c.meter.snap()
+        row = asyncio.run(resume_once(c, url, token, tenant, args.resume_events))
+        cpu = c.meter.delta(a, c.meter.snap())
+        row.update({"run": i + 1, "cpu": cpu, **common.cpu_columns(cpu, ["edges", "relay", "redis", "postgres"])})
+        rows.append(row)
+    common.report(
+        f"resume — a peer that missed {args.resume_events} device events reconnects (edge 0) and resumes",
+        rows,
+        [
+            "run",
+            "missed",
+            "replayed",
+            "events_before_resumed",
+            "connect_to_hello_ms",
+            "resume_to_resumed_ms",
+            "connect_to_resumed_ms",
+            "recovered",
+            "cpu_edges",
+            "cpu_postgres",
+        ],
+    )
+    print("wrote", common.write("resume", rows, {"args": vars(args)}))
+
+
+async def resume_once(c: Cluster, url: str, token: str, tenant: Any, missed: int) -> dict[str, Any]:
+    from django.db import transaction
+    from websockets.asyncio.client import connect
+    from websockets.typing import Subprotocol
+
+    from backplane import outbox, streams
+    from backplane.models import Stream
+
+    kw: dict[str, Any] = {
+        "subprotocols": [Subprotocol("tyrum-v1")],
+        "additional_headers": {"Authorization": f"Bearer {token}"},
+        "compression": None,
+        "proxy": None,
+        "ping_interval": None,
+        "max_queue": None,
+        "open_timeout": 30,
+    }
+    async with connect(url, **kw) as ws:
+        hello = json.loads(await asyncio.wait_for(ws.recv(), 30))
+        await ws.send('{"type":"ping"}')
+    position = hello["streams"]["device"]
+    key = streams.device_stream(tenant.id, "resume-dev")
+
+    def publish() -> None:
+        with transaction.atomic():
+            outbox.publish_many(
+                tenant,
+                [
+                    {"type": "bench.tick", "payload": {"n": i, "pad": "x" * 64}, "device": "resume-dev"}
+                    for i in range(missed)
+                ],
+            )
+
+    def forwarded() -> bool:
+        head = Stream.objects.filter(key=key).values_list("last_offset", flat=True).first() or 0
+        return head >= position["offset"] + missed and c.unforwarded() == 0
+
+    await asyncio.to_thread(publish)
+    deadline = time.monotonic() + 60
+    while not await asyncio.to_thread(forwarded):
+        if time.monotonic() > deadline:
+            raise TimeoutError("the relay did not forward the resume backlog in 60 s")
+        await asyncio.sleep(0.1)
+    t0 = time.perf_counter()
+    events = 0
+    async with connect(url, **kw) as ws:
+        json.loads(await asyncio.wait_for(ws.recv(), 30))
+        t_hello = time.perf_counter()
+        await ws.send(json.dumps({"type": "resume", "streams": {"device": position}}))
+        t_resume = time.perf_counter()
+        resumed: dict[str, Any] = {}
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            raw = await asyncio.wait_for(ws.recv(), 30)
+            if raw.startswith('{"type":"event"'):
+                events += 1
+            elif raw.startswith('{"type":"resumed"'):
+                resumed = json.loads(raw)["streams"]["device"]
+                break
+        t_done = time.perf_counter()
+    return {
+        "missed": missed,
+        "replayed": resumed.get("replayed"),
+        "recovered": resumed.get("recovered"),
+        "events_before_resumed": events,
+        "connect_to_hello_ms": (t_hello - t0) * 1000,
+        "resume_to_resumed_ms": (t_done - t_resume) * 1000,
+        "connect_to_resumed_ms": (t_done - t0) * 1000,
+    }
+
+
+# --- fan-out and edge kill ------------------------------------------------------------------------
+
+
+def run_fanout(c: Cluster, args: Any, fan_file: Path, connect: dict[str, Any]) -> None:
+    recipients = connect["connected"]
+    argvs = c.producer_argvs(args.fanout_rate, args.seconds, fan_file, 1, "tenant")
+    row, _, _ = c.phase(
+        "fanout",
+        args.fanout_rate,
+        "producer_proc.py",
+        argvs,
+        recipients=recipients,
+        seconds=args.seconds,
+        drain_secs=20,
+    )
+    row["recipients"] = recipients
+    row["deliveries_per_s"] = row["recv_rate"]
+    common.report(
+        f"fan-out — tenant-wide events to {recipients} peers of one tenant on 2 edges, {args.seconds:g}s",
+        [row],
+        [
+            "rate",
+            "recipients",
+            "sent",
+            "expected",
+            "received",
+            "lost",
+            "deliveries_per_s",
+            "p50_ms",
+            "p90_ms",
+            "p99_ms",
+            "max_ms",
+            "ok",
+            "cpu_edges",
+            "cpu_relay",
+            "cpu_peers",
+            "cpu_redis",
+            "cpu_postgres",
+            "cpu_other",
+        ],
+        row["notes"],
+    )
+    print("wrote", common.write("fanout", [row], {"args": vars(args), "connect": connect}))
+
+
+def run_kill(c: Cluster, args: Any, peers_file: Path) -> None:
+    c.pools.all({"cmd": "failover", "urls": [c.ws_url(0)], "delay": [0.5, 1.5]})
+    kill_at = 3.0 if args.kill_seconds >= 6 else args.kill_seconds / 2
+    argvs = c.producer_argvs(args.kill_rate, args.kill_seconds, peers_file, args.producers, "device")
+    row, got, _ = c.phase(
+        "edge SIGKILL",
+        args.kill_rate,
+        "producer_proc.py",
+        argvs,
+        seconds=args.kill_seconds,
+        kill_edge_at=kill_at,
+        drain_secs=60,  # until every failed-over peer has resumed: late is not lost
+        flat_secs=3,
+        until_resumed=True,
+    )
+    for o in got["odd"][:10]:
+        print(f"  out of order: stream {o[0]} epoch {o[1]} offset {o[2]} arrived after offset {o[3]} (event {o[4]})")
+    killed_at = getattr(c, "killed_at", None)
+    fo = got["failovers"]
+    gaps = sorted((f["resumed_at"] - killed_at) * 1000 for f in fo if killed_at and f["resumed_at"])
+    row.update(
+        {
+            "peers_failed_over": len(fo),
+            "peers_resumed": sum(1 for f in fo if f["resumed_at"]),
+            "all_recovered": bool(fo)
+            and all(f["resumed"] and all(s.get("recovered") for s in f["resumed"].values()) for f in fo),
+            "kill_to_resumed_p50_ms": common.percentile(gaps, 50),
+            "kill_to_resumed_max_ms": max(gaps) if gaps else float("nan"),
+            "lost_pct": 100 * row["lost"] / max(1, row["expected"]),
+        }
+    )
+    common.report(
+        f"edge SIGKILL — {args.kill_rate:g} device events/s for {args.kill_seconds:g}s; edge 1 killed at "
+        f"{kill_at:g}s; its peers reconnect to edge 0 after 0.5–1.5 s and resume",
+        [row],
+        [
+            "rate",
+            "sent",
+            "received",
+            "lost",
+            "lost_pct",
+            "dupes",
+            "out_of_order",
+            "peers_failed_over",
+            "peers_resumed",
+            "all_recovered",
+            "kill_to_resumed_p50_ms",
+            "kill_to_resumed_max_ms",
+            "p50_ms",
+            "p99_ms",
+            "max_ms",
+        ],
+        row["notes"],
+    )
+    print("wrote", common.write("edge_kill", [row], {"args": vars(args)}))
 
 
 if __name__ == "__main__":

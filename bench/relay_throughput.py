@@ -1,7 +1,13 @@
-"""Relay throughput: events/s assigned and forwarded by one relay over many streams.
+"""Relay throughput: events/s assigned and forwarded by one relay, and by two, over 1000 streams.
 
-Also measures publish_many's append rate (it fills the backlog). Runs the relay in this
-process against real PostgreSQL and the real Redis pub/sub layer.
+For each case a backlog of ``--events`` device events (10 tenants, 1000 device streams) is
+appended with ``publish_many`` (1000 per transaction; its rate is reported too) while no relay
+runs; then the relay processes (``manage.py run_backplane``; two relays take disjoint shards,
+0-7 and 8-15, and the tenants are spread evenly over both halves) start and the database is
+polled until every row is forwarded. Reported: the span from the first offset assigned to the
+last row marked forwarded (database clock), the wall time from spawning the relays to all
+forwarded (includes their start-up), and the CPU of the relays, PostgreSQL and Redis. The
+relays publish to the real Redis pub/sub layer (no edge subscribed).
 
     .venv/bin/python bench/relay_throughput.py [--events 50000] [--streams 1000]
 """
@@ -9,87 +15,147 @@ process against real PostgreSQL and the real Redis pub/sub layer.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
+DB = common.scratch_name("tyrum_bench_relay")
+PAD = "x" * 64
+
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--events", type=int, default=50_000)
     parser.add_argument("--streams", type=int, default=1000)
     parser.add_argument("--tenants", type=int, default=10)
-    parser.add_argument("--batch-size", type=int, default=1000)
+    parser.add_argument("--chunk", type=int, default=1000, help="events per publish_many transaction")
+    parser.add_argument("--relays", default="1,2", help="relay counts to measure")
     args = parser.parse_args()
 
-    url = common.scratch_database("tyrum_bench_relay")
-    common.setup_django(url, "benchrelay")
-    from channels.layers import get_channel_layer
+    url = common.scratch_database(DB)
+    pfx = common.prefix("relay")
+    common.setup_django(url, pfx)
+    env = common.service_env(url, pfx)
+    tenants = common.make_tenants(args.tenants)
+    rows: list[dict[str, Any]] = []
+    notes: list[str] = []
+    meter_procs = common.Procs("relay")
+    meter = common.CpuMeter(DB, {"relays": lambda: meter_procs.pids("relay")})
+    try:
+        with meter_procs as procs:
+            for batch, count in enumerate(int(x) for x in args.relays.split(",") if x):
+                fill_secs = fill(tenants, args, batch)
+                rows.append(
+                    {
+                        "figure": f"publish_many ({args.chunk}/txn), backlog for {count} relay(s)",
+                        "events": args.events,
+                        "secs": fill_secs,
+                        "events_per_sec": args.events / fill_secs,
+                    }
+                )
+                row = drain(procs, meter, env, count, args.events)
+                rows.append(row)
+                notes += row.pop("notes")
+    finally:
+        common.drop_database(DB)
+    common.report(
+        f"relay throughput — {args.events} events over {args.streams} streams, {args.tenants} tenants "
+        f"(CPU in CPU-seconds over the drain)",
+        rows,
+        [
+            "figure",
+            "events",
+            "secs",
+            "events_per_sec",
+            "assign_per_sec",
+            "spawn_to_done_s",
+            "cpu_relays",
+            "cpu_postgres",
+            "cpu_redis",
+            "cpu_other",
+        ],
+        notes,
+    )
+    print(common.machine_line())
+    print("wrote", common.write("relay_throughput", rows, {"args": vars(args)}))
+
+
+def fill(tenants: list[Any], args: Any, batch: int) -> float:
     from django.db import transaction
 
     from backplane import outbox
-    from backplane.models import Tenant
-    from backplane.relay import Relay
 
-    tenants = [Tenant.objects.create(slug=f"t{i}", name=f"T{i}") for i in range(args.tenants)]
-    per_tenant = args.streams // args.tenants
+    per_tenant = max(1, args.streams // len(tenants))
     t0 = time.perf_counter()
-    chunk = 1000
     made = 0
-    while made < args.events:
-        tenant = tenants[(made // chunk) % len(tenants)]
+    for _ in range(args.events // max(1, args.chunk) + 1):  # bounded: one pass per chunk
+        if made >= args.events:
+            break
+        tenant = tenants[(made // args.chunk) % len(tenants)]
         specs = [
             {
                 "type": "bench.tick",
-                "payload": {"n": made + i, "pad": "x" * 64},
+                "payload": {"n": made + i, "b": batch, "pad": PAD},
                 "device": f"dev-{(made + i) % per_tenant}",
             }
-            for i in range(min(chunk, args.events - made))
+            for i in range(min(args.chunk, args.events - made))
         ]
         with transaction.atomic():
             outbox.publish_many(tenant, specs)
         made += len(specs)
-    publish_secs = time.perf_counter() - t0
+    return time.perf_counter() - t0
 
-    async def drain() -> tuple[float, int]:
-        relay = Relay(get_channel_layer(), batch_size=args.batch_size)
-        start = time.perf_counter()
-        forwarded = 0
-        deadline = start + 600
-        while forwarded < args.events and time.perf_counter() < deadline:
-            _, n = await relay.cycle()
-            forwarded += n
-        secs = time.perf_counter() - start
-        await relay.leases.release()
-        return secs, forwarded
 
-    relay_secs, forwarded = asyncio.run(drain())
-    rows = [
-        {
-            "figure": "publish_many (1000/txn)",
-            "events": args.events,
-            "secs": publish_secs,
-            "events_per_sec": args.events / publish_secs,
-        },
-        {
-            "figure": "relay assign+forward, 1 relay",
-            "events": forwarded,
-            "secs": relay_secs,
-            "events_per_sec": forwarded / relay_secs,
-        },
-    ]
-    print(
-        f"relay throughput — {args.events} events over {args.streams} streams, {args.tenants} tenants, "
-        f"batch {args.batch_size}"
-    )
-    print(common.table(rows, ["figure", "events", "secs", "events_per_sec"]))
-    m = common.machine()
-    print(f"machine: {m['cpu']} × {m['cores']} cores")
-    print("wrote", common.write("relay_throughput", rows, {"args": vars(args)}))
+def drain(procs: common.Procs, meter: common.CpuMeter, env: dict[str, str], count: int, events: int) -> dict[str, Any]:
+    from django.db import connection
+
+    shard_sets = ["0-15"] if count == 1 else [f"{i * 16 // count}-{(i + 1) * 16 // count - 1}" for i in range(count)]
+    with connection.cursor() as cur:
+        cur.execute("SELECT coalesce(max(id), 0) - %s FROM backplane_outboxitem", [events])
+        first_id = cur.fetchone()[0]
+    a = meter.snap()
+    t0 = time.monotonic()
+    for i, shards in enumerate(shard_sets):
+        procs.relay(f"relay-{count}-{i}", env, shards=shards)
+    left = events
+    deadline = t0 + 180
+    while time.monotonic() < deadline:
+        with connection.cursor() as cur:
+            cur.execute("SELECT count(*) FROM backplane_outboxitem WHERE forwarded_at IS NULL")
+            left = cur.fetchone()[0]
+        if left == 0:
+            break
+        time.sleep(0.1)
+    spawn_to_done = time.monotonic() - t0
+    b = meter.snap()
+    for i in range(len(shard_sets)):
+        procs.stop(f"relay-{count}-{i}")
+    with connection.cursor() as cur:
+        cur.execute(
+            "SELECT min(assigned_at), max(assigned_at), max(forwarded_at), count(*) FROM backplane_outboxitem "
+            "WHERE id > %s AND forwarded_at IS NOT NULL",
+            [first_id],
+        )
+        first_assigned, last_assigned, last_forwarded, done = cur.fetchone()
+    span = (last_forwarded - first_assigned).total_seconds() if done else float("nan")
+    assign_span = (last_assigned - first_assigned).total_seconds() if done else float("nan")
+    cpu = meter.delta(a, b)
+    return {
+        "figure": f"assign+forward, {count} relay(s) (shards {','.join(shard_sets)})",
+        "events": done,
+        "secs": span,
+        "events_per_sec": done / span if span else float("nan"),
+        "assign_per_sec": done / assign_span if assign_span else float("nan"),
+        "spawn_to_done_s": spawn_to_done,
+        "left": left,
+        "cpu": cpu,
+        **common.cpu_columns(cpu, ["relays", "postgres", "redis", "other"]),
+        "notes": common.notes_for(cpu, [], f"{count} relay(s)"),
+    }
 
 
 if __name__ == "__main__":
