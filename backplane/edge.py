@@ -260,7 +260,10 @@ def _beat(
         # Rows of sockets this edge no longer holds (a failed delete at disconnect) go;
         # rows of live sockets that were swept come back.
         live = [row["connection_id"] for row in rows]
-        Connection.objects.filter(edge_id=eid).exclude(connection_id__in=live).delete()
+        # Only rows older than a beat: a socket that is opening has its row before the
+        # runtime lists it.
+        settled = now - timedelta(seconds=conf.HEARTBEAT_INTERVAL_SECS)
+        Connection.objects.filter(edge_id=eid, connected_at__lt=settled).exclude(connection_id__in=live).delete()
         Connection.objects.bulk_create(
             [Connection(edge_id=eid, expires_at=now + ttl, last_seen_at=now, **row) for row in rows],
             ignore_conflicts=True,
