@@ -29,6 +29,7 @@ class Cluster:
         tenants: int,
         edges: int = 2,
         pools: int = 2,
+        analyze: bool = True,
     ) -> None:
         self.tag = tag
         self.n_peers = peers
@@ -39,6 +40,7 @@ class Cluster:
         self.database = common.scratch_name(f"tyrum_bench_{tag}")
         self.procs = common.Procs(tag)
         self.pools: load.Pools | None = None
+        self.analyze = analyze
 
     # --- set-up -------------------------------------------------------------------------
 
@@ -97,6 +99,15 @@ class Cluster:
             cur.execute("SELECT count(*) FROM backplane_outboxitem WHERE forwarded_at IS NULL")
             return int(cur.fetchone()[0])
 
+    def analyze_tables(self) -> None:
+        """Bring the planner's statistics up to date, as autovacuum does on a table that has
+        lived a minute or more (this scratch database is seconds old; see docs/performance.md:
+        on a fresh partition the relay's cached plans scan the whole partition per row)."""
+        from django.db import connection
+
+        with connection.cursor() as cur:
+            cur.execute("ANALYZE")
+
     def wait_outbox_drained(self, timeout: float = 30.0) -> bool:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -126,6 +137,8 @@ class Cluster:
         and received per second, nothing was lost, and p99 ≤ 1 s (as in the peer benchmark).
         """
         assert self.pools is not None
+        if self.analyze:
+            self.analyze_tables()
         a = self.meter.snap()
         start_at = time.time() + SENDER_START_SECS  # all senders start together, set up or not
         argvs = [[*argv, "--start-at", f"{start_at:.3f}"] for argv in argvs]

@@ -61,6 +61,16 @@ def scratch_database(name: str) -> str:
     url = PG_ADMIN.rsplit("/", 1)[0] + f"/{name}"
     env = {**os.environ, "DATABASE_URL": url, "REDIS_URL": REDIS_URL}
     subprocess.run([PY, "manage.py", "migrate", "-v", "0"], cwd=ROOT, env=env, check=True, timeout=120)
+    slow_ms = os.environ.get("BENCH_AUTO_EXPLAIN_MS")
+    if slow_ms:  # diagnosis: plans of statements slower than this go to the server's log
+        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+            for setting, value in (
+                ("session_preload_libraries", "auto_explain"),
+                ("auto_explain.log_min_duration", str(int(slow_ms))),
+                ("auto_explain.log_analyze", "on"),
+                ("auto_explain.log_buffers", "on"),
+            ):
+                conn.execute(f"ALTER DATABASE \"{name}\" SET {setting} = '{value}'")
     return url
 
 

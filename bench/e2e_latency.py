@@ -81,11 +81,16 @@ def main() -> None:
     parser.add_argument("--kill-seconds", type=float, default=8.0)
     parser.add_argument("--only", default=",".join(PHASES), help=f"phases to run, of {','.join(PHASES)}")
     parser.add_argument("--budget", type=float, default=330.0, help="seconds; the rate search stops past it")
+    parser.add_argument(
+        "--no-analyze",
+        action="store_true",
+        help="do not ANALYZE before each phase (measures a fresh outbox partition, as after a rollover)",
+    )
     args = parser.parse_args()
     only = {p.strip() for p in args.only.split(",") if p.strip()}
     started = time.monotonic()
 
-    with Cluster("e2e", peers=args.peers, tenants=args.tenants, pools=args.pools) as c:
+    with Cluster("e2e", peers=args.peers, tenants=args.tenants, pools=args.pools, analyze=not args.no_analyze) as c:
         tenants = common.make_tenants(args.tenants)
         devices = [f"dev-{i}" for i in range(args.peers)]
         pairs, peers_file = c.peer_set(tenants, devices, "main")

@@ -85,6 +85,7 @@ def sample_postgres(prefix: str, secs: float, wait: float, delay: float, top: in
                 break
             time.sleep(0.5)
         time.sleep(delay)
+        cpu0 = _postgres_cpu()
         stop = time.monotonic() + secs
         while time.monotonic() < stop:
             rows = conn.execute(
@@ -97,9 +98,37 @@ def sample_postgres(prefix: str, secs: float, wait: float, delay: float, top: in
             for q, w in rows:
                 seen[(q, w)] += 1
             time.sleep(0.02)
+    cpu1 = _postgres_cpu()
     lines = [f"{samples} samples of active statements (share of samples with that statement running)"]
     lines += [f"  {n / max(1, samples):6.1%}  [{w}]  {q}" for (q, w), n in seen.most_common(top)]
+    by_kind: Counter[str] = Counter()
+    for pid, (kind, secs_now) in cpu1.items():
+        by_kind[kind] += secs_now - cpu0.get(pid, (kind, 0.0))[1]
+    lines += ["", f"PostgreSQL processes' CPU over the {secs:g}s, by process title:"]
+    lines += [f"  {v:6.2f} CPU-s  {k}" for k, v in by_kind.most_common(top) if v > 0.005]
     return "\n".join(lines)
+
+
+def _postgres_cpu() -> dict[int, tuple[str, float]]:
+    """CPU seconds of every postgres process, with its title (database and state stripped of
+    the client address, so backends group by kind)."""
+    import re
+
+    out: dict[int, tuple[str, float]] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{d}/stat").read_text()
+            if stat[stat.index("(") + 1 : stat.rindex(")")] != "postgres":
+                continue
+            title = Path(f"/proc/{d}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except (OSError, ValueError):
+            continue
+        title = re.sub(r"127\.0\.0\.1\(\d+\)", "", re.sub(r"_\d+\b", "", title))
+        fields = stat.rsplit(")", 1)[1].split()
+        out[int(d)] = (title, (int(fields[11]) + int(fields[12])) / common.CLK_TCK)
+    return out
 
 
 def main() -> None:

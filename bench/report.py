@@ -4,7 +4,7 @@ Channels floor and Socket.IO + PostgreSQL, with medians over the archived runs.
 Reads ``bench/results/*.json`` (the latest run) and ``bench/results/history/*/`` (every run
 of ``run_all.py``); prints Markdown and writes ``bench/results/summary.{md,json}``.
 
-    .venv/bin/python bench/report.py [--runs 5]
+    .venv/bin/python bench/report.py [--runs 3]
 """
 
 from __future__ import annotations
@@ -286,7 +286,7 @@ def _commit(folder: Path) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=int, default=5, help="archived runs to take medians over")
+    parser.add_argument("--runs", type=int, default=3, help="archived runs to take medians over")
     args = parser.parse_args()
     latest = figures(common.RESULTS)
     folders = sorted(p for p in HISTORY.iterdir() if p.is_dir()) if HISTORY.exists() else []
