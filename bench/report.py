@@ -277,6 +277,122 @@ def render(latest: dict[str, Any], med: dict[str, tuple[float, int]], runs: list
     return "\n".join(L)
 
 
+def details(folder: Path) -> str:
+    """Every phase of one run with the CPU of every process (CPU-seconds over the phase)."""
+    L: list[str] = []
+
+    def cpu(r: dict[str, Any], keys: tuple[str, ...]) -> str:
+        c = r.get("cpu") or {}
+        return " | ".join(fmt(c.get(k)) for k in keys)
+
+    if (e2e := _load(folder, "e2e_latency")) is not None:
+        L.append("\n#### Device events: e2e (through the outbox) and the raw Channels floor\n")
+        L.append(
+            "| phase | rate | sent | lost | p50 | p90 | p99 | max ms | recv/s | ok | wall s | CPU-s: edges | relay | "
+            "PostgreSQL | Redis | producers/senders | load clients | others |"
+        )
+        L.append("|" + " --- |" * 2 + " ---: |" * 16)
+        for r in e2e["rows"]:
+            L.append(
+                f"| {r['phase']} | {fmt(r['rate'])} | {fmt(r['sent'])} | {fmt(r['lost'])} | {fmt(r['p50_ms'])} | "
+                f"{fmt(r['p90_ms'])} | {fmt(r['p99_ms'])} | {fmt(r['max_ms'])} | {fmt(r['recv_rate'])} | "
+                f"{fmt(r['ok'])} | "
+                + cpu(r, ("wall_s", "edges", "relay", "postgres", "redis", "senders", "peers", "other"))
+                + " |"
+            )
+        stages = [r for r in e2e["rows"] if r["phase"] == "e2e"]
+        L.append(
+            "\nMedian time per stage (ms): "
+            + "; ".join(
+                f"{fmt(r['rate'])}/s: commit→assigned {fmt(r.get('p50_to_assigned_ms'))}, "
+                f"assigned→marked {fmt(r.get('p50_assigned_to_marked_ms'))}, "
+                f"marked→peer {fmt(r.get('p50_marked_to_peer_ms'))}"
+                for r in stages
+            )
+            + "."
+        )
+    singles = (
+        ("fanout", "Fan-out", ("rate", "recipients", "expected", "received", "deliveries_per_s", "p50_ms", "p99_ms")),
+        (
+            "edge_kill",
+            "Edge SIGKILL",
+            ("rate", "sent", "lost", "out_of_order", "peers_resumed", "kill_to_resumed_p50_ms"),
+        ),
+    )
+    for name, title, cols in singles:
+        if (data := _load(folder, name)) is None:
+            continue
+        r = data["rows"][0]
+        L.append(f"\n#### {title}\n")
+        keys = ("wall_s", "edges", "relay", "postgres", "redis", "senders", "peers", "other")
+        L.append("| " + " | ".join(cols) + " | CPU-s: " + " | ".join(keys) + " |")
+        L.append("|" + " ---: |" * (len(cols) + len(keys)))
+        L.append("| " + " | ".join(fmt(r.get(c)) for c in cols) + " | " + cpu(r, keys) + " |")
+    if (res := _load(folder, "resume")) is not None:
+        L.append("\n#### Resume of 10 000 missed events (3 runs)\n")
+        L.append(
+            "| run | replayed | connect→hello ms | resume→resumed ms | connect→resumed ms | CPU-s edges | PostgreSQL |"
+        )
+        L.append("|" + " ---: |" * 7)
+        for r in res["rows"]:
+            L.append(
+                f"| {r['run']} | {fmt(r['replayed'])} | {fmt(r['connect_to_hello_ms'])} | "
+                f"{fmt(r['resume_to_resumed_ms'])} | {fmt(r['connect_to_resumed_ms'])} | "
+                f"{fmt(r['cpu'].get('edges'))} | {fmt(r['cpu'].get('postgres'))} |"
+            )
+    if (prod := _load(folder, "producer")) is not None:
+        L.append("\n#### Producer\n")
+        L.append("| figure | p50 ms | p99 ms | mean ms | events/s | CPU-s: this process | PostgreSQL |")
+        L.append("| --- |" + " ---: |" * 6)
+        for r in prod["rows"]:
+            L.append(
+                f"| {r['figure']} | {fmt(r.get('p50_ms'))} | {fmt(r.get('p99_ms'))} | {fmt(r.get('mean_ms'))} | "
+                f"{fmt(r.get('events_per_sec'))} | {fmt(r.get('cpu_bench'))} | {fmt(r.get('cpu_postgres'))} |"
+            )
+        L.append(f"\n`publish()` overhead (mean): {prod['publish_overhead'] * 100:.0f} %.")
+    if (relay := _load(folder, "relay_throughput")) is not None:
+        L.append("\n#### Relay throughput\n")
+        L.append("| figure | events | s | events/s | CPU-s: relays | PostgreSQL | Redis | others |")
+        L.append("| --- |" + " ---: |" * 7)
+        for r in relay["rows"]:
+            L.append(
+                f"| {r['figure']} | {fmt(r['events'])} | {fmt(r['secs'])} | {fmt(r['events_per_sec'])} | "
+                f"{fmt(r.get('cpu_relays'))} | {fmt(r.get('cpu_postgres'))} | {fmt(r.get('cpu_redis'))} | "
+                f"{fmt(r.get('cpu_other'))} |"
+            )
+    if (conn := _load(folder, "connections")) is not None:
+        r = conn["rows"][0]
+        L.append("\n#### Connections (one edge)\n")
+        L.append(
+            "| peers | connected | retried handshakes | storm s | handshakes/s | edge RSS before → after MB | "
+            "KB per connection | Redis KB per connection | edge CPU idle | CPU-s in the storm: edge | PostgreSQL | "
+            "load clients |"
+        )
+        L.append("|" + " ---: |" * 12)
+        sc = r["storm_cpu"]
+        L.append(
+            f"| {fmt(r['peers'])} | {fmt(r['connected'])} | {fmt(r.get('retries'))} | {fmt(r['storm_s'])} | "
+            f"{fmt(r['connects_per_s'])} | {fmt(r['rss_before_mb'])} → {fmt(r['rss_after_mb'])} | "
+            f"{fmt(r['kb_per_conn'])} | {fmt(r['redis_kb_per_conn'])} | {fmt(r['edge_idle_cpu_pct'])} % | "
+            f"{fmt(sc.get('edge'))} | {fmt(sc.get('postgres'))} | {fmt(sc.get('peers'))} |"
+        )
+    if (sio := _load(folder, "socketio")) is not None:
+        L.append("\n#### Socket.IO 4 + PostgreSQL adapter (same run; CPU in % of one core, its harness)\n")
+        L.append(
+            "| phase | rate | sent | lost | p50 | p90 | p99 | max ms | recv/s | ok | CPU % servers | producer | "
+            "clients | PostgreSQL | machine (of 2 cores) |"
+        )
+        L.append("| --- |" + " ---: |" * 14)
+        for r in sio["rows"]:
+            L.append(
+                f"| {r['phase']} | {fmt(r['rate'])} | {fmt(r['sent'])} | {fmt(r['lost'])} | {fmt(r['p50_ms'])} | "
+                f"{fmt(r['p90_ms'])} | {fmt(r['p99_ms'])} | {fmt(r['max_ms'])} | {fmt(r['recv_rate'])} | "
+                f"{fmt(r['ok'])} | {r['cpu_servers_pct']} | {fmt(r['cpu_producer_pct'])} | "
+                f"{fmt(r['cpu_clients_pct'])} | {fmt(r['cpu_postgres_pct'])} | {fmt(r['cpu_machine_pct'])} |"
+            )
+    return "\n".join(L)
+
+
 def _commit(folder: Path) -> str:
     for name in ("e2e_latency", "producer", "relay_throughput", "connections"):
         if data := _load(folder, name):
@@ -294,6 +410,7 @@ def main() -> None:
     runs = [figures(p) for p in chosen]
     med = median_figures(runs)
     md = render(latest, med, [f"{p.name} (code {_commit(p)})" for p in chosen])
+    md += "\n\n### Every phase of the latest run\n" + details(common.RESULTS)
     print(md)
     (common.RESULTS / "summary.md").write_text(md + "\n")
     (common.RESULTS / "summary.json").write_text(
