@@ -4,12 +4,16 @@ Per stream it keeps a ``DeliveryCursor``: live batches below the cursor are repe
 dropped; a batch beyond it means the transport lost something, and the gap is read from
 the outbox before the batch is sent. Live delivery is held for a new connection until its
 first frame (or LIVE_HOLD_MS), so a resume's replay is never overtaken by live events.
+
+A consumer has no channel of its own: the edge runtime holds one subscription per stream
+for all of its sockets and hands each batch to every socket of that stream (``offer``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import collections
+import functools
 import json
 import logging
 import time
@@ -17,13 +21,14 @@ import uuid
 from datetime import timedelta
 from typing import Any
 
+from channels.consumer import get_handler_name
 from channels.db import database_sync_to_async
 from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from backplane import auth, exceptions, outbox, streams
+from backplane import auth, edge, exceptions, outbox, streams
 from backplane.conf import conf
 from backplane.edge import EdgeRuntime
 from backplane.models import Connection
@@ -38,6 +43,9 @@ class _Closed(Exception):
 
 
 class GatewayConsumer(AsyncWebsocketConsumer):
+    # No per-socket channel (an alias that is not configured gives no layer): batches come
+    # from the edge runtime's one subscription per stream, not through a channel per socket.
+    channel_layer_alias = "tyrum.edge-runtime"
     connection_id: str
     principal: auth.Principal
 
@@ -50,7 +58,10 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         self.first_frame_seen = False
         self.holding = True
         self.held: list[Batch] = []
+        self.backlog: collections.deque[Batch] = collections.deque()
+        self.drainer: asyncio.Task[None] | None = None
         self.lock = asyncio.Lock()
+        self.wire: Any = None  # daphne's protocol object, when frames can be written directly
         self.runtime: EdgeRuntime | None = None
         self.tokens = float(conf.INBOUND_BURST)
         self.tokens_at = time.monotonic()
@@ -85,15 +96,19 @@ class GatewayConsumer(AsyncWebsocketConsumer):
                 return
             p = self.principal
             self.keys = streams.connection_streams(p.tenant_id, p.role, p.device_id)
-            prefix = conf.channel_prefix
-            for key in self.keys.values():
-                await self.channel_layer.group_add(streams.group_name(prefix, key), self.channel_name)
+            # Subscribed before the heads are read: nothing after the hello's heads is missed
+            # (batches arriving meanwhile are held, and repeats dropped by the cursors).
+            await self.runtime.subscribe(self)
             heads = await database_sync_to_async(_open)(self, self.runtime.edge_id)
         except Exception as exc:
             logger.warning("connect failed: %s", type(exc).__name__, extra={"action": "connect_error"})
+            self.closed = True
+            if self.runtime is not None:
+                self.runtime.unsubscribe(self)
             await self._deny(503)
             return
         await self.accept(auth.PROTOCOL)
+        self.wire = _direct_wire(self.base_send)
         self.hello_heads = {name: heads[key] for name, key in self.keys.items()}
         self.cursors = {name: streams.DeliveryCursor(h.epoch, h.offset) for name, h in self.hello_heads.items()}
         await self.send(
@@ -122,13 +137,10 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         if self.runtime is None or not self.keys:
             return
         self.runtime.remove(self)
-        hold = getattr(self, "hold_task", None)
-        if hold is not None:
-            hold.cancel()
-        prefix = conf.channel_prefix
-        for key in self.keys.values():
-            with contextlib.suppress(Exception):  # the transport may be down; the socket is gone anyway
-                await self.channel_layer.group_discard(streams.group_name(prefix, key), self.channel_name)
+        self.runtime.unsubscribe(self)
+        for task in (getattr(self, "hold_task", None), self.drainer):
+            if task is not None:
+                task.cancel()
         try:
             await database_sync_to_async(Connection.objects.filter(connection_id=self.connection_id).delete)()
         except Exception as exc:  # the heartbeat sweep removes it later
@@ -143,7 +155,8 @@ class GatewayConsumer(AsyncWebsocketConsumer):
             "device_id": p.device_id,
             "role": p.role,
             "token_id": p.token_id,
-            "channel_name": self.channel_name,
+            # The edge's delivery channel: the runtime fans batches out to its sockets.
+            "channel_name": self.runtime.stream_channel if self.runtime else "",
         }
 
     async def close_with(self, code: int) -> None:
@@ -254,9 +267,16 @@ class GatewayConsumer(AsyncWebsocketConsumer):
 
     async def dispatch(self, message: dict[str, Any]) -> None:
         """Dispatch, but never let a handler's error leave a half-alive consumer behind:
-        close with 4001 (the peer reconnects and resumes) and let disconnect() clean up."""
+        close with 4001 (the peer reconnects and resumes) and let disconnect() clean up.
+
+        Unlike channels' dispatch, no ``aclose_old_connections()`` thread hop per message:
+        every database call here goes through ``database_sync_to_async``, which closes old
+        connections itself, and a hop per inbound frame cost more than the frame's work."""
+        handler = getattr(self, get_handler_name(message), None)
+        if handler is None:
+            raise ValueError(f"no handler for message type {message['type']}")
         try:
-            await super().dispatch(message)
+            await handler(message)
         except StopConsumer:
             raise
         except Exception as exc:
@@ -281,20 +301,61 @@ class GatewayConsumer(AsyncWebsocketConsumer):
             except _Closed:
                 return
 
-    async def bp_batch(self, message: dict[str, Any]) -> None:
-        """A relay's batch for one of this connection's streams."""
-        name = streams.audience_of(message["stream"])
-        if self.closed or name not in self.cursors or self.keys.get(name) != message["stream"]:
+    async def offer(self, key: str, epoch: str, items: list[list[Any]], wire: list[bytes] | None = None) -> None:
+        """A relay's batch for one of this socket's streams, handed over by the edge runtime.
+
+        The common case — the batch continues the cursor — is written to the socket at once,
+        without a task or a lock (as the frame bytes ``wire`` the runtime built once for all
+        the stream's sockets, when daphne's transport can take them directly). Anything else
+        (held for a new connection, behind a gap fill or a replay, a gap, a new epoch)
+        queues for ``_drain``, which may read the outbox; the runtime never waits for one
+        socket's database reads.
+        """
+        if self.closed:
             return
-        batch: Batch = (name, message["epoch"], message["items"])
+        name = streams.audience_of(key)
+        if self.keys.get(name) != key:
+            return
         if self.holding:
-            self.held.append(batch)
+            self.held.append((name, epoch, items))
             return
-        async with self.lock:
-            try:
-                await self._deliver(*batch)
-            except _Closed:
-                return
+        if self.backlog or self.lock.locked():
+            self._queue((name, epoch, items))
+            return
+        cursor = self.cursors[name]
+        if epoch != cursor.epoch:
+            self._queue((name, epoch, items))
+            return
+        try:
+            for n, (offset, frame) in enumerate(items):
+                offset = int(offset)
+                if offset < cursor.next:
+                    continue  # a repeat
+                if offset > cursor.next:  # a gap: the rest goes the slow way
+                    self._queue((name, epoch, items[n:]))
+                    return
+                cursor.next = offset + 1
+                if self.closed:
+                    return
+                if wire is None or self.wire is None or not _write_direct(self.wire, wire[n]):
+                    await self.base_send({"type": "websocket.send", "text": frame})
+        except Exception as exc:
+            await self._failed(exc)
+
+    def _queue(self, batch: Batch) -> None:
+        self.backlog.append(batch)
+        if self.drainer is None or self.drainer.done():
+            self.drainer = asyncio.create_task(self._drain())
+
+    async def _drain(self) -> None:
+        try:
+            async with self.lock:
+                while self.backlog and not self.closed:
+                    await self._deliver(*self.backlog.popleft())
+        except _Closed:
+            return
+        except Exception as exc:
+            await self._failed(exc)
 
     async def _deliver(self, name: str, epoch: str, items: list[list[Any]]) -> None:
         cursor = self.cursors[name]
@@ -331,7 +392,7 @@ class GatewayConsumer(AsyncWebsocketConsumer):
     async def _send_text(self, text: str) -> None:
         if self.closed:
             raise _Closed
-        await self.send(text_data=text)
+        await self.base_send({"type": "websocket.send", "text": text})
 
     async def observe_heads(self, heads: dict[str, outbox.Head]) -> None:
         """Fill a lag that persists across two head checks (the relay was not just slow)."""
@@ -364,6 +425,35 @@ class GatewayConsumer(AsyncWebsocketConsumer):
                             return
             if cursor.next <= head.offset:
                 self.lag_seen[name] = head.offset
+
+
+def _direct_wire(send: Any) -> Any:
+    """Return daphne's WebSocket protocol object behind an ASGI ``send``, if frames can be
+    written straight to its transport: under daphne (``send`` is ``partial(handle_reply,
+    protocol)``), with no per-message compression negotiated. Otherwise None."""
+    if not isinstance(send, functools.partial) or not send.args:
+        return None
+    proto = send.args[0]
+    needed = ("transport", "state", "STATE_OPEN", "send_state", "SEND_STATE_GROUND")
+    if not all(hasattr(proto, a) for a in needed) or getattr(proto, "_perMessageCompress", None) is not None:
+        return None
+    return proto
+
+
+def _write_direct(proto: Any, data: bytes) -> bool:
+    """Write a prepared frame to daphne's transport, skipping the ASGI send path (daphne's
+    reply dispatch and autobahn's framing: most of a fan-out's cost). Return False when it
+    must go the normal way: the socket is not plainly open, a frame is half sent, or the
+    peer's unread bytes are past the slow-consumer bound (the normal path closes 4013)."""
+    if proto.state != proto.STATE_OPEN or proto.send_state != proto.SEND_STATE_GROUND:
+        return False
+    if getattr(proto, "_tyrum_slow", False):
+        return True  # closing with 4013: further frames are dropped
+    transport = proto.transport
+    if edge.outbound_buffered(transport) > edge.outbound_limit():
+        return False
+    transport.write(data)
+    return True
 
 
 def _open(consumer: GatewayConsumer, edge_id: str) -> dict[str, outbox.Head]:

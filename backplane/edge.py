@@ -4,11 +4,18 @@ It registers the edge, heartbeats its directory rows, receives directed commands
 ``bp.<prefix>.edge.<edge_id>``, re-checks its sockets' tokens, and compares the heads of its
 connected streams with what its peers got, so a lost trailing message is filled from the
 outbox within about a second.
+
+It also does the edge's fan-out: one channel of the runtime joins the group of every stream
+one of its sockets belongs to (once, however many sockets share the stream), and each batch
+that arrives is handed to those sockets in one pass. A tenant-wide event is one Redis message
+per edge, not one per socket, and no socket needs a task, a channel or a thread hop of its own
+to receive.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -46,6 +53,12 @@ class EdgeRuntime:
         self.consumers: dict[str, GatewayConsumer] = {}
         self.tasks: list[asyncio.Task[None]] = []
         self.channel: str | None = None
+        # Fan-out: the runtime's delivery channel, the sockets of each stream, and the stream
+        # groups it joined (or is joining) and is leaving.
+        self.stream_channel = ""
+        self.members: dict[str, dict[GatewayConsumer, None]] = {}
+        self.joins: dict[str, asyncio.Future[None]] = {}
+        self.leaving: dict[str, asyncio.Future[None]] = {}
         self.draining = False
         self._started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
@@ -77,7 +90,9 @@ class EdgeRuntime:
         # with it (delaying every socket's messages by up to the BRPOP timeout).
         self.channel = await self.layer.new_channel()
         await self.layer.group_add(streams.edge_group(conf.channel_prefix, self.edge_id), self.channel)
+        self.stream_channel = await self.layer.new_channel()
         self.tasks = [
+            asyncio.create_task(self._batches()),
             asyncio.create_task(self._commands()),
             asyncio.create_task(self._heartbeat()),
             asyncio.create_task(self._head_check()),
@@ -116,6 +131,88 @@ class EdgeRuntime:
 
     def remove(self, consumer: GatewayConsumer) -> None:
         self.consumers.pop(consumer.connection_id, None)
+
+    # --- fan-out: one subscription per stream, batches handed to every socket of it ------
+
+    async def subscribe(self, consumer: GatewayConsumer) -> None:
+        """Make ``consumer`` receive its streams' batches; return once the edge is in every
+        one of their groups (so what is committed after this is not missed)."""
+        keys = list(consumer.keys.values())
+        for key in keys:
+            self.members.setdefault(key, {})[consumer] = None
+        for key in keys:
+            await self._join(key)
+
+    def unsubscribe(self, consumer: GatewayConsumer) -> None:
+        """Stop handing batches to ``consumer`` (idempotent). Groups no socket needs any more
+        are left by the next heartbeat, so a reconnect storm does not churn subscriptions."""
+        for key in consumer.keys.values():
+            sockets = self.members.get(key)
+            if sockets is not None:
+                sockets.pop(consumer, None)
+                if not sockets:
+                    del self.members[key]
+
+    async def _join(self, key: str) -> None:
+        leaving = self.leaving.get(key)
+        if leaving is not None:  # never let a late group_discard undo this join
+            await asyncio.shield(leaving)
+        joined = self.joins.get(key)
+        if joined is None:
+            group = streams.group_name(conf.channel_prefix, key)
+            joined = self.joins[key] = asyncio.ensure_future(self.layer.group_add(group, self.stream_channel))
+        try:
+            await asyncio.shield(joined)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            if self.joins.get(key) is joined:  # the next socket of this stream tries again
+                del self.joins[key]
+            raise
+
+    async def leave_idle_groups(self) -> int:
+        """Leave the groups of streams no socket of this edge belongs to any more."""
+        idle = [key for key, joined in self.joins.items() if key not in self.members and joined.done()]
+        for key in idle:
+            del self.joins[key]
+            group = streams.group_name(conf.channel_prefix, key)
+            leaving = self.leaving[key] = asyncio.ensure_future(self.layer.group_discard(group, self.stream_channel))
+            try:
+                await asyncio.shield(leaving)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the layer forgets it after group_expiry; batches for it are ignored
+                logger.warning("could not leave a group: %s", type(exc).__name__, extra={"action": "group_leave"})
+            finally:
+                if self.leaving.get(key) is leaving:
+                    del self.leaving[key]
+        return len(idle)
+
+    async def _batches(self) -> None:
+        while True:
+            try:
+                message = await self.layer.receive(self.stream_channel)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a lost message is filled by the sockets' gap fill / head check
+                logger.warning("edge delivery loop: %s", type(exc).__name__, extra={"action": "delivery_error"})
+                await asyncio.sleep(0.5)
+                continue
+            await self.deliver(message)
+
+    async def deliver(self, message: dict[str, Any]) -> None:
+        """Hand one relay batch to every socket of its stream on this edge."""
+        if message.get("type") != "bp.batch":
+            return
+        key = message["stream"]
+        sockets = self.members.get(key)
+        if not sockets:
+            return
+        epoch, items = message["epoch"], message["items"]
+        # The frames' bytes are the same for every socket: built once, written to each.
+        wire = [streams.ws_text_frame(frame) for _, frame in items]
+        for consumer in list(sockets):
+            await consumer.offer(key, epoch, items, wire)
 
     # --- directed commands ----------------------------------------------------------
 
@@ -167,6 +264,7 @@ class EdgeRuntime:
         while True:
             await asyncio.sleep(conf.HEARTBEAT_INTERVAL_SECS)
             try:
+                await self.leave_idle_groups()
                 if _joins_expire(self.layer):
                     await self._rejoin_groups()
                 consumers = list(self.consumers.values())
@@ -188,9 +286,8 @@ class EdgeRuntime:
         ``group_expiry`` and on a Redis restart or flush (group_add is idempotent)."""
         prefix = conf.channel_prefix
         await self.layer.group_add(streams.edge_group(prefix, self.edge_id), self.channel)
-        for c in list(self.consumers.values()):
-            for key in c.keys.values():
-                await self.layer.group_add(streams.group_name(prefix, key), c.channel_name)
+        for key in [k for k, joined in self.joins.items() if joined.done()]:
+            await self.layer.group_add(streams.group_name(prefix, key), self.stream_channel)
 
     # --- head check: find and fill trailing loss ------------------------------------
 
@@ -329,7 +426,7 @@ def install_daphne_denial_response() -> None:
         if kind == "websocket.send" and self.state == self.STATE_OPEN:
             if getattr(self, "_tyrum_slow", False):
                 return  # already closing with 4013: drop further frames
-            if outbound_buffered(self.transport) > conf.MAX_OUTBOUND_BUFFER_BYTES:
+            if outbound_buffered(self.transport) > outbound_limit():
                 self._tyrum_slow = True
                 logger.warning("slow consumer: closing with 4013", extra={"action": "slow_consumer"})
                 self.closeHandshakeTimeout = conf.SLOW_CLOSE_GRACE_SECS
@@ -339,6 +436,12 @@ def install_daphne_denial_response() -> None:
 
     WebSocketProtocol.handle_reply = handle_reply
     WebSocketProtocol._tyrum_denial = True
+
+
+@functools.cache
+def outbound_limit() -> int:
+    """MAX_OUTBOUND_BUFFER_BYTES, read once (it is checked for every frame sent)."""
+    return int(conf.MAX_OUTBOUND_BUFFER_BYTES)
 
 
 def outbound_buffered(transport: Any) -> int:

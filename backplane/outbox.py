@@ -585,31 +585,36 @@ async def aassign_and_fetch(
     elif skip_tenants:
         tenant_filter, params["skip"] = "AND NOT (tenant_id = ANY(%(skip)s))", list(skip_tenants)
     out: list[Pending] = []
-    async with conn.transaction():
-        cur = await conn.execute(_CLAIM_SQL.format(tenant_filter=tenant_filter), params)
-        claimed = await cur.fetchall()
-        if not claimed:
-            return []
-        epochs: dict[int, str] = {}
-        by_part: dict[str, tuple[list[int], list[int]]] = {}
-        for row_id, part, epoch, off in claimed:
-            epochs[row_id] = epoch
-            ids, offs = by_part.setdefault(part, ([], []))
-            ids.append(row_id)
-            offs.append(off)
-        # One pipelined round trip. The rows are found by primary key: a hash join would
-        # read the whole partition (the planner picks one for a few hundred keys).
-        async with conn.pipeline():
+    # Two round trips in all, pipelined: BEGIN, the plan settings and the claim; then every
+    # partition's offsets and COMMIT. The rows are found by primary key: a hash join would
+    # read the whole partition (the planner picks one for a few hundred keys), and on a
+    # partition not analyzed yet (a fresh one: relpages 0) it nests a sequential scan in the
+    # loop instead, a full read per row. Neither is ever the better plan here.
+    async with conn.pipeline():
+        async with conn.transaction():
             await conn.execute("SET LOCAL enable_hashjoin = off")
             await conn.execute("SET LOCAL enable_mergejoin = off")
+            await conn.execute("SET LOCAL enable_seqscan = off")
+            cur = await conn.execute(_CLAIM_SQL.format(tenant_filter=tenant_filter), params)
+            claimed = await cur.fetchall()
+            if not claimed:
+                return []
+            epochs: dict[int, str] = {}
+            by_part: dict[str, tuple[list[int], list[int]]] = {}
+            for row_id, part, epoch, off in claimed:
+                epochs[row_id] = epoch
+                ids, offs = by_part.setdefault(part, ([], []))
+                ids.append(row_id)
+                offs.append(off)
             cursors = [
                 (part, await conn.execute(_SET_OFFSETS_SQL.format(part=part), [ids, offs]))
                 for part, (ids, offs) in by_part.items()
             ]
-        for part, cur in cursors:
-            for r in await cur.fetchall():
-                item = streams.Item(r[4], r[5], r[6], _iso(r[7]), r[8])
-                out.append(Pending(r[0], r[1], r[2], epochs[r[0]], r[3], item, r[9], part))
+    # The pipeline has synced (after COMMIT): the results are here.
+    for part, set_cur in cursors:
+        for r in await set_cur.fetchall():
+            item = streams.Item(r[4], r[5], r[6], _iso(r[7]), r[8])
+            out.append(Pending(r[0], r[1], r[2], epochs[r[0]], r[3], item, r[9], part))
     out.sort(key=lambda p: (p.stream, p.item.offset))
     return out
 

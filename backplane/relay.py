@@ -139,7 +139,11 @@ class Relay:
             pending = await database_sync_to_async(outbox.fetch_unforwarded)(
                 owned, self.batch_size, skip_tenants=list(self.quarantine)
             )
-            more = len(pending) >= self.batch_size
+            # Sweep again next cycle only if this one was full of rows left from before: the
+            # rows just assigned are unforwarded too, and in a backlog they alone fill the
+            # batch (sweeping for them every cycle read each row twice).
+            fresh_ids = {p.id for p in fresh}
+            more = len(pending) >= self.batch_size and any(p.id not in fresh_ids for p in pending)
         else:
             pending, more = fresh, False
         if not pending:

@@ -121,6 +121,18 @@ def event_frame(stream_name: str, epoch: str, item: Item) -> str:
     )
 
 
+def ws_text_frame(text: str) -> bytes:
+    """The bytes of one unfragmented, unmasked WebSocket text frame (RFC 6455 5.2) carrying
+    ``text``: what a server writes to any peer for it, so it is built once per fan-out."""
+    data = text.encode()
+    n = len(data)
+    if n < 126:
+        return bytes((0x81, n)) + data
+    if n < 65536:
+        return bytes((0x81, 126)) + n.to_bytes(2, "big") + data
+    return bytes((0x81, 127)) + n.to_bytes(8, "big") + data
+
+
 def parse_shards(spec: str | None, total: int) -> list[int]:
     """Parse ``"0-3,7"`` into shard numbers; ``None`` or ``""`` means all shards."""
     if not spec:

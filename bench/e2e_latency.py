@@ -40,6 +40,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+import load  # noqa: E402
 from cluster import Cluster  # noqa: E402
 
 PHASES = ("e2e", "floor", "resume", "fanout", "kill")
@@ -98,7 +99,7 @@ def main() -> None:
         print(
             f"connected {connect['connected']} peers over {len(c.ports)} edges in {connect['secs']:.1f}s "
             f"({connect['retries']} handshakes retried, {connect['failed']} failed {connect['errors'] or ''}) "
-            f"from {args.pools} load-client processes"
+            f"from {args.pools} load-client processes ({c.pools.client})"
         )
         searches: dict[str, Any] = {}
         rows: list[dict[str, Any]] = []
@@ -317,7 +318,12 @@ def report_e2e(args: Any, connect: dict[str, Any], rows: list[dict[str, Any]], s
         max_rows,
         ["system", "max_sustainable", "first_failing", "tried"],
     )
-    print("wrote", common.write("e2e_latency", rows, {"args": vars(args), "connect": connect, "ratios": ratios}))
+    print(
+        "wrote",
+        common.write(
+            "e2e_latency", rows, {"args": vars(args), "connect": connect, "ratios": ratios, "client": load_client()}
+        ),
+    )
     print("wrote", common.write("max_rate", max_rows, {"args": vars(args)}))
 
 
@@ -431,6 +437,10 @@ async def resume_once(c: Cluster, url: str, token: str, tenant: Any, missed: int
 # --- fan-out and edge kill ------------------------------------------------------------------------
 
 
+def load_client() -> str:
+    return load.client_argv()[2]
+
+
 def run_fanout(c: Cluster, args: Any, fan_file: Path, connect: dict[str, Any]) -> None:
     recipients = connect["connected"]
     argvs = c.producer_argvs(args.fanout_rate, args.seconds, fan_file, 1, "tenant")
@@ -470,7 +480,7 @@ def run_fanout(c: Cluster, args: Any, fan_file: Path, connect: dict[str, Any]) -
         ],
         row["notes"],
     )
-    print("wrote", common.write("fanout", [row], {"args": vars(args), "connect": connect}))
+    print("wrote", common.write("fanout", [row], {"args": vars(args), "connect": connect, "client": load_client()}))
 
 
 def run_kill(c: Cluster, args: Any, peers_file: Path) -> None:

@@ -7,6 +7,8 @@ the outbox) or ``floor_proc.py`` (straight into the channel layer) and merges wh
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,16 +20,56 @@ import common
 BENCH = Path(__file__).resolve().parent
 
 
+def client_argv() -> tuple[list[str], dict[str, str], str]:
+    """The load client to run: (argv, extra env, its name).
+
+    ``BENCH_CLIENT=node`` (the default when Node is installed) runs ``peers.js`` on the
+    ``ws`` package from the Socket.IO peer's dependencies (installed with ``npm ci`` on
+    first use, like ``socketio_peer.py`` does): the Socket.IO side is driven by Node clients
+    too, and a Python client tops out below what the edges send in the fan-out.
+    ``BENCH_CLIENT=python`` runs ``peers.py`` (the only choice without Node).
+    """
+    choice = os.environ.get("BENCH_CLIENT", "auto")
+    node = shutil.which("node")
+    if choice != "python" and node:
+        modules = node_modules()
+        if modules is not None:
+            return [node, str(BENCH / "peers.js")], {"BENCH_NODE_MODULES": str(modules)}, "node (ws)"
+    if choice == "node":
+        raise SystemExit("BENCH_CLIENT=node: no node, or the Socket.IO peer's dependencies could not be installed")
+    return [common.PY, str(BENCH / "peers.py")], {}, "python (websockets)"
+
+
+def node_modules() -> Path | None:
+    """The Socket.IO peer's node_modules (with ``ws``), installed on first use; or None."""
+    import socketio_peer
+
+    modules = socketio_peer.COPY / "node_modules"
+    if not (modules / "ws").is_dir() and socketio_peer.SOURCE.is_dir() and shutil.which("npm"):
+        socketio_peer.sync_copy()
+        subprocess.run(
+            ["npm", "ci", "--no-audit", "--no-fund"],
+            cwd=socketio_peer.COPY,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=300,
+            check=False,
+        )
+    return modules if (modules / "ws").is_dir() else None
+
+
 class Pools:
-    """``n`` load-client processes (``peers.py``); peer ``i`` goes to pool ``i % n``."""
+    """``n`` load-client processes (``peers.js`` or ``peers.py``, see ``client_argv``);
+    peer ``i`` goes to pool ``i % n``."""
 
     def __init__(self, procs: common.Procs, n: int, env: dict[str, str], tag: str = "pool") -> None:
         self.tag = tag
+        argv, extra, self.client = client_argv()
         self.procs = [
             procs.start(
                 f"{tag}-{i}",
-                [common.PY, str(BENCH / "peers.py")],
-                env,
+                argv,
+                {**env, **extra},
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 text=True,

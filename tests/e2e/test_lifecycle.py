@@ -78,10 +78,18 @@ async def test_revoke_token__closes_its_sockets_on_every_edge_with_4008(cluster,
     assert codes == [4008, 4008]
     await still_open(other)
     assert await refused_status(cluster.urls[1], token=token) == 403
+    # The heartbeat's token re-check may close the sockets before the commands arrive: wait
+    # for the relay to have forwarded one command to each edge.
     forwarded = OutboxItem.objects.filter(tenant=tenant, kind="command", type="bp.disconnect",
                                           forwarded_at__isnull=False)
-    assert sorted(await orm(lambda: list(forwarded.values_list("stream", flat=True)))) == \
-        sorted(f"e:{edge}" for edge in cluster.edge_ids)
+    wanted = sorted(f"e:{edge}" for edge in cluster.edge_ids)
+    got: list[str] = []
+    for _ in range(100):
+        got = sorted(await orm(lambda: list(forwarded.values_list("stream", flat=True))))
+        if got == wanted:
+            break
+        await asyncio.sleep(0.1)
+    assert got == wanted
 
 
 async def test_tenant_deactivated__closes_its_sockets_with_4008(cluster, peers) -> None:
@@ -270,3 +278,54 @@ async def test_edge__swept_directory_rows_come_back_with_the_heartbeat(cluster, 
         await asyncio.sleep(0.25)
     await still_open(peer)
     assert [d["device_id"] for d in await orm(presence, tenant)] == ["dev-1"]
+
+
+def _subscribers(key: str) -> int:
+    """Redis subscribers of a stream's group channel (the pub/sub layer's channel name)."""
+    import redis
+    from django.conf import settings
+
+    from backplane import streams
+    from backplane.conf import conf
+
+    layer_prefix = settings.CHANNEL_LAYERS["default"]["CONFIG"]["prefix"]
+    channel = f"{layer_prefix}__group__{streams.group_name(conf.channel_prefix, key)}"
+    client = redis.Redis.from_url(conf.redis_url)
+    try:
+        return int(dict(client.pubsub_numsub(channel))[channel.encode()])
+    finally:
+        client.close()
+
+
+async def test_edge_fan_out__one_subscription_per_stream_left_when_idle_and_joined_again(cluster, peers) -> None:
+    """The sockets of one edge share its one subscription per stream: each gets every tenant
+    event once and in order; when the last socket of a stream is gone the heartbeat leaves the
+    group, and the next socket of that stream joins it again before its hello — so its events
+    arrive live, not through the head check's gap fill."""
+    tenant = await orm(make_tenant)
+    tokens = [await orm(make_token, tenant, f"dev-{i}") for i in range(5)]
+    group = [await peers(cluster.urls[0], t) for t in tokens]
+    for peer in group:
+        await still_open(peer)  # the first frame releases live delivery
+    tenant_key, device_key = stream_key(tenant, "tenant"), stream_key(tenant, "device", device="dev-0")
+    assert await asyncio.to_thread(_subscribers, tenant_key) == 1  # one edge, one subscription
+    await orm(publish_many, tenant, [{"type": "fan", "payload": {"n": n}} for n in range(20)])
+    for peer in group:
+        await peer.until_events(20)
+        assert [(e["stream"], e["offset"]) for e in peer.events] == [("tenant", n) for n in range(1, 21)]
+    for peer in group:
+        await peer.close()
+    for _ in range(100):  # bounded: a few heartbeats
+        if await asyncio.to_thread(_subscribers, device_key) == 0:
+            break
+        await asyncio.sleep(0.1)
+    assert await asyncio.to_thread(_subscribers, device_key) == 0
+    assert await asyncio.to_thread(_subscribers, tenant_key) == 0
+    fills = cluster.logs()["e2e-life-a"].count("missed events from the outbox")
+    again = await peers(cluster.urls[0], tokens[0])
+    assert await asyncio.to_thread(_subscribers, device_key) == 1
+    await still_open(again)
+    await orm(publish_many, tenant, [{"type": "back", "payload": {}, "device": "dev-0"}])
+    events = await again.until_events(1)
+    assert [(e["stream"], e["offset"], e["event"]["type"]) for e in events] == [("device", 1, "back")]
+    assert cluster.logs()["e2e-life-a"].count("missed events from the outbox") == fills

@@ -260,3 +260,11 @@ def test_delivery_cursor__plan_yields_every_offset_once_in_order(head, batches):
     top = max([head, *(o for batch in batches for o in batch)])
     assert delivered == list(range(head + 1, top + 1))
     assert cursor.next == top + 1
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 127, 65535, 65536, 70000])
+def test_ws_text_frame__matches_a_websocket_library_server_frame(size: int) -> None:
+    from websockets.frames import Frame, Opcode
+
+    text = ("é" * size)[:size] if size % 2 else "a" * size
+    assert streams.ws_text_frame(text) == Frame(Opcode.TEXT, text.encode()).serialize(mask=False)

@@ -1,0 +1,324 @@
+// The load client in Node: the same stdin/stdout commands and answers as peers.py
+// (connect, count, collect, failover, disconnect, exit), one JSON line each, for peers
+// speaking tyrum-v1 over the `ws` package. A benchmark uses it when Node and `ws` are
+// there (BENCH_CLIENT=node, the default then; BENCH_CLIENT=python forces peers.py): a
+// Python client tops out near 35 000 frames/s per core here, below what the edges send in
+// the fan-out, and the Socket.IO peer is driven by Node clients too.
+//
+//   node bench/peers.js        (started by bench code, never by hand; needs NODE_PATH or
+//                               BENCH_NODE_MODULES pointing at a node_modules with `ws`)
+"use strict";
+
+const path = require("path");
+const readline = require("readline");
+const WebSocket = require(path.join(process.env.BENCH_NODE_MODULES || "", "ws"));
+
+const EVENT_PREFIX = '{"type":"event","stream":"';
+const RESUMED_PREFIX = '{"type":"resumed"';
+const OPEN_TIMEOUT_MS = 60000;
+const MAX_FRAME_BYTES = 4 * 1024 * 1024;
+const CLOSE_TIMEOUT_MS = 10000;
+const CONNECT_ATTEMPTS = 4;
+
+// Epoch seconds, like Python's time.time(): arrivals are compared with the senders' clocks.
+const now = () => (performance.timeOrigin + performance.now()) / 1000;
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+const uniform = (lo, hi) => lo + Math.random() * (hi - lo);
+
+function parseEvent(raw) {
+  // [stream name, epoch, offset, event id]; the frame layout is fixed by streams.event_frame.
+  try {
+    const s0 = EVENT_PREFIX.length;
+    const s1 = raw.indexOf('"', s0);
+    const e0 = raw.indexOf('"epoch":"', s1) + 9;
+    const e1 = raw.indexOf('"', e0);
+    const o0 = raw.indexOf('"offset":', e1) + 9;
+    const o1 = raw.indexOf(",", o0);
+    const i0 = raw.indexOf('"event_id":"', o1) + 12;
+    const i1 = raw.indexOf('"', i0);
+    if (s1 < 0 || e0 < 9 || o0 < 9 || i0 < 12 || i1 < 0) throw new Error("layout");
+    return [raw.slice(s0, s1), raw.slice(e0, e1), parseInt(raw.slice(o0, o1), 10), raw.slice(i0, i1)];
+  } catch (_) {
+    const f = JSON.parse(raw);
+    return [f.stream, f.epoch, f.offset, f.event.event_id];
+  }
+}
+
+class Peer {
+  constructor(url, token) {
+    this.url = url;
+    this.token = token;
+    this.ws = null;
+    this.got = new Map(); // event id -> first arrival (epoch seconds)
+    this.pos = new Map(); // stream name -> [epoch, last offset processed]
+    this.dupes = 0;
+    this.reordered = 0;
+    this.droppedAt = 0;
+    this.resumedAt = 0;
+    this.resumed = null;
+  }
+}
+
+class Pool {
+  constructor() {
+    this.peers = [];
+    this.failoverUrls = [];
+    this.failoverDelay = [0.5, 1.5];
+    this.closing = false;
+    this.reconnects = 0;
+    this.reconnectFailures = 0;
+    this.odd = [];
+  }
+
+  open(peer, resume) {
+    return new Promise((resolve, reject) => {
+      const ws = new WebSocket(peer.url, ["tyrum-v1"], {
+        headers: { Authorization: `Bearer ${peer.token}` },
+        perMessageDeflate: false,
+        maxPayload: MAX_FRAME_BYTES,
+        handshakeTimeout: OPEN_TIMEOUT_MS,
+      });
+      let hello = false;
+      const timer = setTimeout(() => {
+        if (!hello) {
+          ws.terminate();
+          reject(new Error("no hello"));
+        }
+      }, OPEN_TIMEOUT_MS);
+      ws.on("error", (err) => {
+        if (!hello) {
+          clearTimeout(timer);
+          reject(err);
+        }
+      });
+      ws.on("close", () => {
+        if (!hello) {
+          clearTimeout(timer);
+          reject(new Error("closed before hello"));
+        } else {
+          this.closed(peer, ws);
+        }
+      });
+      ws.on("message", (data) => {
+        const raw = data.toString();
+        if (!hello) {
+          hello = true;
+          clearTimeout(timer);
+          const h = JSON.parse(raw);
+          if (resume && peer.pos.size) {
+            const streams = {};
+            for (const [name, [epoch, offset]] of peer.pos) streams[name] = { epoch, offset };
+            ws.send(JSON.stringify({ type: "resume", streams }));
+          } else {
+            peer.pos = new Map(Object.entries(h.streams).map(([n, s]) => [n, [s.epoch, s.offset]]));
+            ws.send('{"type":"ping"}');
+          }
+          peer.ws = ws;
+          resolve();
+          return;
+        }
+        this.frame(peer, raw);
+      });
+    });
+  }
+
+  frame(peer, raw) {
+    if (raw.startsWith(EVENT_PREFIX)) {
+      const t = now();
+      const [name, epoch, offset, eid] = parseEvent(raw);
+      const pos = peer.pos.get(name);
+      if (pos !== undefined && pos[0] === epoch && offset <= pos[1]) {
+        if (peer.got.has(eid)) {
+          peer.dupes += 1;
+          return;
+        }
+        // A new event below what this peer processed (a late resume's replay): kept, counted.
+        peer.reordered += 1;
+        if (this.odd.length < 50) this.odd.push([name, epoch, offset, pos[1], eid, now()]);
+        peer.got.set(eid, t);
+        return;
+      }
+      peer.pos.set(name, [epoch, offset]);
+      if (!peer.got.has(eid)) peer.got.set(eid, t);
+    } else if (raw.startsWith(RESUMED_PREFIX)) {
+      peer.resumedAt = now();
+      peer.resumed = JSON.parse(raw).streams;
+    }
+  }
+
+  async closed(peer, ws) {
+    if (peer.ws !== ws) return;
+    peer.ws = null;
+    if (this.closing || !this.failoverUrls.length) return;
+    peer.droppedAt = now();
+    await sleep(1000 * uniform(...this.failoverDelay));
+    for (let attempt = 0; attempt < 20; attempt++) {
+      // bounded: 20 tries over the failover edges
+      if (this.closing) return;
+      try {
+        peer.url = this.failoverUrls[attempt % this.failoverUrls.length];
+        await this.open(peer, true);
+        this.reconnects += 1;
+        return;
+      } catch (_) {
+        await sleep(200 * (attempt + 1));
+      }
+    }
+    this.reconnectFailures += 1;
+  }
+
+  async connect(pairs, concurrency, budgetSecs) {
+    const started = now();
+    const errors = {};
+    const doneAt = [];
+    let skipped = 0;
+    let retries = 0;
+    let next = 0;
+    const one = async (url, token) => {
+      const peer = new Peer(url, token);
+      for (let attempt = 0; attempt < CONNECT_ATTEMPTS; attempt++) {
+        if (now() - started > budgetSecs) {
+          skipped += 1;
+          return;
+        }
+        try {
+          await this.open(peer, false);
+          doneAt.push(now() - started);
+          this.peers.push(peer);
+          return;
+        } catch (err) {
+          if (attempt + 1 === CONNECT_ATTEMPTS) {
+            const key = (err && err.message ? `Error ${err.message}` : "Error").slice(0, 80);
+            errors[key] = (errors[key] || 0) + 1;
+            return;
+          }
+          retries += 1;
+        }
+        await sleep(1000 * uniform(0.5, 1.5) * (attempt + 1));
+      }
+    };
+    const worker = async () => {
+      while (next < pairs.length) {
+        const [url, token] = pairs[next++];
+        await one(url, token);
+      }
+    };
+    await Promise.all(Array.from({ length: Math.max(1, concurrency) }, worker));
+    const failed = Object.values(errors).reduce((a, b) => a + b, 0);
+    return {
+      connected: doneAt.length,
+      failed,
+      skipped,
+      retries,
+      errors,
+      secs: doneAt.length ? Math.max(...doneAt) : now() - started,
+    };
+  }
+
+  count() {
+    let received = 0;
+    let resumed = 0;
+    let dropped = 0;
+    let open = 0;
+    for (const p of this.peers) {
+      received += p.got.size;
+      if (p.resumedAt) resumed += 1;
+      if (p.droppedAt) dropped += 1;
+      if (p.ws && p.ws.readyState === WebSocket.OPEN) open += 1;
+    }
+    return {
+      received,
+      resumed,
+      dropped,
+      open,
+      reconnects: this.reconnects,
+      reconnect_failures: this.reconnectFailures,
+    };
+  }
+
+  collect(sent, byId) {
+    const lat = [];
+    const arrivals = {};
+    let last = 0;
+    let stray = 0;
+    let dupes = 0;
+    let reordered = 0;
+    for (const p of this.peers) {
+      for (const [eid, t] of p.got) {
+        const t0 = sent[eid];
+        if (t0 === undefined) {
+          stray += 1;
+          continue;
+        }
+        lat.push(Math.round((t - t0) * 1e6) / 1000);
+        if (byId) arrivals[eid] = t;
+        if (t > last) last = t;
+      }
+      p.got = new Map();
+      dupes += p.dupes;
+      reordered += p.reordered;
+      p.dupes = p.reordered = 0;
+    }
+    const odd = this.odd;
+    this.odd = [];
+    const failovers = this.peers
+      .filter((p) => p.droppedAt)
+      .map((p) => ({ dropped_at: p.droppedAt, resumed_at: p.resumedAt, resumed: p.resumed }));
+    return { latencies_ms: lat, arrivals, last_arrival: last, stray, dupes, reordered, failovers, odd };
+  }
+
+  async disconnect() {
+    this.closing = true;
+    const closes = this.peers
+      .filter((p) => p.ws)
+      .map(
+        (p) =>
+          new Promise((resolve) => {
+            const ws = p.ws;
+            ws.once("close", resolve);
+            ws.close();
+          })
+      );
+    // All at once, bounded: a backlogged edge may never answer the close.
+    await Promise.race([Promise.all(closes), sleep(CLOSE_TIMEOUT_MS)]);
+    for (const p of this.peers) if (p.ws) p.ws.terminate();
+    this.peers = [];
+    this.closing = false;
+    this.failoverUrls = [];
+    this.reconnects = this.reconnectFailures = 0;
+  }
+}
+
+async function main() {
+  const pool = new Pool();
+  const answer = (obj) => process.stdout.write(JSON.stringify(obj) + "\n");
+  const lines = readline.createInterface({ input: process.stdin, crlfDelay: Infinity });
+  for await (const line of lines) {
+    if (!line.trim()) continue;
+    const msg = JSON.parse(line);
+    if (msg.cmd === "connect") {
+      answer(await pool.connect(msg.peers, Number(msg.concurrency || 50), Number(msg.budget || 600)));
+    } else if (msg.cmd === "count") {
+      answer(pool.count());
+    } else if (msg.cmd === "collect") {
+      answer(pool.collect(msg.sent, Boolean(msg.by_id)));
+    } else if (msg.cmd === "failover") {
+      pool.failoverUrls = msg.urls.slice();
+      pool.failoverDelay = msg.delay || [0.5, 1.5];
+      answer({ ok: true });
+    } else if (msg.cmd === "disconnect") {
+      await pool.disconnect();
+      answer({ ok: true });
+    } else if (msg.cmd === "exit") {
+      await pool.disconnect();
+      answer({ ok: true });
+      break;
+    }
+  }
+  process.exit(0);
+}
+
+main().catch((err) => {
+  process.stderr.write(`peers.js: ${err && err.stack ? err.stack : err}\n`);
+  process.exit(1);
+});
