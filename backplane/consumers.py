@@ -42,6 +42,10 @@ class _Closed(Exception):
     """Raised inside delivery when the socket was closed under it."""
 
 
+class _Gone(Exception):
+    """The peer left (daphne dropped the handshake or the socket) before its database work ran."""
+
+
 class GatewayConsumer(AsyncWebsocketConsumer):
     # No per-socket channel (an alias that is not configured gives no layer): batches come
     # from the edge runtime's one subscription per stream, not through a channel per socket.
@@ -63,6 +67,7 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         self.lock = asyncio.Lock()
         self.wire: Any = None  # daphne's protocol object, when frames can be written directly
         self.runtime: EdgeRuntime | None = None
+        self.row_written = False
         self.tokens = float(conf.INBOUND_BURST)
         self.tokens_at = time.monotonic()
         if auth.url_has_credential(self.scope.get("query_string", b"")):
@@ -78,7 +83,10 @@ class GatewayConsumer(AsyncWebsocketConsumer):
             await self.close()
             return
         try:
-            self.principal = await database_sync_to_async(auth.authenticate)(self.scope)
+            self.principal = await _db(_unless_gone)(self, auth.authenticate, self.scope)
+        except _Gone:
+            self.closed = True
+            return  # daphne dropped the handshake while it waited (a connect storm): nothing to do
         except auth.AuthRefused as exc:
             logger.info("refused: %s", exc, extra={"action": "refused_auth"})
             await self.close()
@@ -99,7 +107,11 @@ class GatewayConsumer(AsyncWebsocketConsumer):
             # Subscribed before the heads are read: nothing after the hello's heads is missed
             # (batches arriving meanwhile are held, and repeats dropped by the cursors).
             await self.runtime.subscribe(self)
-            heads = await database_sync_to_async(_open)(self, self.runtime.edge_id)
+            heads = await _db(_unless_gone)(self, _open, self, self.runtime.edge_id)
+        except _Gone:
+            self.closed = True
+            self.runtime.unsubscribe(self)
+            return
         except Exception as exc:
             logger.warning("connect failed: %s", type(exc).__name__, extra={"action": "connect_error"})
             self.closed = True
@@ -141,8 +153,10 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         for task in (getattr(self, "hold_task", None), self.drainer):
             if task is not None:
                 task.cancel()
+        if not self.row_written:
+            return
         try:
-            await database_sync_to_async(Connection.objects.filter(connection_id=self.connection_id).delete)()
+            await _db(Connection.objects.filter(connection_id=self.connection_id).delete)()
         except Exception as exc:  # the heartbeat sweep removes it later
             logger.warning("could not remove connection row: %s", type(exc).__name__, extra={"action": "disconnect"})
         logger.info("disconnected %s code %s", self.connection_id, code, extra={"action": "disconnected"})
@@ -249,7 +263,11 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         missing = head.offset - offset
         if offset + 1 < head.first_retained or missing > conf.MAX_REPLAY_EVENTS:
             return {"recovered": False, "reason": "retention_exceeded"}
-        items = await database_sync_to_async(outbox.read_range)(self.keys[name], offset, head.offset)
+        try:
+            items = await _db(_unless_gone)(self, outbox.read_range, self.keys[name], offset, head.offset)
+        except _Gone:
+            self.closed = True
+            return {"recovered": False, "reason": "retention_exceeded"}  # never sent: the peer is gone
         if len(items) != missing:  # all or nothing: never a partial replay called recovered
             return {"recovered": False, "reason": "retention_exceeded"}
         for item in items:
@@ -376,7 +394,7 @@ class GatewayConsumer(AsyncWebsocketConsumer):
             await self.close_with(4001)
             raise _Closed
         try:
-            items = await database_sync_to_async(outbox.read_range)(self.keys[name], after, upto)
+            items = await _db(outbox.read_range)(self.keys[name], after, upto)
         except Exception as exc:
             logger.warning("gap fill failed (%s): closing 4001", type(exc).__name__, extra={"action": "gap_error"})
             await self.close_with(4001)
@@ -427,6 +445,40 @@ class GatewayConsumer(AsyncWebsocketConsumer):
                 self.lag_seen[name] = head.offset
 
 
+def _db(fn: Any) -> Any:
+    """``database_sync_to_async`` for a socket's own database work (credential check,
+    directory row, replay, gap fill). On PostgreSQL it runs on the shared worker threads (each
+    with its own connection), so handshakes and replays of many peers overlap instead of
+    queuing behind each other on the one thread-sensitive thread; SQLite keeps that one
+    thread (one writer at a time anyway)."""
+    return database_sync_to_async(fn, thread_sensitive=not conf.is_postgresql)
+
+
+def _unless_gone(consumer: GatewayConsumer, fn: Any, *args: Any) -> Any:
+    """Run ``fn(*args)`` (in the database thread) unless the peer has left meanwhile.
+
+    The edge's database work runs on one thread, in order. In a connect storm (e.g. the peers of
+    a killed edge failing over) handshakes wait there longer than daphne's 5 s connect timeout;
+    daphne drops them, their peers retry, and without this check the thread would still do the
+    work of every dropped attempt, falling further behind with each retry."""
+    if _gone(consumer.base_send):
+        raise _Gone
+    return fn(*args)
+
+
+def _gone(send: Any) -> bool:
+    """Whether daphne has dropped the connection behind an ASGI ``send`` (False when not
+    under daphne, or when it cannot tell)."""
+    if not isinstance(send, functools.partial) or not send.args:
+        return False
+    proto = send.args[0]
+    connections = getattr(getattr(proto, "server", None), "connections", None)
+    if not isinstance(connections, dict):
+        return False
+    entry = connections.get(proto)
+    return entry is None or "disconnected" in entry
+
+
 def _direct_wire(send: Any) -> Any:
     """Return daphne's WebSocket protocol object behind an ASGI ``send``, if frames can be
     written straight to its transport: under daphne (``send`` is ``partial(handle_reply,
@@ -461,6 +513,7 @@ def _open(consumer: GatewayConsumer, edge_id: str) -> dict[str, outbox.Head]:
     p = consumer.principal
     heads = outbox.ensure_streams(p.tenant_id, list(consumer.keys.values()))
     expires = timezone.now() + timedelta(seconds=conf.CONNECTION_TTL_SECS)
+    consumer.row_written = True  # from here on, disconnect() removes the row
     try:
         with transaction.atomic():
             Connection.objects.create(edge_id=edge_id, expires_at=expires, **consumer.directory_row())

@@ -361,8 +361,15 @@ def _beat(
         # runtime lists it.
         settled = now - timedelta(seconds=conf.HEARTBEAT_INTERVAL_SECS)
         Connection.objects.filter(edge_id=eid, connected_at__lt=settled).exclude(connection_id__in=live).delete()
+        # Only the missing rows: in a connect storm the counts differ at every beat (rows of
+        # sockets still opening), and re-inserting every row each time cost more than the storm.
+        have = set(Connection.objects.filter(edge_id=eid).values_list("connection_id", flat=True))
         Connection.objects.bulk_create(
-            [Connection(edge_id=eid, expires_at=now + ttl, last_seen_at=now, **row) for row in rows],
+            [
+                Connection(edge_id=eid, expires_at=now + ttl, last_seen_at=now, **row)
+                for row in rows
+                if row["connection_id"] not in have
+            ],
             ignore_conflicts=True,
         )
     # Rows of edges that died without a clean close.

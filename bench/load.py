@@ -58,6 +58,15 @@ def node_modules() -> Path | None:
     return modules if (modules / "ws").is_dir() else None
 
 
+def _raise_nofile() -> None:
+    """In the child before exec: open-files soft limit up to the hard limit (10 000 peers)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 class Pools:
     """``n`` load-client processes (``peers.js`` or ``peers.py``, see ``client_argv``);
     peer ``i`` goes to pool ``i % n``."""
@@ -73,6 +82,7 @@ class Pools:
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 text=True,
+                preexec_fn=_raise_nofile,  # Node cannot raise its own open-files limit
             )
             for i in range(n)
         ]
