@@ -172,9 +172,15 @@ class EdgeRuntime:
 
     async def leave_idle_groups(self) -> int:
         """Leave the groups of streams no socket of this edge belongs to any more."""
-        idle = [key for key, joined in self.joins.items() if key not in self.members and joined.done()]
-        for key in idle:
+        idle = [(key, joined) for key, joined in self.joins.items() if key not in self.members and joined.done()]
+        left = 0
+        for key, joined in idle:
+            # Checked again for each key: the leaves before it awaited, and a socket of this
+            # stream may have subscribed meanwhile (finding the group joined, it did not wait).
+            if key in self.members or self.joins.get(key) is not joined:
+                continue
             del self.joins[key]
+            left += 1
             group = streams.group_name(conf.channel_prefix, key)
             leaving = self.leaving[key] = asyncio.ensure_future(self.layer.group_discard(group, self.stream_channel))
             try:
@@ -186,7 +192,7 @@ class EdgeRuntime:
             finally:
                 if self.leaving.get(key) is leaving:
                     del self.leaving[key]
-        return len(idle)
+        return left
 
     async def _batches(self) -> None:
         while True:
