@@ -192,23 +192,27 @@ def _insert(tenant_id: uuid.UUID, shard: int, rows: list[tuple[Any, ...]]) -> No
         for start in range(0, len(rows), INSERT_CHUNK):
             chunk = rows[start : start + INSERT_CHUNK]
             if conf.is_postgresql:
-                cols = list(zip(*chunk, strict=True))
-                # Bind server-side, in binary: Django's client-side binding would render
-                # thousands of array elements into the SQL text, escaping each one.
+                # Two JSON texts instead of six arrays: the rows' fields (encoded by the json
+                # module in C) and the payloads, already JSON, joined as they are. psycopg's
+                # array dumpers work element by element in Python (43 % of publish_many).
+                meta = json.dumps([[r[0], r[1], r[2], r[3].isoformat(), r[5]] for r in chunk], separators=(",", ":"))
+                payloads = "[" + ",".join(r[4] for r in chunk) + "]"
                 connection.ensure_connection()
                 raw = psycopg.Cursor(connection.connection)
                 _execute_raw(
                     raw,
                     f"WITH t AS (SELECT is_active FROM backplane_tenant WHERE id = %s), "
-                    f"k AS (INSERT INTO {EVENTKEY} (tenant_id, event_id) SELECT %s, unnest(%s::text[]) "
+                    f"v AS (SELECT a.i, a.m->>0 AS stream, a.m->>1 AS event_id, a.m->>2 AS type, "
+                    f"(a.m->>3)::timestamptz AS occurred_at, (a.m->>4)::int AS payload_bytes, b.p::jsonb AS payload "
+                    f"FROM json_array_elements(%s::json) WITH ORDINALITY AS a(m, i) "
+                    f"JOIN json_array_elements(%s::json) WITH ORDINALITY AS b(p, i) USING (i)), "
+                    f"k AS (INSERT INTO {EVENTKEY} (tenant_id, event_id) SELECT %s, v.event_id FROM v "
                     f"WHERE coalesce((SELECT is_active FROM t), false) ON CONFLICT DO NOTHING RETURNING event_id), "
                     f"o AS (INSERT INTO {OUTBOX} (tenant_id, kind, stream, event_id, type, occurred_at, payload, "
                     f"payload_bytes, shard) SELECT %s, 'event', v.stream, v.event_id, v.type, v.occurred_at, "
-                    f"v.payload, v.payload_bytes, %s FROM unnest(%s::text[], %s::text[], %s::text[], "
-                    f"%s::timestamptz[], %s::jsonb[], %s::int[]) AS v(stream, event_id, type, occurred_at, payload, "
-                    f"payload_bytes) JOIN k USING (event_id) RETURNING 1) "
+                    f"v.payload, v.payload_bytes, %s FROM v JOIN k USING (event_id) ORDER BY v.i RETURNING 1) "
                     f"SELECT (SELECT is_active FROM t), (SELECT count(*) FROM o)",
-                    [tenant_id, tenant_id, list(cols[1]), tenant_id, shard, *(list(c) for c in cols)],
+                    [tenant_id, meta, payloads, tenant_id, tenant_id, shard],
                     binary=True,
                 )
                 state = raw.fetchone()[0]

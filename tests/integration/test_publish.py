@@ -245,3 +245,24 @@ def test_publish_many__inactive_tenant_midway_writes_no_chunk(tenant, monkeypatc
     with pytest.raises(exceptions.InactiveTenant):
         outbox.publish_many(tenant, [{"type": "a.b", "payload": {"i": i}} for i in range(5)])
     assert OutboxItem.objects.count() == 0
+
+
+def test_publish_many__rows_keep_the_order_given_and_their_fields(tenant):
+    # Ids that sort (and hash) in another order than the list: the outbox ids, which the relay
+    # numbers offsets by, must still follow the list.
+    ids = [f"ev-{(n * 7919) % 1000:04d}-{n}" for n in range(300)]
+    when = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
+    events = [
+        {"type": "run.step", "payload": {"n": n, "text": "é\n\"q\""}, "event_id": eid, "device": f"d-{n % 3}",
+         "occurred_at": when}
+        for n, eid in enumerate(ids)
+    ]
+    assert outbox.publish_many(tenant, events) == ids
+    rows = list(OutboxItem.objects.order_by("id").values_list("event_id", "stream", "payload", "occurred_at",
+                                                             "payload_bytes"))
+    assert [r[0] for r in rows] == ids
+    for n, (_, stream, payload, occurred_at, size) in enumerate(rows):
+        assert stream == streams.device_stream(tenant.id, f"d-{n % 3}")
+        assert payload == {"n": n, "text": "é\n\"q\""}
+        assert occurred_at == when
+        assert size == len(json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode())
