@@ -408,8 +408,12 @@ class GatewayConsumer(AsyncWebsocketConsumer):
             await self._send_text(streams.event_frame(name, epoch, item))
 
     async def _send_text(self, text: str) -> None:
+        """Send one frame of a replay, a gap fill or a slow-path batch (directly to daphne's
+        transport when it can take it: a 10 000-event replay is 10 000 of these)."""
         if self.closed:
             raise _Closed
+        if self.wire is not None and _write_direct(self.wire, streams.ws_text_frame(text)):
+            return
         await self.base_send({"type": "websocket.send", "text": text})
 
     async def observe_heads(self, heads: dict[str, outbox.Head]) -> None:
