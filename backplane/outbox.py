@@ -628,5 +628,9 @@ async def amark_forwarded(conn: Any, pending: Sequence[Pending]) -> None:
     by_part: dict[str, list[int]] = {}
     for p in pending:
         by_part.setdefault(p.part or OUTBOX, []).append(p.id)
-    for part, ids in by_part.items():
-        await conn.execute(f"UPDATE {part} SET forwarded_at = now() WHERE id = ANY(%s)", [ids])
+    # One pipelined round trip; by primary key only (a partition not analyzed yet would get a
+    # sequential scan for each statement).
+    async with conn.pipeline(), conn.transaction():
+        await conn.execute("SET LOCAL enable_seqscan = off")
+        for part, ids in by_part.items():
+            await conn.execute(f"UPDATE {part} SET forwarded_at = now() WHERE id = ANY(%s)", [ids])
