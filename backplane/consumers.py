@@ -16,6 +16,7 @@ import collections
 import functools
 import json
 import logging
+import socket
 import time
 import uuid
 from datetime import timedelta
@@ -36,6 +37,12 @@ from backplane.models import Connection
 logger = logging.getLogger(__name__)
 
 Batch = tuple[str, str, list[list[Any]]]  # (stream name, epoch, [[offset, frame], ...])
+
+
+# The live hold (LIVE_HOLD_MS) goes on while the peer's first frame is on its way in, polled
+# this often, for at most this much longer.
+HOLD_POLL_SECS = 0.01
+HOLD_EXTENSION_SECS = 5.0
 
 
 class _Closed(Exception):
@@ -278,6 +285,19 @@ class GatewayConsumer(AsyncWebsocketConsumer):
 
     async def _hold_timer(self) -> None:
         await asyncio.sleep(conf.LIVE_HOLD_MS / 1000)
+        # The peer's first frame may have arrived in time and still wait to be processed (a
+        # busy edge: a failover storm). Releasing now would let live events overtake that
+        # resume's replay, so the hold lasts while a frame is on its way in — bounded, for a
+        # peer that trickles a frame byte by byte.
+        proto = _daphne_protocol(self.base_send)
+        waited = 0.0
+        while not self.first_frame_seen and waited < HOLD_EXTENSION_SECS and _frame_pending(proto):
+            await asyncio.sleep(HOLD_POLL_SECS)
+            waited += HOLD_POLL_SECS
+        for _ in range(3):  # a message just taken off daphne's queue reaches receive() in a turn or two
+            if self.first_frame_seen:
+                return  # receive() releases, after a resume's replay
+            await asyncio.sleep(0)
         try:
             await self._release()
         except Exception as exc:
@@ -483,12 +503,20 @@ def _unless_gone(consumer: GatewayConsumer, fn: Any, *args: Any) -> Any:
     return fn(*args)
 
 
+def _daphne_protocol(send: Any) -> Any:
+    """daphne's protocol object behind an ASGI ``send`` (``partial(handle_reply, protocol)``),
+    or None when not under daphne."""
+    if not isinstance(send, functools.partial) or not send.args:
+        return None
+    return send.args[0]
+
+
 def _gone(send: Any) -> bool:
     """Whether daphne has dropped the connection behind an ASGI ``send`` (False when not
     under daphne, or when it cannot tell)."""
-    if not isinstance(send, functools.partial) or not send.args:
+    proto = _daphne_protocol(send)
+    if proto is None:
         return False
-    proto = send.args[0]
     connections = getattr(getattr(proto, "server", None), "connections", None)
     if not isinstance(connections, dict):
         return False
@@ -500,13 +528,31 @@ def _direct_wire(send: Any) -> Any:
     """Return daphne's WebSocket protocol object behind an ASGI ``send``, if frames can be
     written straight to its transport: under daphne (``send`` is ``partial(handle_reply,
     protocol)``), with no per-message compression negotiated. Otherwise None."""
-    if not isinstance(send, functools.partial) or not send.args:
-        return None
-    proto = send.args[0]
+    proto = _daphne_protocol(send)
     needed = ("transport", "state", "STATE_OPEN", "send_state", "SEND_STATE_GROUND")
     if not all(hasattr(proto, a) for a in needed) or getattr(proto, "_perMessageCompress", None) is not None:
         return None
     return proto
+
+
+def _frame_pending(proto: Any) -> bool:
+    """Whether the peer has sent something this edge has not dispatched yet: a message in
+    daphne's application queue, a partial frame in autobahn's buffer, or bytes unread in the
+    kernel. False when not under daphne (nothing to look at)."""
+    if proto is None:
+        return False
+    queue = getattr(proto, "application_queue", None)
+    if queue is not None and queue.qsize() > 0:
+        return True
+    if getattr(proto, "data", b""):
+        return True
+    sock = getattr(getattr(proto, "transport", None), "socket", None)
+    if sock is None:
+        return False
+    try:
+        return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except OSError:  # BlockingIOError: nothing unread; others: the socket is going away
+        return False
 
 
 def _write_direct(proto: Any, data: bytes) -> bool:
