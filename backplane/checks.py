@@ -107,6 +107,14 @@ def check_backplane_settings(app_configs: Any = None, **kwargs: Any) -> list[Err
                     id="backplane.E008",
                 )
             )
+    if not isinstance(conf._get("PREPARED_STATEMENTS"), bool):
+        errors.append(
+            Error(
+                "BACKPLANE['PREPARED_STATEMENTS'] must be True or False.",
+                hint="False only behind a pooler that cannot carry prepared statements.",
+                id="backplane.E011",
+            )
+        )
     layer = getattr(settings, "BACKPLANE_LAYER", "pubsub")
     if layer not in ("pubsub", "core"):
         errors.append(

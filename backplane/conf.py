@@ -71,6 +71,10 @@ DEFAULTS: dict[str, Any] = {
     "MAX_REPLAY_EVENTS": 100_000,
     # Origins whose session cookie is accepted as an operator credential.
     "ALLOWED_ORIGINS": [],
+    # PostgreSQL: publish()'s statements are prepared once per database session (planning
+    # them was a third of publish()'s cost). Set False behind a pooler that cannot carry
+    # prepared statements (PgBouncer in transaction mode before 1.21).
+    "PREPARED_STATEMENTS": True,
 }
 
 

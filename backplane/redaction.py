@@ -7,6 +7,7 @@ the configured patterns. Nested objects and lists are walked; the value becomes
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from typing import Any
 
@@ -17,6 +18,7 @@ def normalise_patterns(patterns: Iterable[str]) -> tuple[str, ...]:
     return tuple(p.lower().replace("-", "_") for p in patterns if p)
 
 
+@functools.lru_cache(maxsize=4096)  # payloads repeat a small vocabulary of keys
 def is_secret_key(key: str, patterns: tuple[str, ...]) -> bool:
     name = key.lower().replace("-", "_")
     return any(p in name for p in patterns)

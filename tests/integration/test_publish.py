@@ -266,3 +266,118 @@ def test_publish_many__rows_keep_the_order_given_and_their_fields(tenant):
         assert payload == {"n": n, "text": "é\n\"q\""}
         assert occurred_at == when
         assert size == len(json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode())
+
+
+def _prepared_publish_statements() -> int:
+    from django.db import connection
+
+    with connection.cursor() as cur:
+        cur.execute("SELECT count(*) FROM pg_prepared_statements WHERE statement LIKE %s", ["%backplane_eventkey%"])
+        return cur.fetchone()[0]
+
+
+def test_publish__statements_prepared_once_per_session_and_reused(tenant):
+    from django.db import connection
+
+    connection.close()  # a fresh session: nothing prepared yet
+    outbox.publish(tenant, "a.b", {"n": 1})
+    outbox.publish(tenant, "a.b", {"n": 2})
+    outbox.publish_many(tenant, [{"type": "a.b", "payload": {"n": 3}}, {"type": "a.b", "payload": {"n": 4}}])
+    outbox.publish_many(tenant, [{"type": "a.b", "payload": {"n": n}} for n in range(5, 9)])
+    # One statement for publish(), one for publish_many() whatever its size; Django's own
+    # statements (this query too) stay unprepared.
+    assert _prepared_publish_statements() == 2
+    with connection.cursor() as cur:
+        cur.execute("SELECT count(*) FROM pg_prepared_statements")
+        assert cur.fetchone()[0] == 2
+    assert sorted(r["payload"]["n"] for r in OutboxItem.objects.values("payload")) == list(range(1, 9))
+
+
+@override_settings(BACKPLANE={"PREPARED_STATEMENTS": False})
+def test_publish__prepared_statements_off_prepares_nothing(tenant):
+    from django.db import connection
+
+    connection.close()
+    outbox.publish(tenant, "a.b", {"n": 1})
+    outbox.publish_many(tenant, [{"type": "a.b", "payload": {"n": 2}}, {"type": "a.b", "payload": {"n": 3}}])
+    assert _prepared_publish_statements() == 0
+    assert OutboxItem.objects.count() == 3
+
+
+def test_publish__prepared_statement_survives_a_rolled_back_transaction(tenant):
+    from django.db import connection
+
+    connection.close()
+    with pytest.raises(RuntimeError), transaction.atomic():
+        outbox.publish(tenant, "a.b", {"n": 1}, event_id="gone")
+        raise RuntimeError("the producer's own failure")
+    outbox.publish(tenant, "a.b", {"n": 2}, event_id="kept")
+    assert list(OutboxItem.objects.values_list("event_id", flat=True)) == ["kept"]
+    assert _prepared_publish_statements() == 1
+
+
+@pytest.fixture
+def small_slices(monkeypatch):
+    """publish_many's pipelined path (for more than PIPELINE_SLICE events) with slices of 3."""
+    monkeypatch.setattr(outbox, "PIPELINE_SLICE", 3)
+    sent = {"slices": 0}
+    real = outbox._many_params
+
+    def counting(*args):  # type: ignore[no-untyped-def]
+        sent["slices"] += 1
+        return real(*args)
+
+    monkeypatch.setattr(outbox, "_many_params", counting)
+    return sent
+
+
+def test_publish_many__pipelined_slices_keep_order_fields_and_dedupe(tenant, small_slices):
+    when = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
+    events = [
+        {"type": "run.step", "payload": {"n": n, "token": "s3cret"}, "device": f"d-{n % 2}"}
+        | ({"event_id": "twice"} if n in (1, 7) else {})
+        | ({"occurred_at": when} if n % 3 == 0 else {})
+        for n in range(10)
+    ]
+    with transaction.atomic():
+        returned = outbox.publish_many(tenant, events)
+    assert small_slices["slices"] == 4
+    assert len(returned) == 10 and returned[1] == returned[7] == "twice"
+    made = [eid for n, eid in enumerate(returned) if n not in (1, 7)]
+    assert all(uuid.UUID(eid).version == 4 for eid in made) and len(set(made)) == 8
+    rows = list(OutboxItem.objects.order_by("id").values_list("event_id", "stream", "payload", "occurred_at"))
+    assert [r[0] for r in rows] == [eid for n, eid in enumerate(returned) if n != 7]  # the repeat is one event
+    for (_, stream, payload, occurred_at), n in zip(rows, [n for n in range(10) if n != 7], strict=True):
+        assert stream == streams.device_stream(tenant.id, f"d-{n % 2}")
+        assert payload == {"n": n, "token": "[REDACTED]"}
+        if n % 3 == 0:
+            assert occurred_at == when
+    defaults = {r[3] for r, n in zip(rows, [n for n in range(10) if n != 7], strict=True) if n % 3}
+    assert len(defaults) == 1  # one default time for the call
+
+
+def test_publish_many__pipelined_bad_event_after_slices_went_out_writes_nothing(tenant, small_slices):
+    """A bad event found after earlier slices were sent rolls them back, and the caller's
+    transaction goes on (as when every event is validated before anything is sent)."""
+    events = [{"type": "a.b", "payload": {"n": n}} for n in range(10)]
+    events[7] = {"type": "Not A Type", "payload": {}}
+    with transaction.atomic():
+        outbox.publish(tenant, "a.b", {"before": True}, event_id="before")
+        with pytest.raises(exceptions.InvalidEventType):
+            outbox.publish_many(tenant, events)
+        assert small_slices["slices"] == 2  # two slices had gone out when the bad one was found
+        outbox.publish(tenant, "a.b", {"after": True}, event_id="after")
+    assert list(OutboxItem.objects.order_by("id").values_list("event_id", flat=True)) == ["before", "after"]
+
+
+def test_publish_many__pipelined_inactive_tenant_writes_nothing(tenant, small_slices):
+    Tenant.objects.filter(pk=tenant.pk).update(is_active=False)
+    with pytest.raises(exceptions.InactiveTenant):
+        outbox.publish_many(tenant.id, [{"type": "a.b", "payload": {"n": n}} for n in range(10)])
+    assert not OutboxItem.objects.exists()
+
+
+def test_publish_many__pipelined_unknown_tenant_writes_nothing(small_slices):
+    with pytest.raises(exceptions.UnknownTenant):
+        outbox.publish_many(uuid.uuid4(), [{"type": "a.b", "payload": {"n": n}} for n in range(10)])
+    assert not OutboxItem.objects.exists()

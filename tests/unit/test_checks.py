@@ -91,15 +91,22 @@ def test_checks__e010_redis_url():
     assert ids(REDIS_URL="") == []
 
 
+@pytest.mark.parametrize("value", [1, "yes", None])
+def test_checks__e011_prepared_statements(value):
+    assert ids(BACKPLANE={"PREPARED_STATEMENTS": value}) == ["backplane.E011"]
+    assert ids(BACKPLANE={"PREPARED_STATEMENTS": False}) == []
+
+
 def test_checks__every_error_has_a_hint():
     with override_settings(BACKPLANE={"SHARDS": 0, "RETENTION_SECS": 0, "REDACT_PATTERNS": "x",
-                                      "ALLOWED_ORIGINS": "x", "COMPACT_MAX_ROWS": 0, "NOPE": 1},
+                                      "ALLOWED_ORIGINS": "x", "COMPACT_MAX_ROWS": 0, "NOPE": 1,
+                                      "PREPARED_STATEMENTS": "x"},
                            BACKPLANE_LAYER="x", REDIS_URL="x://"):
         errors = check_backplane_settings()
 
     assert sorted(e.id for e in errors) == [
         "backplane.E002", "backplane.E003", "backplane.E004", "backplane.E006",
-        "backplane.E007", "backplane.E008", "backplane.E009", "backplane.E010",
+        "backplane.E007", "backplane.E008", "backplane.E009", "backplane.E010", "backplane.E011",
     ]
     assert all(e.hint for e in errors)
 
