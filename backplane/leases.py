@@ -26,6 +26,12 @@ from backplane.models import RelayLease
 logger = logging.getLogger(__name__)
 
 LOCK_CLASS = 0x7479  # "ty": the first key of the two-key advisory lock space
+# The relay's own session (its leases, assignment and marks) finds outbox rows by primary key
+# or partial index only: on a partition not analyzed yet (a fresh one) the planner would
+# otherwise scan it whole for each statement. Its commits do not wait for the WAL flush — a
+# lost mark only means rows go again — except the assignment's, which sets it back (offsets
+# must be durable before they are sent).
+SESSION_SETTINGS = ("SET enable_seqscan = off", "SET synchronous_commit = off")
 # How often a relay tries to take shards it does not hold (standby take-over time).
 ACQUIRE_INTERVAL_SECS = 1.0
 # How often lease rows are refreshed for status displays.
@@ -122,6 +128,8 @@ class Leases:
         try:
             if self._conn is None:
                 self._conn = await psycopg.AsyncConnection.connect(autocommit=True, **_conninfo())
+                for setting in SESSION_SETTINGS:
+                    await self._conn.execute(setting)
             missing = [s for s in self.wanted if s not in self.owned]
             cur = await self._conn.execute(
                 "SELECT s, pg_try_advisory_lock(%s, s) FROM unnest(%s::int[]) AS s", [LOCK_CLASS, missing]

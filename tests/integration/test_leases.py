@@ -119,3 +119,30 @@ async def test_relay__lost_lease_session_forwards_nothing(make_leases, make_rela
 
     assert await relay.cycle() == (0, 0)
     assert await orm(lambda: list(OutboxItem.objects.values_list("stream_offset", "forwarded_at"))) == [(None, None)]
+
+
+async def test_leases__session_finds_rows_by_index_and_flushes_only_the_assignment(make_leases, tenant_factory):
+    """The relay's session plans without sequential scans and commits without waiting for
+    the WAL flush — but the assignment (offsets must be durable before they are sent)."""
+    tenant = await orm(tenant_factory, "acme")
+    a = make_leases(SHARDS, "relay-a")
+    assert await a.current() == SHARDS
+    shown = {}
+    for name in ("enable_seqscan", "synchronous_commit"):
+        cur = await a.conn.execute(f"SHOW {name}")
+        shown[name] = (await cur.fetchone())[0]
+    assert shown == {"enable_seqscan": "off", "synchronous_commit": "off"}
+
+    statements: list[str] = []
+    real = a.conn.execute
+
+    async def recording(sql: Any, *args: Any, **kwargs: Any) -> Any:
+        statements.append(str(sql))
+        return await real(sql, *args, **kwargs)
+
+    a.conn.execute = recording  # type: ignore[method-assign]
+    await orm(outbox.publish, tenant, "a.b", {"n": 1})
+    shard = outbox.streams.shard_of(tenant.id, conf.SHARDS)
+    assert len(await outbox.aassign_and_fetch(a.conn, [shard], 100)) == 1
+    claim = next(n for n, sql in enumerate(statements) if "claimed" in sql)
+    assert "SET LOCAL synchronous_commit = on" in statements[:claim]
