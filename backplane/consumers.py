@@ -19,6 +19,7 @@ import logging
 import socket
 import time
 import uuid
+import weakref
 from datetime import timedelta
 from typing import Any
 
@@ -62,6 +63,7 @@ class GatewayConsumer(AsyncWebsocketConsumer):
 
     async def connect(self) -> None:
         self.connection_id = uuid.uuid4().hex
+        self.proto = _daphne_protocol(self.base_send)  # daphne's protocol object (None elsewhere)
         self.keys: dict[str, str] = {}
         self.cursors: dict[str, streams.DeliveryCursor] = {}
         self.lag_seen: dict[str, int] = {}
@@ -127,7 +129,17 @@ class GatewayConsumer(AsyncWebsocketConsumer):
             await self._deny(503)
             return
         await self.accept(auth.PROTOCOL)
-        self.wire = _direct_wire(self.base_send)
+        self.wire = _direct_wire(self.proto)
+        if self.wire is not None:
+            # Frames written directly wait for the end of the loop turn (_Coalescer); anything
+            # sent the ASGI way (a pong, a close) must not overtake them.
+            asgi_send, wire = self.base_send, self.wire
+
+            async def ordered_send(message: dict[str, Any]) -> None:
+                _coalescer().flush(wire)
+                await asgi_send(message)
+
+            self.base_send = ordered_send
         self.hello_heads = {name: heads[key] for name, key in self.keys.items()}
         self.cursors = {name: streams.DeliveryCursor(h.epoch, h.offset) for name, h in self.hello_heads.items()}
         await self.send(
@@ -289,7 +301,7 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         # busy edge: a failover storm). Releasing now would let live events overtake that
         # resume's replay, so the hold lasts while a frame is on its way in — bounded, for a
         # peer that trickles a frame byte by byte.
-        proto = _daphne_protocol(self.base_send)
+        proto = self.proto
         waited = 0.0
         while not self.first_frame_seen and waited < HOLD_EXTENSION_SECS and _frame_pending(proto):
             await asyncio.sleep(HOLD_POLL_SECS)
@@ -498,7 +510,7 @@ def _unless_gone(consumer: GatewayConsumer, fn: Any, *args: Any) -> Any:
     a killed edge failing over) handshakes wait there longer than daphne's 5 s connect timeout;
     daphne drops them, their peers retry, and without this check the thread would still do the
     work of every dropped attempt, falling further behind with each retry."""
-    if _gone(consumer.base_send):
+    if _gone(consumer.proto):
         raise _Gone
     return fn(*args)
 
@@ -511,10 +523,9 @@ def _daphne_protocol(send: Any) -> Any:
     return send.args[0]
 
 
-def _gone(send: Any) -> bool:
-    """Whether daphne has dropped the connection behind an ASGI ``send`` (False when not
-    under daphne, or when it cannot tell)."""
-    proto = _daphne_protocol(send)
+def _gone(proto: Any) -> bool:
+    """Whether daphne has dropped the connection of its protocol object ``proto`` (False when
+    not under daphne, or when it cannot tell)."""
     if proto is None:
         return False
     connections = getattr(getattr(proto, "server", None), "connections", None)
@@ -524,11 +535,9 @@ def _gone(send: Any) -> bool:
     return entry is None or "disconnected" in entry
 
 
-def _direct_wire(send: Any) -> Any:
-    """Return daphne's WebSocket protocol object behind an ASGI ``send``, if frames can be
-    written straight to its transport: under daphne (``send`` is ``partial(handle_reply,
-    protocol)``), with no per-message compression negotiated. Otherwise None."""
-    proto = _daphne_protocol(send)
+def _direct_wire(proto: Any) -> Any:
+    """Return daphne's WebSocket protocol object ``proto`` if frames can be written straight
+    to its transport (no per-message compression negotiated); otherwise None."""
     needed = ("transport", "state", "STATE_OPEN", "send_state", "SEND_STATE_GROUND")
     if not all(hasattr(proto, a) for a in needed) or getattr(proto, "_perMessageCompress", None) is not None:
         return None
@@ -564,11 +573,76 @@ def _write_direct(proto: Any, data: bytes) -> bool:
         return False
     if getattr(proto, "_tyrum_slow", False):
         return True  # closing with 4013: further frames are dropped
-    transport = proto.transport
-    if edge.outbound_buffered(transport) > edge.outbound_limit():
+    if edge.outbound_buffered(proto.transport) > edge.outbound_limit():
         return False
-    transport.write(data)
+    _coalescer().write(proto, data)
     return True
+
+
+class _Coalescer:
+    """The frames written directly to each socket in one loop turn, sent together at the end
+    of the turn: one ``send()`` per socket per turn, straight to the socket when twisted holds
+    nothing unsent for it. (``transport.write`` alone registers the socket for writability and
+    unregisters it after each flush — two epoll changes per frame, a third of the edge's CPU in
+    a fan-out; and a frame sent at once instead of at the end of the turn measured worse still:
+    the frames of one turn would no longer share a segment.)"""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.pending: dict[Any, list[bytes]] = {}
+        self.scheduled = False
+
+    def write(self, proto: Any, data: bytes) -> None:
+        frames = self.pending.get(proto)
+        if frames is not None:
+            frames.append(data)
+            return
+        self.pending[proto] = [data]
+        if not self.scheduled:
+            self.scheduled = True
+            self.loop.call_soon(self.flush_all)
+
+    def flush(self, proto: Any) -> None:
+        frames = self.pending.pop(proto, None)
+        if frames:
+            _send_now(proto.transport, frames[0] if len(frames) == 1 else b"".join(frames))
+
+    def flush_all(self) -> None:
+        self.scheduled = False
+        pending, self.pending = self.pending, {}
+        for proto, frames in pending.items():
+            _send_now(proto.transport, frames[0] if len(frames) == 1 else b"".join(frames))
+
+
+_coalescers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Coalescer] = weakref.WeakKeyDictionary()
+
+
+def _coalescer() -> _Coalescer:
+    loop = asyncio.get_running_loop()
+    found = _coalescers.get(loop)
+    if found is None:
+        found = _coalescers[loop] = _Coalescer(loop)
+    return found
+
+
+def _send_now(transport: Any, data: bytes) -> None:
+    """Write ``data`` to a twisted TCP transport: with one ``send()`` when it holds nothing
+    unsent (and no TLS), the rest (if the kernel took part) through ``transport.write``."""
+    if transport.disconnected or transport.disconnecting:
+        return
+    sock = getattr(transport, "socket", None)
+    if sock is None or getattr(transport, "TLS", False) or edge.outbound_buffered(transport):
+        transport.write(data)
+        return
+    try:
+        sent = sock.send(data)
+    except BlockingIOError:
+        sent = 0
+    except OSError:  # the connection is going away: twisted finds out and closes it
+        transport.write(data)
+        return
+    if sent < len(data):
+        transport.write(data[sent:])
 
 
 def _open(consumer: GatewayConsumer, edge_id: str) -> dict[str, outbox.Head]:

@@ -36,6 +36,7 @@ async def handle_reply(protocol: Protocol, message: dict[str, Any]) -> None:
 def held_consumer(proto: Protocol) -> tuple[GatewayConsumer, list[float]]:
     consumer = GatewayConsumer()
     consumer.base_send = functools.partial(handle_reply, proto)
+    consumer.proto = consumers._daphne_protocol(consumer.base_send)
     consumer.first_frame_seen = False
     released: list[float] = []
 
