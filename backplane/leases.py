@@ -10,6 +10,7 @@ On SQLite (embedded mode: one relay in one process) every wanted shard is simply
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -17,7 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from channels.db import database_sync_to_async
-from django.db import connection
+from django.db import connection, transaction
 from django.utils import timezone
 
 from backplane.conf import conf
@@ -70,6 +71,7 @@ class Leases:
         self._conn: Any = None
         self._last_acquire = 0.0
         self._last_report = 0.0
+        self._reporting: asyncio.Task[None] | None = None
         self._new_shards = False
 
     @property
@@ -154,6 +156,7 @@ class Leases:
 
     async def release(self) -> None:
         """Give every shard back (clean shutdown)."""
+        await self._report_done()
         await self._close()
         owned, self.owned = sorted(self.owned), set()
         if owned:
@@ -169,10 +172,28 @@ class Leases:
             self.forwarded[shard] = self.forwarded.get(shard, 0) + n
 
     async def _report(self, force: bool = False, acquired: Sequence[int] = ()) -> None:
+        """Refresh the status rows: now when ``force`` (shards taken), else every
+        REPORT_INTERVAL_SECS in the background — a cycle never waits for them (the 2 × 16
+        small statements delayed one cycle in every 2 s by 20 ms, the e2e latency's p99)."""
         now = time.monotonic()
-        if not force and now - self._last_report < REPORT_INTERVAL_SECS:
+        if not force:
+            busy = self._reporting is not None and not self._reporting.done()
+            if busy or now - self._last_report < REPORT_INTERVAL_SECS:
+                return
+            self._last_report = now
+            self._reporting = asyncio.create_task(self._write(()))
             return
         self._last_report = now
+        await self._report_done()  # rows are written in order
+        await self._write(acquired)
+
+    async def _report_done(self) -> None:
+        if self._reporting is not None:
+            with contextlib.suppress(Exception):
+                await self._reporting
+            self._reporting = None
+
+    async def _write(self, acquired: Sequence[int]) -> None:
         counts, self.forwarded = self.forwarded, {}
         try:
             await database_sync_to_async(_write_rows)(sorted(self.owned), self.holder, counts, list(acquired))
@@ -184,15 +205,16 @@ def _write_rows(owned: list[int], holder: str, counts: dict[int, int], acquired:
     from django.db.models import F
 
     now = timezone.now()
-    for shard in owned:
-        lease, _ = RelayLease.objects.get_or_create(shard=shard)
-        fields = {"holder": holder, "heartbeat_at": now}
-        if shard in acquired or lease.holder != holder:
-            fields["acquired_at"] = now
-        if counts.get(shard):
-            fields["forwarded_total"] = F("forwarded_total") + counts[shard]
-            fields["last_forwarded_at"] = now
-        RelayLease.objects.filter(shard=shard).update(**fields)
+    with transaction.atomic():  # one commit for all the shards' rows
+        for shard in owned:
+            lease, _ = RelayLease.objects.get_or_create(shard=shard)
+            fields = {"holder": holder, "heartbeat_at": now}
+            if shard in acquired or lease.holder != holder:
+                fields["acquired_at"] = now
+            if counts.get(shard):
+                fields["forwarded_total"] = F("forwarded_total") + counts[shard]
+                fields["last_forwarded_at"] = now
+            RelayLease.objects.filter(shard=shard).update(**fields)
 
 
 def _clear_rows(shards: list[int], holder: str) -> None:

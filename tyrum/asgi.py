@@ -14,6 +14,7 @@ from django.core.asgi import get_asgi_application  # noqa: E402
 django_asgi_app = get_asgi_application()
 
 from backplane.edge import install_daphne_denial_response  # noqa: E402
+from backplane.process import freeze_startup_objects  # noqa: E402
 from backplane.routing import websocket_urlpatterns  # noqa: E402
 
 install_daphne_denial_response()
@@ -38,6 +39,7 @@ def _start_edge_eagerly() -> None:
 
 
 _start_edge_eagerly()
+freeze_startup_objects()
 
 # No AuthMiddlewareStack: the consumer resolves a session cookie itself, only when no
 # token was offered and the Origin is allowed (backplane.auth).

@@ -6,6 +6,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from backplane import relay, streams
 from backplane.conf import conf
+from backplane.process import freeze_startup_objects
 
 
 class Command(BaseCommand):
@@ -32,6 +33,7 @@ class Command(BaseCommand):
             shards = streams.parse_shards(options["shards"], conf.SHARDS)
         except ValueError as exc:
             raise CommandError(f"--shards: {exc}") from None
+        freeze_startup_objects()
         done = asyncio.run(
             relay.run_until_signal(
                 get_channel_layer(),
