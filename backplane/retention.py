@@ -130,6 +130,8 @@ def compact(
         if not got:
             result.skipped = True
             return result
+        if conf.is_postgresql:
+            _summarize_brin()
         _report_unforwarded(result, retention)
         plan, planned_bytes = _plan(retention, max_rows, max_bytes)
         total = sum(plan.values())
@@ -172,6 +174,19 @@ def compact(
         _reclaim(result)
     logger.info("compaction: %s", result.summary(), extra={"action": "compact"})
     return result
+
+
+def _summarize_brin() -> None:
+    """Summarise the pages added since the last run into the ``created_at`` BRIN indexes (of
+    the event keys and of every outbox partition). Compaction finds old rows through them,
+    and a page range not summarised yet (autovacuum does it too, when it runs) is read whole."""
+    with connection.cursor() as cur:
+        cur.execute(
+            "SELECT count(brin_summarize_new_values(i.indexrelid)) FROM pg_index i "
+            "JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_am a ON a.oid = c.relam "
+            "WHERE a.amname = 'brin' AND c.relkind = 'i' AND (i.indrelid = 'backplane_eventkey'::regclass "
+            "OR i.indrelid IN (SELECT inhrelid FROM pg_inherits WHERE inhparent = 'backplane_outboxitem'::regclass))"
+        )
 
 
 def _report_unforwarded(result: CompactionResult, retention: float) -> None:

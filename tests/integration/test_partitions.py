@@ -124,9 +124,18 @@ def test_migrate__outbox_is_range_partitioned_on_created_at_with_a_default(servi
         assert cur.fetchall() == [("r", "created_at", partitions.DEFAULT_PARTITION)]
         cur.execute("SELECT indexname FROM pg_indexes WHERE tablename = %s ORDER BY indexname", [TABLE])
         assert [r[0] for r in cur.fetchall()] == [
-            "backplane_outboxitem_pkey_p", "bp_outbox_created", "bp_outbox_stream_offset", "bp_outbox_unassigned_id",
-            "bp_outbox_unforwarded",
+            "backplane_outboxitem_pkey_p", "bp_outbox_created_brin", "bp_outbox_stream_offset",
+            "bp_outbox_unassigned_id", "bp_outbox_unforwarded",
         ]
+        # created_at (compaction's range deletes) is a BRIN index, there and on the event keys:
+        # no B-tree insertion per published event.
+        cur.execute(
+            "SELECT c.relname, a.amname FROM pg_class c JOIN pg_am a ON a.oid = c.relam "
+            "WHERE c.relname IN ('bp_outbox_created_brin', 'bp_eventkey_created_brin') ORDER BY 1"
+        )
+        assert cur.fetchall() == [("bp_eventkey_created_brin", "brin"), ("bp_outbox_created_brin", "brin")]
+        cur.execute("SELECT count(*) FROM pg_indexes WHERE tablename = 'backplane_eventkey'")
+        assert cur.fetchone()[0] == 2  # the primary key and the BRIN index
     assert partitions.is_partitioned()
 
 
