@@ -130,13 +130,14 @@ class GatewayConsumer(AsyncWebsocketConsumer):
             return
         await self.accept(auth.PROTOCOL)
         self.wire = _direct_wire(self.proto)
+        self.coalescer = _coalescer()
         if self.wire is not None:
             # Frames written directly wait for the end of the loop turn (_Coalescer); anything
             # sent the ASGI way (a pong, a close) must not overtake them.
             asgi_send, wire = self.base_send, self.wire
 
             async def ordered_send(message: dict[str, Any]) -> None:
-                _coalescer().flush(wire)
+                self.coalescer.flush(wire)
                 await asgi_send(message)
 
             self.base_send = ordered_send
@@ -351,7 +352,15 @@ class GatewayConsumer(AsyncWebsocketConsumer):
             except _Closed:
                 return
 
-    async def offer(self, key: str, epoch: str, items: list[list[Any]], wire: list[bytes] | None = None) -> None:
+    async def offer(
+        self,
+        key: str,
+        name: str,
+        epoch: str,
+        items: list[list[Any]],
+        offsets: list[int],
+        wire: list[bytes] | None = None,
+    ) -> None:
         """A relay's batch for one of this socket's streams, handed over by the edge runtime.
 
         The common case — the batch continues the cursor — is written to the socket at once,
@@ -359,12 +368,10 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         the stream's sockets, when daphne's transport can take them directly). Anything else
         (held for a new connection, behind a gap fill or a replay, a gap, a new epoch)
         queues for ``_drain``, which may read the outbox; the runtime never waits for one
-        socket's database reads.
+        socket's database reads. ``name`` (the stream's audience) and ``offsets`` (the items'
+        offsets as integers) are worked out once per batch by the runtime.
         """
-        if self.closed:
-            return
-        name = streams.audience_of(key)
-        if self.keys.get(name) != key:
+        if self.closed or self.keys.get(name) != key:
             return
         if self.holding:
             self.held.append((name, epoch, items))
@@ -376,9 +383,9 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         if epoch != cursor.epoch:
             self._queue((name, epoch, items))
             return
+        proto = self.wire if wire is not None else None
         try:
-            for n, (offset, frame) in enumerate(items):
-                offset = int(offset)
+            for n, offset in enumerate(offsets):
                 if offset < cursor.next:
                     continue  # a repeat
                 if offset > cursor.next:  # a gap: the rest goes the slow way
@@ -387,8 +394,8 @@ class GatewayConsumer(AsyncWebsocketConsumer):
                 cursor.next = offset + 1
                 if self.closed:
                     return
-                if wire is None or self.wire is None or not _write_direct(self.wire, wire[n]):
-                    await self.base_send({"type": "websocket.send", "text": frame})
+                if proto is None or not _write_direct(proto, wire[n], self.coalescer):  # type: ignore[index]
+                    await self.base_send({"type": "websocket.send", "text": items[n][1]})
         except Exception as exc:
             await self._failed(exc)
 
@@ -444,7 +451,7 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         transport when it can take it: a 10 000-event replay is 10 000 of these)."""
         if self.closed:
             raise _Closed
-        if self.wire is not None and _write_direct(self.wire, streams.ws_text_frame(text)):
+        if self.wire is not None and _write_direct(self.wire, streams.ws_text_frame(text), self.coalescer):
             return
         await self.base_send({"type": "websocket.send", "text": text})
 
@@ -564,7 +571,7 @@ def _frame_pending(proto: Any) -> bool:
         return False
 
 
-def _write_direct(proto: Any, data: bytes) -> bool:
+def _write_direct(proto: Any, data: bytes, coalescer: _Coalescer) -> bool:
     """Write a prepared frame to daphne's transport, skipping the ASGI send path (daphne's
     reply dispatch and autobahn's framing: most of a fan-out's cost). Return False when it
     must go the normal way: the socket is not plainly open, a frame is half sent, or the
@@ -575,7 +582,7 @@ def _write_direct(proto: Any, data: bytes) -> bool:
         return True  # closing with 4013: further frames are dropped
     if edge.outbound_buffered(proto.transport) > edge.outbound_limit():
         return False
-    _coalescer().write(proto, data)
+    coalescer.write(proto, data)
     return True
 
 
@@ -618,6 +625,7 @@ _coalescers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Coalescer] = 
 
 
 def _coalescer() -> _Coalescer:
+    """The running loop's coalescer (a consumer keeps it: its loop does not change)."""
     loop = asyncio.get_running_loop()
     found = _coalescers.get(loop)
     if found is None:

@@ -215,10 +215,13 @@ class EdgeRuntime:
         if not sockets:
             return
         epoch, items = message["epoch"], message["items"]
-        # The frames' bytes are the same for every socket: built once, written to each.
+        # The frames' bytes are the same for every socket: built once, written to each; the
+        # same for the stream's audience and the offsets as integers.
         wire = [streams.ws_text_frame(frame) for _, frame in items]
+        offsets = [int(offset) for offset, _ in items]
+        name = streams.audience_of(key)
         for consumer in list(sockets):
-            await consumer.offer(key, epoch, items, wire)
+            await consumer.offer(key, name, epoch, items, offsets, wire)
 
     # --- directed commands ----------------------------------------------------------
 

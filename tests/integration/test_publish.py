@@ -6,6 +6,7 @@ import json
 import uuid
 from datetime import UTC, datetime
 
+import psycopg
 import pytest
 from django.db import transaction
 from django.test import override_settings
@@ -381,3 +382,27 @@ def test_publish_many__pipelined_unknown_tenant_writes_nothing(small_slices):
     with pytest.raises(exceptions.UnknownTenant):
         outbox.publish_many(uuid.uuid4(), [{"type": "a.b", "payload": {"n": n}} for n in range(10)])
     assert not OutboxItem.objects.exists()
+
+
+def test_publish__a_broken_connection_is_marked_and_replaced(tenant):
+    """A publish() on a session the server has cut raises StoreUnavailable, and the next one
+    runs on a new session (the dead one is not reused)."""
+    from django.db import connection
+
+    connection.ensure_connection()
+    connection.close_at = None  # a persistent connection (CONN_MAX_AGE=None)
+    pid = connection.connection.info.backend_pid
+    with psycopg.connect(conf_url(), autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", [pid])
+    with pytest.raises(exceptions.StoreUnavailable):
+        outbox.publish(tenant, "a.b", {"n": 1})
+    outbox.publish(tenant, "a.b", {"n": 2})
+    assert connection.connection.info.backend_pid != pid
+    assert [r["n"] for r in OutboxItem.objects.values_list("payload", flat=True)] == [2]
+
+
+def conf_url() -> str:
+    from django.db import connection
+
+    s = connection.settings_dict
+    return f"postgres://{s['USER']}@{s['HOST'] or '127.0.0.1'}:{s['PORT'] or 5432}/{s['NAME']}"
