@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from channels.db import database_sync_to_async
-from django.db import connection, transaction
+from django.db import connection
 from django.utils import timezone
 
 from backplane.conf import conf
@@ -202,19 +202,29 @@ class Leases:
 
 
 def _write_rows(owned: list[int], holder: str, counts: dict[int, int], acquired: list[int]) -> None:
-    from django.db.models import F
-
-    now = timezone.now()
-    with transaction.atomic():  # one commit for all the shards' rows
-        for shard in owned:
-            lease, _ = RelayLease.objects.get_or_create(shard=shard)
-            fields = {"holder": holder, "heartbeat_at": now}
-            if shard in acquired or lease.holder != holder:
-                fields["acquired_at"] = now
-            if counts.get(shard):
-                fields["forwarded_total"] = F("forwarded_total") + counts[shard]
-                fields["last_forwarded_at"] = now
-            RelayLease.objects.filter(shard=shard).update(**fields)
+    """Upsert every owned shard's status row in one statement (it runs beside the relay's
+    cycles: 2 ORM statements per shard, on a thread, held the relay's loop back ~30 ms every
+    2 s — the e2e latency's p99). A row changes ``acquired_at`` when its holder changes or the
+    shard was just taken; ``forwarded_total`` grows by what was forwarded since the last report."""
+    if not owned:
+        return
+    now = connection.ops.adapt_datetimefield_value(timezone.now())
+    table = RelayLease._meta.db_table
+    rows: list[object] = []
+    for shard in owned:
+        n = counts.get(shard, 0)
+        rows += [shard, holder, now, now, n, now if n else None]
+    taken = f"rl.shard IN ({', '.join(['%s'] * len(acquired))})" if acquired else "FALSE"
+    with connection.cursor() as cur:
+        cur.execute(
+            f"INSERT INTO {table} AS rl (shard, holder, acquired_at, heartbeat_at, forwarded_total, "
+            f"last_forwarded_at) VALUES {', '.join(['(%s, %s, %s, %s, %s, %s)'] * len(owned))} "
+            f"ON CONFLICT (shard) DO UPDATE SET holder = excluded.holder, heartbeat_at = excluded.heartbeat_at, "
+            f"acquired_at = CASE WHEN rl.holder <> excluded.holder OR {taken} THEN excluded.acquired_at "
+            f"ELSE rl.acquired_at END, forwarded_total = rl.forwarded_total + excluded.forwarded_total, "
+            f"last_forwarded_at = coalesce(excluded.last_forwarded_at, rl.last_forwarded_at)",
+            [*rows, *acquired],
+        )
 
 
 def _clear_rows(shards: list[int], holder: str) -> None:

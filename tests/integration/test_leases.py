@@ -146,3 +146,21 @@ async def test_leases__session_finds_rows_by_index_and_flushes_only_the_assignme
     assert len(await outbox.aassign_and_fetch(a.conn, [shard], 100)) == 1
     claim = next(n for n, sql in enumerate(statements) if "claimed" in sql)
     assert "SET LOCAL synchronous_commit = on" in statements[:claim]
+
+
+def test_write_rows__one_upsert_keeps_acquired_at_adds_counts_and_follows_holders(services):
+    leases._write_rows([0, 1, 2], "relay-a", {1: 5}, [0, 1, 2])
+    first = {r.shard: r for r in RelayLease.objects.all()}
+    leases._write_rows([0, 1, 2], "relay-a", {1: 2, 2: 1}, [])
+    leases._write_rows([1], "relay-b", {}, [])
+    rows = {r.shard: r for r in RelayLease.objects.all()}
+    assert {s: (r.holder, r.forwarded_total) for s, r in rows.items()} == {
+        0: ("relay-a", 0), 1: ("relay-b", 7), 2: ("relay-a", 1),
+    }
+    assert rows[0].acquired_at == first[0].acquired_at  # same holder, not just taken: kept
+    assert rows[2].acquired_at == first[2].acquired_at
+    assert rows[1].acquired_at > first[1].acquired_at  # a new holder
+    assert rows[0].last_forwarded_at is None and rows[2].last_forwarded_at is not None
+    assert rows[1].heartbeat_at > first[1].heartbeat_at
+    leases._write_rows([0], "relay-a", {}, [0])  # taken again: acquired now
+    assert RelayLease.objects.get(shard=0).acquired_at > first[0].acquired_at
