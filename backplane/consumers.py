@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import functools
 import json
 import logging
@@ -36,6 +37,11 @@ from backplane.edge import EdgeRuntime
 from backplane.models import Connection
 
 logger = logging.getLogger(__name__)
+
+try:  # the transports _send_now may write to with send() directly: plain TCP connections
+    from twisted.internet.tcp import Connection as _PLAIN_TCP
+except ImportError:  # pragma: no cover  (daphne brings twisted)
+    _PLAIN_TCP = ()  # type: ignore[assignment,misc]
 
 Batch = tuple[str, str, list[list[Any]]]  # (stream name, epoch, [[offset, frame], ...])
 
@@ -303,10 +309,9 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         # resume's replay, so the hold lasts while a frame is on its way in — bounded, for a
         # peer that trickles a frame byte by byte.
         proto = self.proto
-        waited = 0.0
-        while not self.first_frame_seen and waited < HOLD_EXTENSION_SECS and _frame_pending(proto):
+        until = time.monotonic() + HOLD_EXTENSION_SECS  # wall time: a busy loop's sleeps run long
+        while not self.first_frame_seen and time.monotonic() < until and _frame_pending(proto):
             await asyncio.sleep(HOLD_POLL_SECS)
-            waited += HOLD_POLL_SECS
         for _ in range(3):  # a message just taken off daphne's queue reaches receive() in a turn or two
             if self.first_frame_seen:
                 return  # receive() releases, after a resume's replay
@@ -580,7 +585,7 @@ def _write_direct(proto: Any, data: bytes, coalescer: _Coalescer) -> bool:
         return False
     if getattr(proto, "_tyrum_slow", False):
         return True  # closing with 4013: further frames are dropped
-    if edge.outbound_buffered(proto.transport) > edge.outbound_limit():
+    if edge.outbound_buffered(proto.transport) + coalescer.held(proto) > edge.outbound_limit():
         return False
     coalescer.write(proto, data)
     return True
@@ -592,33 +597,61 @@ class _Coalescer:
     nothing unsent for it. (``transport.write`` alone registers the socket for writability and
     unregisters it after each flush — two epoll changes per frame, a third of the edge's CPU in
     a fan-out; and a frame sent at once instead of at the end of the turn measured worse still:
-    the frames of one turn would no longer share a segment.)"""
+    the frames of one turn would no longer share a segment.)
+
+    A socket's frames held here are at most FLUSH_BYTES (a replay of thousands of frames in one
+    turn goes out as it goes), and count towards the slow-consumer bound (``held``)."""
+
+    FLUSH_BYTES = 64 * 1024
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self.pending: dict[Any, list[bytes]] = {}
+        self.pending: dict[Any, list[Any]] = {}  # proto -> [frames, bytes]
         self.scheduled = False
 
+    def held(self, proto: Any) -> int:
+        entry = self.pending.get(proto)
+        return entry[1] if entry is not None else 0
+
     def write(self, proto: Any, data: bytes) -> None:
-        frames = self.pending.get(proto)
-        if frames is not None:
-            frames.append(data)
+        entry = self.pending.get(proto)
+        if entry is not None:
+            entry[0].append(data)
+            entry[1] += len(data)
+            if entry[1] >= self.FLUSH_BYTES:
+                self.flush(proto)
             return
-        self.pending[proto] = [data]
+        self.pending[proto] = [[data], len(data)]
         if not self.scheduled:
             self.scheduled = True
             self.loop.call_soon(self.flush_all)
 
     def flush(self, proto: Any) -> None:
-        frames = self.pending.pop(proto, None)
-        if frames:
-            _send_now(proto.transport, frames[0] if len(frames) == 1 else b"".join(frames))
+        entry = self.pending.pop(proto, None)
+        if entry is not None:
+            _send_frames(proto, entry[0])
 
     def flush_all(self) -> None:
         self.scheduled = False
         pending, self.pending = self.pending, {}
-        for proto, frames in pending.items():
-            _send_now(proto.transport, frames[0] if len(frames) == 1 else b"".join(frames))
+        for proto, entry in pending.items():
+            _send_frames(proto, entry[0])
+
+
+def _send_frames(proto: Any, frames: list[bytes]) -> None:
+    """Send a socket's held frames — unless its WebSocket is no longer open (a close frame
+    went out meanwhile: nothing may follow it). A socket whose send fails unexpectedly is cut
+    (its peer reconnects and resumes); the other sockets' frames still go."""
+    if proto.state != proto.STATE_OPEN:
+        return
+    try:
+        _send_now(proto.transport, frames[0] if len(frames) == 1 else b"".join(frames))
+    except Exception as exc:
+        logger.error(
+            "frame write failed (%s): dropping the connection", type(exc).__name__, extra={"action": "write_error"}
+        )
+        with contextlib.suppress(Exception):
+            proto.transport.abortConnection()
 
 
 _coalescers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Coalescer] = weakref.WeakKeyDictionary()
@@ -634,12 +667,20 @@ def _coalescer() -> _Coalescer:
 
 
 def _send_now(transport: Any, data: bytes) -> None:
-    """Write ``data`` to a twisted TCP transport: with one ``send()`` when it holds nothing
-    unsent (and no TLS), the rest (if the kernel took part) through ``transport.write``."""
+    """Write ``data`` to a twisted transport: with one ``send()`` when it is a plain TCP
+    connection holding nothing unsent, the rest (if the kernel took part) through
+    ``transport.write``. Anything else — TLS (twisted's TLS wrapper passes the raw socket's
+    attributes through: only its own ``write`` encrypts), a test double — goes through
+    ``transport.write``."""
     if transport.disconnected or transport.disconnecting:
         return
     sock = getattr(transport, "socket", None)
-    if sock is None or getattr(transport, "TLS", False) or edge.outbound_buffered(transport):
+    if (
+        sock is None
+        or not isinstance(transport, _PLAIN_TCP)
+        or getattr(transport, "TLS", False)
+        or edge.outbound_buffered(transport)
+    ):
         transport.write(data)
         return
     try:

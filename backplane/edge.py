@@ -204,7 +204,12 @@ class EdgeRuntime:
                 logger.warning("edge delivery loop: %s", type(exc).__name__, extra={"action": "delivery_error"})
                 await asyncio.sleep(0.5)
                 continue
-            await self.deliver(message)
+            try:
+                await self.deliver(message)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a malformed batch is dropped (the sockets' head check fills it)
+                logger.warning("edge dropped a batch: %s", type(exc).__name__, extra={"action": "delivery_error"})
 
     async def deliver(self, message: dict[str, Any]) -> None:
         """Hand one relay batch to every socket of its stream on this edge."""

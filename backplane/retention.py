@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from django.db import connection, transaction
+from django.db import DatabaseError, connection, transaction
 from django.utils import timezone
 
 from backplane import streams
@@ -130,8 +130,6 @@ def compact(
         if not got:
             result.skipped = True
             return result
-        if conf.is_postgresql:
-            _summarize_brin()
         _report_unforwarded(result, retention)
         plan, planned_bytes = _plan(retention, max_rows, max_bytes)
         total = sum(plan.values())
@@ -140,6 +138,8 @@ def compact(
             result.deleted = total
             result.deleted_bytes = planned_bytes
             return result
+        if conf.is_postgresql:
+            _summarize_brin()
         if conf.is_postgresql:
             from backplane import partitions
 
@@ -179,13 +179,25 @@ def compact(
 def _summarize_brin() -> None:
     """Summarise the pages added since the last run into the ``created_at`` BRIN indexes (of
     the event keys and of every outbox partition). Compaction finds old rows through them,
-    and a page range not summarised yet (autovacuum does it too, when it runs) is read whole."""
-    with connection.cursor() as cur:
-        cur.execute(
-            "SELECT count(brin_summarize_new_values(i.indexrelid)) FROM pg_index i "
-            "JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_am a ON a.oid = c.relam "
-            "WHERE a.amname = 'brin' AND c.relkind = 'i' AND (i.indrelid = 'backplane_eventkey'::regclass "
-            "OR i.indrelid IN (SELECT inhrelid FROM pg_inherits WHERE inhparent = 'backplane_outboxitem'::regclass))"
+    and a page range not summarised yet (autovacuum does it too, when it runs) is read whole.
+
+    Never fatal: a role that does not own the indexes, or a lock held by a long vacuum (at most
+    a 2 s wait), only leaves the ranges unsummarised for this run."""
+    try:
+        with transaction.atomic(), connection.cursor() as cur:
+            cur.execute("SET LOCAL lock_timeout = '2s'")
+            cur.execute(
+                "SELECT count(brin_summarize_new_values(i.indexrelid)) FROM pg_index i "
+                "JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_am a ON a.oid = c.relam "
+                "WHERE a.amname = 'brin' AND c.relkind = 'i' "
+                "AND (i.indrelid = 'backplane_eventkey'::regclass OR i.indrelid IN "
+                "(SELECT inhrelid FROM pg_inherits WHERE inhparent = 'backplane_outboxitem'::regclass))"
+            )
+    except DatabaseError as exc:
+        logger.warning(
+            "could not summarise the created_at BRIN indexes (%s); compaction goes on",
+            type(exc).__name__,
+            extra={"action": "compact_brin"},
         )
 
 

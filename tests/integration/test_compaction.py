@@ -706,3 +706,33 @@ def test_compact__summarises_the_created_at_brin_indexes_first(tenant):
     assert _unsummarized_brin_ranges() == 0
     outbox.publish_many(tenant, [{"type": "a.b", "payload": {"n": n}} for n in range(15_000)])
     assert _unsummarized_brin_ranges() > 0  # and without compaction they stay unsummarised
+
+
+def test_compact__brin_summary_failure_is_not_fatal_and_a_dry_run_summarises_nothing(tenant, monkeypatch, caplog):
+    outbox.publish_many(tenant, [{"type": "a.b", "payload": {"n": n}} for n in range(15_000)])
+    retention.compact(DAY, dry_run=True)
+    assert _unsummarized_brin_ranges() > 0  # a dry run writes nothing, summaries included
+    real = connection.cursor
+
+    class Refusing:  # a role that does not own the indexes
+        def __init__(self, cur):  # type: ignore[no-untyped-def]
+            self.cur = cur
+
+        def __enter__(self):  # type: ignore[no-untyped-def]
+            self.inner = self.cur.__enter__()
+            return self
+
+        def __exit__(self, *exc):  # type: ignore[no-untyped-def]
+            return self.cur.__exit__(*exc)
+
+        def execute(self, sql, params=None):  # type: ignore[no-untyped-def]
+            if "brin_summarize_new_values" in sql:
+                sql = "SELECT 1/0"
+            return self.inner.execute(sql, params)
+
+    monkeypatch.setattr(connection, "cursor", lambda: Refusing(real()))
+    with caplog.at_level("WARNING", logger="backplane.retention"):
+        retention._summarize_brin()
+    assert "could not summarise" in caplog.text
+    monkeypatch.undo()
+    assert retention.compact(DAY).skipped is False  # and compaction runs on

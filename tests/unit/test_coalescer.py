@@ -7,6 +7,8 @@ import asyncio
 import socket
 from typing import Any
 
+import pytest
+
 from backplane import consumers
 
 
@@ -27,8 +29,17 @@ class Transport:
 
 
 class Proto:
+    STATE_OPEN = 1
+
     def __init__(self, transport: Transport) -> None:
         self.transport = transport
+        self.state = self.STATE_OPEN
+
+
+@pytest.fixture(autouse=True)
+def plain_tcp(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The double stands for twisted's plain TCP connection (sent to with send() directly)."""
+    monkeypatch.setattr(consumers, "_PLAIN_TCP", Transport)
 
 
 def pair() -> tuple[socket.socket, socket.socket]:
@@ -105,6 +116,50 @@ async def test_coalescer__a_closed_transport_gets_nothing() -> None:
         c.write(Proto(transport), b"late")
         await asyncio.sleep(0)
         assert transport.written == [] and readable(peer) == b""
+    finally:
+        ours.close()
+        peer.close()
+
+
+async def test_coalescer__a_socket_no_longer_open_gets_nothing_after_its_close() -> None:
+    ours, peer = pair()
+    try:
+        proto = Proto(Transport(ours))
+        c = consumers._Coalescer(asyncio.get_running_loop())
+        c.write(proto, b"after-close")
+        proto.state = 3  # autobahn wrote a close frame this turn: nothing may follow it
+        await asyncio.sleep(0)
+        assert readable(peer) == b"" and proto.transport.written == []
+    finally:
+        ours.close()
+        peer.close()
+
+
+async def test_coalescer__holds_at_most_flush_bytes_per_socket_and_counts_them(monkeypatch) -> None:
+    ours, peer = pair()
+    try:
+        monkeypatch.setattr(consumers._Coalescer, "FLUSH_BYTES", 10)
+        proto = Proto(Transport(ours))
+        c = consumers._Coalescer(asyncio.get_running_loop())
+        c.write(proto, b"abcd")
+        assert c.held(proto) == 4  # counted towards the slow-consumer bound
+        c.write(proto, b"efgh")
+        c.write(proto, b"ijkl")  # past 10 bytes: out now, not at the end of the turn
+        assert peer.recv(65536) == b"abcdefghijkl" and c.held(proto) == 0
+    finally:
+        ours.close()
+        peer.close()
+
+
+async def test_send_now__anything_but_plain_tcp_goes_through_transport_write(monkeypatch) -> None:
+    """twisted's TLS wrapper passes the raw socket's attributes through: writing to that
+    socket would send the frame unencrypted. Only a plain TCP connection gets send()."""
+    monkeypatch.setattr(consumers, "_PLAIN_TCP", ())
+    ours, peer = pair()
+    try:
+        transport = Transport(ours)
+        consumers._send_now(transport, b"secret frame")
+        assert transport.written == [b"secret frame"] and readable(peer) == b""
     finally:
         ours.close()
         peer.close()
