@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import json
 import logging
 import os
@@ -107,18 +108,12 @@ def _encode(payload: Any) -> str:
 
 
 def _build(
-    tenant_id: uuid.UUID,
-    spec: Mapping[str, Any],
-    patterns: tuple[str, ...],
-    *,
-    new_id: str | None = None,
-    now: datetime | None = None,
-    max_bytes: int | None = None,
+    tenant_id: uuid.UUID, spec: Mapping[str, Any], patterns: tuple[str, ...], new_id: str, now: datetime, cap: int
 ) -> tuple[Any, ...]:
     """Validate and redact one event; return (stream, event_id, type, occurred_at, payload_json, bytes).
 
-    ``new_id``, ``now`` and ``max_bytes``: the event id to give an event without one, the
-    default ``occurred_at`` and the payload cap, made or read once per publish_many call."""
+    ``new_id``, ``now`` and ``cap``: the event id for an event without one, the default
+    ``occurred_at`` and the payload cap, made or read once per call (``_built``)."""
     if not _FIELDS.issuperset(spec):
         raise exceptions.PublishError(f"unknown event fields: {sorted(set(spec) - _FIELDS)}")
     etype = spec.get("type")
@@ -127,10 +122,10 @@ def _build(
     stream = _stream_for(tenant_id, spec.get("device"), spec.get("role"))
     event_id = spec.get("event_id")
     if event_id is None:
-        event_id = new_id or str(uuid.uuid4())
+        event_id = new_id
     if not isinstance(event_id, str) or not streams.EVENT_ID_RE.match(event_id):
         raise exceptions.InvalidEventId(f"malformed event id {event_id!r}")
-    occurred_at = spec.get("occurred_at") or now or timezone.now()
+    occurred_at = spec.get("occurred_at") or now
     if not isinstance(occurred_at, datetime) or occurred_at.tzinfo is None:
         raise exceptions.PublishError("occurred_at must be an aware datetime")
     payload = spec.get("payload")
@@ -139,10 +134,29 @@ def _build(
     if clean is not payload:
         text = _encode(clean)
     size = len(text) if text.isascii() else len(text.encode())
-    cap = conf.MAX_PAYLOAD_BYTES if max_bytes is None else max_bytes
     if size > cap:
         raise exceptions.PayloadTooLarge(f"payload is {size} bytes; the cap is {cap}")
     return stream, event_id, etype, occurred_at, text, size
+
+
+def _built(
+    tenant_id: uuid.UUID, events: list[Mapping[str, Any]], patterns: tuple[str, ...]
+) -> Iterator[tuple[Any, ...]]:
+    """``_build`` for each event in turn, with the ids, the time and the cap made once."""
+    ids, now, cap = new_event_ids(len(events)), timezone.now(), conf.MAX_PAYLOAD_BYTES
+    for new_id, spec in zip(ids, events, strict=True):
+        yield _build(tenant_id, spec, patterns, new_id, now, cap)
+
+
+def _first_of_each(rows: Iterable[tuple[Any, ...]], seen: set[str]) -> list[tuple[Any, ...]]:
+    """The rows whose event id is not in ``seen`` (which takes them): the same id twice in one
+    call is one event."""
+    out = []
+    for row in rows:
+        if row[1] not in seen:
+            seen.add(row[1])
+            out.append(row)
+    return out
 
 
 def publish(
@@ -183,34 +197,21 @@ def publish_many(tenant: Tenant | uuid.UUID | str, events: Iterable[Mapping[str,
         tenant_id = resolve_tenant(tenant).id
     shard = streams.shard_of(tenant_id, conf.SHARDS)
     patterns = _patterns(tuple(conf.REDACT_PATTERNS))
-    if conf.is_postgresql and len(events) > PIPELINE_SLICE:
-        try:
-            event_ids = _publish_pipelined(tenant_id, shard, events, patterns)
-        except exceptions.UnknownTenant:
-            if isinstance(tenant, Tenant | uuid.UUID):
-                raise
-            return publish_many(resolve_tenant(tenant), events)  # a slug that looks like a UUID
-        transaction.on_commit(lambda: doorbell.ring(shard))
-        return event_ids
-    if len(events) == 1:  # publish()
-        rows = [_build(tenant_id, events[0], patterns)]
-    else:
-        ids, now, cap = new_event_ids(len(events)), timezone.now(), conf.MAX_PAYLOAD_BYTES
-        made = zip(ids, events, strict=True)
-        rows = [_build(tenant_id, spec, patterns, new_id=i, now=now, max_bytes=cap) for i, spec in made]
-    if not rows:
-        return []
-    unique: dict[str, tuple[Any, ...]] = {}
-    for row in rows:  # the same id twice in one call is one event
-        unique.setdefault(row[1], row)
     try:
-        _insert(tenant_id, shard, list(unique.values()))
+        if conf.is_postgresql and len(events) > PIPELINE_SLICE:
+            event_ids = _publish_pipelined(tenant_id, shard, events, patterns)
+        else:
+            rows = list(_built(tenant_id, events, patterns))  # all validated before anything is written
+            if not rows:
+                return []
+            _insert(tenant_id, shard, _first_of_each(rows, set()))
+            event_ids = [row[1] for row in rows]
     except exceptions.UnknownTenant:
         if isinstance(tenant, Tenant | uuid.UUID):
             raise
         return publish_many(resolve_tenant(tenant), events)  # a slug that looks like a UUID
     transaction.on_commit(lambda: doorbell.ring(shard))
-    return [row[1] for row in rows]
+    return event_ids
 
 
 # A large publish_many on PostgreSQL goes out in slices of this many events, pipelined: the
@@ -226,22 +227,18 @@ def _publish_pipelined(
     pipelined. A bad event found after earlier slices went out rolls them back to the
     savepoint, so the caller's transaction stays usable and nothing is written — as when all
     are validated first."""
-    ids, now, cap = new_event_ids(len(events)), timezone.now(), conf.MAX_PAYLOAD_BYTES
     prepare = conf.PREPARED_STATEMENTS
+    built = _built(tenant_id, events, patterns)
     event_ids: list[str] = []
     seen: set[str] = set()
     sent: list[Any] = []
     with transaction.atomic(), _driver_errors():
         cur = _statement_cursor()
         with cur.connection.pipeline():
-            for start in range(0, len(events), PIPELINE_SLICE):
-                rows = []
-                for n in range(start, min(start + PIPELINE_SLICE, len(events))):
-                    row = _build(tenant_id, events[n], patterns, new_id=ids[n], now=now, max_bytes=cap)
-                    event_ids.append(row[1])
-                    if row[1] not in seen:  # the same id twice in one call is one event
-                        seen.add(row[1])
-                        rows.append(row)
+            for _ in range(0, len(events), PIPELINE_SLICE):
+                rows = list(itertools.islice(built, PIPELINE_SLICE))
+                event_ids += [row[1] for row in rows]
+                rows = _first_of_each(rows, seen)
                 if rows:
                     cur = psycopg.Cursor(cur.connection)
                     cur.execute(_PUBLISH_MANY_SQL, _many_params(tenant_id, shard, rows), binary=True, prepare=prepare)
