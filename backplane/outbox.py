@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import re
+import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -81,11 +82,18 @@ _FIELDS = frozenset({"type", "payload", "device", "role", "event_id", "occurred_
 
 
 def new_event_ids(n: int) -> list[str]:
-    """``n`` random (version 4) UUIDs as text, from one read of the OS's random source
-    (``uuid.uuid4()`` reads it once per id: it was 40 % of a large publish_many's time)."""
+    """``n`` time-ordered (version 7, RFC 9562) UUIDs as text: 48 bits of Unix milliseconds,
+    then 74 random bits, from one read of the OS's random source.
+
+    Time-ordered, so the idempotency keys (tenant, event id) of generated ids go in at the
+    right edge of their B-tree instead of at random pages: fewer pages dirtied and split per
+    publish. (``uuid.uuid4()`` also read the random source once per id: it was 40 % of a
+    large publish_many's time.)"""
     raw = bytearray(os.urandom(16 * n))
-    raw[6::16] = bytes(b & 0x0F | 0x40 for b in raw[6::16])  # version 4
-    raw[8::16] = bytes(b & 0x3F | 0x80 for b in raw[8::16])  # RFC 4122 variant
+    for i, byte in enumerate((time.time_ns() // 1_000_000).to_bytes(6, "big")):
+        raw[i::16] = bytes((byte,)) * n
+    raw[6::16] = bytes(b & 0x0F | 0x70 for b in raw[6::16])  # version 7
+    raw[8::16] = bytes(b & 0x3F | 0x80 for b in raw[8::16])  # RFC 9562 variant
     h = raw.hex()
     return [
         f"{h[i : i + 8]}-{h[i + 8 : i + 12]}-{h[i + 12 : i + 16]}-{h[i + 16 : i + 20]}-{h[i + 20 : i + 32]}"

@@ -345,7 +345,7 @@ def test_publish_many__pipelined_slices_keep_order_fields_and_dedupe(tenant, sma
     assert small_slices["slices"] == 4
     assert len(returned) == 10 and returned[1] == returned[7] == "twice"
     made = [eid for n, eid in enumerate(returned) if n not in (1, 7)]
-    assert all(uuid.UUID(eid).version == 4 for eid in made) and len(set(made)) == 8
+    assert all(uuid.UUID(eid).version == 7 for eid in made) and len(set(made)) == 8
     rows = list(OutboxItem.objects.order_by("id").values_list("event_id", "stream", "payload", "occurred_at"))
     assert [r[0] for r in rows] == [eid for n, eid in enumerate(returned) if n != 7]  # the repeat is one event
     for (_, stream, payload, occurred_at), n in zip(rows, [n for n in range(10) if n != 7], strict=True):
