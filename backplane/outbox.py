@@ -721,81 +721,27 @@ def read_range(stream_key: str, after: int, upto: int) -> list[streams.Item]:
 # no thread hop, server-side binding (prepared after a few runs), and a statement that
 # succeeds proves the session holding the shard locks is alive.
 
-_CLAIM_SQL = """
-WITH claimed AS (
-    SELECT id, stream, tenant_id, tableoid FROM backplane_outboxitem
-    WHERE shard = ANY(%(shards)s) AND stream_offset IS NULL {tenant_filter}
-    ORDER BY id LIMIT %(limit)s FOR UPDATE
-), counts AS (
-    SELECT stream, (array_agg(tenant_id))[1] AS tenant_id, count(*) AS n FROM claimed GROUP BY stream
-), heads AS (
-    INSERT INTO backplane_stream AS s (key, tenant_id, audience, epoch, last_offset, first_retained_offset, updated_at)
-    SELECT stream, tenant_id,
-           CASE left(stream, 1) WHEN 't' THEN 'tenant' WHEN 'r' THEN 'role' WHEN 'd' THEN 'device' ELSE 'edge' END,
-           substr(md5(random()::text || clock_timestamp()::text), 1, 8), n, 1, now()
-    FROM counts ORDER BY stream
-    ON CONFLICT (key) DO UPDATE SET last_offset = s.last_offset + excluded.last_offset, updated_at = excluded.updated_at
-    RETURNING s.key, s.last_offset, s.epoch
-)
-SELECT c.id, c.tableoid::regclass::text, h.epoch,
-       h.last_offset - count(*) OVER w + row_number() OVER (w ORDER BY c.id) AS off
-FROM claimed c JOIN heads h ON h.key = c.stream
-WINDOW w AS (PARTITION BY c.stream)
-"""
-
-_SET_OFFSETS_SQL = """
-UPDATE {part} o SET stream_offset = v.off, assigned_at = now()
-FROM unnest(%s::bigint[], %s::bigint[]) AS v(id, off) WHERE o.id = v.id
-RETURNING o.id, o.kind, o.stream, o.shard, o.stream_offset, o.event_id, o.type, o.occurred_at,
-          o.payload::text, o.tenant_id
-"""
+_ASSIGN_SQL = "SELECT * FROM bp_assign(%s::int[], %s::int, %s::uuid, %s::uuid[])"
 
 
 async def aassign_and_fetch(
     conn: Any, shards: Sequence[int], limit: int, *, only_tenant: Any = None, skip_tenants: Sequence[Any] = ()
 ) -> list[Pending]:
-    """``assign_and_fetch`` on the relay's own PostgreSQL session, in one transaction of two
-    round trips: one statement claims the rows, bumps the streams' heads and numbers the rows;
-    then each partition's rows get their offsets by primary key (and come back to be sent)."""
-    params: dict[str, Any] = {"shards": list(shards), "limit": limit}
-    tenant_filter = ""
-    if only_tenant is not None:
-        tenant_filter, params["tenant"] = "AND tenant_id = %(tenant)s", only_tenant
-    elif skip_tenants:
-        tenant_filter, params["skip"] = "AND NOT (tenant_id = ANY(%(skip)s))", list(skip_tenants)
-    out: list[Pending] = []
-    # Two round trips in all, pipelined: BEGIN, the plan settings and the claim; then every
-    # partition's offsets and COMMIT. The rows are found by primary key: a hash join would
-    # read the whole partition (the planner picks one for a few hundred keys), and on a
-    # partition not analyzed yet (a fresh one: relpages 0) it nests a sequential scan in the
-    # loop instead, a full read per row. Neither is ever the better plan here.
+    """``assign_and_fetch`` on the relay's own PostgreSQL session, in one round trip.
+
+    ``bp_assign`` (migration 0008) claims the rows, bumps the streams' heads, numbers the rows
+    and gives each partition's rows their offsets by primary key, returning them to be sent.
+    BEGIN, the call and COMMIT go out pipelined and come back together."""
+    params = [list(shards), limit, only_tenant, list(skip_tenants)]
     async with conn.pipeline():
         async with conn.transaction():
             await conn.execute("SET LOCAL synchronous_commit = on")  # see leases.SESSION_SETTINGS
-            cur = await conn.execute(_CLAIM_SQL.format(tenant_filter=tenant_filter), params)
-            claimed = await cur.fetchall()
-            if not claimed:
-                return []
-            # Not for the claim: it joins the claimed rows to their streams' heads, where a
-            # nested loop over the two would compare every row with every stream.
-            await conn.execute("SET LOCAL enable_hashjoin = off")
-            await conn.execute("SET LOCAL enable_mergejoin = off")
-            epochs: dict[int, str] = {}
-            by_part: dict[str, tuple[list[int], list[int]]] = {}
-            for row_id, part, epoch, off in claimed:
-                epochs[row_id] = epoch
-                ids, offs = by_part.setdefault(part, ([], []))
-                ids.append(row_id)
-                offs.append(off)
-            cursors = [
-                (part, await conn.execute(_SET_OFFSETS_SQL.format(part=part), [ids, offs]))
-                for part, (ids, offs) in by_part.items()
-            ]
-    # The pipeline has synced (after COMMIT): the results are here.
-    for part, set_cur in cursors:
-        for r in await set_cur.fetchall():
-            item = streams.Item(r[4], r[5], r[6], _iso(r[7]), r[8])
-            out.append(Pending(r[0], r[1], r[2], epochs[r[0]], r[3], item, r[9], part))
+            cur = await conn.execute(_ASSIGN_SQL, params)
+    # The pipeline has synced (after COMMIT): the rows are here.
+    out = [
+        Pending(r[0], r[3], r[4], r[2], r[5], streams.Item(r[6], r[7], r[8], _iso(r[9]), r[10]), r[11], r[1])
+        for r in await cur.fetchall()
+    ]
     out.sort(key=lambda p: (p.stream, p.item.offset))
     return out
 

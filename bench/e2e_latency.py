@@ -166,7 +166,7 @@ def search(c: Cluster, args: Any, kind: str, peers_file: Path, started: float) -
             bisect(rate)
             bisected = True
     if all(r["ok"] for r in rows):
-        for rate in (float(r) for r in args.escalate.split(",") if r):
+        for rate in (float(r) for r in args.escalate.split(",") if r and float(r) > 0):
             if time.monotonic() - started > args.budget:
                 break
             if not run(rate):

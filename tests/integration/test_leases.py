@@ -144,8 +144,59 @@ async def test_leases__session_finds_rows_by_index_and_flushes_only_the_assignme
     await orm(outbox.publish, tenant, "a.b", {"n": 1})
     shard = outbox.streams.shard_of(tenant.id, conf.SHARDS)
     assert len(await outbox.aassign_and_fetch(a.conn, [shard], 100)) == 1
-    claim = next(n for n, sql in enumerate(statements) if "claimed" in sql)
+    claim = next(n for n, sql in enumerate(statements) if "bp_assign" in sql)
     assert "SET LOCAL synchronous_commit = on" in statements[:claim]
+
+
+async def test_assign__one_round_trip_and_offsets_written_by_primary_key(make_leases, tenant_factory):
+    """The assignment is one call (BEGIN, bp_assign, COMMIT pipelined); inside it, each
+    partition's rows get their offsets through its primary key — never a hash or merge join
+    over the whole partition, which the planner picks for a few hundred keys when it may."""
+    tenant = await orm(tenant_factory, "acme")
+    a = make_leases(SHARDS, "relay-a")
+    assert await a.current() == SHARDS
+
+    def backlog() -> None:
+        # A partition with 4 000 rows, 1 000 of them unassigned, and fresh statistics.
+        for start in range(0, 4_000, 2_000):
+            outbox.publish_many(
+                tenant,
+                [{"type": "a.b", "payload": {"n": n}, "device": f"d-{n % 500}"} for n in range(start, start + 2_000)],
+            )
+        with connection.cursor() as cur:
+            cur.execute(
+                "UPDATE backplane_outboxitem SET stream_offset = 0 WHERE id NOT IN "
+                "(SELECT id FROM backplane_outboxitem ORDER BY id DESC LIMIT 1000)"
+            )
+            cur.execute("VACUUM ANALYZE backplane_outboxitem")
+
+    await orm(backlog)
+    notices: list[str] = []
+    a.conn.add_notice_handler(lambda diag: notices.append(diag.message_primary or ""))
+    for setting in (
+        "LOAD 'auto_explain'",
+        "SET auto_explain.log_min_duration = 0",
+        "SET auto_explain.log_nested_statements = on",
+        "SET auto_explain.log_level = notice",
+    ):
+        await a.conn.execute(setting)
+    statements: list[str] = []
+    real = a.conn.execute
+
+    async def recording(sql: Any, *args: Any, **kwargs: Any) -> Any:
+        statements.append(str(sql))
+        return await real(sql, *args, **kwargs)
+
+    a.conn.execute = recording  # type: ignore[method-assign]
+    shard = outbox.streams.shard_of(tenant.id, conf.SHARDS)
+    got = await outbox.aassign_and_fetch(a.conn, [shard], 1000)
+    assert len(got) == 1000
+    assert len(statements) == 2 and "bp_assign" in statements[1]  # the SET LOCAL and one call
+    updates = [n for n in notices if "SET stream_offset" in n]
+    assert updates, notices
+    for plan in updates:
+        assert "Index Scan using" in plan and "pkey" in plan, plan
+        assert "Hash Join" not in plan and "Merge Join" not in plan and "Seq Scan" not in plan, plan
 
 
 def test_write_rows__one_upsert_keeps_acquired_at_adds_counts_and_follows_holders(services):
@@ -155,7 +206,9 @@ def test_write_rows__one_upsert_keeps_acquired_at_adds_counts_and_follows_holder
     leases._write_rows([1], "relay-b", {}, [])
     rows = {r.shard: r for r in RelayLease.objects.all()}
     assert {s: (r.holder, r.forwarded_total) for s, r in rows.items()} == {
-        0: ("relay-a", 0), 1: ("relay-b", 7), 2: ("relay-a", 1),
+        0: ("relay-a", 0),
+        1: ("relay-b", 7),
+        2: ("relay-a", 1),
     }
     assert rows[0].acquired_at == first[0].acquired_at  # same holder, not just taken: kept
     assert rows[2].acquired_at == first[2].acquired_at
