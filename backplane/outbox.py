@@ -731,13 +731,22 @@ async def aassign_and_fetch(
 
     ``bp_assign`` (migration 0008) claims the rows, bumps the streams' heads, numbers the rows
     and gives each partition's rows their offsets by primary key, returning them to be sent.
-    BEGIN, the call and COMMIT go out pipelined and come back together."""
+    BEGIN, the call and COMMIT go out pipelined and come back with one sync. (Not psycopg's
+    ``transaction()``: inside a pipeline it syncs on entering and leaving, four round trips.)"""
     params = [list(shards), limit, only_tenant, list(skip_tenants)]
-    async with conn.pipeline():
-        async with conn.transaction():
+    try:
+        async with conn.pipeline():
+            await conn.execute("BEGIN")
             await conn.execute("SET LOCAL synchronous_commit = on")  # see leases.SESSION_SETTINGS
             cur = await conn.execute(_ASSIGN_SQL, params)
-    # The pipeline has synced (after COMMIT): the rows are here.
+            await conn.execute("COMMIT")
+    except BaseException:
+        # A failed call leaves the transaction aborted (the COMMIT was skipped): end it, so the
+        # session is usable again; a broken session is the caller's to handle.
+        if not conn.broken and conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            with contextlib.suppress(psycopg.Error):
+                await conn.execute("ROLLBACK")
+        raise
     out = [
         Pending(r[0], r[3], r[4], r[2], r[5], streams.Item(r[6], r[7], r[8], _iso(r[9]), r[10]), r[11], r[1])
         for r in await cur.fetchall()

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 from django.db import connection
+from psycopg import _pipeline_base as psycopg_pipeline
 
 from backplane import leases, outbox
 from backplane.conf import conf
@@ -148,7 +149,7 @@ async def test_leases__session_finds_rows_by_index_and_flushes_only_the_assignme
     assert "SET LOCAL synchronous_commit = on" in statements[:claim]
 
 
-async def test_assign__one_round_trip_and_offsets_written_by_primary_key(make_leases, tenant_factory):
+async def test_assign__one_round_trip_and_offsets_written_by_primary_key(make_leases, tenant_factory, monkeypatch):
     """The assignment is one call (BEGIN, bp_assign, COMMIT pipelined); inside it, each
     partition's rows get their offsets through its primary key — never a hash or merge join
     over the whole partition, which the planner picks for a few hundred keys when it may."""
@@ -188,10 +189,26 @@ async def test_assign__one_round_trip_and_offsets_written_by_primary_key(make_le
         return await real(sql, *args, **kwargs)
 
     a.conn.execute = recording  # type: ignore[method-assign]
+    syncs = 0
+    enqueue_sync = psycopg_pipeline.BasePipeline._enqueue_sync
+
+    def counting(pipeline: Any) -> None:
+        nonlocal syncs
+        syncs += 1
+        enqueue_sync(pipeline)
+
+    monkeypatch.setattr(psycopg_pipeline.BasePipeline, "_enqueue_sync", counting)
     shard = outbox.streams.shard_of(tenant.id, conf.SHARDS)
     got = await outbox.aassign_and_fetch(a.conn, [shard], 1000)
     assert len(got) == 1000
-    assert len(statements) == 2 and "bp_assign" in statements[1]  # the SET LOCAL and one call
+    # One transaction of one call, sent together and answered with one sync (round trip).
+    assert [sql.split("(")[0] for sql in statements] == [
+        "BEGIN",
+        "SET LOCAL synchronous_commit = on",
+        "SELECT * FROM bp_assign",
+        "COMMIT",
+    ]
+    assert syncs == 1
     updates = [n for n in notices if "SET stream_offset" in n]
     assert updates, notices
     for plan in updates:
