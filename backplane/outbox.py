@@ -725,18 +725,28 @@ _ASSIGN_SQL = "SELECT * FROM bp_assign(%s::int[], %s::int, %s::uuid, %s::uuid[])
 
 
 async def aassign_and_fetch(
-    conn: Any, shards: Sequence[int], limit: int, *, only_tenant: Any = None, skip_tenants: Sequence[Any] = ()
+    conn: Any,
+    shards: Sequence[int],
+    limit: int,
+    *,
+    only_tenant: Any = None,
+    skip_tenants: Sequence[Any] = (),
+    forwarded: Sequence[Pending] = (),
 ) -> list[Pending]:
     """``assign_and_fetch`` on the relay's own PostgreSQL session, in one round trip.
 
     ``bp_assign`` (migration 0008) claims the rows, bumps the streams' heads, numbers the rows
     and gives each partition's rows their offsets by primary key, returning them to be sent.
     BEGIN, the call and COMMIT go out pipelined and come back with one sync. (Not psycopg's
-    ``transaction()``: inside a pipeline it syncs on entering and leaving, four round trips.)"""
+    ``transaction()``: inside a pipeline it syncs on entering and leaving, four round trips.)
+    ``forwarded``: rows sent since the last assignment, marked forwarded in the same
+    transaction (no round trip of their own; if it fails they stay unmarked)."""
     params = [list(shards), limit, only_tenant, list(skip_tenants)]
     try:
         async with conn.pipeline():
             await conn.execute("BEGIN")
+            for part, ids in _ids_by_part(forwarded).items():
+                await conn.execute(_MARK_SQL.format(part=part), [ids])
             await conn.execute("SET LOCAL synchronous_commit = on")  # see leases.SESSION_SETTINGS
             cur = await conn.execute(_ASSIGN_SQL, params)
             await conn.execute("COMMIT")
@@ -755,18 +765,27 @@ async def aassign_and_fetch(
     return out
 
 
-async def amark_forwarded(conn: Any, pending: Sequence[Pending]) -> None:
-    """``mark_forwarded`` on the relay's own session, one statement per partition."""
+_MARK_SQL = "UPDATE {part} SET forwarded_at = now() WHERE id = ANY(%s)"
+
+
+def _ids_by_part(pending: Sequence[Pending]) -> dict[str, list[int]]:
     by_part: dict[str, list[int]] = {}
     for p in pending:
         by_part.setdefault(p.part or OUTBOX, []).append(p.id)
+    return by_part
+
+
+async def amark_forwarded(conn: Any, pending: Sequence[Pending]) -> None:
+    """``mark_forwarded`` on the relay's own session, one statement per partition (for rows
+    no assignment has carried the marks of: see ``aassign_and_fetch``'s ``forwarded``)."""
+    by_part = _ids_by_part(pending)
     # A statement per partition (almost always one), each its own transaction: by primary key
     # only and without waiting for the WAL flush (leases.SESSION_SETTINGS). A pipelined
     # transaction with its own settings took twice as long.
     if len(by_part) == 1:
         ((part, ids),) = by_part.items()
-        await conn.execute(f"UPDATE {part} SET forwarded_at = now() WHERE id = ANY(%s)", [ids])
+        await conn.execute(_MARK_SQL.format(part=part), [ids])
         return
     async with conn.pipeline():
         for part, ids in by_part.items():
-            await conn.execute(f"UPDATE {part} SET forwarded_at = now() WHERE id = ANY(%s)", [ids])
+            await conn.execute(_MARK_SQL.format(part=part), [ids])

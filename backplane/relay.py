@@ -50,6 +50,9 @@ SEND_CONCURRENCY = 32
 QUARANTINE_SECS = 30.0
 # How often a relay makes sure outbox partitions exist ahead (cheap when they do).
 PARTITION_CHECK_SECS = 600.0
+# PostgreSQL: rows sent are marked forwarded inside the next assignment's transaction (no round
+# trip of their own per cycle); when no assignment comes within this long, on their own.
+MARK_LINGER_SECS = 0.05
 
 
 def _failpoint(name: str) -> None:
@@ -85,9 +88,13 @@ class Relay:
         self.resend_needed = True
         self.next_sweep = 0.0
         self._publisher: _PubSubPublisher | bool | None = None
+        # PostgreSQL: rows sent but not yet marked forwarded (see MARK_LINGER_SECS).
+        self.unmarked: list[outbox.Pending] = []
 
     async def aclose(self) -> None:
-        """Release the shards and close this relay's connections."""
+        """Record what was sent, release the shards and close this relay's connections."""
+        with contextlib.suppress(Exception):  # unmarked rows are sent again by the next owner
+            await self.flush_marks()
         if self._publisher:
             with contextlib.suppress(Exception):
                 await self._publisher.client.aclose()  # type: ignore[union-attr]
@@ -102,6 +109,7 @@ class Relay:
         # stops before another relay can take them over. Elsewhere, check before assigning.
         owned = await (self.leases.maintain() if fast else self.leases.current())
         if not owned:
+            self.unmarked = []  # the shards' next owner sends them again
             return 0, 0
         now = time.monotonic()
         if self.leases.took_new_shards() or now >= self.next_sweep:
@@ -113,13 +121,18 @@ class Relay:
         skip = list(self.quarantine)
         try:
             if fast:
-                fresh = await outbox.aassign_and_fetch(self.leases.conn, owned, self.batch_size, skip_tenants=skip)
+                marks = self.unmarked
+                fresh = await outbox.aassign_and_fetch(
+                    self.leases.conn, owned, self.batch_size, skip_tenants=skip, forwarded=marks
+                )
+                self.unmarked = self.unmarked[len(marks) :]
             else:
                 fresh = await database_sync_to_async(outbox.assign_and_fetch)(owned, self.batch_size, skip_tenants=skip)
             assigned = len(fresh)
         except (DatabaseError, psycopg.Error) as exc:
             if fast and (self.leases.conn is None or self.leases.conn.broken or self.leases.conn.closed):
                 await self.leases.lost(exc)
+                self.unmarked = []
                 return 0, 0
             # One tenant's rows must not stop the others: assign tenant by tenant and set
             # aside (for QUARANTINE_SECS) the ones that still fail.
@@ -163,11 +176,7 @@ class Relay:
         _failpoint("before_mark")
         done = [p for p in pending if p.id not in failed]
         if fast:
-            try:
-                await outbox.amark_forwarded(self.leases.conn, done)
-            except psycopg.Error as exc:
-                await self.leases.lost(exc)  # sent but not marked: the next owner sends them again
-                raise
+            self.unmarked += done  # marked with the next assignment, or by flush_marks()
         else:
             await database_sync_to_async(outbox.mark_forwarded)([p.id for p in done], [p.part for p in done])
         self.resend_needed = more or bool(failed)
@@ -178,6 +187,19 @@ class Relay:
         self.assigned_total += assigned
         self.forwarded_total += len(done)
         return assigned, len(done)
+
+    async def flush_marks(self) -> None:
+        """PostgreSQL: mark the rows sent since the last assignment forwarded, now."""
+        if not self.unmarked or self.leases.conn is None:
+            return
+        marks = self.unmarked
+        try:
+            await outbox.amark_forwarded(self.leases.conn, marks)
+        except psycopg.Error as exc:
+            await self.leases.lost(exc)  # sent but not marked: the next owner sends them again
+            self.unmarked = []
+            raise
+        self.unmarked = self.unmarked[len(marks) :]
 
     async def _assign_per_tenant(self, owned: Sequence[int]) -> int:
         total = 0
@@ -293,11 +315,19 @@ class Relay:
                         break
                     if assigned >= self.batch_size or forwarded >= self.batch_size:
                         continue  # more is waiting: no sleep
-                    waiter = asyncio.create_task(bell.wait(self.poll_interval))
-                    stopper = asyncio.create_task(stop.wait())
-                    await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
-                    for task in (waiter, stopper):
-                        task.cancel()
+                    if self.unmarked:
+                        # The next assignment carries the marks if it comes soon; else now.
+                        if await _rang_or_stopped(bell, stop, MARK_LINGER_SECS):
+                            continue
+                        try:
+                            await self.flush_marks()
+                        except Exception as exc:
+                            logger.error(
+                                "relay could not mark rows forwarded: %s",
+                                type(exc).__name__,
+                                extra={"action": "relay_error"},
+                            )
+                    await _rang_or_stopped(bell, stop, self.poll_interval)
             finally:
                 await self.aclose()
                 logger.info(
@@ -365,6 +395,18 @@ class _PubSubPublisher:
 def _safe(exc: Exception) -> str:
     # Driver messages may quote SQL parameters (payloads); keep the first line, capped.
     return str(exc).splitlines()[0][:200] if str(exc) else ""
+
+
+async def _rang_or_stopped(bell: Listener, stop: asyncio.Event, seconds: float) -> bool:
+    """Wait up to ``seconds`` for the doorbell or ``stop``; True if either came."""
+    if stop.is_set():
+        return True
+    waiter = asyncio.create_task(bell.wait(seconds))
+    stopper = asyncio.create_task(stop.wait())
+    await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    for task in (waiter, stopper):
+        task.cancel()
+    return stop.is_set() or (waiter.done() and not waiter.cancelled() and waiter.result())
 
 
 async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:

@@ -63,6 +63,7 @@ async def test_relay__row_committed_after_a_higher_id_is_not_skipped(tenant_fact
     assert holder.error is None
 
     assert await relay.cycle() == (1, 1)
+    await relay.flush_marks()
 
     second = items_of(await drain(layer, channel, key))
     assert [(o, f["event"]["event_id"]) for _, o, f in second] == [(2, "A")]

@@ -545,6 +545,7 @@ async def test_compact__recreated_stream_gets_a_new_epoch(tenant_factory, make_r
     await orm(outbox.publish, tenant, "run.updated", {}, device="dev-1", event_id="first")
     relay_ = make_relay()
     assert await relay_.cycle() == (1, 1)
+    await relay_.flush_marks()
     before = await orm(Stream.objects.get, key=key)
     await orm(age, ["first"], 2 * DAY)
     await orm(idle, [key], 120)
@@ -554,6 +555,7 @@ async def test_compact__recreated_stream_gets_a_new_epoch(tenant_factory, make_r
     assert (result.deleted, result.streams_pruned) == (1, 1)
     await orm(outbox.publish, tenant, "run.updated", {}, device="dev-1", event_id="again")
     assert await relay_.cycle() == (1, 1)
+    await relay_.flush_marks()
     after = await orm(Stream.objects.get, key=key)
     assert after.epoch != before.epoch
     assert (after.last_offset, after.first_retained_offset) == (1, 1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -10,7 +11,7 @@ from backplane import outbox, relay, streams
 from backplane.conf import conf
 from backplane.models import OutboxItem, Stream
 
-from .helpers import drain, items_of, join, orm
+from .helpers import TIMEOUT, drain, eventually, items_of, join, orm
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
@@ -91,11 +92,52 @@ async def test_relay__marks_forwarded_and_does_not_resend(tenant_factory, make_r
 
     assert await relay_.cycle() == (3, 3)
     assert len(items_of(await drain(layer, channel, key))) == 3
-    rows = await orm(lambda: list(OutboxItem.objects.values_list("assigned_at", "forwarded_at")))
-    assert len(rows) == 3 and all(assigned and forwarded and assigned <= forwarded for assigned, forwarded in rows)
+    # Sent; marked forwarded in the next assignment's transaction (no round trip of their own).
+    assert len(relay_.unmarked) == 3
+    assert await orm(lambda: OutboxItem.objects.filter(forwarded_at__isnull=True).count()) == 3
 
     assert await relay_.cycle() == (0, 0)
+    assert relay_.unmarked == []
+    rows = await orm(lambda: list(OutboxItem.objects.values_list("assigned_at", "forwarded_at")))
+    assert len(rows) == 3 and all(assigned and forwarded and assigned <= forwarded for assigned, forwarded in rows)
     assert await drain(layer, channel, key) == []
+
+
+class SilentBell:
+    """A doorbell that never rings (the relay's waits all run to their timeouts)."""
+
+    async def __aenter__(self) -> SilentBell:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+    async def wait(self, timeout: float) -> bool:
+        await asyncio.sleep(timeout)
+        return False
+
+
+async def test_relay__running_relay_marks_on_its_own_when_no_assignment_follows(
+    tenant_factory, make_relay, layer, monkeypatch
+):
+    """With nothing more to assign, a running relay marks what it sent after MARK_LINGER_SECS."""
+    tenant = await orm(tenant_factory, "acme")
+    key = streams.tenant_stream(tenant.id)
+    channel = await join(layer, key)
+    await orm(publish_each, tenant, 2, "t")
+    monkeypatch.setattr(relay, "Listener", SilentBell)
+    relay_ = make_relay(poll_interval=30.0)  # its first cycle sends both; no other cycle comes
+    stop = asyncio.Event()
+    running = asyncio.create_task(relay_.run(stop))
+    try:
+        unmarked = lambda: OutboxItem.objects.filter(forwarded_at__isnull=True).count() == 0  # noqa: E731
+        await eventually(lambda: orm(unmarked))
+        assert relay_.unmarked == [] and not running.done()
+        assert relay_.forwarded_total == 2
+        assert len(items_of(await drain(layer, channel, key))) == 2
+    finally:
+        stop.set()
+        await asyncio.wait_for(running, TIMEOUT)
 
 
 async def test_relay__large_stream_is_chunked_in_order(tenant_factory, make_relay, layer):
@@ -139,7 +181,9 @@ async def test_relay__crash_after_assign_forwards_same_offsets(tenant_factory, m
     assigned = await orm(lambda: dict(OutboxItem.objects.values_list("event_id", "stream_offset")))
     assert sorted(assigned.values()) == [1, 1, 2, 2, 3]
 
-    assert await make_relay().cycle() == (0, 5)
+    relay_ = make_relay()
+    assert await relay_.cycle() == (0, 5)
+    await relay_.flush_marks()
 
     got = items_of(await drain(layer, channel, keys["tenant"]))
     assert {f["event"]["event_id"]: o for _, o, f in got} == assigned
@@ -154,19 +198,15 @@ async def test_relay__crash_before_mark_resends_same_offsets(tenant_factory, mak
     channel = await join(layer, key)
     ids = await orm(publish_each, tenant, 3, "t")
 
-    def die(*_args):
-        raise RuntimeError("relay died before marking")
-
-    async def adie(*_args):
-        raise RuntimeError("relay died before marking")
-
+    first = make_relay()
+    assert await first.cycle() == (3, 3)
+    # It dies before the rows sent are marked (kept for its next assignment): its shards'
+    # locks go with its session.
+    first.unmarked = []
+    await first.leases.release()
     relay_ = make_relay()
-    monkeypatch.setattr(outbox, "mark_forwarded", die)
-    monkeypatch.setattr(outbox, "amark_forwarded", adie)
-    with pytest.raises(RuntimeError):
-        await relay_.cycle()
-    monkeypatch.undo()
     assert await relay_.cycle() == (0, 3)
+    await relay_.flush_marks()
 
     got = items_of(await drain(layer, channel, key))
     expected = list(zip(range(1, 4), ids, strict=True))
@@ -185,7 +225,9 @@ async def test_relay__forwards_only_its_shards(tenant_factory, make_relay, layer
     await orm(outbox.publish, a, "a.b", 1, event_id="a")
     await orm(outbox.publish, b, "a.b", 2, event_id="b")
 
-    assert await make_relay(shards=[streams.shard_of(a.id, conf.SHARDS)]).cycle() == (1, 1)
+    relay_ = make_relay(shards=[streams.shard_of(a.id, conf.SHARDS)])
+    assert await relay_.cycle() == (1, 1)
+    await relay_.flush_marks()
 
     rows = await orm(lambda: {r.event_id: (r.stream_offset, r.forwarded_at is not None)
                               for r in OutboxItem.objects.all()})
