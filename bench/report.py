@@ -305,8 +305,7 @@ def details(folder: Path) -> str:
             "\nMedian time per stage (ms): "
             + "; ".join(
                 f"{fmt(r['rate'])}/s: commit→assigned {fmt(r.get('p50_to_assigned_ms'))}, "
-                f"assigned→marked {fmt(r.get('p50_assigned_to_marked_ms'))}, "
-                f"marked→peer {fmt(r.get('p50_marked_to_peer_ms'))}"
+                f"assigned→peer {fmt(r.get('p50_assigned_to_peer_ms'))}"
                 for r in stages
             )
             + "."
