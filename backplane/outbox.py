@@ -740,22 +740,26 @@ async def aassign_and_fetch(
     BEGIN, the call and COMMIT go out pipelined and come back with one sync. (Not psycopg's
     ``transaction()``: inside a pipeline it syncs on entering and leaving, four round trips.)
     ``forwarded``: rows sent since the last assignment, marked forwarded in the same
-    transaction (no round trip of their own; if it fails they stay unmarked)."""
+    transaction (no round trip of their own; if it fails they stay unmarked). After the call:
+    the outbox's parent table is locked before any partition, as everywhere (``partitions``)."""
     params = [list(shards), limit, only_tenant, list(skip_tenants)]
     try:
         async with conn.pipeline():
             await conn.execute("BEGIN")
-            for part, ids in _ids_by_part(forwarded).items():
-                await conn.execute(_MARK_SQL.format(part=part), [ids])
             await conn.execute("SET LOCAL synchronous_commit = on")  # see leases.SESSION_SETTINGS
             cur = await conn.execute(_ASSIGN_SQL, params)
+            for part, ids in _ids_by_part(forwarded).items():
+                await conn.execute(_MARK_SQL.format(part=part), [ids])
             await conn.execute("COMMIT")
     except BaseException:
         # A failed call leaves the transaction aborted (the COMMIT was skipped): end it, so the
-        # session is usable again; a broken session is the caller's to handle.
+        # session is usable again. A session that cannot even roll back is closed: the caller
+        # sees it closed and drops its shards.
         if not conn.broken and conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-            with contextlib.suppress(psycopg.Error):
+            try:
                 await conn.execute("ROLLBACK")
+            except psycopg.Error:
+                await conn.close()
         raise
     out = [
         Pending(r[0], r[3], r[4], r[2], r[5], streams.Item(r[6], r[7], r[8], _iso(r[9]), r[10]), r[11], r[1])
@@ -769,10 +773,11 @@ _MARK_SQL = "UPDATE {part} SET forwarded_at = now() WHERE id = ANY(%s)"
 
 
 def _ids_by_part(pending: Sequence[Pending]) -> dict[str, list[int]]:
-    by_part: dict[str, list[int]] = {}
+    """Row ids by partition, each once (a row re-sent by a sweep may be listed twice)."""
+    by_part: dict[str, dict[int, None]] = {}
     for p in pending:
-        by_part.setdefault(p.part or OUTBOX, []).append(p.id)
-    return by_part
+        by_part.setdefault(p.part or OUTBOX, {})[p.id] = None
+    return {part: list(ids) for part, ids in by_part.items()}
 
 
 async def amark_forwarded(conn: Any, pending: Sequence[Pending]) -> None:

@@ -130,10 +130,15 @@ class Relay:
                 fresh = await database_sync_to_async(outbox.assign_and_fetch)(owned, self.batch_size, skip_tenants=skip)
             assigned = len(fresh)
         except (DatabaseError, psycopg.Error) as exc:
-            if fast and (self.leases.conn is None or self.leases.conn.broken or self.leases.conn.closed):
+            conn = self.leases.conn
+            if fast and (conn is None or conn.broken or conn.closed or not _idle(conn)):
                 await self.leases.lost(exc)
                 self.unmarked = []
                 return 0, 0
+            if fast:
+                # The failed transaction took the last cycle's marks with it: write them now, or
+                # the sweep below would send those rows again.
+                await self.flush_marks()
             # One tenant's rows must not stop the others: assign tenant by tenant and set
             # aside (for QUARANTINE_SECS) the ones that still fail.
             logger.error(
@@ -144,6 +149,8 @@ class Relay:
             assigned = await self._assign_per_tenant(owned)
             fresh = []
             self.resend_needed = True
+            if fast and not self.leases.owned:
+                return 0, 0  # the session died meanwhile: nothing is sent without it
         if assigned:
             _failpoint("after_assign")
         if self.resend_needed:
@@ -214,6 +221,11 @@ class Relay:
                         owned, self.batch_size, only_tenant=tenant_id
                     )
             except (DatabaseError, psycopg.Error) as exc:
+                conn = self.leases.conn
+                if conf.is_postgresql and (conn is None or conn.broken or conn.closed):
+                    await self.leases.lost(exc)  # the session, not the tenant: stop here
+                    self.unmarked = []
+                    break
                 self.quarantine[tenant_id] = time.monotonic() + QUARANTINE_SECS
                 logger.error(
                     "relay sets tenant %s aside for %ss: %s",
@@ -390,6 +402,11 @@ class _PubSubPublisher:
 
     def __bool__(self) -> bool:
         return True
+
+
+def _idle(conn: Any) -> bool:
+    """True when a psycopg session is outside any transaction (usable for the next one)."""
+    return bool(conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE)
 
 
 def _safe(exc: Exception) -> str:

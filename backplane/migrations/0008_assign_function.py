@@ -9,6 +9,12 @@ Semantics are the statements' own: claim the oldest unassigned rows of the shard
 bump each stream's head by its row count (creating it with a fresh epoch), number the rows in
 id order within each stream, write the offsets partition by partition by primary key, and
 return the assigned rows.
+
+Changing it later: PL/pgSQL checks the body only when it runs, so a change to the tables it
+reads must come with a new version of the function; and a change to its result columns needs
+a new name (``bp_assign_v2``), not CREATE OR REPLACE: running relays hold the call prepared,
+and a prepared ``SELECT *`` whose result type changed fails ("cached plan must not change
+result type").
 """
 
 from django.db import migrations
@@ -26,7 +32,8 @@ BEGIN
         WITH claimed AS (
             SELECT o.id, o.stream, o.tenant_id, o.tableoid FROM backplane_outboxitem o
             WHERE o.shard = ANY(p_shards) AND o.stream_offset IS NULL
-              AND (p_only IS NULL OR o.tenant_id = p_only) AND NOT (o.tenant_id = ANY(p_skip))
+              AND (p_only IS NULL OR o.tenant_id = p_only)
+              AND (p_skip IS NULL OR NOT (o.tenant_id = ANY(p_skip)))
             ORDER BY o.id LIMIT p_limit FOR UPDATE
         ), counts AS (
             SELECT c.stream, (array_agg(c.tenant_id))[1] AS tenant_id, count(*) AS n FROM claimed c GROUP BY c.stream

@@ -161,3 +161,29 @@ async def test_relay__a_failing_tenant_does_not_stop_the_others(tenant_factory, 
     assert rows == {"broken": None, "healthy": 1}
     # Set aside, the broken tenant no longer fails every cycle.
     assert await relay.cycle() == (0, 0)
+
+
+async def test_relay__a_failed_assignment_keeps_the_marks_it_carried(tenant_factory, make_relay, layer,
+                                                                      failing_tenant_trigger):
+    """The last cycle's marks ride in the next assignment's transaction; when that fails they
+    are written before the tenant-by-tenant retry, so its resend sweep does not send those
+    rows again — and the session is usable for the retry."""
+    broken = await orm(tenant_factory, "broken")
+    healthy = await orm(tenant_factory, "healthy")
+    key = streams.device_stream(healthy.id, "dev-1")
+    channel = await join(layer, key)
+    relay = make_relay()
+    await orm(outbox.publish, healthy, "run.updated", {"n": 1}, device="dev-1")
+    assert await relay.cycle() == (1, 1)
+    assert len(relay.unmarked) == 1
+    await orm(failing_tenant_trigger, broken.id)
+    await orm(outbox.publish, broken, "run.updated", {"n": 2}, device="dev-1")
+    await orm(outbox.publish, healthy, "run.updated", {"n": 3}, device="dev-1")
+
+    assert await relay.cycle() == (1, 1)  # the broken tenant's row set aside, the healthy one sent
+
+    assert list(relay.quarantine) == [broken.id]
+    got = await asyncio.wait_for(drain(layer, channel, key), TIMEOUT)
+    assert [m["items"][0][0] for m in got if m["type"] == "bp.batch"] == [1, 2]  # offset 1 once
+    forwarded = await orm(lambda: dict(OutboxItem.objects.values_list("stream_offset", "forwarded_at")))
+    assert forwarded[1] is not None

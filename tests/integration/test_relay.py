@@ -192,7 +192,7 @@ async def test_relay__crash_after_assign_forwards_same_offsets(tenant_factory, m
     assert await orm(lambda: OutboxItem.objects.filter(forwarded_at__isnull=True).count()) == 0
 
 
-async def test_relay__crash_before_mark_resends_same_offsets(tenant_factory, make_relay, layer, monkeypatch):
+async def test_relay__crash_before_mark_resends_same_offsets(tenant_factory, make_relay, layer):
     tenant = await orm(tenant_factory, "acme")
     key = streams.tenant_stream(tenant.id)
     channel = await join(layer, key)
