@@ -139,6 +139,38 @@ def test_migrate__outbox_is_range_partitioned_on_created_at_with_a_default(servi
     assert partitions.is_partitioned()
 
 
+def test_stream_offset_migration__builds_partition_by_partition_and_runs_again_after_an_interruption(services):
+    import importlib
+
+    step = importlib.import_module("backplane.migrations.0007_outbox_stream_offset_partial")
+    with connection.cursor() as cur:  # what an interrupted run leaves: a half-made parent index
+        cur.execute(f"CREATE INDEX {step.BUILDING} ON ONLY {TABLE} (stream)")
+    try:
+        with connection.schema_editor(atomic=False) as editor:
+            step.rebuild(editor, " WHERE stream_offset IS NOT NULL", "_stream_offset_p")
+        with connection.cursor() as cur:
+            cur.execute(
+                "SELECT x.indisvalid, pg_get_indexdef(x.indexrelid) FROM pg_index x "
+                "WHERE x.indexrelid = %s::regclass",
+                [step.NAME],
+            )
+            valid, definition = cur.fetchone()
+            assert valid and definition.endswith("(stream, stream_offset) WHERE (stream_offset IS NOT NULL)")
+            cur.execute("SELECT to_regclass(%s)", [step.BUILDING])
+            assert cur.fetchone()[0] is None
+            # Every partition has its own index, built apart and attached.
+            cur.execute(
+                "SELECT count(*) FROM pg_inherits i WHERE i.inhparent = %s::regclass",
+                [TABLE],
+            )
+            partitions_count = cur.fetchone()[0]
+            cur.execute("SELECT count(*) FROM pg_inherits WHERE inhparent = %s::regclass", [step.NAME])
+            assert cur.fetchone()[0] == partitions_count > 0
+    finally:
+        with connection.cursor() as cur:
+            cur.execute(f"DROP INDEX IF EXISTS {step.BUILDING}")
+
+
 def test_stream_offset_index__holds_assigned_rows_only_and_serves_range_reads(services, tenant):
     with transaction.atomic():
         outbox.publish(tenant, "run.step", {"n": 1}, device="d-1")
@@ -157,7 +189,7 @@ def test_stream_offset_index__holds_assigned_rows_only_and_serves_range_reads(se
             [key, 0, 1],
         )
         plan = "\n".join(r[0] for r in cur.fetchall())
-    assert "stream_stream_offset_idx" in plan and "Seq Scan" not in plan
+    assert "Index" in plan and "stream_offset" in plan and "Seq Scan" not in plan
 
 
 def test_ensure_ahead__partitions_cover_now_to_partitions_ahead(services):
