@@ -122,6 +122,28 @@ async def test_relay__lost_lease_session_forwards_nothing(make_leases, make_rela
     assert await orm(lambda: list(OutboxItem.objects.values_list("stream_offset", "forwarded_at"))) == [(None, None)]
 
 
+async def test_relay__lost_session_drops_the_marks_it_held_and_close_writes_them(
+    make_leases, make_relay, tenant_factory
+):
+    """Rows sent but not marked are marked when the relay closes; when its session dies
+    first, they are left to the next owner (sent again), and the dead relay forgets them."""
+    tenant = await orm(tenant_factory, "acme")
+    closing = make_relay()
+    await orm(outbox.publish, tenant, "run.updated", {}, event_id="e-1")
+    assert await closing.cycle() == (1, 1) and len(closing.unmarked) == 1
+    await closing.aclose()
+    assert await orm(lambda: OutboxItem.objects.filter(forwarded_at__isnull=True).count()) == 0
+
+    dying = make_relay()
+    await orm(outbox.publish, tenant, "run.updated", {}, event_id="e-2")
+    assert await dying.cycle() == (1, 1) and len(dying.unmarked) == 1
+    assert await orm(terminate_backend, dying.leases._conn.info.backend_pid)
+    assert await dying.cycle() == (0, 0)  # its session is gone: nothing assigned, nothing marked
+    assert dying.unmarked == [] and not dying.leases.owned
+    rows = await orm(lambda: dict(OutboxItem.objects.values_list("event_id", "forwarded_at")))
+    assert rows["e-1"] is not None and rows["e-2"] is None  # e-2 goes again with the next owner
+
+
 async def test_leases__session_finds_rows_by_index_and_flushes_only_the_assignment(make_leases, tenant_factory):
     """The relay's session plans without sequential scans and commits without waiting for
     the WAL flush — but the assignment (offsets must be durable before they are sent)."""
