@@ -52,6 +52,19 @@ def terminate_backend(pid: int) -> bool:
         return bool(cur.fetchone()[0])
 
 
+def record_statements(conn: Any) -> list[str]:
+    """Record the text of every statement run on a psycopg connection from now on."""
+    statements: list[str] = []
+    real = conn.execute
+
+    async def recording(sql: Any, *args: Any, **kwargs: Any) -> Any:
+        statements.append(str(sql))
+        return await real(sql, *args, **kwargs)
+
+    conn.execute = recording
+    return statements
+
+
 async def test_leases__first_takes_all_second_none(make_leases):
     a, b = make_leases(SHARDS, "relay-a"), make_leases(SHARDS, "relay-b")
 
@@ -156,14 +169,7 @@ async def test_leases__session_finds_rows_by_index_and_flushes_only_the_assignme
         shown[name] = (await cur.fetchone())[0]
     assert shown == {"enable_seqscan": "off", "synchronous_commit": "off"}
 
-    statements: list[str] = []
-    real = a.conn.execute
-
-    async def recording(sql: Any, *args: Any, **kwargs: Any) -> Any:
-        statements.append(str(sql))
-        return await real(sql, *args, **kwargs)
-
-    a.conn.execute = recording  # type: ignore[method-assign]
+    statements = record_statements(a.conn)
     await orm(outbox.publish, tenant, "a.b", {"n": 1})
     shard = outbox.streams.shard_of(tenant.id, conf.SHARDS)
     assert len(await outbox.aassign_and_fetch(a.conn, [shard], 100)) == 1
@@ -203,14 +209,7 @@ async def test_assign__one_round_trip_and_offsets_written_by_primary_key(make_le
         "SET auto_explain.log_level = notice",
     ):
         await a.conn.execute(setting)
-    statements: list[str] = []
-    real = a.conn.execute
-
-    async def recording(sql: Any, *args: Any, **kwargs: Any) -> Any:
-        statements.append(str(sql))
-        return await real(sql, *args, **kwargs)
-
-    a.conn.execute = recording  # type: ignore[method-assign]
+    statements = record_statements(a.conn)
     syncs = 0
     enqueue_sync = psycopg_pipeline.BasePipeline._enqueue_sync
 
