@@ -121,19 +121,16 @@ class Relay:
         skip = list(self.quarantine)
         try:
             if fast:
-                marks = self.unmarked
                 fresh = await outbox.aassign_and_fetch(
-                    self.leases.conn, owned, self.batch_size, skip_tenants=skip, forwarded=marks
+                    self.leases.conn, owned, self.batch_size, skip_tenants=skip, forwarded=self.unmarked
                 )
-                self.unmarked = self.unmarked[len(marks) :]
+                self.unmarked = []
             else:
                 fresh = await database_sync_to_async(outbox.assign_and_fetch)(owned, self.batch_size, skip_tenants=skip)
             assigned = len(fresh)
         except (DatabaseError, psycopg.Error) as exc:
-            conn = self.leases.conn
-            if fast and (conn is None or conn.broken or conn.closed or not _idle(conn)):
-                await self.leases.lost(exc)
-                self.unmarked = []
+            if fast and _dead(self.leases.conn):
+                await self._lose(exc)
                 return 0, 0
             if fast:
                 # The failed transaction took the last cycle's marks with it: write them now, or
@@ -199,14 +196,18 @@ class Relay:
         """PostgreSQL: mark the rows sent since the last assignment forwarded, now."""
         if not self.unmarked or self.leases.conn is None:
             return
-        marks = self.unmarked
         try:
-            await outbox.amark_forwarded(self.leases.conn, marks)
+            await outbox.amark_forwarded(self.leases.conn, self.unmarked)
         except psycopg.Error as exc:
-            await self.leases.lost(exc)  # sent but not marked: the next owner sends them again
-            self.unmarked = []
+            await self._lose(exc)
             raise
-        self.unmarked = self.unmarked[len(marks) :]
+        self.unmarked = []
+
+    async def _lose(self, exc: BaseException) -> None:
+        """The lease session failed: drop the shards, and the rows sent but not marked (their
+        next owner sends them again, with the same offsets)."""
+        await self.leases.lost(exc)
+        self.unmarked = []
 
     async def _assign_per_tenant(self, owned: Sequence[int]) -> int:
         total = 0
@@ -221,10 +222,8 @@ class Relay:
                         owned, self.batch_size, only_tenant=tenant_id
                     )
             except (DatabaseError, psycopg.Error) as exc:
-                conn = self.leases.conn
-                if conf.is_postgresql and (conn is None or conn.broken or conn.closed):
-                    await self.leases.lost(exc)  # the session, not the tenant: stop here
-                    self.unmarked = []
+                if conf.is_postgresql and _dead(self.leases.conn):
+                    await self._lose(exc)  # the session, not the tenant: stop here
                     break
                 self.quarantine[tenant_id] = time.monotonic() + QUARANTINE_SECS
                 logger.error(
@@ -404,9 +403,10 @@ class _PubSubPublisher:
         return True
 
 
-def _idle(conn: Any) -> bool:
-    """True when a psycopg session is outside any transaction (usable for the next one)."""
-    return bool(conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE)
+def _dead(conn: Any) -> bool:
+    """True when the lease session is gone (a failed call that could not be rolled back
+    closes it: see ``outbox.aassign_and_fetch``)."""
+    return conn is None or bool(conn.broken or conn.closed)
 
 
 def _safe(exc: Exception) -> str:

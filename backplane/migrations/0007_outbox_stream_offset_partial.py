@@ -77,22 +77,21 @@ def rebuild(schema_editor, condition: str, suffix: str) -> None:  # type: ignore
         cur.execute(f"ALTER INDEX {BUILDING} RENAME TO {NAME}")
 
 
-def forwards(apps, schema_editor):  # type: ignore[no-untyped-def]
+def _replace(apps, schema_editor, old, new, condition: str, suffix: str) -> None:  # type: ignore[no-untyped-def]
     if schema_editor.connection.vendor == "postgresql":
-        rebuild(schema_editor, " WHERE stream_offset IS NOT NULL", "_stream_offset_p")
+        rebuild(schema_editor, condition, suffix)
         return
     model = apps.get_model("backplane", "OutboxItem")
-    schema_editor.remove_index(model, OLD)
-    schema_editor.add_index(model, NEW)
+    schema_editor.remove_index(model, old)
+    schema_editor.add_index(model, new)
+
+
+def forwards(apps, schema_editor):  # type: ignore[no-untyped-def]
+    _replace(apps, schema_editor, OLD, NEW, " WHERE stream_offset IS NOT NULL", "_stream_offset_p")
 
 
 def backwards(apps, schema_editor):  # type: ignore[no-untyped-def]
-    if schema_editor.connection.vendor == "postgresql":
-        rebuild(schema_editor, "", "_stream_offset")
-        return
-    model = apps.get_model("backplane", "OutboxItem")
-    schema_editor.remove_index(model, NEW)
-    schema_editor.add_index(model, OLD)
+    _replace(apps, schema_editor, NEW, OLD, "", "_stream_offset")
 
 
 class Migration(migrations.Migration):
