@@ -4,6 +4,12 @@ Never a source of truth: a lost ring only delays delivery until the relay's next
 With ``REDIS_URL`` the ring is a Redis PUBLISH (measured ~3.5 ms commit→wake here, against
 ~5 ms for NOTIFY from a post-commit transaction, and NOTIFY inside the producer's
 transaction serialises all committers). Without Redis (embedded mode) it is in-process.
+
+The PUBLISH goes out from the committing thread itself, on a connection of the doorbell's
+own, as one non-blocking ``send`` (``_Wire``): a ring handed to a second thread woke that
+thread and made it wait for Redis's reply for every commit, which cost the producer ~80 µs
+per publishing transaction here (``bench/producer.py``). Whatever could wait — connecting,
+a full socket buffer, a lost connection — goes to the background sender thread instead.
 """
 
 from __future__ import annotations
@@ -11,7 +17,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import queue
+import socket
 import threading
 from typing import Any
 
@@ -45,8 +53,8 @@ _sender: threading.Thread | None = None
 def ring(shard: int) -> None:
     """Wake the relays; never raises and never waits (the relay's polling covers a lost ring).
 
-    The Redis PUBLISH happens on a background thread, so a producer's commit does not wait
-    for a round trip to Redis; rings that queue up meanwhile are sent as one.
+    The Redis PUBLISH is written without waiting for Redis (``_Wire``); when that cannot be
+    done at once it happens on a background thread, where rings that queue up are sent as one.
     """
     for loop, event in list(_local):
         try:
@@ -54,6 +62,9 @@ def ring(shard: int) -> None:
         except RuntimeError:  # loop closed
             _local.discard((loop, event))
     if not conf.redis_url:
+        return
+    wire = _wire
+    if wire is not None and wire.publish(channel_name(), str(shard)):
         return
     global _sender
     if _sender is None or not _sender.is_alive():
@@ -76,6 +87,141 @@ def _send_rings() -> None:
             _redis().publish(channel_name(), ",".join(str(s) for s in sorted(shards)))
         except Exception as exc:  # the doorbell is an optimisation, not a dependency
             logger.warning("doorbell ring failed: %s", type(exc).__name__, extra={"action": "doorbell_failed"})
+            continue
+        if _wire is None:  # Redis answers: open the committing threads' own connection
+            _Wire.connect()
+
+
+_wire: _Wire | None = None
+_wire_lock = threading.Lock()
+_wire_refused = False  # Redis answered a ring with an error (e.g. it wants AUTH): threads only
+
+
+class _Wire:
+    """The doorbell's own Redis connection, written to by the committing threads.
+
+    A ring is one PUBLISH of a few dozen bytes, sent with ``MSG_DONTWAIT``; the replies to
+    earlier rings are read (and dropped) the same way just before. Neither ever waits: when
+    the socket cannot take the whole command at once, or the connection is gone, ``publish``
+    returns False and the ring goes by the sender thread (which opens a new connection).
+    A connection made before a fork is not used by the child.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.pid = os.getpid()
+
+    @classmethod
+    def connect(cls) -> None:
+        """Open the connection (the sender thread's job: it may wait, up to a second)."""
+        global _wire
+        if _wire_refused:
+            return
+        try:
+            sock = _open(conf.redis_url)
+        except Exception as exc:  # rings keep going by the thread
+            logger.warning("doorbell connection failed: %s", type(exc).__name__, extra={"action": "doorbell_failed"})
+            return
+        with _wire_lock:
+            old, _wire = _wire, cls(sock)
+        if old is not None:
+            old.close()
+
+    def publish(self, channel: str, message: str) -> bool:
+        """Send one PUBLISH now; False if it was not sent whole (nothing of it counts then)."""
+        global _wire, _wire_refused
+        ch, msg = channel.encode(), message.encode()
+        frame = b"*3\r\n$7\r\nPUBLISH\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (len(ch), ch, len(msg), msg)
+        with _wire_lock:
+            if _wire is not self:
+                return False
+            if self.pid != os.getpid():
+                _wire = None  # the parent's connection: leave it to the parent
+                return False
+            try:
+                self._drain()
+                sent = self.sock.send(frame, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return False  # full: Redis is not reading; the thread's ring waits for it
+            except _Refused:
+                _wire_refused = True
+                logger.warning(
+                    "doorbell: Redis refused a ring; rings go by the sender thread", extra={"action": "doorbell_failed"}
+                )
+                sent = -1
+            except OSError:
+                sent = -1
+            if sent == len(frame):
+                return True
+            _wire = None  # lost, refused, or half a command on the wire: never write to it again
+        self.close()
+        return False
+
+    def _drain(self) -> None:
+        """Read what Redis replied to earlier rings; raise if one is an error, or Redis closed
+        the connection (else the ring would be written into a closed connection, and lost)."""
+        while True:
+            try:
+                data = self.sock.recv(65536, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+            if not data:
+                raise ConnectionResetError("Redis closed the doorbell connection")
+            if b"-" in data:  # PUBLISH replies are non-negative integers (":N"); "-" is an error
+                raise _Refused()
+            # ...and read on until nothing is left: a close behind the replies must be seen now.
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
+class _Refused(Exception):
+    pass
+
+
+def _open(url: str) -> socket.socket:
+    """A connected, blocking socket to the Redis of ``url`` (TCP or Unix), authenticated and
+    named; raises for TLS (rediss://), which ``_Wire`` does not speak: rings then go by thread."""
+    from redis.connection import UnixDomainSocketConnection, parse_url
+
+    params = parse_url(url)
+    if params.get("connection_class") not in (None, UnixDomainSocketConnection):
+        raise NotImplementedError("TLS")
+    if "path" in params:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(1.0)
+        sock.connect(params["path"])
+    else:
+        sock = socket.create_connection((params.get("host", "localhost"), params.get("port", 6379)), timeout=1.0)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        commands = []
+        if params.get("password"):
+            commands.append(["AUTH", *([params["username"]] if params.get("username") else []), params["password"]])
+        commands.append(["CLIENT", "SETNAME", f"tyrum-doorbell-{os.getpid()}"])
+        sock.sendall(b"".join(_command(c) for c in commands))
+        replies = b""
+        while replies.count(b"\r\n") < len(commands):
+            chunk = sock.recv(4096)
+            if not chunk:
+                raise ConnectionResetError("Redis closed the connection")
+            replies += chunk
+        if any(not line.startswith(b"+") for line in replies.split(b"\r\n")[: len(commands)]):
+            raise PermissionError("Redis refused the doorbell connection")
+        sock.settimeout(None)  # blocking: every later call passes MSG_DONTWAIT
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _command(args: list[str]) -> bytes:
+    out = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        data = arg.encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(out)
 
 
 class Listener:

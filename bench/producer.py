@@ -1,10 +1,16 @@
 """Producer cost: publish() inside a one-row state-change transaction vs. the same
-transaction without it (interleaved, so drift hits both alike), and publish_many throughput.
+transaction without it, and publish_many throughput.
+
+The transactions run in blocks of one kind, in shuffled order (drift hits every kind alike;
+each transaction follows its own kind). Two floors run with them: the same transaction with
+one more statement (``SELECT 1``), and with the smallest possible append (one unindexed
+integer row) sent inside the COMMIT's own message — what adding anything to the transaction
+costs on this stack before a single byte of an event is validated or stored.
 
 No relay runs: this is the producer's side alone (this process and PostgreSQL; the doorbell's
 Redis PUBLISH happens on a background thread after commit, and Redis's CPU is counted).
 
-    .venv/bin/python bench/producer.py [--txns 3000] [--many 100000] [--chunk 5000]
+    .venv/bin/python bench/producer.py [--txns 1500] [--block 25] [--many 100000] [--chunk 5000]
 """
 
 from __future__ import annotations
@@ -21,7 +27,8 @@ import common  # noqa: E402
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--txns", type=int, default=3000)
+    parser.add_argument("--txns", type=int, default=1500, help="transactions per arm")
+    parser.add_argument("--block", type=int, default=25, help="transactions per block of one arm")
     parser.add_argument("--many", type=int, default=100_000)
     parser.add_argument("--chunk", type=int, default=5000)
     args = parser.parse_args()
@@ -34,17 +41,30 @@ def main() -> None:
         common.drop_database(db)
     notes = [n for r in rows for n in r.pop("notes", [])]
     common.report(
-        f"producer cost — {args.txns} interleaved transactions; publish() overhead {overhead * 100:.1f}% (mean); "
-        f"CPU in CPU-seconds",
+        f"producer cost — {args.txns} transactions per arm in shuffled blocks of {args.block}; publish() "
+        f"overhead {overhead * 100:.1f}% (mean); CPU in CPU-seconds",
         rows,
-        ["figure", "p50_ms", "p99_ms", "mean_ms", "events_per_sec", "cpu_bench", "cpu_postgres", "cpu_redis"],
+        ["figure", "p50_ms", "p99_ms", "mean_ms", "overhead_pct", "events_per_sec"]
+        + ["cpu_bench", "cpu_postgres", "cpu_redis"],
         notes,
     )
     print(common.machine_line())
     print("wrote", common.write("producer", rows, {"args": vars(args), "publish_overhead": overhead}))
 
 
+# The arms of the transaction-cost comparison: the state change alone, with publish(), and two
+# floors — the least that any way of adding work to the transaction can cost on this stack.
+ARMS = {
+    "base": "state txn alone",
+    "publish": "state txn + publish()",
+    "statement": "floor: + one more statement (SELECT 1)",
+    "inline": "floor: + smallest append, inside the COMMIT message",
+}
+
+
 def measure(args: Any, db: str) -> tuple[list[dict[str, Any]], float]:
+    import random
+
     from django.db import connection, transaction
 
     from backplane import outbox
@@ -54,48 +74,67 @@ def measure(args: Any, db: str) -> tuple[list[dict[str, Any]], float]:
     with connection.cursor() as cur:
         cur.execute("CREATE TABLE bench_state (id int primary key, n bigint)")
         cur.execute("INSERT INTO bench_state VALUES (1, 0)")
+        cur.execute("CREATE TABLE bench_append (v int)")  # no index, no key: the cheapest row there is
+    connection.ensure_connection()
+    raw = connection.connection
 
-    def txn(with_publish: bool, i: int) -> float:
+    def txn(arm: str, i: int) -> float:
         t0 = time.perf_counter()
         with transaction.atomic():
             with connection.cursor() as cur:
                 cur.execute("UPDATE bench_state SET n = n + 1 WHERE id = 1")
-            if with_publish:
+                if arm == "statement":
+                    cur.execute("SELECT 1")
+            if arm == "publish":
                 outbox.publish(tenant, "run.updated", {"run_id": i, "status": "running"}, device=f"dev-{i % 100}")
+            elif arm == "inline":
+                # One simple-protocol message: no round trip, parse or plan beyond the row itself.
+                # Django's commit then finds no transaction open and sends nothing.
+                raw.execute("INSERT INTO bench_append VALUES (1); COMMIT")
         return time.perf_counter() - t0
 
+    # Blocks of one arm, in shuffled order: a transaction is compared with one that follows its
+    # own kind. Alternating arms one by one put the after-effects of each publish() (the
+    # doorbell's ring, sent from the producer process after the commit) on the next transaction
+    # without it, which read the overhead at half its size.
+    rnd = random.Random(5)
+    blocks = [arm for arm in ARMS for _ in range(max(1, args.txns // args.block))]
+    rnd.shuffle(blocks)
+    for i, arm in enumerate(list(ARMS) * 2):  # warm-up
+        for j in range(args.block):
+            txn(arm, i * args.block + j)
     meter = common.CpuMeter(db, {})
-    samples: dict[bool, list[float]] = {False: [], True: []}
-    for i in range(200):  # warm-up
-        txn(i % 2 == 0, i)
+    samples: dict[str, list[float]] = {arm: [] for arm in ARMS}
     a = meter.snap()
-    for i in range(args.txns):
-        samples[i % 2 == 0].append(txn(i % 2 == 0, i))
+    for i, arm in enumerate(blocks):
+        for j in range(args.block):
+            samples[arm].append(txn(arm, i * args.block + j))
     cpu_txn = meter.delta(a, meter.snap())
-    base = sorted(samples[False])
-    pub = sorted(samples[True])
 
     def ms(v: list[float], q: float) -> float:
-        return common.percentile(v, q) * 1000
+        return common.percentile(sorted(v), q) * 1000
 
-    rows: list[dict[str, Any]] = [
-        {
-            "figure": "state txn alone",
-            "p50_ms": ms(base, 50),
-            "p99_ms": ms(base, 99),
-            "mean_ms": sum(base) / len(base) * 1000,
-        },
-        {
-            "figure": "state txn + publish()",
-            "p50_ms": ms(pub, 50),
-            "p99_ms": ms(pub, 99),
-            "mean_ms": sum(pub) / len(pub) * 1000,
-            **common.cpu_columns(cpu_txn, ["bench", "postgres", "redis"]),
-            "cpu": cpu_txn,
-            "notes": common.notes_for(cpu_txn, [], "interleaved transactions"),
-        },
-    ]
-    overhead = (sum(pub) / len(pub)) / (sum(base) / len(base)) - 1
+    def mean(arm: str) -> float:
+        return sum(samples[arm]) / len(samples[arm])
+
+    rows: list[dict[str, Any]] = []
+    for arm, figure in ARMS.items():
+        row: dict[str, Any] = {
+            "figure": figure,
+            "txns": len(samples[arm]),
+            "p50_ms": ms(samples[arm], 50),
+            "p99_ms": ms(samples[arm], 99),
+            "mean_ms": mean(arm) * 1000,
+            "overhead_pct": (mean(arm) / mean("base") - 1) * 100,
+        }
+        if arm == "publish":
+            row.update(
+                **common.cpu_columns(cpu_txn, ["bench", "postgres", "redis"]),
+                cpu=cpu_txn,
+                notes=common.notes_for(cpu_txn, [], "the transactions of all four arms"),
+            )
+        rows.append(row)
+    overhead = mean("publish") / mean("base") - 1
     specs = [
         {"type": "bench.tick", "payload": {"n": i, "pad": "x" * 64}, "device": f"dev-{i % 1000}"}
         for i in range(args.many)

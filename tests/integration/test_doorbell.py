@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import socket
 import time
 import uuid
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -87,3 +91,113 @@ def test_doorbell__failed_publish_rings_nothing(bell, tenant_factory):
         outbox.publish(tenant, "Bad Type", {})
 
     assert rings(bell, SILENCE) == []
+
+
+def wire_up(bell: Any, tenant: Any) -> Any:
+    """Publish until the doorbell's own connection is open (the sender thread opens it after
+    its first ring); return it."""
+    for _ in range(50):
+        outbox.publish(tenant, "run.updated", {})
+        assert len(rings(bell, 5)) == 1
+        if doorbell._wire is not None:
+            return doorbell._wire
+    raise AssertionError("the doorbell never opened its own connection")
+
+
+def test_doorbell__rings_leave_from_the_committing_thread(bell, tenant_factory, monkeypatch):
+    tenant = tenant_factory("acme")
+    wire_up(bell, tenant)
+    # From now on the sender thread is not involved: no ring is queued for it.
+    queued: list[int] = []
+    monkeypatch.setattr(doorbell, "_queue", SimpleNamespace(put=queued.append))
+
+    for _ in range(3):
+        outbox.publish(tenant, "run.updated", {})
+        assert rings(bell, 5) == [str(streams.shard_of(tenant.id, conf.SHARDS)).encode()]
+
+    assert queued == []
+    names = [c["name"] for c in redis.Redis.from_url(settings.REDIS_URL).client_list()]
+    assert f"tyrum-doorbell-{os.getpid()}" in names
+
+
+def test_doorbell__a_lost_connection_costs_no_ring(bell, tenant_factory):
+    tenant = tenant_factory("acme")
+    wire = wire_up(bell, tenant)
+    admin = redis.Redis.from_url(settings.REDIS_URL)
+    name = f"tyrum-doorbell-{os.getpid()}"
+    (victim,) = [c["id"] for c in admin.client_list() if c["name"] == name]
+    admin.execute_command("CLIENT", "KILL", "ID", victim)
+    for _ in range(100):  # until Redis has closed it (its FIN is then on our side)
+        if all(c["id"] != victim for c in admin.client_list()):
+            break
+        time.sleep(0.01)
+    else:
+        raise AssertionError("Redis did not close the doorbell's connection")
+
+    # The closed connection is noticed before the ring is written: the ring goes by the sender
+    # thread, which opens a new connection.
+    outbox.publish(tenant, "run.updated", {})
+    assert len(rings(bell, 5)) == 1
+    assert doorbell._wire is not wire
+    assert wire_up(bell, tenant) is not wire
+
+
+def test_doorbell__a_redis_that_stops_reading_never_blocks_a_commit(bell, tenant_factory, monkeypatch):
+    """A Redis that accepts the connection but never reads: once the socket's buffers are
+    full, rings stop going on it (no commit waits) and go by the sender thread."""
+    tenant = tenant_factory("acme")
+    server = socket.create_server(("127.0.0.1", 0))
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client = socket.create_connection(server.getsockname())
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    accepted, _ = server.accept()  # and never read from
+    stuck = doorbell._Wire(client)
+    monkeypatch.setattr(doorbell, "_wire", stuck)
+    sent_on_stuck = 0
+    try:
+        for _ in range(20_000):  # ~1.3 MB of PUBLISH commands against a few KB of buffers
+            if doorbell._wire is not stuck or not stuck.publish(doorbell.channel_name(), "1"):
+                break
+            sent_on_stuck += 1
+        else:
+            raise AssertionError("the never-read socket took every ring")
+        assert sent_on_stuck > 0
+
+        with transaction.atomic():
+            outbox.publish(tenant, "run.updated", {})
+        assert len(rings(bell, 5)) == 1  # by the sender thread, to the real Redis
+    finally:
+        monkeypatch.setattr(doorbell, "_wire", None)
+        for s in (client, accepted, server):
+            s.close()
+
+
+def test_doorbell__an_error_reply_sends_rings_by_the_thread_from_then_on(bell, tenant_factory, monkeypatch):
+    tenant = tenant_factory("acme")
+    server = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(server.getsockname())
+    accepted, _ = server.accept()
+    fake = doorbell._Wire(client)
+    monkeypatch.setattr(doorbell, "_wire", fake)
+    monkeypatch.setattr(doorbell, "_wire_refused", False)
+    try:
+        assert fake.publish(doorbell.channel_name(), "1")
+        accepted.sendall(b"-NOAUTH Authentication required.\r\n")
+        for _ in range(100):  # until the reply has arrived
+            with contextlib.suppress(BlockingIOError):
+                if fake.sock.recv(64, socket.MSG_PEEK | socket.MSG_DONTWAIT):
+                    break
+            time.sleep(0.01)
+        else:
+            raise AssertionError("the error reply did not arrive")
+
+        outbox.publish(tenant, "run.updated", {})
+
+        assert len(rings(bell, 5)) == 1  # by the sender thread
+        assert doorbell._wire is None and doorbell._wire_refused
+        outbox.publish(tenant, "run.updated", {})
+        assert len(rings(bell, 5)) == 1
+        assert doorbell._wire is None  # not reopened: Redis said no
+    finally:
+        for s in (client, accepted, server):
+            s.close()
