@@ -289,6 +289,8 @@ async def test_assign__a_plan_made_on_an_empty_partition_still_reads_only_the_cl
     assert scans and "Seq Scan" not in plan, plan
     read = sum(int(re.search(r"actual time=\S+ rows=(\d+)", line).group(1)) for line in scans if "rows=" in line)
     assert read <= 2, plan  # the claimed row (a bitmap scan counts it in its heap and index scans)
+    (claim,) = [n for n in notices if "FOR UPDATE" in n and "Query Text: WITH claimed" in n]
+    assert "Seq Scan" not in claim and "Index Scan using" in claim, claim  # in id order, by the claim index
 
 
 def test_write_rows__one_upsert_keeps_acquired_at_adds_counts_and_follows_holders(services):
