@@ -4,8 +4,7 @@ UPDATE per partition.
 0008's function built an UPDATE for each partition with ``EXECUTE format(...)``, which
 PostgreSQL parses and plans on every call. The claim now also returns each row's
 ``created_at`` (the partition key; the primary key is ``(id, created_at)``), so one UPDATE
-through the parent finds every row by its primary key and prunes the other partitions at run
-time; PL/pgSQL keeps its plan — a generic one, forced (see the body). Measured with raw psycopg
+through the parent finds every row by its primary key; PL/pgSQL keeps its plan — a generic one, forced (see the body). Measured with raw psycopg
 on a quiet machine, calls of one row each: 0.67 → 0.51 ms (docs/performance.md). A call that
 claims nothing no longer runs the UPDATE at all.
 
@@ -66,17 +65,17 @@ BEGIN
         RETURN;
     END IF;
     -- Only the claimed rows are read, through each partition's primary key, whatever the plan:
-    -- the redundant ``= ANY`` conditions are index conditions (and prune the partitions that
-    -- hold none of the rows when the call starts), so the join below only ever sees those
+    -- the redundant ``id = ANY`` is an index condition, so the join below only ever sees those
     -- rows. The plan is kept for the session, and a partition analyzed while empty (a new
     -- one) would otherwise be read whole for every call as it fills; a sequential scan is
-    -- never right here. Local to this transaction; this statement is planned with it.
+    -- never right here. (No ``created_at = ANY`` beside it: checked row by row against the
+    -- whole array, it halved the relay's throughput at 500-row batches, and pruned nothing.)
+    -- Local to this transaction; this statement is planned with it.
     PERFORM set_config('enable_seqscan', 'off', true);
     RETURN QUERY
         UPDATE backplane_outboxitem o SET stream_offset = v.off, assigned_at = now()
         FROM unnest(v_ids, v_created, v_offs, v_epochs) AS v(id, created_at, off, epoch)
-        WHERE o.id = ANY(v_ids) AND o.created_at = ANY(v_created)
-          AND o.id = v.id AND o.created_at = v.created_at
+        WHERE o.id = ANY(v_ids) AND o.id = v.id AND o.created_at = v.created_at
         RETURNING o.id, o.tableoid::regclass::text, v.epoch, o.kind::text, o.stream::text, o.shard,
                   o.stream_offset, o.event_id::text, o.type::text, o.occurred_at, o.payload::text, o.tenant_id;
 END
