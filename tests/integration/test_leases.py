@@ -66,6 +66,22 @@ def record_statements(conn: Any) -> list[str]:
     return statements
 
 
+async def explain_everything(conn: Any) -> list[str]:
+    """From now on, the analyzed plan of every statement run on ``conn``, also those inside
+    functions (``auto_explain``, sent to the client as notices), collected in the list."""
+    notices: list[str] = []
+    conn.add_notice_handler(lambda diag: notices.append(diag.message_primary or ""))
+    for setting in (
+        "LOAD 'auto_explain'",
+        "SET auto_explain.log_min_duration = 0",
+        "SET auto_explain.log_nested_statements = on",
+        "SET auto_explain.log_level = notice",
+        "SET auto_explain.log_analyze = on",
+    ):
+        await conn.execute(setting)
+    return notices
+
+
 async def test_leases__first_takes_all_second_none(make_leases):
     a, b = make_leases(SHARDS, "relay-a"), make_leases(SHARDS, "relay-b")
 
@@ -202,16 +218,7 @@ async def test_assign__one_round_trip_and_offsets_written_by_primary_key(make_le
             cur.execute("VACUUM ANALYZE backplane_outboxitem")
 
     await orm(backlog)
-    notices: list[str] = []
-    a.conn.add_notice_handler(lambda diag: notices.append(diag.message_primary or ""))
-    for setting in (
-        "LOAD 'auto_explain'",
-        "SET auto_explain.log_min_duration = 0",
-        "SET auto_explain.log_nested_statements = on",
-        "SET auto_explain.log_level = notice",
-        "SET auto_explain.log_analyze = on",
-    ):
-        await a.conn.execute(setting)
+    notices = await explain_everything(a.conn)
     statements = record_statements(a.conn)
     syncs = 0
     enqueue_sync = psycopg_pipeline.BasePipeline._enqueue_sync
@@ -270,16 +277,7 @@ async def test_assign__a_plan_made_on_an_empty_partition_still_reads_only_the_cl
     for _ in range(3):
         assert len(await outbox.aassign_and_fetch(a.conn, shard, 1000)) == 1000
     await orm(fill, 1)
-    notices: list[str] = []
-    a.conn.add_notice_handler(lambda diag: notices.append(diag.message_primary or ""))
-    for setting in (
-        "LOAD 'auto_explain'",
-        "SET auto_explain.log_min_duration = 0",
-        "SET auto_explain.log_nested_statements = on",
-        "SET auto_explain.log_level = notice",
-        "SET auto_explain.log_analyze = on",
-    ):
-        await a.conn.execute(setting)
+    notices = await explain_everything(a.conn)
 
     assert len(await outbox.aassign_and_fetch(a.conn, shard, 1000)) == 1
 
