@@ -21,6 +21,7 @@ import os
 import queue
 import socket
 import threading
+import time
 from typing import Any
 
 from backplane.conf import conf
@@ -94,33 +95,46 @@ def _send_rings() -> None:
 
 _wire: _Wire | None = None
 _wire_lock = threading.Lock()
-_wire_refused = False  # Redis answered a ring with an error (e.g. it wants AUTH): threads only
+# Until then rings go by the sender thread only: Redis answered a ring with an error, or the
+# direct connection cannot be made (TLS, refused AUTH) or failed; see _Wire.connect.
+_wire_paused_until = 0.0
+# A direct connection with rings unanswered this long is taken for dead (a half-open TCP
+# connection accepts writes for many minutes): the ring goes by the thread, which reconnects.
+REPLY_TIMEOUT_SECS = 1.0
+# How long the direct way rests after a failure to connect or an error reply; for good when
+# it cannot work (TLS, refused AUTH) — a setting fixed at start.
+RETRY_SECS = 30.0
 
 
 class _Wire:
     """The doorbell's own Redis connection, written to by the committing threads.
 
-    A ring is one PUBLISH of a few dozen bytes, sent with ``MSG_DONTWAIT``; the replies to
+    A ring is one PUBLISH of a few dozen bytes, sent on the non-blocking socket; the replies to
     earlier rings are read (and dropped) the same way just before. Neither ever waits: when
-    the socket cannot take the whole command at once, or the connection is gone, ``publish``
-    returns False and the ring goes by the sender thread (which opens a new connection).
-    A connection made before a fork is not used by the child.
+    the socket cannot take the whole command at once, the connection is gone or rings went
+    unanswered for ``REPLY_TIMEOUT_SECS``, ``publish`` returns False and the ring goes by the
+    sender thread (which opens a new connection). A forked child drops the parent's connection.
     """
 
     def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
         self.sock = sock
-        self.pid = os.getpid()
+        self.unanswered = 0
+        self.waiting_since = 0.0  # when the oldest unanswered ring was sent (or replies last came)
 
     @classmethod
     def connect(cls) -> None:
         """Open the connection (the sender thread's job: it may wait, up to a second)."""
-        global _wire
-        if _wire_refused:
+        global _wire, _wire_paused_until
+        if time.monotonic() < _wire_paused_until:
             return
         try:
             sock = _open(conf.redis_url)
+        except (NotImplementedError, PermissionError) as exc:  # TLS, or AUTH refused: for good
+            _pause(float("inf"), "cannot use its own connection", exc)
+            return
         except Exception as exc:  # rings keep going by the thread
-            logger.warning("doorbell connection failed: %s", type(exc).__name__, extra={"action": "doorbell_failed"})
+            _pause(RETRY_SECS, "connection failed", exc)
             return
         with _wire_lock:
             old, _wire = _wire, cls(sock)
@@ -129,47 +143,51 @@ class _Wire:
 
     def publish(self, channel: str, message: str) -> bool:
         """Send one PUBLISH now; False if it was not sent whole (nothing of it counts then)."""
-        global _wire, _wire_refused
+        global _wire
         ch, msg = channel.encode(), message.encode()
         frame = b"*3\r\n$7\r\nPUBLISH\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (len(ch), ch, len(msg), msg)
+        refused = False
         with _wire_lock:
             if _wire is not self:
                 return False
-            if self.pid != os.getpid():
-                _wire = None  # the parent's connection: leave it to the parent
-                return False
             try:
                 self._drain()
-                sent = self.sock.send(frame, socket.MSG_DONTWAIT)
+                sent = self.sock.send(frame)
             except BlockingIOError:
                 return False  # full: Redis is not reading; the thread's ring waits for it
             except _Refused:
-                _wire_refused = True
-                logger.warning(
-                    "doorbell: Redis refused a ring; rings go by the sender thread", extra={"action": "doorbell_failed"}
-                )
-                sent = -1
-            except OSError:
+                refused, sent = True, -1
+            except OSError:  # closed, reset, or unanswered too long
                 sent = -1
             if sent == len(frame):
+                if not self.unanswered:
+                    self.waiting_since = time.monotonic()
+                self.unanswered += 1
                 return True
             _wire = None  # lost, refused, or half a command on the wire: never write to it again
         self.close()
+        if refused:
+            _pause(RETRY_SECS, "Redis refused a ring", None)
         return False
 
     def _drain(self) -> None:
-        """Read what Redis replied to earlier rings; raise if one is an error, or Redis closed
-        the connection (else the ring would be written into a closed connection, and lost)."""
+        """Read what Redis replied to earlier rings; raise if one is an error, if Redis closed
+        the connection (else the ring would be written into a closed connection, and lost), or
+        if rings have waited for their replies too long."""
         while True:
             try:
-                data = self.sock.recv(65536, socket.MSG_DONTWAIT)
+                data = self.sock.recv(65536)
             except BlockingIOError:
-                return
+                break
             if not data:
                 raise ConnectionResetError("Redis closed the doorbell connection")
             if b"-" in data:  # PUBLISH replies are non-negative integers (":N"); "-" is an error
                 raise _Refused()
+            self.unanswered = max(0, self.unanswered - data.count(b"\r\n"))
+            self.waiting_since = time.monotonic()
             # ...and read on until nothing is left: a close behind the replies must be seen now.
+        if self.unanswered and time.monotonic() - self.waiting_since > REPLY_TIMEOUT_SECS:
+            raise TimeoutError("Redis has not answered the doorbell's rings")
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -180,9 +198,36 @@ class _Refused(Exception):
     pass
 
 
+def _pause(seconds: float, what: str, exc: BaseException | None) -> None:
+    global _wire_paused_until
+    _wire_paused_until = time.monotonic() + seconds
+    logger.warning(
+        "doorbell: %s%s; rings go by the sender thread%s",
+        what,
+        f" ({type(exc).__name__})" if exc is not None else "",
+        "" if seconds == float("inf") else f" for {seconds:.0f}s",
+        extra={"action": "doorbell_failed"},
+    )
+
+
+def _after_fork_in_child() -> None:
+    """A forked child must not write on its parent's connection, nor wait on a lock some
+    other thread of the parent held at the fork."""
+    global _wire, _wire_lock
+    _wire_lock = threading.Lock()
+    if _wire is not None:
+        _wire.close()  # the child's copy of the descriptor: the parent's connection stays open
+    _wire = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def _open(url: str) -> socket.socket:
-    """A connected, blocking socket to the Redis of ``url`` (TCP or Unix), authenticated and
-    named; raises for TLS (rediss://), which ``_Wire`` does not speak: rings then go by thread."""
+    """A connected socket to the Redis of ``url`` (TCP or Unix), authenticated and named.
+    Raises NotImplementedError for TLS (rediss://), which ``_Wire`` does not speak, and
+    PermissionError when Redis refuses the credentials."""
     from redis.connection import UnixDomainSocketConnection, parse_url
 
     params = parse_url(url)
@@ -190,16 +235,22 @@ def _open(url: str) -> socket.socket:
         raise NotImplementedError("TLS")
     if "path" in params:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(1.0)
-        sock.connect(params["path"])
     else:
         sock = socket.create_connection((params.get("host", "localhost"), params.get("port", 6379)), timeout=1.0)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
-        commands = []
+        if "path" in params:
+            sock.settimeout(1.0)
+            sock.connect(params["path"])
+        else:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            if hasattr(socket, "TCP_USER_TIMEOUT"):  # unacknowledged data: give up in 5 s
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 5000)
+        auth = []
         if params.get("password"):
-            commands.append(["AUTH", *([params["username"]] if params.get("username") else []), params["password"]])
-        commands.append(["CLIENT", "SETNAME", f"tyrum-doorbell-{os.getpid()}"])
+            auth = ["AUTH", *([params["username"]] if params.get("username") else []), params["password"]]
+        # The name only helps operators find it in CLIENT LIST: an ACL that forbids it is fine.
+        commands = [c for c in (auth, ["CLIENT", "SETNAME", f"tyrum-doorbell-{os.getpid()}"]) if c]
         sock.sendall(b"".join(_command(c) for c in commands))
         replies = b""
         while replies.count(b"\r\n") < len(commands):
@@ -207,9 +258,8 @@ def _open(url: str) -> socket.socket:
             if not chunk:
                 raise ConnectionResetError("Redis closed the connection")
             replies += chunk
-        if any(not line.startswith(b"+") for line in replies.split(b"\r\n")[: len(commands)]):
-            raise PermissionError("Redis refused the doorbell connection")
-        sock.settimeout(None)  # blocking: every later call passes MSG_DONTWAIT
+        if auth and not replies.startswith(b"+"):
+            raise PermissionError("Redis refused the doorbell's credentials")
     except BaseException:
         sock.close()
         raise

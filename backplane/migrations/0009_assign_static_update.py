@@ -31,7 +31,9 @@ BEGIN
     -- Generic plans, made once per session: with the defaults PostgreSQL plans the UPDATE
     -- afresh on every call when calls carry a row or two (a custom plan for one key looks
     -- cheaper than the generic one for an unknown number), which cost more than it saved.
-    PERFORM set_config('plan_cache_mode', 'force_generic_plan', true);
+    -- And the claim's rows meet their streams' heads by a hash join: a generic plan made while
+    -- the outbox looked empty joins them by a nested loop, n rows × n heads (22 ms for 500).
+    PERFORM set_config('plan_cache_mode', 'force_generic_plan', true), set_config('enable_nestloop', 'off', true);
     -- Claim the oldest unassigned rows of the shards (locked), bump each stream's head by its
     -- row count (creating it with a fresh epoch), number the rows in id order per stream.
     WITH claimed AS (
@@ -69,9 +71,11 @@ BEGIN
     -- rows. The plan is kept for the session, and a partition analyzed while empty (a new
     -- one) would otherwise be read whole for every call as it fills; a sequential scan is
     -- never right here. (No ``created_at = ANY`` beside it: checked row by row against the
-    -- whole array, it halved the relay's throughput at 500-row batches, and pruned nothing.)
+    -- whole array, it halved the relay's throughput at 500-row batches, and pruned nothing;
+    -- ``created_at BETWEEN`` the rows' first and last pruned, and cost as much: 19.8k against
+    -- 32-33k rows/s in bench/relay_throughput.py, run in turn.)
     -- Local to this transaction; this statement is planned with it.
-    PERFORM set_config('enable_seqscan', 'off', true);
+    PERFORM set_config('enable_seqscan', 'off', true), set_config('enable_nestloop', 'on', true);
     RETURN QUERY
         UPDATE backplane_outboxitem o SET stream_offset = v.off, assigned_at = now()
         FROM unnest(v_ids, v_created, v_offs, v_epochs) AS v(id, created_at, off, epoch)

@@ -93,6 +93,23 @@ def test_doorbell__failed_publish_rings_nothing(bell, tenant_factory):
     assert rings(bell, SILENCE) == []
 
 
+@pytest.fixture(autouse=True)
+def fresh_wire() -> Iterator[None]:
+    """Each test starts and ends with no direct connection and no pause; the test's wires are
+    closed (a test that sets one of its own uses ``use_wire``, which closes the one before)."""
+    use_wire(None)
+    yield
+    use_wire(None)
+
+
+def use_wire(wire: Any) -> None:
+    with doorbell._wire_lock:
+        old, doorbell._wire = doorbell._wire, wire
+    doorbell._wire_paused_until = 0.0
+    if old is not None and old is not wire:
+        old.close()
+
+
 def wire_up(bell: Any, tenant: Any) -> Any:
     """Publish until the doorbell's own connection is open (the sender thread opens it after
     its first ring); return it."""
@@ -152,7 +169,7 @@ def test_doorbell__a_redis_that_stops_reading_never_blocks_a_commit(bell, tenant
     client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     accepted, _ = server.accept()  # and never read from
     stuck = doorbell._Wire(client)
-    monkeypatch.setattr(doorbell, "_wire", stuck)
+    use_wire(stuck)
     sent_on_stuck = 0
     try:
         for _ in range(20_000):  # ~1.3 MB of PUBLISH commands against a few KB of buffers
@@ -167,19 +184,17 @@ def test_doorbell__a_redis_that_stops_reading_never_blocks_a_commit(bell, tenant
             outbox.publish(tenant, "run.updated", {})
         assert len(rings(bell, 5)) == 1  # by the sender thread, to the real Redis
     finally:
-        monkeypatch.setattr(doorbell, "_wire", None)
         for s in (client, accepted, server):
             s.close()
 
 
-def test_doorbell__an_error_reply_sends_rings_by_the_thread_from_then_on(bell, tenant_factory, monkeypatch):
+def test_doorbell__an_error_reply_sends_rings_by_the_thread_for_a_while(bell, tenant_factory, monkeypatch):
     tenant = tenant_factory("acme")
     server = socket.create_server(("127.0.0.1", 0))
     client = socket.create_connection(server.getsockname())
     accepted, _ = server.accept()
     fake = doorbell._Wire(client)
-    monkeypatch.setattr(doorbell, "_wire", fake)
-    monkeypatch.setattr(doorbell, "_wire_refused", False)
+    use_wire(fake)
     try:
         assert fake.publish(doorbell.channel_name(), "1")
         accepted.sendall(b"-NOAUTH Authentication required.\r\n")
@@ -194,10 +209,51 @@ def test_doorbell__an_error_reply_sends_rings_by_the_thread_from_then_on(bell, t
         outbox.publish(tenant, "run.updated", {})
 
         assert len(rings(bell, 5)) == 1  # by the sender thread
-        assert doorbell._wire is None and doorbell._wire_refused
+        assert doorbell._wire is None
+        assert doorbell._wire_paused_until > time.monotonic() + doorbell.RETRY_SECS / 2
         outbox.publish(tenant, "run.updated", {})
         assert len(rings(bell, 5)) == 1
-        assert doorbell._wire is None  # not reopened: Redis said no
+        assert doorbell._wire is None  # not reopened while paused: Redis said no
     finally:
         for s in (client, accepted, server):
             s.close()
+
+
+def test_doorbell__rings_left_unanswered_drop_the_connection(bell, tenant_factory, monkeypatch):
+    """A connection that takes rings but never answers (a half-open TCP connection does so for
+    minutes) is given up after REPLY_TIMEOUT_SECS: the next ring goes by the sender thread."""
+    tenant = tenant_factory("acme")
+    server = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(server.getsockname())
+    accepted, _ = server.accept()  # reads nothing and answers nothing
+    silent = doorbell._Wire(client)
+    monkeypatch.setattr(doorbell, "REPLY_TIMEOUT_SECS", 0.2)
+    use_wire(silent)
+    try:
+        assert silent.publish(doorbell.channel_name(), "1")  # lost: nobody answers
+        assert silent.publish(doorbell.channel_name(), "1")  # still within the timeout
+        time.sleep(0.3)
+
+        outbox.publish(tenant, "run.updated", {})
+
+        assert len(rings(bell, 5)) == 1  # by the sender thread, to the real Redis
+        assert doorbell._wire is not silent
+    finally:
+        for s in (client, accepted, server):
+            s.close()
+
+
+def test_doorbell__a_forked_child_drops_the_parents_connection(bell, tenant_factory):
+    """Neither the parent's connection nor a lock another thread held at the fork reaches the
+    child: its first ring would deadlock, or interleave with the parent's on one socket."""
+    tenant = tenant_factory("acme")
+    wire_up(bell, tenant)
+    with doorbell._wire_lock:  # as if another thread were ringing at the fork
+        pid = os.fork()
+        if pid == 0:  # the child: report and leave at once
+            os._exit(0 if doorbell._wire is None and not doorbell._wire_lock.locked() else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert doorbell._wire is not None  # the parent keeps its own
+    outbox.publish(tenant, "run.updated", {})
+    assert len(rings(bell, 5)) == 1
