@@ -503,16 +503,32 @@ def _db(fn: Any) -> Any:
     Django's health check (``CONN_HEALTH_CHECKS``) is skipped for these calls: it costs a
     ``SELECT 1`` round trip before every one of them (14 % of the edge's samples in a connect
     storm). A connection that died fails the call instead (the peer gets 503 or a 4001 and
-    retries), and Django discards it right after, as it does for any failed query."""
+    retries), and Django discards it right after, as it does for any failed query. But once a
+    call has failed on the database, the checks run again for ``SUSPECT_SECS``: after an
+    outage every worker thread holds a dead connection, and without them each would fail one
+    handshake of its own before it reconnected — with the peers' back-off, tens of seconds
+    of 503s after the database was back."""
 
     def call(*args: Any) -> Any:
-        from django.db import connection
+        from django.db import InterfaceError, OperationalError, connection
 
-        if connection.connection is not None:
+        global _suspect_until
+        if connection.connection is not None and time.monotonic() >= _suspect_until:
             connection.health_check_done = True
-        return fn(*args)
+        try:
+            return fn(*args)
+        except (OperationalError, InterfaceError, exceptions.StoreUnavailable) as exc:
+            cause = exc.__cause__ if isinstance(exc, exceptions.StoreUnavailable) else exc
+            if isinstance(cause, OperationalError | InterfaceError):  # the connection, not the query
+                _suspect_until = time.monotonic() + SUSPECT_SECS
+            raise
 
     return database_sync_to_async(call, thread_sensitive=not conf.is_postgresql)
+
+
+# How long after a failed database call the edge checks its connections before using them.
+SUSPECT_SECS = 60.0
+_suspect_until = 0.0
 
 
 def _unless_gone(consumer: GatewayConsumer, fn: Any, *args: Any) -> Any:
