@@ -735,8 +735,8 @@ async def aassign_and_fetch(
 ) -> list[Pending]:
     """``assign_and_fetch`` on the relay's own PostgreSQL session, in one round trip.
 
-    ``bp_assign`` (migration 0008) claims the rows, bumps the streams' heads, numbers the rows
-    and gives each partition's rows their offsets by primary key, returning them to be sent.
+    ``bp_assign`` (migrations 0008, 0009) claims the rows, bumps the streams' heads, numbers
+    the rows and writes their offsets by primary key, returning them to be sent.
     BEGIN, the call and COMMIT go out pipelined and come back with one sync. (Not psycopg's
     ``transaction()``: inside a pipeline it syncs on entering and leaving, four round trips.)
     ``forwarded``: rows sent since the last assignment, marked forwarded in the same
