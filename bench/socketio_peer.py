@@ -1,6 +1,7 @@
 """Side by side: Socket.IO 4 + the official PostgreSQL adapter on the same loopback workload.
 
-Runs the peer benchmark of ``/work/shared/bench/peer-socketio`` (read-only there) from a
+Runs the peer benchmark of ``../shared/bench/peer-socketio`` (relative to the repository
+root; read-only there) from a
 writable copy in ``var/bench/peer-socketio`` (``npm ci`` the first time; ``var/`` is not
 committed), with knobs matching ``e2e_latency.py``: 1000 clients on 2 servers, 10 tenants,
 ~110-byte device events at 500/2000/5000/s and upwards until one fails, fan-out to 1000
@@ -28,7 +29,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-SOURCE = Path(os.environ.get("BENCH_SOCKETIO_SOURCE", "/work/shared/bench/peer-socketio"))
+SOURCE = Path(os.environ.get("BENCH_SOCKETIO_SOURCE", common.ROOT.parent / "shared" / "bench" / "peer-socketio"))
 COPY = common.ROOT / "var" / "bench" / "peer-socketio"
 RUN_TIMEOUT_SECS = 300.0
 
