@@ -14,6 +14,7 @@ import hashlib
 import logging
 import secrets
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from http.cookies import SimpleCookie
@@ -21,17 +22,18 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from django.db import DatabaseError, transaction
+from django.db.models import Q
 from django.utils import timezone
 
-from backplane import exceptions, streams
+from backplane import exceptions, protocol, streams
 from backplane.conf import conf
 from backplane.models import AccessToken, Connection, OperatorAccess, Tenant
 
 logger = logging.getLogger(__name__)
 
-PROTOCOL = "tyrum-v1"
-AUTH_SUBPROTOCOL_PREFIX = "tyrum-auth."
-URL_CREDENTIAL_PARAMS = frozenset({"token", "access_token", "auth", "authorization", "api_key", "jwt"})
+PROTOCOL = protocol.PROTOCOL
+AUTH_SUBPROTOCOL_PREFIX = protocol.AUTH_SUBPROTOCOL_PREFIX
+URL_CREDENTIAL_PARAMS = protocol.URL_CREDENTIAL_PARAMS
 TOKEN_PREFIX = "tyr_"  # noqa: S105  (a public prefix, not a secret)
 
 
@@ -102,7 +104,7 @@ def revoke_token(token_or_id: str) -> tuple[AccessToken, list[str]]:
             row.save(update_fields=["revoked_at"])
         edges = sorted(set(Connection.objects.filter(token=row).values_list("edge_id", flat=True)))
         for edge_id in edges:
-            outbox.publish_command(row.tenant_id, edge_id, "disconnect", {"token_id": str(row.id), "code": 4008})
+            outbox.publish_command(row.tenant_id, edge_id, "disconnect", {"token_id": str(row.id), "code": int(protocol.Close.POLICY)})
     return row, edges
 
 
@@ -200,3 +202,33 @@ def _by_session(scope: dict[str, Any], headers: dict[bytes, bytes]) -> Principal
     if len(rows) != 1:
         raise AuthRefused("no single tenant for this operator (use ?tenant=<slug>)")
     return Principal(rows[0].tenant_id, f"operator-{user.pk}", "operator", None, None, user.pk)
+
+
+def recheck(token_ids: Iterable[uuid.UUID], operators: Iterable[tuple[Any, Any]]) -> dict[Any, protocol.Close]:
+    """Re-check the credentials of live sockets (an edge's heartbeat): return, by token id
+    or (tenant id, user id), the close code of each that no longer holds — 4008 revoked or
+    tenant deactivated (or operator access gone), 4401 expired."""
+    now = timezone.now()
+    bad: dict[Any, protocol.Close] = {}
+    token_ids = set(token_ids)
+    if token_ids:
+        found = (
+            AccessToken.objects.filter(id__in=token_ids)
+            .filter(Q(revoked_at__isnull=False) | Q(tenant__is_active=False) | Q(expires_at__lte=now))
+            .values_list("id", "revoked_at", "tenant__is_active")
+        )
+        for tid, revoked_at, active in found:
+            bad[tid] = protocol.Close.POLICY if (revoked_at is not None or not active) else protocol.Close.TOKEN_EXPIRED
+    operators = set(operators)
+    if operators:
+        still = set(
+            OperatorAccess.objects.filter(
+                tenant_id__in={t for t, _ in operators},
+                user_id__in={u for _, u in operators},
+                tenant__is_active=True,
+                user__is_active=True,
+            ).values_list("tenant_id", "user_id")
+        )
+        for key in operators - still:
+            bad[key] = protocol.Close.POLICY
+    return bad

@@ -1,13 +1,99 @@
-"""The connection directory, read side: presence and status summaries."""
+"""The connection directory: the one owner of ``Edge`` and ``Connection`` rows.
+
+An edge registers its row when it starts, adds a row per socket when the socket opens,
+removes it when it closes, and refreshes both every heartbeat (``beat``): rows carry an
+``expires_at`` the heartbeat pushes ahead, so an edge that dies without a clean close leaves
+rows that ``sweep`` removes once their TTL passes (the edges' heartbeats and compaction call
+it). Readers: ``presence``, directed-command routing, status pages.
+"""
 
 from __future__ import annotations
 
+import socket
 import uuid
+from collections.abc import Iterable, Mapping
+from datetime import datetime, timedelta
 from typing import Any
 
+from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from backplane.models import Connection, Tenant
+from backplane.conf import conf
+from backplane.models import Connection, Edge, Tenant
+
+
+def register_edge(edge_id: str) -> None:
+    """Write (or refresh) this edge's row as started now."""
+    now = timezone.now()
+    Edge.objects.update_or_create(
+        edge_id=edge_id, defaults={"host": socket.gethostname(), "heartbeat_at": now, "started_at": now}
+    )
+
+
+def unregister_edge(edge_id: str) -> None:
+    """Remove this edge's row and its connections' rows (a clean shutdown or drain)."""
+    Connection.objects.filter(edge_id=edge_id).delete()
+    Edge.objects.filter(edge_id=edge_id).delete()
+
+
+def open_connection(edge_id: str, row: Mapping[str, Any]) -> None:
+    """Add a socket's row. If this edge's row was swept meanwhile (a heartbeat stalled past
+    the TTL), the edge registers again first."""
+    expires = timezone.now() + timedelta(seconds=conf.CONNECTION_TTL_SECS)
+    try:
+        with transaction.atomic():
+            Connection.objects.create(edge_id=edge_id, expires_at=expires, **row)
+    except IntegrityError:
+        register_edge(edge_id)
+        Connection.objects.create(edge_id=edge_id, expires_at=expires, **row)
+
+
+def close_connection(connection_id: str) -> None:
+    """Remove a socket's row (the sweep does it later if this fails)."""
+    Connection.objects.filter(connection_id=connection_id).delete()
+
+
+def beat(edge_id: str, rows: Iterable[Mapping[str, Any]]) -> None:
+    """Refresh this edge's row and its sockets' rows; repair and sweep.
+
+    ``rows`` are the rows of the sockets the edge holds now. Rows of sockets it no longer
+    holds (a failed delete at disconnect) go; rows of live sockets that were swept (a
+    heartbeat stall past the TTL) come back."""
+    now = timezone.now()
+    ttl = timedelta(seconds=conf.CONNECTION_TTL_SECS)
+    live = list(rows)
+    if not Edge.objects.filter(edge_id=edge_id).update(heartbeat_at=now):
+        register_edge(edge_id)
+    refreshed = Connection.objects.filter(edge_id=edge_id).update(expires_at=now + ttl, last_seen_at=now)
+    if refreshed != len(live):
+        # Only rows older than a beat go: an opening socket has its row before its edge lists it.
+        settled = now - timedelta(seconds=conf.HEARTBEAT_INTERVAL_SECS)
+        live_ids = [row["connection_id"] for row in live]
+        Connection.objects.filter(edge_id=edge_id, connected_at__lt=settled).exclude(connection_id__in=live_ids).delete()
+        # Only the missing rows: in a connect storm the counts differ at every beat.
+        have = set(Connection.objects.filter(edge_id=edge_id).values_list("connection_id", flat=True))
+        Connection.objects.bulk_create(
+            [
+                Connection(edge_id=edge_id, expires_at=now + ttl, last_seen_at=now, **row)
+                for row in live
+                if row["connection_id"] not in have
+            ],
+            ignore_conflicts=True,
+        )
+    sweep(now, keep=edge_id)
+
+
+def sweep(now: datetime | None = None, keep: str | None = None) -> tuple[int, int]:
+    """Remove rows of sockets whose TTL passed and of edges that stopped beating (and with
+    them their sockets' rows); return (connections, edges) removed. ``keep``: the calling
+    edge, alive whatever its row says."""
+    now = now or timezone.now()
+    connections = Connection.objects.filter(expires_at__lt=now).delete()[0]
+    dead = Edge.objects.filter(heartbeat_at__lt=now - timedelta(seconds=conf.CONNECTION_TTL_SECS))
+    if keep is not None:
+        dead = dead.exclude(edge_id=keep)
+    edges = dead.delete()[1].get("backplane.Edge", 0)
+    return connections, edges
 
 
 def presence(tenant: Tenant | uuid.UUID | str) -> list[dict[str, Any]]:

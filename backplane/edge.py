@@ -15,26 +15,43 @@ to receive.
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import logging
 import os
 import signal
-import socket
-from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
-from django.db.models import Q
-from django.utils import timezone
 
-from backplane import outbox, streams
+from backplane import auth, directory, outbox, streams
 from backplane.conf import conf, edge_id
-from backplane.models import AccessToken, Connection, Edge
+from backplane.protocol import Close
+from backplane.vendor import daphne as vendor_daphne
 
-if TYPE_CHECKING:
-    from backplane.consumers import GatewayConsumer
+
+class Subscriber(Protocol):
+    """What the runtime needs of a socket (``consumers.GatewayConsumer`` is one)."""
+
+    connection_id: str
+    principal: auth.Principal
+    keys: dict[str, str]  # stream name on the wire -> stream key
+
+    async def offer(
+        self, key: str, name: str, epoch: str, items: list[list[Any]], offsets: Sequence[int], wire: list[bytes]
+    ) -> None:
+        """Take a relay batch of one of its streams (frames and offsets built once per batch)."""
+
+    async def observe_heads(self, heads: dict[str, Any]) -> None:
+        """Compare the heads of its streams (by key) with what its peer got."""
+
+    async def close_with(self, code: int) -> None:
+        """Close the socket with ``code`` (idempotent)."""
+
+    def directory_row(self) -> dict[str, Any]:
+        """Its ``Connection`` row's fields."""
+
 
 logger = logging.getLogger(__name__)
 
@@ -50,13 +67,13 @@ class EdgeRuntime:
     def __init__(self, edge_id: str) -> None:
         self.edge_id = edge_id
         self.layer = get_channel_layer()
-        self.consumers: dict[str, GatewayConsumer] = {}
+        self.consumers: dict[str, Subscriber] = {}
         self.tasks: list[asyncio.Task[None]] = []
         self.channel: str | None = None
         # Fan-out: the runtime's delivery channel, the sockets of each stream, and the stream
         # groups it joined (or is joining) and is leaving.
         self.stream_channel = ""
-        self.members: dict[str, dict[GatewayConsumer, None]] = {}
+        self.members: dict[str, dict[Subscriber, None]] = {}
         self.joins: dict[str, asyncio.Future[None]] = {}
         self.leaving: dict[str, asyncio.Future[None]] = {}
         self.draining = False
@@ -84,7 +101,7 @@ class EdgeRuntime:
     async def start(self) -> None:
         if not streams.EDGE_ID_RE.match(self.edge_id):
             raise ValueError(f"malformed EDGE_ID {self.edge_id!r}")
-        await database_sync_to_async(_register_edge)(self.edge_id)
+        await database_sync_to_async(directory.register_edge)(self.edge_id)
         # The default prefix, like the consumers' channels: the core layer receives every
         # channel of one prefix through one BRPOP loop, and a second prefix would take turns
         # with it (delaying every socket's messages by up to the BRPOP timeout).
@@ -100,14 +117,14 @@ class EdgeRuntime:
         _install_sigterm(self)
         logger.info("edge %s started", self.edge_id, extra={"action": "edge_start"})
 
-    async def drain(self, code: int = 4001) -> int:
+    async def drain(self, code: int = Close.RECONNECT) -> int:
         """Stop accepting, close every socket with ``code``, remove this edge's directory rows."""
         self.draining = True
         closing = list(self.consumers.values())
         for c in closing:
             await c.close_with(code)
         try:
-            await database_sync_to_async(_unregister_edge)(self.edge_id)
+            await database_sync_to_async(directory.unregister_edge)(self.edge_id)
         except Exception as exc:  # the sweep removes the rows once the TTL passes
             logger.warning("could not remove edge rows: %s", type(exc).__name__, extra={"action": "drain_error"})
         logger.info("edge %s drained %d sockets", self.edge_id, len(closing), extra={"action": "drained"})
@@ -115,26 +132,22 @@ class EdgeRuntime:
 
     async def shutdown(self) -> None:
         """SIGTERM: drain with 4001 so peers reconnect elsewhere and resume, then exit."""
-        await self.drain(4001)
+        await self.drain(Close.RECONNECT)
         await asyncio.sleep(DRAIN_FLUSH_SECS)  # let the close frames reach the peers
         for task in self.tasks:
             task.cancel()
-        try:
-            from twisted.internet import reactor
-
-            reactor.stop()  # type: ignore[attr-defined]
-        except Exception:
+        if not vendor_daphne.stop_reactor():
             os._exit(0)
 
-    def add(self, consumer: GatewayConsumer) -> None:
+    def add(self, consumer: Subscriber) -> None:
         self.consumers[consumer.connection_id] = consumer
 
-    def remove(self, consumer: GatewayConsumer) -> None:
+    def remove(self, consumer: Subscriber) -> None:
         self.consumers.pop(consumer.connection_id, None)
 
     # --- fan-out: one subscription per stream, batches handed to every socket of it ------
 
-    async def subscribe(self, consumer: GatewayConsumer) -> None:
+    async def subscribe(self, consumer: Subscriber) -> None:
         """Make ``consumer`` receive its streams' batches; return once the edge is in every
         one of their groups (so what is committed after this is not missed)."""
         keys = list(consumer.keys.values())
@@ -143,7 +156,7 @@ class EdgeRuntime:
         for key in keys:
             await self._join(key)
 
-    def unsubscribe(self, consumer: GatewayConsumer) -> None:
+    def unsubscribe(self, consumer: Subscriber) -> None:
         """Stop handing batches to ``consumer`` (idempotent). Groups no socket needs any more
         are left by the next heartbeat, so a reconnect storm does not churn subscriptions."""
         for key in consumer.keys.values():
@@ -222,7 +235,7 @@ class EdgeRuntime:
         epoch, items = message["epoch"], message["items"]
         # The frames' bytes are the same for every socket: built once, written to each; the
         # same for the stream's audience and the offsets as integers.
-        wire = [streams.ws_text_frame(frame) for _, frame in items]
+        wire = [vendor_daphne.ws_text_frame(frame) for _, frame in items]
         offsets = [int(offset) for offset, _ in items]
         name = streams.audience_of(key)
         for consumer in list(sockets):
@@ -245,8 +258,8 @@ class EdgeRuntime:
     async def handle_command(self, body: dict[str, Any]) -> None:
         """Carry out one directed command; idempotent (commands arrive at least once)."""
         command = body.get("command")
-        code = int(body.get("code", 4008))
-        targets: list[GatewayConsumer] = []
+        code = int(body.get("code", Close.POLICY))
+        targets: list[Subscriber] = []
         if command == "disconnect":
             token_id = body.get("token_id")
             device = body.get("device_id")
@@ -257,7 +270,7 @@ class EdgeRuntime:
                     targets.append(c)
         elif command in ("resync", "resume"):
             # resync: 4409, the peer refetches; resume: 4001, the peer reconnects and resumes.
-            code = 4409 if command == "resync" else 4001
+            code = Close.RESYNC if command == "resync" else Close.RECONNECT
             device = body.get("device_id")
             targets = [
                 c
@@ -266,7 +279,7 @@ class EdgeRuntime:
                 and (not device or c.principal.device_id == device)
             ]
         elif command == "drain":
-            await self.drain(4001)
+            await self.drain(Close.RECONNECT)
             return
         logger.info("edge command %s closes %d sockets", command, len(targets), extra={"action": "command"})
         for c in targets:
@@ -285,7 +298,7 @@ class EdgeRuntime:
                 token_ids = {c.principal.token_id for c in consumers if c.principal.token_id}
                 operators = {(c.principal.tenant_id, c.principal.user_id) for c in consumers if c.principal.user_id}
                 rows = [c.directory_row() for c in consumers]
-                bad = await database_sync_to_async(_beat)(self.edge_id, token_ids, operators, rows)
+                bad = await database_sync_to_async(_beat)(self.edge_id, rows, token_ids, operators)
                 for c in consumers:
                     key = c.principal.token_id or (c.principal.tenant_id, c.principal.user_id)
                     if key in bad:
@@ -316,7 +329,7 @@ class EdgeRuntime:
                 logger.warning("edge head check failed: %s", type(exc).__name__, extra={"action": "head_check_error"})
 
     async def check_heads(self) -> None:
-        consumers = [c for c in self.consumers.values() if c.cursors]
+        consumers = list(self.consumers.values())  # added once their hello went out
         keys = sorted({k for c in consumers for k in c.keys.values()})
         heads: dict[str, outbox.Head] = {}
         for start in range(0, len(keys), HEAD_QUERY_CHUNK):
@@ -342,131 +355,10 @@ def _install_sigterm(runtime: EdgeRuntime) -> None:
         pass
 
 
-def _unregister_edge(eid: str) -> None:
-    Connection.objects.filter(edge_id=eid).delete()
-    Edge.objects.filter(edge_id=eid).delete()
-
-
-def _register_edge(eid: str) -> None:
-    now = timezone.now()
-    Edge.objects.update_or_create(
-        edge_id=eid, defaults={"host": socket.gethostname(), "heartbeat_at": now, "started_at": now}
-    )
-
-
 def _beat(
-    eid: str, token_ids: set[Any], operators: set[tuple[Any, Any]], rows: list[dict[str, Any]] | None = None
-) -> dict[Any, int]:
-    """Refresh this edge's rows; sweep dead rows; return the sockets to close and their codes.
-
-    If this edge's rows were swept while it lived (a heartbeat stall past the TTL), the edge
-    row and the rows of its live sockets are written again.
-    """
-    now = timezone.now()
-    ttl = timedelta(seconds=conf.CONNECTION_TTL_SECS)
-    if not Edge.objects.filter(edge_id=eid).update(heartbeat_at=now):
-        _register_edge(eid)
-    refreshed = Connection.objects.filter(edge_id=eid).update(expires_at=now + ttl, last_seen_at=now)
-    if rows is not None and refreshed != len(rows):
-        # Rows of sockets this edge no longer holds (a failed delete at disconnect) go;
-        # rows of live sockets that were swept come back.
-        live = [row["connection_id"] for row in rows]
-        # Only rows older than a beat: a socket that is opening has its row before the
-        # runtime lists it.
-        settled = now - timedelta(seconds=conf.HEARTBEAT_INTERVAL_SECS)
-        Connection.objects.filter(edge_id=eid, connected_at__lt=settled).exclude(connection_id__in=live).delete()
-        # Only the missing rows: in a connect storm the counts differ at every beat (rows of
-        # sockets still opening), and re-inserting every row each time cost more than the storm.
-        have = set(Connection.objects.filter(edge_id=eid).values_list("connection_id", flat=True))
-        Connection.objects.bulk_create(
-            [
-                Connection(edge_id=eid, expires_at=now + ttl, last_seen_at=now, **row)
-                for row in rows
-                if row["connection_id"] not in have
-            ],
-            ignore_conflicts=True,
-        )
-    # Rows of edges that died without a clean close.
-    Connection.objects.filter(expires_at__lt=now).delete()
-    Edge.objects.filter(heartbeat_at__lt=now - ttl).exclude(edge_id=eid).delete()
-    bad: dict[Any, int] = {}
-    if token_ids:
-        found = (
-            AccessToken.objects.filter(id__in=token_ids)
-            .filter(Q(revoked_at__isnull=False) | Q(tenant__is_active=False) | Q(expires_at__lte=now))
-            .values_list("id", "revoked_at", "tenant__is_active")
-        )
-        for tid, revoked_at, active in found:
-            bad[tid] = 4008 if (revoked_at is not None or not active) else 4401
-    if operators:
-        from backplane.models import OperatorAccess
-
-        still = set(
-            OperatorAccess.objects.filter(
-                tenant_id__in={t for t, _ in operators},
-                user_id__in={u for _, u in operators},
-                tenant__is_active=True,
-                user__is_active=True,
-            ).values_list("tenant_id", "user_id")
-        )
-        for key in operators - still:
-            bad[key] = 4008
-    return bad
-
-
-def install_daphne_denial_response() -> None:
-    """Teach daphne two things the protocol needs and its application API cannot express.
-
-    1. The ASGI "websocket.http.response" extension, for HTTP 503 refusals: daphne answers
-       every refused upgrade with 403; PROTOCOL.md wants 503 when the edge cannot check a
-       credential right now, so peers retry with backoff.
-    2. A slow-consumer bound: daphne accepts every send and buffers it in the socket's
-       transport, with no backpressure to the application. When a peer's unsent bytes pass
-       ``MAX_OUTBOUND_BUFFER_BYTES``, further frames are dropped and the socket is closed
-       with 4013 (the close frame queues behind what is buffered; the peer gets
-       ``SLOW_CLOSE_GRACE_SECS`` to read up to it before the connection is cut).
-    """
-    try:
-        from autobahn.websocket.types import ConnectionDeny
-        from daphne.ws_protocol import WebSocketProtocol
-    except ImportError:  # not running under daphne
-        return
-    if getattr(WebSocketProtocol, "_tyrum_denial", False):
-        return
-    original = WebSocketProtocol.handle_reply
-
-    def handle_reply(self: Any, message: dict[str, Any]) -> None:
-        kind = message.get("type")
-        if kind == "websocket.http.response.start" and self.state == self.STATE_CONNECTING:
-            self.handshake_deferred.errback(ConnectionDeny(code=int(message.get("status", 503)), reason="Unavailable"))
-            del self.handshake_deferred
-            self.server.protocol_disconnected(self)
-            return
-        if kind == "websocket.http.response.body":
-            return
-        if kind == "websocket.send" and self.state == self.STATE_OPEN:
-            if getattr(self, "_tyrum_slow", False):
-                return  # already closing with 4013: drop further frames
-            if outbound_buffered(self.transport) > outbound_limit():
-                self._tyrum_slow = True
-                logger.warning("slow consumer: closing with 4013", extra={"action": "slow_consumer"})
-                self.closeHandshakeTimeout = conf.SLOW_CLOSE_GRACE_SECS
-                self.sendClose(code=4013)
-                return
-        original(self, message)
-
-    WebSocketProtocol.handle_reply = handle_reply
-    WebSocketProtocol._tyrum_denial = True
-
-
-@functools.cache
-def outbound_limit() -> int:
-    """MAX_OUTBOUND_BUFFER_BYTES, read once (it is checked for every frame sent)."""
-    return int(conf.MAX_OUTBOUND_BUFFER_BYTES)
-
-
-def outbound_buffered(transport: Any) -> int:
-    """Bytes a twisted TCP transport holds that the peer has not taken yet."""
-    data = getattr(transport, "dataBuffer", b"")
-    offset = int(getattr(transport, "offset", 0))
-    return len(data) - offset + int(getattr(transport, "_tempDataLen", 0))
+    eid: str, rows: list[dict[str, Any]], token_ids: set[Any], operators: set[tuple[Any, Any]]
+) -> dict[Any, Close]:
+    """(Worker thread) one heartbeat's database work in one thread hop: the directory's rows,
+    then the live sockets' credentials; return the sockets to close and their codes."""
+    directory.beat(eid, rows)
+    return auth.recheck(token_ids, operators)

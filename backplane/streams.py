@@ -8,15 +8,15 @@ commands use a fourth kind, one stream per edge.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import zlib
-from collections.abc import Iterable
 from dataclasses import dataclass
 from uuid import UUID
 
+from backplane import protocol
+
 ROLES = ("client", "node", "operator")
-STREAM_NAMES = ("tenant", "role", "device")
+STREAM_NAMES = protocol.STREAM_NAMES
 
 DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}\Z")
 EDGE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
@@ -105,36 +105,10 @@ class Item:
 
 
 def event_frame(stream_name: str, epoch: str, item: Item) -> str:
-    """Render the ``event`` frame text; the payload JSON is spliced in, not re-encoded."""
-    return (
-        '{"type":"event","stream":'
-        + json.dumps(stream_name)
-        + ',"epoch":'
-        + json.dumps(epoch)
-        + ',"offset":'
-        + str(int(item.offset))
-        + ',"event":{"event_id":'
-        + json.dumps(item.event_id)
-        + ',"type":'
-        + json.dumps(item.type)
-        + ',"occurred_at":'
-        + json.dumps(item.occurred_at)
-        + ',"payload":'
-        + item.payload_json
-        + "}}"
+    """Render the ``event`` frame of a stored item (``protocol.event_frame``)."""
+    return protocol.event_frame(
+        stream_name, epoch, item.offset, item.event_id, item.type, item.occurred_at, item.payload_json
     )
-
-
-def ws_text_frame(text: str) -> bytes:
-    """The bytes of one unfragmented, unmasked WebSocket text frame (RFC 6455 5.2) carrying
-    ``text``: what a server writes to any peer for it, so it is built once per fan-out."""
-    data = text.encode()
-    n = len(data)
-    if n < 126:
-        return bytes((0x81, n)) + data
-    if n < 65536:
-        return bytes((0x81, 126)) + n.to_bytes(2, "big") + data
-    return bytes((0x81, 127)) + n.to_bytes(8, "big") + data
 
 
 def parse_shards(spec: str | None, total: int) -> list[int]:
@@ -159,32 +133,3 @@ def parse_shards(spec: str | None, total: int) -> list[int]:
     if bad:
         raise ValueError(f"shards {sorted(bad)} are outside 0..{total - 1}")
     return sorted(result)
-
-
-class DeliveryCursor:
-    """Per-stream delivery state of one connection: drop repeats, find gaps.
-
-    ``next`` is the offset the peer should get next. ``accept(offsets)`` splits incoming
-    offsets into what to send and the gap (first missing, last missing) to fill first.
-    """
-
-    __slots__ = ("epoch", "next")
-
-    def __init__(self, epoch: str, head: int) -> None:
-        self.epoch = epoch
-        self.next = head + 1
-
-    def plan(self, offsets: Iterable[int]) -> list[tuple[int, int] | int]:
-        """Return an ordered plan: ``int`` = send this offset, ``(a, b)`` = fill a..b.
-
-        Offsets must be ascending. The plan advances ``next`` as if it were carried out.
-        """
-        plan: list[tuple[int, int] | int] = []
-        for offset in offsets:
-            if offset < self.next:
-                continue
-            if offset > self.next:
-                plan.append((self.next, offset - 1))
-            plan.append(offset)
-            self.next = offset + 1
-        return plan

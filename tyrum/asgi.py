@@ -13,11 +13,11 @@ from django.core.asgi import get_asgi_application  # noqa: E402
 
 django_asgi_app = get_asgi_application()
 
-from backplane.edge import install_daphne_denial_response  # noqa: E402
+from backplane.vendor.daphne import install_denial_response  # noqa: E402
 from backplane.process import freeze_startup_objects  # noqa: E402
 from backplane.routing import websocket_urlpatterns  # noqa: E402
 
-install_daphne_denial_response()
+install_denial_response()
 
 
 def _start_edge_eagerly() -> None:

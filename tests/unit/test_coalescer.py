@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from backplane import consumers
+from backplane.vendor import daphne as vendor_daphne
 
 
 class Transport:
@@ -39,7 +39,8 @@ class Proto:
 @pytest.fixture(autouse=True)
 def plain_tcp(monkeypatch: pytest.MonkeyPatch) -> None:
     """The double stands for twisted's plain TCP connection (sent to with send() directly)."""
-    monkeypatch.setattr(consumers, "_PLAIN_TCP", Transport)
+    monkeypatch.setattr(vendor_daphne, "PLAIN_TCP", Transport)
+    monkeypatch.setattr(vendor_daphne, "_FileDescriptor", Transport)
 
 
 def pair() -> tuple[socket.socket, socket.socket]:
@@ -63,7 +64,7 @@ async def test_coalescer__frames_of_one_turn_go_at_its_end_in_order_in_one_send(
     ours, peer = pair()
     try:
         proto = Proto(Transport(ours))
-        c = consumers._Coalescer(asyncio.get_running_loop())
+        c = vendor_daphne.Coalescer(asyncio.get_running_loop())
         for frame in (b"one", b"two", b"three"):
             c.write(proto, frame)
         assert readable(peer) == b""  # nothing before the turn ends
@@ -79,7 +80,7 @@ async def test_coalescer__flush_sends_a_sockets_frames_now_and_only_once() -> No
     ours, peer = pair()
     try:
         proto = Proto(Transport(ours))
-        c = consumers._Coalescer(asyncio.get_running_loop())
+        c = vendor_daphne.Coalescer(asyncio.get_running_loop())
         c.write(proto, b"first")
         c.flush(proto)  # an ASGI send (a pong, a close) is about to follow: it must not overtake
         assert peer.recv(65536) == b"first"
@@ -96,7 +97,7 @@ async def test_coalescer__behind_bytes_twisted_holds_it_queues_after_them() -> N
         transport = Transport(ours)
         transport.dataBuffer = b"unsent"  # twisted has bytes waiting: ours go behind them
         proto = Proto(transport)
-        c = consumers._Coalescer(asyncio.get_running_loop())
+        c = vendor_daphne.Coalescer(asyncio.get_running_loop())
         c.write(proto, b"a")
         c.write(proto, b"b")
         await asyncio.sleep(0)
@@ -112,7 +113,7 @@ async def test_coalescer__a_closed_transport_gets_nothing() -> None:
     try:
         transport: Any = Transport(ours)
         transport.disconnecting = True
-        c = consumers._Coalescer(asyncio.get_running_loop())
+        c = vendor_daphne.Coalescer(asyncio.get_running_loop())
         c.write(Proto(transport), b"late")
         await asyncio.sleep(0)
         assert transport.written == [] and readable(peer) == b""
@@ -125,7 +126,7 @@ async def test_coalescer__a_socket_no_longer_open_gets_nothing_after_its_close()
     ours, peer = pair()
     try:
         proto = Proto(Transport(ours))
-        c = consumers._Coalescer(asyncio.get_running_loop())
+        c = vendor_daphne.Coalescer(asyncio.get_running_loop())
         c.write(proto, b"after-close")
         proto.state = 3  # autobahn wrote a close frame this turn: nothing may follow it
         await asyncio.sleep(0)
@@ -138,9 +139,9 @@ async def test_coalescer__a_socket_no_longer_open_gets_nothing_after_its_close()
 async def test_coalescer__holds_at_most_flush_bytes_per_socket_and_counts_them(monkeypatch) -> None:
     ours, peer = pair()
     try:
-        monkeypatch.setattr(consumers._Coalescer, "FLUSH_BYTES", 10)
+        monkeypatch.setattr(vendor_daphne.Coalescer, "FLUSH_BYTES", 10)
         proto = Proto(Transport(ours))
-        c = consumers._Coalescer(asyncio.get_running_loop())
+        c = vendor_daphne.Coalescer(asyncio.get_running_loop())
         c.write(proto, b"abcd")
         assert c.held(proto) == 4  # counted towards the slow-consumer bound
         c.write(proto, b"efgh")
@@ -154,11 +155,11 @@ async def test_coalescer__holds_at_most_flush_bytes_per_socket_and_counts_them(m
 async def test_send_now__anything_but_plain_tcp_goes_through_transport_write(monkeypatch) -> None:
     """twisted's TLS wrapper passes the raw socket's attributes through: writing to that
     socket would send the frame unencrypted. Only a plain TCP connection gets send()."""
-    monkeypatch.setattr(consumers, "_PLAIN_TCP", ())
+    monkeypatch.setattr(vendor_daphne, "PLAIN_TCP", ())
     ours, peer = pair()
     try:
         transport = Transport(ours)
-        consumers._send_now(transport, b"secret frame")
+        vendor_daphne.send_now(transport, b"secret frame")
         assert transport.written == [b"secret frame"] and readable(peer) == b""
     finally:
         ours.close()

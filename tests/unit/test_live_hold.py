@@ -7,12 +7,14 @@ from __future__ import annotations
 import asyncio
 import functools
 import socket
+import types
 from typing import Any
 
 import pytest
 
 from backplane import consumers
 from backplane.consumers import GatewayConsumer
+from backplane.vendor import daphne as vendor_daphne
 
 
 class Transport:
@@ -36,8 +38,8 @@ async def handle_reply(protocol: Protocol, message: dict[str, Any]) -> None:
 def held_consumer(proto: Protocol) -> tuple[GatewayConsumer, list[float]]:
     consumer = GatewayConsumer()
     consumer.base_send = functools.partial(handle_reply, proto)
-    consumer.proto = consumers._daphne_protocol(consumer.base_send)
-    consumer.first_frame_seen = False
+    consumer.proto = vendor_daphne.protocol_of(consumer.base_send)
+    consumer.delivery = types.SimpleNamespace(first_frame_seen=False)  # type: ignore[assignment]
     released: list[float] = []
 
     async def release() -> None:
@@ -66,7 +68,7 @@ async def test_hold__kept_while_the_first_frame_waits_in_daphnes_queue(short_hol
     await asyncio.sleep(0.2)  # ten times the hold: the edge is busy, the frame not yet dispatched
     assert released == [] and not timer.done()
     proto.application_queue.get_nowait()  # dispatched: receive() marks the first frame
-    consumer.first_frame_seen = True
+    consumer.delivery.first_frame_seen = True
     await asyncio.wait_for(timer, 2)
     assert released == []  # receive() releases, after the replay; the timer must not
 
@@ -104,5 +106,5 @@ async def test_hold__kept_while_bytes_wait_unread_in_the_kernel(short_hold: None
 
 
 def test_frame_pending__false_when_not_under_daphne() -> None:
-    assert consumers._frame_pending(None) is False
-    assert consumers._daphne_protocol(lambda message: None) is None
+    assert vendor_daphne.frame_pending(None) is False
+    assert vendor_daphne.protocol_of(lambda message: None) is None

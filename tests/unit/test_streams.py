@@ -14,7 +14,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from backplane import streams
-from backplane.streams import DeliveryCursor, Item
+from backplane.streams import Item
 
 GROUP_RE = re.compile(r"^[A-Za-z0-9._-]+$")
 TENANT = uuid.UUID("12345678-1234-5678-1234-567812345678")
@@ -40,7 +40,9 @@ def test_stream_keys__one_per_audience_with_its_audience():
         "device": f"d:{TENANT.hex}:dev-1",
     }
     assert {name: streams.audience_of(key) for name, key in keys.items()} == {
-        "tenant": "tenant", "role": "role", "device": "device",
+        "tenant": "tenant",
+        "role": "role",
+        "device": "device",
     }
     assert streams.audience_of(streams.edge_stream("edge-a")) == "edge"
 
@@ -183,8 +185,9 @@ def test_parse_shards__spec_selecting_no_shard_raises(spec):
     occurred_at=st.text(),
     payload=json_values,
 )
-def test_event_frame__valid_json_with_exactly_protocol_fields(stream, epoch, offset, event_id, etype, occurred_at,
-                                                              payload):
+def test_event_frame__valid_json_with_exactly_protocol_fields(
+    stream, epoch, offset, event_id, etype, occurred_at, payload
+):
     item = Item(offset, event_id, etype, occurred_at, json.dumps(payload))
 
     frame = json.loads(streams.event_frame(stream, epoch, item))
@@ -200,71 +203,14 @@ def test_event_frame__matches_protocol_example():
     item = Item(8, "e-1", "run.updated", "2026-11-26T20:00:00Z", '{"run_id": "r1", "status": "running"}')
 
     assert json.loads(streams.event_frame("device", "c0ffee01", item)) == {
-        "type": "event", "stream": "device", "epoch": "c0ffee01", "offset": 8,
-        "event": {"event_id": "e-1", "type": "run.updated", "occurred_at": "2026-11-26T20:00:00Z",
-                  "payload": {"run_id": "r1", "status": "running"}},
+        "type": "event",
+        "stream": "device",
+        "epoch": "c0ffee01",
+        "offset": 8,
+        "event": {
+            "event_id": "e-1",
+            "type": "run.updated",
+            "occurred_at": "2026-11-26T20:00:00Z",
+            "payload": {"run_id": "r1", "status": "running"},
+        },
     }
-
-
-# --- DeliveryCursor ---------------------------------------------------------------------
-
-
-def test_delivery_cursor__in_order_offsets_are_sent():
-    cursor = DeliveryCursor("e", 4)
-
-    assert cursor.plan([5, 6, 7]) == [5, 6, 7]
-    assert cursor.next == 8
-
-
-def test_delivery_cursor__repeats_dropped():
-    cursor = DeliveryCursor("e", 4)
-
-    assert cursor.plan([3, 4, 5, 5]) == [5]
-    assert cursor.plan([5, 6]) == [6]
-    assert cursor.next == 7
-
-
-def test_delivery_cursor__gaps_reported_before_the_offset():
-    cursor = DeliveryCursor("e", 0)
-
-    assert cursor.plan([3, 4, 9]) == [(1, 2), 3, 4, (5, 8), 9]
-    assert cursor.next == 10
-
-
-def carry_out(plan: list[tuple[int, int] | int]) -> list[int]:
-    delivered: list[int] = []
-    for step in plan:
-        if isinstance(step, tuple):
-            first, last = step
-            assert first <= last
-            delivered.extend(range(first, last + 1))
-        else:
-            delivered.append(step)
-    return delivered
-
-
-@settings(deadline=None)
-@given(head=st.integers(min_value=0, max_value=200),
-       batches=st.lists(st.lists(st.integers(min_value=0, max_value=300)).map(sorted), max_size=5))
-def test_delivery_cursor__plan_yields_every_offset_once_in_order(head, batches):
-    cursor = DeliveryCursor("e", head)
-    delivered: list[int] = []
-    for offsets in batches:
-        before = cursor.next
-        plan = cursor.plan(offsets)
-        sent = [step for step in plan if isinstance(step, int)]
-        # Offsets that arrived new are sent as they are; only the missing ones are filled.
-        assert sent == sorted({o for o in offsets if o >= before})
-        delivered += carry_out(plan)
-
-    top = max([head, *(o for batch in batches for o in batch)])
-    assert delivered == list(range(head + 1, top + 1))
-    assert cursor.next == top + 1
-
-
-@pytest.mark.parametrize("size", [0, 1, 125, 126, 127, 65535, 65536, 70000])
-def test_ws_text_frame__matches_a_websocket_library_server_frame(size: int) -> None:
-    from websockets.frames import Frame, Opcode
-
-    text = ("é" * size)[:size] if size % 2 else "a" * size
-    assert streams.ws_text_frame(text) == Frame(Opcode.TEXT, text.encode()).serialize(mask=False)

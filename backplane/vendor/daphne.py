@@ -1,0 +1,287 @@
+"""Everything the edge does inside daphne, twisted and autobahn, beyond their public APIs.
+
+Each attribute relied on is listed in ``RELIED_ON`` and pinned by tests/unit/test_vendor.py,
+which fails when a new version renames one — instead of the edge silently reading a default.
+Versions are pinned in requirements.txt.
+
+- Direct frame writes: the fan-out writes prepared RFC 6455 frames straight to the socket,
+  skipping daphne's reply dispatch and autobahn's framing (docs/decisions: direct writes,
+  coalesced frames).
+- The denial response and the slow-consumer bound, patched into daphne's ``handle_reply``.
+- Probes: has daphne dropped a handshake (``gone``); is a peer's first frame on its way in
+  (``frame_pending``); how many bytes twisted holds unsent (``outbound_buffered``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import socket
+import weakref
+from typing import Any
+
+from backplane.conf import conf
+from backplane.protocol import Close
+
+logger = logging.getLogger(__name__)
+
+try:
+    # Transports holding a socket and twisted's write buffer; plain TCP ones are written to
+    # with send() directly.
+    from twisted.internet.abstract import FileDescriptor as _FileDescriptor
+    from twisted.internet.tcp import Connection as PLAIN_TCP
+except ImportError:  # pragma: no cover  (daphne brings twisted)
+    _FileDescriptor = PLAIN_TCP = ()  # type: ignore[assignment,misc]
+
+# (module, class, attribute): what this module reads or patches. Instance attributes are
+# checked on real instances by the pin test.
+RELIED_ON = (
+    ("daphne.ws_protocol", "WebSocketProtocol", "handle_reply"),
+    ("daphne.ws_protocol", "WebSocketProtocol", "STATE_OPEN"),
+    ("daphne.ws_protocol", "WebSocketProtocol", "STATE_CONNECTING"),
+    ("daphne.ws_protocol", "WebSocketProtocol", "SEND_STATE_GROUND"),
+    ("daphne.ws_protocol", "WebSocketProtocol", "sendClose"),
+    ("daphne.ws_protocol", "WebSocketProtocol", "applicationCreateWorked"),  # sets application_queue
+    ("twisted.internet.abstract", "FileDescriptor", "dataBuffer"),
+    ("twisted.internet.abstract", "FileDescriptor", "offset"),
+    ("daphne.server", "Server", "protocol_disconnected"),
+)
+# Set on instances: daphne's protocol (state, send_state, data, transport, server,
+# application_queue, handshake_deferred, _perMessageCompress, closeHandshakeTimeout), twisted's
+# TCP transport (socket, _tempDataLen, disconnected, disconnecting), daphne's server
+# (connections: protocol -> {"disconnected": ...}).
+
+
+def protocol_of(send: Any) -> Any:
+    """daphne's protocol object behind an ASGI ``send`` (``partial(handle_reply, protocol)``),
+    or None when not under daphne."""
+    if not isinstance(send, functools.partial) or not send.args:
+        return None
+    return send.args[0]
+
+
+def gone(proto: Any) -> bool:
+    """Whether daphne has dropped the connection of ``proto`` (its handshake timed out, or
+    the peer left). False when not under daphne."""
+    if proto is None:
+        return False
+    entry = proto.server.connections.get(proto)
+    return entry is None or "disconnected" in entry
+
+
+def direct_wire(proto: Any) -> Any:
+    """``proto`` if frames can be written straight to its transport (daphne, and no
+    per-message compression negotiated: its frames would need compressing); else None."""
+    if proto is None or proto._perMessageCompress is not None:
+        return None
+    return proto
+
+
+def frame_pending(proto: Any) -> bool:
+    """Whether the peer has sent something not dispatched yet: a message in daphne's
+    application queue, a partial frame in autobahn's buffer, or bytes unread in the kernel.
+    False when not under daphne."""
+    if proto is None:
+        return False
+    if proto.application_queue.qsize() > 0 or proto.data:
+        return True
+    sock = getattr(proto.transport, "socket", None)  # TLS and test transports have none
+    if sock is None:
+        return False
+    try:
+        return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except OSError:  # BlockingIOError: nothing unread; others: the socket is going away
+        return False
+
+
+@functools.cache
+def outbound_limit() -> int:
+    """MAX_OUTBOUND_BUFFER_BYTES, read once (it is checked for every frame sent)."""
+    return int(conf.MAX_OUTBOUND_BUFFER_BYTES)
+
+
+def outbound_buffered(transport: Any) -> int:
+    """Bytes a twisted transport holds that the peer has not taken yet (0 for a transport
+    that is not a file descriptor's, e.g. TLS over one)."""
+    if not isinstance(transport, _FileDescriptor):
+        return 0
+    return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+
+
+def write_direct(proto: Any, data: bytes, coalescer: Coalescer) -> bool:
+    """Write a prepared frame to daphne's transport. Return False when it must go the
+    ASGI way instead: the socket is not plainly open, a frame is half sent, or the peer's
+    unread bytes are past the slow-consumer bound (the ASGI path closes 4013)."""
+    if proto.state != proto.STATE_OPEN or proto.send_state != proto.SEND_STATE_GROUND:
+        return False
+    if getattr(proto, "_tyrum_slow", False):
+        return True  # closing with 4013: further frames are dropped
+    if outbound_buffered(proto.transport) + coalescer.held(proto) > outbound_limit():
+        return False
+    coalescer.write(proto, data)
+    return True
+
+
+class Coalescer:
+    """The frames written directly to each socket in one loop turn, sent together at the
+    end of the turn: one ``send()`` per socket per turn (docs/decisions: coalesced frames).
+    A socket's held frames are at most FLUSH_BYTES (a long replay goes out as it goes), and
+    count towards the slow-consumer bound (``held``)."""
+
+    FLUSH_BYTES = 64 * 1024
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.pending: dict[Any, list[Any]] = {}  # proto -> [frames, bytes]
+        self.scheduled = False
+
+    def held(self, proto: Any) -> int:
+        entry = self.pending.get(proto)
+        return entry[1] if entry is not None else 0
+
+    def write(self, proto: Any, data: bytes) -> None:
+        entry = self.pending.get(proto)
+        if entry is not None:
+            entry[0].append(data)
+            entry[1] += len(data)
+            if entry[1] >= self.FLUSH_BYTES:
+                self.flush(proto)
+            return
+        self.pending[proto] = [[data], len(data)]
+        if not self.scheduled:
+            self.scheduled = True
+            self.loop.call_soon(self.flush_all)
+
+    def flush(self, proto: Any) -> None:
+        entry = self.pending.pop(proto, None)
+        if entry is not None:
+            _send_frames(proto, entry[0])
+
+    def flush_all(self) -> None:
+        self.scheduled = False
+        pending, self.pending = self.pending, {}
+        for proto, entry in pending.items():
+            _send_frames(proto, entry[0])
+
+
+def _send_frames(proto: Any, frames: list[bytes]) -> None:
+    """Send a socket's held frames, unless its close frame went out meanwhile (nothing may
+    follow it). A socket whose send fails unexpectedly is cut (its peer resumes); the other
+    sockets' frames still go."""
+    if proto.state != proto.STATE_OPEN:
+        return
+    try:
+        send_now(proto.transport, frames[0] if len(frames) == 1 else b"".join(frames))
+    except Exception as exc:
+        logger.error(
+            "frame write failed (%s): dropping the connection", type(exc).__name__, extra={"action": "write_error"}
+        )
+        with contextlib.suppress(Exception):
+            proto.transport.abortConnection()
+
+
+_coalescers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Coalescer] = weakref.WeakKeyDictionary()
+
+
+def coalescer() -> Coalescer:
+    """The running loop's coalescer (a consumer keeps it: its loop does not change)."""
+    loop = asyncio.get_running_loop()
+    found = _coalescers.get(loop)
+    if found is None:
+        found = _coalescers[loop] = Coalescer(loop)
+    return found
+
+
+def send_now(transport: Any, data: bytes) -> None:
+    """Write ``data`` to a twisted transport: with one ``send()`` when it is a plain TCP
+    connection holding nothing unsent, the rest (if the kernel took part) through
+    ``transport.write``. Anything else — TLS (only twisted's own ``write`` encrypts), a test
+    double — goes through ``transport.write``."""
+    if transport.disconnected or transport.disconnecting:
+        return
+    sock = getattr(transport, "socket", None)
+    if (
+        sock is None
+        or not isinstance(transport, PLAIN_TCP)
+        or getattr(transport, "TLS", False)
+        or outbound_buffered(transport)
+    ):
+        transport.write(data)
+        return
+    try:
+        sent = sock.send(data)
+    except BlockingIOError:
+        sent = 0
+    except OSError:  # the connection is going away: twisted finds out and closes it
+        transport.write(data)
+        return
+    if sent < len(data):
+        transport.write(data[sent:])
+
+
+def ws_text_frame(text: str) -> bytes:
+    """The bytes of one unfragmented, unmasked WebSocket text frame (RFC 6455 5.2) carrying
+    ``text``: what a server writes to any peer for it, so it is built once per fan-out."""
+    data = text.encode()
+    n = len(data)
+    if n < 126:
+        return bytes((0x81, n)) + data
+    if n < 65536:
+        return bytes((0x81, 126)) + n.to_bytes(2, "big") + data
+    return bytes((0x81, 127)) + n.to_bytes(8, "big") + data
+
+
+def install_denial_response() -> None:
+    """Teach daphne two things the protocol needs and its application API cannot express.
+
+    1. The ASGI "websocket.http.response" extension, for HTTP refusals other than 403 (503
+       when a credential cannot be checked right now, so peers retry with backoff).
+    2. A slow-consumer bound: daphne buffers every send with no backpressure. When a peer's
+       unsent bytes pass ``MAX_OUTBOUND_BUFFER_BYTES``, further frames are dropped and the
+       socket is closed with 4013 (the close frame queues behind what is buffered; the peer
+       gets ``SLOW_CLOSE_GRACE_SECS`` to read up to it before the connection is cut).
+    """
+    try:
+        from autobahn.websocket.types import ConnectionDeny
+        from daphne.ws_protocol import WebSocketProtocol
+    except ImportError:  # not running under daphne
+        return
+    if getattr(WebSocketProtocol, "_tyrum_denial", False):
+        return
+    original = WebSocketProtocol.handle_reply
+
+    def handle_reply(self: Any, message: dict[str, Any]) -> None:
+        kind = message.get("type")
+        if kind == "websocket.http.response.start" and self.state == self.STATE_CONNECTING:
+            self.handshake_deferred.errback(ConnectionDeny(code=int(message.get("status", 503)), reason="Unavailable"))
+            del self.handshake_deferred
+            self.server.protocol_disconnected(self)
+            return
+        if kind == "websocket.http.response.body":
+            return
+        if kind == "websocket.send" and self.state == self.STATE_OPEN:
+            if getattr(self, "_tyrum_slow", False):
+                return  # already closing with 4013: drop further frames
+            if outbound_buffered(self.transport) > outbound_limit():
+                self._tyrum_slow = True
+                logger.warning("slow consumer: closing with 4013", extra={"action": "slow_consumer"})
+                self.closeHandshakeTimeout = conf.SLOW_CLOSE_GRACE_SECS
+                self.sendClose(code=int(Close.SLOW_CONSUMER))
+                return
+        original(self, message)
+
+    WebSocketProtocol.handle_reply = handle_reply
+    WebSocketProtocol._tyrum_denial = True
+
+
+def stop_reactor() -> bool:
+    """Stop twisted's reactor (daphne's process exits); False when there is none."""
+    try:
+        from twisted.internet import reactor
+
+        reactor.stop()  # type: ignore[attr-defined]
+        return True
+    except Exception:
+        return False

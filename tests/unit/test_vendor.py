@@ -1,0 +1,145 @@
+"""Pins on the third-party internals backplane/vendor relies on: each test fails when a new
+version of daphne, twisted, autobahn, channels or channels-redis renames or drops what the
+edge or the relay reads or patches (instead of the edge silently reading a default)."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import socket
+from typing import Any
+
+import pytest
+
+from backplane.vendor import channels as vendor_channels
+from backplane.vendor import channels_redis as vendor_redis
+from backplane.vendor import daphne as vendor_daphne
+
+
+@pytest.mark.parametrize("module,cls,attr", [*vendor_daphne.RELIED_ON, *vendor_redis.RELIED_ON])
+def test_vendor__class_attribute_relied_on_exists(module: str, cls: str, attr: str) -> None:
+    assert hasattr(getattr(importlib.import_module(module), cls), attr), f"{module}.{cls}.{attr} is gone"
+
+
+def test_vendor__twisted_tcp_connection_has_the_write_buffer_and_socket() -> None:
+    from twisted.internet import reactor, tcp
+
+    ours, peer = socket.socketpair()
+    try:
+        conn = tcp.Connection(ours, None, reactor)
+        for attr in ("socket", "dataBuffer", "offset", "_tempDataLen", "disconnected", "disconnecting"):
+            assert hasattr(conn, attr), f"twisted's TCP connection has no {attr}"
+        assert isinstance(conn, vendor_daphne.PLAIN_TCP)
+        assert vendor_daphne.outbound_buffered(conn) == 0
+        conn._tempDataLen = 5  # what twisted counts before joining its temporary buffers
+        conn.dataBuffer, conn.offset = b"0123456789", 4
+        assert vendor_daphne.outbound_buffered(conn) == 11
+    finally:
+        ours.close()
+        peer.close()
+
+
+def daphne_protocol() -> Any:
+    """daphne's WebSocket protocol object, connected to a string transport (as autobahn sets
+    it up on a new TCP connection)."""
+    from daphne.ws_protocol import WebSocketFactory
+    from twisted.internet.testing import StringTransport
+
+    class Server:
+        connections: dict[Any, Any] = {}
+
+    factory = WebSocketFactory(Server)
+    proto = factory.buildProtocol(("127.0.0.1", 0))
+    proto.makeConnection(StringTransport())
+    return proto
+
+
+def test_vendor__daphne_protocol_instance_state_relied_on_exists() -> None:
+    proto = daphne_protocol()
+    for attr in ("state", "send_state", "data", "transport", "_perMessageCompress", "closeHandshakeTimeout"):
+        assert hasattr(proto, attr), f"daphne's protocol object has no {attr}"
+    assert proto.send_state == proto.SEND_STATE_GROUND
+    assert proto.data == b""
+    assert vendor_daphne.direct_wire(proto) is proto  # no compression negotiated
+    proto._perMessageCompress = object()
+    assert vendor_daphne.direct_wire(proto) is None
+
+
+def test_vendor__daphne_protocol_is_behind_the_asgi_send() -> None:
+    import functools
+    import inspect
+
+    from daphne.server import Server
+
+    # daphne hands the application ``send=partial(self.handle_reply, protocol)``.
+    assert "send=partial(self.handle_reply, protocol)" in inspect.getsource(Server.create_application)
+    proto = daphne_protocol()
+    server = Server.__new__(Server)
+    assert vendor_daphne.protocol_of(functools.partial(server.handle_reply, proto)) is proto
+    assert vendor_daphne.protocol_of(lambda message: None) is None
+
+
+def test_vendor__daphne_server_connections_say_when_a_peer_is_gone() -> None:
+    from daphne.server import Server
+
+    proto = daphne_protocol()
+    server = Server.__new__(Server)
+    server.connections = {}
+    proto.server = server
+    assert vendor_daphne.gone(proto)  # not registered: dropped
+    server.protocol_connected(proto)
+    assert not vendor_daphne.gone(proto)
+    server.protocol_disconnected(proto)
+    assert vendor_daphne.gone(proto)
+
+
+def test_vendor__daphne_application_queue_is_set_when_the_application_starts() -> None:
+    import inspect
+
+    from daphne.ws_protocol import WebSocketProtocol
+
+    # frame_pending() reads proto.application_queue; daphne sets it here.
+    assert "self.application_queue = application_queue" in inspect.getsource(WebSocketProtocol.applicationCreateWorked)
+    assert "self.handshake_deferred" in inspect.getsource(WebSocketProtocol.onConnect)
+
+
+def test_vendor__denial_response_patch_installs_once_and_keeps_daphnes_reply() -> None:
+    from daphne.ws_protocol import WebSocketProtocol
+
+    vendor_daphne.install_denial_response()
+    patched = WebSocketProtocol.handle_reply
+    vendor_daphne.install_denial_response()
+    assert WebSocketProtocol.handle_reply is patched
+    assert WebSocketProtocol._tyrum_denial is True
+
+
+def test_vendor__channels_gives_no_layer_for_an_unconfigured_alias() -> None:
+    from channels.layers import get_channel_layer
+
+    assert get_channel_layer(vendor_channels.NO_LAYER_ALIAS) is None
+    assert vendor_channels.get_handler_name({"type": "websocket.receive"}) == "websocket_receive"
+
+
+async def test_vendor__pubsub_publisher_writes_what_group_send_writes() -> None:
+    from channels_redis.pubsub import RedisPubSubChannelLayer
+
+    layer = RedisPubSubChannelLayer(hosts=["redis://127.0.0.1:6379"], prefix="pin")
+    loop_layer = layer._get_layer()
+    assert len(loop_layer._shards) == 1
+    channel = loop_layer._get_group_channel_name("g")
+    assert isinstance(channel, str) and "g" in channel
+    message = {"type": "bp.batch", "items": []}
+    assert layer.deserialize(layer.serialize(message)) == message
+    publisher = vendor_redis.PubSubPublisher.for_layer(layer, "redis://127.0.0.1:6379", 1.0)
+    assert publisher is not None
+    await publisher.aclose()
+    assert vendor_redis.PubSubPublisher.for_layer(object(), "redis://127.0.0.1:6379", 1.0) is None
+    await asyncio.sleep(0)
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 127, 65535, 65536, 70000])
+def test_ws_text_frame__matches_a_websocket_library_server_frame(size: int) -> None:
+    from websockets.frames import Frame, Opcode
+
+    text = ("é" * size)[:size] if size % 2 else "a" * size
+    assert vendor_daphne.ws_text_frame(text) == Frame(Opcode.TEXT, text.encode()).serialize(mask=False)
