@@ -34,20 +34,23 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from websockets.typing import Subprotocol
 from websockets.uri import parse_uri
 
+from backplane import protocol
+from backplane.protocol import Close
+
 logger = logging.getLogger(__name__)
 # websockets logs upgrade headers (the token) and frames (payloads) at DEBUG; its logger here is
 # pinned at INFO so that a root logger at DEBUG cannot leak them.
 wire_logger = logging.getLogger(f"{__name__}.websockets")
 wire_logger.setLevel(logging.INFO)
 
-SUBPROTOCOL = "tyrum-v1"
-AUTH_SUBPROTOCOL_PREFIX = "tyrum-auth."
-# Mirrors the server's list: such a URL is refused whatever else the request carries.
-CREDENTIAL_PARAMS = frozenset({"token", "access_token", "auth", "authorization", "api_key", "jwt"})
-ABNORMAL_CLOSE_CODE = 1006  # what websockets reports when no close frame arrived
-RESYNC_CLOSE_CODE = 4409
+SUBPROTOCOL = protocol.PROTOCOL
+AUTH_SUBPROTOCOL_PREFIX = protocol.AUTH_SUBPROTOCOL_PREFIX
+# The server's list: such a URL is refused whatever else the request carries.
+CREDENTIAL_PARAMS = protocol.URL_CREDENTIAL_PARAMS
+ABNORMAL_CLOSE_CODE = Close.ABNORMAL  # what websockets reports when no close frame arrived
+RESYNC_CLOSE_CODE = Close.RESYNC
 # The server asked us to slow down, so a session ending with these does not reset the backoff.
-THROTTLE_CLOSE_CODES = frozenset({4013, 4029})
+THROTTLE_CLOSE_CODES = protocol.THROTTLE_CLOSES
 # 408 and 429 are the only 4xx statuses that can succeed on retry; 5xx (503 = db down) all can.
 RETRYABLE_4XX_STATUSES = frozenset({408, 429})
 
@@ -84,11 +87,11 @@ class NotConnected(ClientError):
 
 
 FATAL_CLOSE_CODES: dict[int, type[ClientError]] = {
-    4008: TokenRevoked,
-    4401: TokenExpired,
-    4400: ProtocolViolation,
-    4009: ProtocolViolation,
-    1009: ProtocolViolation,  # the WebSocket layer's "message too big"
+    Close.POLICY: TokenRevoked,
+    Close.TOKEN_EXPIRED: TokenExpired,
+    Close.MALFORMED_FRAME: ProtocolViolation,
+    Close.FRAME_TOO_LARGE: ProtocolViolation,
+    Close.MESSAGE_TOO_BIG: ProtocolViolation,
 }
 
 
@@ -431,7 +434,7 @@ class TyrumClient:
         """Send ``{"type": "ping"}``; the edge answers with a pong frame."""
         if self._ws is None:
             raise NotConnected("no open connection")
-        await self._ws.send(json.dumps({"type": "ping"}))
+        await self._ws.send(protocol.PING_FRAME)
 
     async def close(self) -> None:
         """Close the connection with 1000 and make ``events()`` return."""

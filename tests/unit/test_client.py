@@ -529,3 +529,17 @@ def test_client__late_replay_after_live_events_is_yielded_not_dropped() -> None:
     assert covered == [] and again == []
     assert client.duplicates == 2
     assert client.state()["device"] == {"epoch": "e", "offset": 9}
+
+
+def test_client__imports_neither_django_nor_the_server() -> None:
+    """The SDK installs without Django: it and the protocol module import neither."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, backplane.client, backplane.protocol; "
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('django', 'channels', 'daphne') "
+        "or m in ('backplane.models', 'backplane.conf')); print(bad); sys.exit(1 if bad else 0)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
