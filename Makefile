@@ -1,4 +1,4 @@
-# The few verbs people type. `make test` is what CI runs.
+# The few verbs people type. `make lint` and `make test` are what CI runs (.ci/run).
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -35,9 +35,11 @@ faults: install
 	DATABASE_URL=$(TEST_DATABASE_URL) REDIS_URL=$(TEST_REDIS_URL) FAULTS_RESULTS=$(or $(FAULTS_RESULTS),bench/results/faults.json) \
 		$(BIN)/python -m pytest tests/faults
 
+# Lint, format and types; what mypy checks is [tool.mypy] in pyproject.toml.
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check backplane tyrum
+	$(BIN)/mypy
 
 # The benchmark suite (bench/run_all.py, under 10 minutes): needs PostgreSQL and Redis on
 # 127.0.0.1 and node/npm for the Socket.IO peer; figures in bench/results, docs/performance.md.

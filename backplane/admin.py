@@ -5,8 +5,6 @@ Payloads are shown only to users with the ``backplane.view_payload`` permission.
 
 from __future__ import annotations
 
-from typing import Any
-
 from django.contrib import admin
 from django.http import HttpRequest
 
@@ -49,19 +47,19 @@ class OutboxItemAdmin(admin.ModelAdmin):
     search_fields = ("event_id", "type")
     show_full_result_count = False
 
-    def get_fields(self, request: HttpRequest, obj: Any = None) -> list[str]:
+    def get_fields(self, request: HttpRequest, obj: OutboxItem | None = None) -> tuple[str, ...]:
         fields = [f.name for f in OutboxItem._meta.fields]
         if not request.user.has_perm("backplane.view_payload"):
             fields.remove("payload")
-        return fields
+        return tuple(fields)
 
-    def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> list[str]:
+    def get_readonly_fields(self, request: HttpRequest, obj: OutboxItem | None = None) -> tuple[str, ...]:
         return self.get_fields(request, obj)
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
 
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+    def has_change_permission(self, request: HttpRequest, obj: OutboxItem | None = None) -> bool:
         return False
 
 

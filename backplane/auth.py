@@ -141,9 +141,9 @@ def authenticate(scope: dict[str, Any]) -> Principal:
             if scheme.lower() != "bearer" or not token.strip():
                 raise AuthRefused("unsupported Authorization scheme")
             return _by_token(token.strip())
-        token = subprotocol_token(list(scope.get("subprotocols") or []))
-        if token is not None:
-            return _by_token(token)
+        offered = subprotocol_token(list(scope.get("subprotocols") or []))
+        if offered is not None:
+            return _by_token(offered)
         if b"cookie" in headers:
             return _by_session(scope, headers)
     except DatabaseError as exc:

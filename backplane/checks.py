@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from django.conf import settings
-from django.core.checks import Error, Warning, register
+from django.core.checks import CheckMessage, Error, Warning, register
 
 from backplane.conf import DEFAULTS, DEVELOPMENT_SECRET_KEY, conf
 
@@ -36,8 +36,8 @@ _POSITIVE_NUMBERS = (
 
 
 @register()
-def check_backplane_settings(app_configs: Any = None, **kwargs: Any) -> list[Error]:
-    errors: list[Error] = []
+def check_backplane_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    errors: list[CheckMessage] = []
     user = getattr(settings, "BACKPLANE", {})
     if not isinstance(user, dict):
         return [Error("BACKPLANE must be a dict.", hint="Set BACKPLANE = {...} in settings.", id="backplane.E001")]
@@ -133,7 +133,7 @@ def check_backplane_settings(app_configs: Any = None, **kwargs: Any) -> list[Err
                 id="backplane.E010",
             )
         )
-    if not settings.DEBUG and settings.SECRET_KEY == DEVELOPMENT_SECRET_KEY and getattr(settings, "REDIS_URL", ""):
+    if not settings.DEBUG and settings.SECRET_KEY == DEVELOPMENT_SECRET_KEY and redis_url:
         errors.append(
             Warning(
                 "SECRET_KEY is the public development key while DEBUG is off.",

@@ -22,13 +22,16 @@ import queue
 import socket
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING
 
 from backplane.conf import conf
 
+if TYPE_CHECKING:
+    import redis
+
 logger = logging.getLogger(__name__)
 
-_client: Any = None
+_client: redis.Redis | None = None
 _client_lock = threading.Lock()
 _local: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = set()
 
@@ -37,7 +40,7 @@ def channel_name() -> str:
     return f"{conf.channel_prefix}:doorbell"
 
 
-def _redis() -> Any:
+def _redis() -> redis.Redis:
     global _client
     with _client_lock:
         if _client is None:
@@ -230,7 +233,7 @@ def _open(url: str) -> socket.socket:
     PermissionError when Redis refuses the credentials."""
     from redis.connection import UnixDomainSocketConnection, parse_url
 
-    params = parse_url(url)
+    params = parse_url(url)  # type: ignore[no-untyped-call]  # redis-py leaves parse_url unannotated
     if params.get("connection_class") not in (None, UnixDomainSocketConnection):
         raise NotImplementedError("TLS")
     if "path" in params:

@@ -35,7 +35,7 @@ def _start_edge_eagerly() -> None:
         task = asyncio.ensure_future(EdgeRuntime.get())
         task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retried at first connection
 
-    reactor.callWhenRunning(start)  # type: ignore[attr-defined]
+    reactor.callWhenRunning(start)
 
 
 _start_edge_eagerly()
@@ -43,4 +43,7 @@ freeze_startup_objects()
 
 # No AuthMiddlewareStack: the consumer resolves a session cookie itself, only when no
 # token was offered and the Origin is allowed (backplane.auth).
-application = ProtocolTypeRouter({"http": django_asgi_app, "websocket": URLRouter(websocket_urlpatterns)})
+# channels' stubs want their own URLPattern subtype, which django.urls.path() never returns.
+application = ProtocolTypeRouter(
+    {"http": django_asgi_app, "websocket": URLRouter(websocket_urlpatterns)}  # type: ignore[arg-type]
+)

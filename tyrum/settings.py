@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import dj_database_url
 
@@ -108,6 +109,7 @@ REDIS_URL = os.environ.get("REDIS_URL", "")
 BACKPLANE_CHANNEL_PREFIX = os.environ.get("BACKPLANE_CHANNEL_PREFIX", "tyrum")
 BACKPLANE_LAYER = os.environ.get("BACKPLANE_LAYER", "pubsub")
 
+CHANNEL_LAYERS: dict[str, dict[str, Any]]
 if not REDIS_URL:
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
 elif BACKPLANE_LAYER == "core":

@@ -2,18 +2,34 @@
 
 from __future__ import annotations
 
+import typing
+
 import pytest
 from django.core.management import call_command
 from django.core.management.base import SystemCheckError
 from django.test import override_settings
 
+from backplane import checks
 from backplane.checks import check_backplane_settings
-from backplane.conf import DEFAULTS
+from backplane.conf import DEFAULTS, Setting, Settings
+
+# Not the development key, so that W001 (tested on its own) stays out of the other checks' way.
+A_SECRET_KEY = "a-real-secret"
 
 
 def ids(**overrides: object) -> list[str]:
+    overrides.setdefault("SECRET_KEY", A_SECRET_KEY)
     with override_settings(**overrides):
         return [error.id for error in check_backplane_settings()]
+
+
+def test_checks__every_setting_is_checked_as_conf_declares_it():
+    declared = {name: typing.get_args(hint)[0] for name, hint in typing.get_type_hints(Settings).items()
+                if typing.get_origin(hint) is Setting}
+
+    assert {name for name, t in declared.items() if t is int} == set(checks._POSITIVE_INTS)
+    assert {name for name, t in declared.items() if t is float} == set(checks._POSITIVE_NUMBERS)
+    assert set(declared) == set(DEFAULTS)
 
 
 def test_checks__project_settings_pass():
@@ -101,7 +117,7 @@ def test_checks__every_error_has_a_hint():
     with override_settings(BACKPLANE={"SHARDS": 0, "RETENTION_SECS": 0, "REDACT_PATTERNS": "x",
                                       "ALLOWED_ORIGINS": "x", "COMPACT_MAX_ROWS": 0, "NOPE": 1,
                                       "PREPARED_STATEMENTS": "x"},
-                           BACKPLANE_LAYER="x", REDIS_URL="x://"):
+                           BACKPLANE_LAYER="x", REDIS_URL="x://", SECRET_KEY=A_SECRET_KEY):
         errors = check_backplane_settings()
 
     assert sorted(e.id for e in errors) == [

@@ -55,8 +55,9 @@ class Command(BaseCommand):
             for task in tasks[1:]:
                 task.cancel()
 
-        reactor.callWhenRunning(start_background)  # type: ignore[attr-defined]
-        reactor.addSystemEventTrigger("before", "shutdown", stop_background)  # type: ignore[attr-defined]
+        reactor.callWhenRunning(start_background)
+        # twisted's interfaces declare their methods without self: mypy reads the arguments one off.
+        reactor.addSystemEventTrigger("before", "shutdown", stop_background)  # type: ignore[arg-type]
         self.stdout.write(
             f"Tyrum gateway on ws://{options['host']}:{options['port']}/ws "
             f"(embedded: {conf.embedded_layer}); Ctrl-C stops it."
