@@ -104,7 +104,9 @@ def revoke_token(token_or_id: str) -> tuple[AccessToken, list[str]]:
             row.save(update_fields=["revoked_at"])
         edges = sorted(set(Connection.objects.filter(token=row).values_list("edge_id", flat=True)))
         for edge_id in edges:
-            outbox.publish_command(row.tenant_id, edge_id, "disconnect", {"token_id": str(row.id), "code": int(protocol.Close.POLICY)})
+            outbox.publish_command(
+                row.tenant_id, edge_id, "disconnect", {"token_id": str(row.id), "code": int(protocol.Close.POLICY)}
+            )
     return row, edges
 
 

@@ -217,7 +217,7 @@ class TyrumClient:
         self._running = False
         self._ws: ClientConnection | None = None
         self._ever_connected = False
-        self._close_code = ABNORMAL_CLOSE_CODE
+        self._close_code: int = ABNORMAL_CLOSE_CODE
         self.connection_id: str | None = None
         self.edge_id: str | None = None
         self.heads: dict[str, StreamPosition] = {}

@@ -108,9 +108,9 @@ class Settings:
     MAX_REPLAY_EVENTS: Setting[int] = Setting(100_000)
     # Origins whose session cookie is accepted as an operator credential.
     ALLOWED_ORIGINS: Setting[Sequence[str]] = Setting([])
-    # PostgreSQL: publish()'s statements are prepared once per database session (planning
-    # them was a third of publish()'s cost). Set False behind a pooler that cannot carry
-    # prepared statements (PgBouncer in transaction mode before 1.21).
+    # PostgreSQL: publish()'s statements are prepared once per database session
+    # (docs/decisions/0009-prepared-publish-statements.md). Set False behind a pooler that
+    # cannot carry prepared statements (PgBouncer in transaction mode before 1.21).
     PREPARED_STATEMENTS: Setting[bool] = Setting(True)
 
     def _get(self, name: str) -> Any:

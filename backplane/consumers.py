@@ -35,7 +35,7 @@ from backplane.vendor import daphne as vendor_daphne
 logger = logging.getLogger(__name__)
 
 # The live hold (LIVE_HOLD_MS) goes on while the peer's first frame is on its way in, polled
-# this often, for at most this much longer.
+# this often, for at most this much longer (docs/decisions/0022-live-hold-until-first-frame.md).
 HOLD_POLL_SECS = 0.01
 HOLD_EXTENSION_SECS = 5.0
 # How long after a failed database call the edge checks its connections before using them.
@@ -145,9 +145,10 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         self.coalescer = vendor_daphne.coalescer()
         if self.wire is None:
             return
-        asgi_send, wire, coalescer = self.base_send, self.wire, self.coalescer
+        asgi_send: Any = self.base_send
+        wire, coalescer = self.wire, self.coalescer
 
-        async def ordered_send(message: dict[str, Any]) -> None:
+        async def ordered_send(message: Any) -> None:
             coalescer.flush(wire)
             await asgi_send(message)
 
@@ -169,10 +170,15 @@ class GatewayConsumer(AsyncWebsocketConsumer):
             raise _Gone
         return fn(*args)
 
+    async def _asgi(self, message: dict[str, Any]) -> None:
+        """Send an ASGI message as it is (channels' stubs type each message kind apart)."""
+        send: Any = self.base_send
+        await send(message)
+
     async def _deny(self, status: int) -> None:
         """Refuse the upgrade with an HTTP status (see vendor.daphne.install_denial_response)."""
-        await self.base_send({"type": "websocket.http.response.start", "status": status, "headers": []})
-        await self.base_send({"type": "websocket.http.response.body", "body": b""})
+        await self._asgi({"type": "websocket.http.response.start", "status": status, "headers": []})
+        await self._asgi({"type": "websocket.http.response.body", "body": b""})
 
     async def disconnect(self, code: int) -> None:
         self.closed = True
@@ -212,7 +218,8 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         """Dispatch, but never leave a half-alive consumer behind: a handler's error closes
         4001 (the peer reconnects and resumes). No ``aclose_old_connections()`` thread hop
         per message, unlike channels': every database call here goes through
-        ``database_sync_to_async``, which closes old connections itself."""
+        ``database_sync_to_async``, which closes old connections itself
+        (docs/decisions/0017-edge-fan-out-one-subscription-per-stream.md)."""
         handler = getattr(self, vendor_channels.get_handler_name(message), None)
         if handler is None:
             raise ValueError(f"no handler for message type {message['type']}")
@@ -312,16 +319,16 @@ class GatewayConsumer(AsyncWebsocketConsumer):
 
         What continues the cursor is written at once, with no task or lock; the rest queues
         for the drain task, which may read the outbox — the runtime never waits for it."""
-        if self.closed or self.keys.get(name) != key:
+        if self.keys.get(name) != key:
             return
         delivery = self.delivery
         try:
             proto = self.wire
             for n in delivery.offer(name, epoch, items, offsets, self.lock.locked()):
-                if self.closed:
+                if self.closed:  # also closed under an earlier frame's send
                     return
                 if proto is None or not vendor_daphne.write_direct(proto, wire[n], self.coalescer):
-                    await self.base_send({"type": "websocket.send", "text": items[n][1]})
+                    await self._asgi({"type": "websocket.send", "text": items[n][1]})
         except Exception as exc:
             await self._failed(exc)
             return
@@ -382,14 +389,14 @@ class GatewayConsumer(AsyncWebsocketConsumer):
             self.wire, vendor_daphne.ws_text_frame(text), self.coalescer
         ):
             return
-        await self.base_send({"type": "websocket.send", "text": text})
+        await self._asgi({"type": "websocket.send", "text": text})
 
     # --- head checks --------------------------------------------------------------------
 
     async def observe_heads(self, heads: dict[str, Any]) -> None:
         """Fill a lag that persists across two head checks (the relay was not just slow:
         the transport lost the tail)."""
-        if self.closed or getattr(self, "delivery", None) is None:
+        if self.closed:
             return
         try:
             seen = self.delivery.observe(heads)
@@ -419,14 +426,14 @@ def _db(fn: Callable[..., Any]) -> Any:
     Django's per-call health check (a ``SELECT 1`` round trip) is skipped: a dead connection
     fails the call instead (503 or 4001, the peer retries) and is discarded. After a call
     failed on its connection the checks run again for ``SUSPECT_SECS``: after an outage every
-    worker thread holds a dead connection (docs/decisions: edge connection checks)."""
+    worker thread holds a dead connection (docs/decisions/0019-edge-database-calls.md)."""
 
     def call(*args: Any) -> Any:
         from django.db import InterfaceError, OperationalError, connection
 
         global _suspect_until
         if connection.connection is not None and time.monotonic() >= _suspect_until:
-            connection.health_check_done = True
+            connection.health_check_done = True  # type: ignore[attr-defined]  # Django >= 4.1, not in its stubs
         try:
             return fn(*args)
         except (OperationalError, InterfaceError, exceptions.StoreUnavailable) as exc:

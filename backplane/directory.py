@@ -69,7 +69,8 @@ def beat(edge_id: str, rows: Iterable[Mapping[str, Any]]) -> None:
         # Only rows older than a beat go: an opening socket has its row before its edge lists it.
         settled = now - timedelta(seconds=conf.HEARTBEAT_INTERVAL_SECS)
         live_ids = [row["connection_id"] for row in live]
-        Connection.objects.filter(edge_id=edge_id, connected_at__lt=settled).exclude(connection_id__in=live_ids).delete()
+        stale = Connection.objects.filter(edge_id=edge_id, connected_at__lt=settled)
+        stale.exclude(connection_id__in=live_ids).delete()
         # Only the missing rows: in a connect storm the counts differ at every beat.
         have = set(Connection.objects.filter(edge_id=edge_id).values_list("connection_id", flat=True))
         Connection.objects.bulk_create(

@@ -1,15 +1,13 @@
 """The relay's doorbell: a low-latency wake-up rung after a producer's commit.
 
 Never a source of truth: a lost ring only delays delivery until the relay's next poll.
-With ``REDIS_URL`` the ring is a Redis PUBLISH (measured ~3.5 ms commit→wake here, against
-~5 ms for NOTIFY from a post-commit transaction, and NOTIFY inside the producer's
-transaction serialises all committers). Without Redis (embedded mode) it is in-process.
+With ``REDIS_URL`` the ring is a Redis PUBLISH (NOTIFY inside the producer's transaction
+would serialise all committers). Without Redis (embedded mode) it is in-process.
 
 The PUBLISH goes out from the committing thread itself, on a connection of the doorbell's
-own, as one non-blocking ``send`` (``_Wire``): a ring handed to a second thread woke that
-thread and made it wait for Redis's reply for every commit, which cost the producer ~80 µs
-per publishing transaction here (``bench/producer.py``). Whatever could wait — connecting,
-a full socket buffer, a lost connection — goes to the background sender thread instead.
+own, as one non-blocking ``send`` (``_Wire``); whatever could wait — connecting, a full
+socket buffer, a lost connection — goes to the background sender thread instead
+(docs/decisions/0002-doorbell-redis-publish-direct-ring.md).
 """
 
 from __future__ import annotations

@@ -55,7 +55,7 @@ class Subscriber(Protocol):
 
 logger = logging.getLogger(__name__)
 
-# Largest number of stream keys in one head query.
+# Largest number of stream keys in one head query (docs/decisions/0021-head-check.md).
 HEAD_QUERY_CHUNK = 1000
 # After closing every socket on shutdown, wait this long for the close frames to go out.
 DRAIN_FLUSH_SECS = 0.5
@@ -66,7 +66,7 @@ class EdgeRuntime:
 
     def __init__(self, edge_id: str) -> None:
         self.edge_id = edge_id
-        self.layer = get_channel_layer()
+        self.layer: Any = get_channel_layer()  # channels-redis ships no types
         self.consumers: dict[str, Subscriber] = {}
         self.tasks: list[asyncio.Task[None]] = []
         self.channel: str | None = None
@@ -312,6 +312,7 @@ class EdgeRuntime:
         """Re-add every socket to its groups: the core layer forgets memberships after
         ``group_expiry`` and on a Redis restart or flush (group_add is idempotent)."""
         prefix = conf.channel_prefix
+        assert self.channel is not None  # started
         await self.layer.group_add(streams.edge_group(prefix, self.edge_id), self.channel)
         for key in [k for k, joined in self.joins.items() if joined.done()]:
             await self.layer.group_add(streams.group_name(prefix, key), self.stream_channel)

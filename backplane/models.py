@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 class BrinOnPostgres(models.Index):
     """A BRIN index on PostgreSQL (a B-tree elsewhere): for a column that grows with the rows'
     insertion order, like ``created_at``. Compaction's range deletes use it; publishing does
-    not pay a B-tree insertion per row for it (publish_many measured ~12 % faster)."""
+    not pay a B-tree insertion per row for it (docs/decisions/0003-brin-on-created-at.md)."""
 
     def create_sql(
         self, model: type[models.Model], schema_editor: BaseDatabaseSchemaEditor, using: str = "", **kwargs: Any
@@ -80,9 +80,9 @@ class OutboxItem(models.Model):
     KIND_CHOICES = [("event", "event"), ("command", "command")]
 
     id = models.BigAutoField(primary_key=True)
-    # No database FK on this hot, append-only table: a deferred FK check per inserted row
-    # halved publish_many's rate. ``publish`` checks the tenant in the same statement, and
-    # the ORM still PROTECTs tenants that have outbox rows.
+    # No database FK on this hot, append-only table (docs/decisions/0004-no-foreign-keys-on-hot-tables.md):
+    # ``publish`` checks the tenant in the same statement, and the ORM still PROTECTs tenants
+    # that have outbox rows.
     tenant = models.ForeignKey(Tenant, on_delete=models.PROTECT, db_index=False, db_constraint=False)
     kind = models.CharField(max_length=8, choices=KIND_CHOICES, default="event")
     stream = models.CharField(max_length=200)
@@ -119,7 +119,7 @@ class OutboxItem(models.Model):
                 condition=models.Q(forwarded_at__isnull=True, stream_offset__isnull=False),
             ),
             # Reads by stream and offset (gap fill, resume). Partial: a row enters it when it gets
-            # its offset, not also when it is published (one B-tree insertion less per publish).
+            # its offset, not also when it is published (docs/decisions/0006-partial-stream-offset-index.md).
             models.Index(
                 fields=["stream", "stream_offset"],
                 name="bp_outbox_stream_offset",

@@ -2,4 +2,5 @@ from django.urls import path
 
 from backplane.consumers import GatewayConsumer
 
-websocket_urlpatterns = [path("ws", GatewayConsumer.as_asgi())]
+# channels' stubs type a consumer as an ASGI app; django-stubs' path() expects a view.
+websocket_urlpatterns = [path("ws", GatewayConsumer.as_asgi())]  # type: ignore[arg-type]

@@ -13,9 +13,9 @@ from django.core.asgi import get_asgi_application  # noqa: E402
 
 django_asgi_app = get_asgi_application()
 
-from backplane.vendor.daphne import install_denial_response  # noqa: E402
 from backplane.process import freeze_startup_objects  # noqa: E402
 from backplane.routing import websocket_urlpatterns  # noqa: E402
+from backplane.vendor.daphne import install_denial_response  # noqa: E402
 
 install_denial_response()
 

@@ -1,5 +1,5 @@
 """channels-redis internals the relay relies on: publishing many group messages of the
-pub/sub layer in one pipelined round trip (docs/decisions: pipelined group sends).
+pub/sub layer in one pipelined round trip (docs/decisions/0014-relay-pipelined-group-sends.md).
 
 The layer's own ``group_send`` takes a lock and a round trip per message; a relay cycle with
 hundreds of device streams would pay hundreds of sequential round trips. ``PubSubPublisher``

@@ -5,8 +5,7 @@ which fails when a new version renames one — instead of the edge silently read
 Versions are pinned in requirements.txt.
 
 - Direct frame writes: the fan-out writes prepared RFC 6455 frames straight to the socket,
-  skipping daphne's reply dispatch and autobahn's framing (docs/decisions: direct writes,
-  coalesced frames).
+  skipping daphne's reply dispatch and autobahn's framing (docs/decisions/0017 and 0018).
 - The denial response and the slow-consumer bound, patched into daphne's ``handle_reply``.
 - Probes: has daphne dropped a handshake (``gone``); is a peer's first frame on its way in
   (``frame_pending``); how many bytes twisted holds unsent (``outbound_buffered``).
@@ -126,7 +125,7 @@ def write_direct(proto: Any, data: bytes, coalescer: Coalescer) -> bool:
 
 class Coalescer:
     """The frames written directly to each socket in one loop turn, sent together at the
-    end of the turn: one ``send()`` per socket per turn (docs/decisions: coalesced frames).
+    end of the turn: one ``send()`` per socket per turn (docs/decisions/0018-coalesced-frames-per-loop-turn.md).
     A socket's held frames are at most FLUSH_BYTES (a long replay goes out as it goes), and
     count towards the slow-consumer bound (``held``)."""
 
@@ -215,10 +214,10 @@ def send_now(transport: Any, data: bytes) -> None:
     except BlockingIOError:
         sent = 0
     except OSError:  # the connection is going away: twisted finds out and closes it
-        transport.write(data)
+        transport.write(data)  # type: ignore[no-untyped-call]
         return
     if sent < len(data):
-        transport.write(data[sent:])
+        transport.write(data[sent:])  # type: ignore[no-untyped-call]
 
 
 def ws_text_frame(text: str) -> bytes:
@@ -255,7 +254,8 @@ def install_denial_response() -> None:
     def handle_reply(self: Any, message: dict[str, Any]) -> None:
         kind = message.get("type")
         if kind == "websocket.http.response.start" and self.state == self.STATE_CONNECTING:
-            self.handshake_deferred.errback(ConnectionDeny(code=int(message.get("status", 503)), reason="Unavailable"))
+            deny = ConnectionDeny(code=int(message.get("status", 503)), reason="Unavailable")  # type: ignore[no-untyped-call]
+            self.handshake_deferred.errback(deny)
             del self.handshake_deferred
             self.server.protocol_disconnected(self)
             return
@@ -281,7 +281,7 @@ def stop_reactor() -> bool:
     try:
         from twisted.internet import reactor
 
-        reactor.stop()  # type: ignore[attr-defined]
+        reactor.stop()  # type: ignore[misc]  # twisted's interfaces declare methods without self
         return True
     except Exception:
         return False
