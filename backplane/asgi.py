@@ -1,0 +1,137 @@
+"""The backplane's side of a project's ASGI application: the ``/ws`` endpoint and what an
+edge needs around it.
+
+A host project's ``asgi.py``::
+
+    from django.core.asgi import get_asgi_application
+    django_asgi_app = get_asgi_application()  # first: it sets Django up
+
+    from backplane.asgi import application_for
+    application = application_for(django_asgi_app)
+
+``application_for`` refuses to start an edge of a cluster on the development ``SECRET_KEY``
+(``DEBUG`` off), teaches daphne the refusals the protocol needs and keeps query strings out
+of its access log (``vendor/daphne.py``), and routes WebSocket upgrades: ``/ws`` to the
+gateway consumer behind a ``Host`` check against ``ALLOWED_HOSTS``, anything else to a 404.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any
+
+from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
+from django.http.request import split_domain_port, validate_host
+
+logger = logging.getLogger(__name__)
+
+Scope = dict[str, Any]
+
+
+def application_for(http_app: Any) -> Any:
+    """The project's ASGI application: ``http_app`` for HTTP, the backplane for WebSockets."""
+    from channels.routing import ProtocolTypeRouter
+
+    from backplane.process import freeze_startup_objects
+    from backplane.vendor import daphne as vendor_daphne
+
+    refuse_unsafe_start("edge")
+    vendor_daphne.install_denial_response()
+    vendor_daphne.install_access_log_without_query_strings()
+    app = ProtocolTypeRouter({"http": http_app, "websocket": websocket_application()})
+    _start_edge_eagerly()
+    freeze_startup_objects()
+    return app
+
+
+def websocket_application() -> Any:
+    """``/ws`` (behind the ``Host`` check), and a 404 for every other path."""
+    from channels.routing import URLRouter
+    from django.urls import re_path
+
+    from backplane.routing import websocket_urlpatterns
+
+    return AllowedHosts(URLRouter([*websocket_urlpatterns, re_path(r"", refuse_404)]))
+
+
+def refuse_unsafe_start(role: str) -> None:
+    """Refuse to run a cluster process (an edge, a relay) on the public development
+    ``SECRET_KEY`` with ``DEBUG`` off: sessions and signed values would be forgeable. The
+    embedded mode (``serve`` on SQLite and the in-process layer) may, for trying it out."""
+    from backplane.conf import DEVELOPMENT_SECRET_KEY, conf
+
+    if settings.DEBUG or settings.SECRET_KEY != DEVELOPMENT_SECRET_KEY:
+        return
+    if conf.embedded_layer and not conf.is_postgresql:
+        return
+    raise ImproperlyConfigured(
+        f"refusing to start a {role} of a cluster on the development SECRET_KEY: set SECRET_KEY in the "
+        "environment (or DEBUG=1 for a development machine)"
+    )
+
+
+class AllowedHosts:
+    """Refuse a WebSocket upgrade whose ``Host`` is not in ``ALLOWED_HOSTS`` (HTTP 400, as
+    Django answers a request for a host it does not serve), before anything else runs."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] == "websocket" and not host_allowed(scope):
+            logger.warning("refused: Host not in ALLOWED_HOSTS", extra={"action": "refused_host"})
+            await _deny(scope, receive, send, 400)
+            return
+        await self.app(scope, receive, send)
+
+
+def host_allowed(scope: Scope) -> bool:
+    host = next((value.decode("latin1") for name, value in scope.get("headers", []) if name.lower() == b"host"), "")
+    domain, _port = split_domain_port(host)
+    allowed = list(settings.ALLOWED_HOSTS)
+    if settings.DEBUG and not allowed:  # Django's own default for a development machine
+        allowed = [".localhost", "127.0.0.1", "[::1]"]
+    return bool(domain) and validate_host(domain, allowed)
+
+
+async def refuse_404(scope: Scope, receive: Any, send: Any) -> None:
+    """An upgrade to a path that is not the gateway's: 404, not a server error."""
+    logger.info("refused: no WebSocket endpoint at this path", extra={"action": "refused_path"})
+    await _deny(scope, receive, send, 404)
+
+
+async def _deny(scope: Scope, receive: Any, send: Any, status: int) -> None:
+    """Refuse a WebSocket upgrade with an HTTP status: the ASGI denial response where the
+    server has it (daphne, taught by ``vendor.daphne.install_denial_response``), else a
+    plain refusal (403)."""
+    from backplane.vendor import daphne as vendor_daphne
+
+    message = await receive()
+    if message.get("type") != "websocket.connect":
+        return
+    if vendor_daphne.protocol_of(send) is None and "websocket.http.response" not in scope.get("extensions", {}):
+        await send({"type": "websocket.close", "code": 1000})
+        return
+    await send({"type": "websocket.http.response.start", "status": status, "headers": []})
+    await send({"type": "websocket.http.response.body", "body": b""})
+
+
+def _start_edge_eagerly() -> None:
+    """With EDGE_ID set, register the edge (and its SIGTERM drain) as daphne starts, not at
+    the first connection. Without it the edge id needs the port, known at the first connection."""
+    if not os.environ.get("EDGE_ID") or "twisted.internet.reactor" not in sys.modules:
+        return
+    import asyncio
+
+    from twisted.internet import reactor
+
+    from backplane.edge import EdgeRuntime
+
+    def start() -> None:
+        task = asyncio.ensure_future(EdgeRuntime.get())
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retried at first connection
+
+    reactor.callWhenRunning(start)  # type: ignore[attr-defined]
