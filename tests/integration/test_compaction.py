@@ -20,9 +20,10 @@ from django.db import connection, connections, transaction
 from django.test import override_settings
 from django.utils import timezone
 
-from backplane import leases, outbox, retention, streams
+from backplane import outbox, retention, streams
 from backplane.conf import conf
 from backplane.models import Connection, Edge, EventKey, OutboxItem, RelayLease, Stream
+from backplane.store import get_store, postgresql
 
 from .helpers import orm
 
@@ -333,7 +334,7 @@ def hold_compactor_lock() -> psycopg.Connection:
     db = connection.settings_dict
     conn = psycopg.connect(host=db["HOST"] or "127.0.0.1", port=db["PORT"] or 5432, user=db["USER"] or "postgres",
                            dbname=db["NAME"], autocommit=True)
-    got = conn.execute("SELECT pg_try_advisory_lock(%s, %s)", [leases.LOCK_CLASS, retention.COMPACTOR_LOCK])
+    got = conn.execute("SELECT pg_try_advisory_lock(%s, %s)", [postgresql.LOCK_CLASS, postgresql.COMPACTOR_LOCK])
     assert got.fetchone()[0]
     return conn
 
@@ -733,8 +734,8 @@ def test_compact__brin_summary_failure_is_not_fatal_and_a_dry_run_summarises_not
             return self.inner.execute(sql, params)
 
     monkeypatch.setattr(connection, "cursor", lambda: Refusing(real()))
-    with caplog.at_level("WARNING", logger="backplane.retention"):
-        retention._summarize_brin()
+    with caplog.at_level("WARNING", logger="backplane.store.postgresql"):
+        get_store().summarize_indexes()
     assert "could not summarise" in caplog.text
     monkeypatch.undo()
     assert retention.compact(DAY).skipped is False  # and compaction runs on

@@ -1,11 +1,11 @@
-"""Unit tests of the event ids publish_many makes in bulk."""
+"""Unit tests of backplane.events: event ids, encoding, validation and row building (no database)."""
 
 from __future__ import annotations
 
 import time
 import uuid
 
-from backplane.outbox import new_event_ids
+from backplane.events import new_event_ids
 
 
 def test_new_event_ids__time_ordered_version_7_uuids_in_canonical_text() -> None:
