@@ -14,8 +14,7 @@ from pathlib import Path
 
 from django.db import migrations
 
-FUNCTION = "bp_assign_v2"
-SOURCE = Path(__file__).resolve().parent.parent / "store" / "sql" / f"{FUNCTION}.sql"
+SOURCE = Path(__file__).resolve().parent.parent / "store" / "sql" / "bp_assign_v2.sql"
 
 
 def forwards(apps, schema_editor):  # type: ignore[no-untyped-def]
@@ -27,7 +26,7 @@ def forwards(apps, schema_editor):  # type: ignore[no-untyped-def]
 def backwards(apps, schema_editor):  # type: ignore[no-untyped-def]
     if schema_editor.connection.vendor == "postgresql":
         with schema_editor.connection.cursor() as cur:
-            cur.execute(f"DROP FUNCTION IF EXISTS {FUNCTION}(int[], int, uuid, uuid[])")
+            cur.execute("DROP FUNCTION IF EXISTS bp_assign_v2(int[], int, uuid, uuid[])")
 
 
 class Migration(migrations.Migration):

@@ -46,8 +46,8 @@ UPDATE {part} SET forwarded_at = now() WHERE id = ANY(%s::bigint[])
 -- name: unforwarded
 -- Assigned rows no relay has recorded as forwarded, by stream and offset (the resend set).
 -- Parameters: shards, tenants to skip, limit.
-SELECT o.id, o.tableoid::regclass::text, s.epoch, o.kind, o.stream, o.shard, o.stream_offset, o.event_id,
-       o.type, o.occurred_at, o.payload::text, o.tenant_id
+SELECT o.id, o.tableoid::regclass::text AS part, s.epoch, o.kind, o.stream, o.shard, o.stream_offset AS "offset",
+       o.event_id, o.type, o.occurred_at, o.payload::text AS payload, o.tenant_id
 FROM backplane_outboxitem o JOIN backplane_stream s ON s.key = o.stream
 WHERE o.shard = ANY(%s::int[]) AND o.forwarded_at IS NULL AND o.stream_offset IS NOT NULL
   AND NOT (o.tenant_id = ANY(%s::uuid[]))
@@ -74,7 +74,7 @@ WHERE key IN (SELECT jsonb_array_elements_text(%s::jsonb))
 
 -- name: read_range
 -- Parameters: stream, after, up to (inclusive).
-SELECT stream_offset, event_id, type, occurred_at, payload::text FROM backplane_outboxitem
+SELECT stream_offset, event_id, type, occurred_at, payload::text AS payload FROM backplane_outboxitem
 WHERE stream = %s AND stream_offset > %s AND stream_offset <= %s ORDER BY stream_offset
 
 -- name: take_shards

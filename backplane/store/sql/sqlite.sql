@@ -39,8 +39,8 @@ UPDATE backplane_outboxitem SET stream_offset = %s, assigned_at = %s WHERE id = 
 
 -- name: assigned
 -- The rows just given offsets. Parameters: row ids (JSON).
-SELECT o.id, NULL, s.epoch, o.kind, o.stream, o.shard, o.stream_offset, o.event_id, o.type, o.occurred_at,
-       o.payload, o.tenant_id
+SELECT o.id, NULL AS part, s.epoch, o.kind, o.stream, o.shard, o.stream_offset AS "offset", o.event_id, o.type,
+       o.occurred_at, o.payload, o.tenant_id
 FROM backplane_outboxitem o JOIN backplane_stream s ON s.key = o.stream
 WHERE o.id IN (SELECT value FROM json_each(%s))
 
@@ -50,8 +50,8 @@ UPDATE backplane_outboxitem SET forwarded_at = %s WHERE id IN (SELECT value FROM
 
 -- name: unforwarded
 -- Parameters: shards (JSON), tenants to skip (JSON), limit.
-SELECT o.id, NULL, s.epoch, o.kind, o.stream, o.shard, o.stream_offset, o.event_id, o.type, o.occurred_at,
-       o.payload, o.tenant_id
+SELECT o.id, NULL AS part, s.epoch, o.kind, o.stream, o.shard, o.stream_offset AS "offset", o.event_id, o.type,
+       o.occurred_at, o.payload, o.tenant_id
 FROM backplane_outboxitem o JOIN backplane_stream s ON s.key = o.stream
 WHERE o.shard IN (SELECT value FROM json_each(%s)) AND o.forwarded_at IS NULL AND o.stream_offset IS NOT NULL
   AND o.tenant_id NOT IN (SELECT value FROM json_each(%s))
