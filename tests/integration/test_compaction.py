@@ -23,7 +23,7 @@ from django.utils import timezone
 from backplane import outbox, retention, streams
 from backplane.conf import conf
 from backplane.models import Connection, Edge, EventKey, OutboxItem, RelayLease, Stream
-from backplane.store import get_store, postgresql
+from backplane.store import EVENTKEY, OUTBOX, STREAM, get_store, postgresql
 
 from .helpers import orm
 
@@ -47,21 +47,21 @@ def seed(tenant, names: list[str], *, size: int = 100, forwarded: bool = True, *
     """Publish one event per name (event id = name), assign offsets, optionally forward them."""
     outbox.publish_many(tenant, [{"type": "run.updated", "payload": payload_of(size), "event_id": n, **audience}
                                  for n in names])
-    outbox.assign_offsets(list(range(conf.SHARDS)), 10_000)
+    get_store().assign(list(range(conf.SHARDS)), 10_000)
     if forwarded:
         forward(names)
     return names
 
 
 def forward(names: list[str]) -> None:
-    outbox.mark_forwarded(list(OutboxItem.objects.filter(event_id__in=names).values_list("id", flat=True)))
+    get_store().mark_forwarded(list(OutboxItem.objects.filter(event_id__in=names).values_list("id", flat=True)))
 
 
 def age(names: list[str], secs: float) -> None:
     """Make rows ``secs`` old by the database clock."""
     with connection.cursor() as cur:
         cur.execute(
-            f"UPDATE {outbox.OUTBOX} SET created_at = now() - make_interval(secs => %s) WHERE event_id = ANY(%s)",
+            f"UPDATE {OUTBOX} SET created_at = now() - make_interval(secs => %s) WHERE event_id = ANY(%s)",
             [secs, names],
         )
 
@@ -385,7 +385,7 @@ def test_compact__lock_released_after_a_failed_run(tenant, monkeypatch):
 def test_compact__two_threads_at_once_delete_each_row_once(tenant):
     gone = [f"g{i}" for i in range(1200)]
     outbox.publish_many(tenant, [{"type": "run.updated", "payload": {}, "event_id": n} for n in gone])
-    outbox.assign_offsets(list(range(conf.SHARDS)), 10_000)
+    get_store().assign(list(range(conf.SHARDS)), 10_000)
     forward(gone)
     age(gone, 2 * DAY)
     keep = seed(tenant, names("k", 5))
@@ -419,7 +419,7 @@ def test_compact__two_threads_at_once_delete_each_row_once(tenant):
 def test_compact_outbox__two_processes_at_once(tenant):
     gone = [f"g{i}" for i in range(3000)]
     outbox.publish_many(tenant, [{"type": "run.updated", "payload": {}, "event_id": n} for n in gone])
-    outbox.assign_offsets(list(range(conf.SHARDS)), 10_000)
+    get_store().assign(list(range(conf.SHARDS)), 10_000)
     forward(gone)
     age(gone, 2 * DAY)
     env = support.child_env()
@@ -454,9 +454,9 @@ def test_compact__first_retained_offset_per_stream(tenant):
         streams.device_stream(tenant.id, "dev-1"): 2,
         streams.role_stream(tenant.id, "node"): 1,
     }
-    heads = outbox.stream_heads(list(first))
+    heads = get_store().stream_heads(list(first))
     for key, offset in first.items():  # every offset from the first retained one to the head is there
-        got = [i.offset for i in outbox.read_range(key, offset - 1, heads[key].offset)]
+        got = [i.offset for i in get_store().read_range(key, offset - 1, heads[key].offset)]
         assert got == list(range(offset, heads[key].offset + 1))
 
 
@@ -467,7 +467,7 @@ def test_compact__budget_deletions_raise_first_retained_offset(tenant):
 
     key = streams.tenant_stream(tenant.id)
     assert Stream.objects.get(key=key).first_retained_offset == 5
-    assert [i.offset for i in outbox.read_range(key, 4, 6)] == [5, 6]
+    assert [i.offset for i in get_store().read_range(key, 4, 6)] == [5, 6]
 
 
 # --- idle streams -------------------------------------------------------------------------
@@ -476,7 +476,7 @@ def test_compact__budget_deletions_raise_first_retained_offset(tenant):
 def idle(keys: list[str], secs: float = 3600) -> None:
     with connection.cursor() as cur:
         cur.execute(
-            f"UPDATE {outbox.STREAM} SET updated_at = now() - make_interval(secs => %s) WHERE key = ANY(%s)",
+            f"UPDATE {STREAM} SET updated_at = now() - make_interval(secs => %s) WHERE key = ANY(%s)",
             [secs, keys],
         )
 
@@ -498,7 +498,7 @@ def test_compact__prunes_idle_empty_streams_after_the_grace(tenant):
     gone, recent, rows, live = (streams.device_stream(tenant.id, d)
                                 for d in ("dev-gone", "dev-recent", "dev-rows", "dev-live"))
     with connection.cursor() as cur:
-        cur.execute(f"DELETE FROM {outbox.OUTBOX} WHERE event_id IN ('gone-1', 'gone-2', 'live')")
+        cur.execute(f"DELETE FROM {OUTBOX} WHERE event_id IN ('gone-1', 'gone-2', 'live')")
     idle([gone, rows, live], 120)
     idle([recent], 30)
 
@@ -578,14 +578,14 @@ def test_compact__prune_racing_a_relay_assignment_keeps_the_stream(tenant, monke
         # Between prune's SELECT and its DELETE a producer commits and a relay assigns offset 2.
         with transaction.atomic():
             outbox.publish(tenant, "run.updated", {}, device="dev-1", event_id="new")
-        assert outbox.assign_offsets(list(range(conf.SHARDS)), 10) == 1
+        assert len(get_store().assign(list(range(conf.SHARDS)), 10)) == 1
         return real(*args, **kwargs)
 
     monkeypatch.setattr(manager, "values_list", relay_runs_meanwhile)
     retention.compact(DAY)
     monkeypatch.undo()
 
-    pending = outbox.fetch_unforwarded(list(range(conf.SHARDS)), 10)
+    pending = get_store().unforwarded(list(range(conf.SHARDS)), 10)
     assert [(p.stream, p.item.offset, p.item.event_id) for p in pending] == [(key, 2, "new")]
 
 
@@ -636,7 +636,7 @@ def test_compact__dry_run_sweeps_nothing(tenant):
 def age_keys(event_ids: list[str], secs: float) -> None:
     with connection.cursor() as cur:
         cur.execute(
-            f"UPDATE {outbox.EVENTKEY} SET created_at = now() - make_interval(secs => %s) WHERE event_id = ANY(%s)",
+            f"UPDATE {EVENTKEY} SET created_at = now() - make_interval(secs => %s) WHERE event_id = ANY(%s)",
             [secs, event_ids],
         )
 
