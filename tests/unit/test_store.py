@@ -147,3 +147,22 @@ def test_store__ensure_streams_creates_at_zero_once_and_reads_ranges(store, tena
     assert store.stream_heads([device])[device].epoch == heads[device].epoch
     assert [i.event_id for i in store.read_range(device, 1, 3)] == ["e2", "e3"]
     assert store.read_range(device, 3, 3) == [] and store.stream_heads([]) == {}
+
+
+def test_store__both_implementations_have_every_member_of_the_interface_with_its_signature() -> None:
+    import inspect
+
+    from backplane.store.base import Store
+    from backplane.store.postgresql import PostgreSQLStore
+    from backplane.store.sqlite import SQLiteStore
+
+    members = [n for n in vars(Store) if not n.startswith("_")] + list(Store.__annotations__)
+    assert {"append", "aassign", "unforwarded", "ensure_streams", "read_range", "single_thread"} <= set(members)
+    for cls in (PostgreSQLStore, SQLiteStore):
+        for name in members:
+            assert hasattr(cls, name), (cls.__name__, name)
+            wanted = getattr(Store, name, None)
+            if callable(wanted):
+                got = getattr(cls, name)
+                assert inspect.signature(got).parameters.keys() == inspect.signature(wanted).parameters.keys(), name
+                assert inspect.iscoroutinefunction(got) == inspect.iscoroutinefunction(wanted), name
