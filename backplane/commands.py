@@ -25,6 +25,7 @@ from django.utils import timezone
 from backplane import outbox
 from backplane.conf import conf
 from backplane.models import Connection, Edge, OutboxItem, Tenant
+from backplane.store import Pending
 
 
 def live_edges(edge_ids: Sequence[str] | None = None) -> set[str]:
@@ -80,7 +81,7 @@ def drain_edge(edge_id: str) -> None:
         outbox.publish_command(tenant.id, edge.edge_id, "drain", {})
 
 
-def route(pending: Sequence[outbox.Pending]) -> set[int]:
+def route(pending: Sequence[Pending]) -> set[int]:
     """Handle commands whose edge is not alive; return the ids the relay must not send.
 
     Each such command is re-routed (a new command per live edge holding its target, in the

@@ -1,11 +1,12 @@
-"""Shard leases for relays: PostgreSQL advisory locks on a dedicated session.
+"""Shard leases: which shards a relay may assign and forward right now.
 
-A relay holds ``pg_try_advisory_lock(LOCK_CLASS, shard)`` on its own connection; when the
-process dies (or its session is cut) PostgreSQL frees the locks and a standby takes them.
-The relay checks its lock session before every forwarding cycle and drops all shards at
-once when that session is gone, so it stops forwarding before another relay can start.
-On SQLite (embedded mode: one relay in one process) every wanted shard is simply owned.
-``RelayLease`` rows only *report* leases for the admin and ``backplane_status``.
+The store gives them out (``Store.atake_shards``) on the relay's own session: on PostgreSQL
+advisory locks (``pg_try_advisory_lock``), so when the process dies (or its session is cut)
+PostgreSQL frees them and a standby takes them; on SQLite (embedded: one relay in one process)
+every wanted shard is simply owned. The relay runs its assignments on that same session, so a
+relay whose session is gone fails its next statement and drops all shards at once, before
+another relay can start on them. ``RelayLease`` rows only *report* leases for the admin and
+``backplane_status``.
 """
 
 from __future__ import annotations
@@ -21,49 +22,22 @@ from channels.db import database_sync_to_async
 from django.db import connection
 from django.utils import timezone
 
-from backplane.conf import conf
 from backplane.models import RelayLease
+from backplane.store import Store, get_store
 
 logger = logging.getLogger(__name__)
 
-LOCK_CLASS = 0x7479  # "ty": the first key of the two-key advisory lock space
-# The relay's own session (its leases, assignment and marks) finds outbox rows by primary key
-# or partial index only: on a partition not analyzed yet (a fresh one) the planner would
-# otherwise scan it whole for each statement. Its commits do not wait for the WAL flush — a
-# lost mark only means rows go again — except the assignment's, which sets it back (offsets
-# must be durable before they are sent).
-SESSION_SETTINGS = ("SET enable_seqscan = off", "SET synchronous_commit = off")
 # How often a relay tries to take shards it does not hold (standby take-over time).
 ACQUIRE_INTERVAL_SECS = 1.0
 # How often lease rows are refreshed for status displays.
 REPORT_INTERVAL_SECS = 2.0
 
 
-def _conninfo() -> dict[str, Any]:
-    db = connection.settings_dict
-    info: dict[str, Any] = {
-        "dbname": db["NAME"],
-        "user": db.get("USER") or None,
-        "password": db.get("PASSWORD") or None,
-        "host": db.get("HOST") or None,
-        "port": db.get("PORT") or None,
-        "connect_timeout": 5,
-        "application_name": "tyrum-relay-lease",
-        # A partitioned relay must lose its locks in seconds, not after the OS's 2-hour
-        # keepalive: the server side notices a silent peer through these.
-        "keepalives": 1,
-        "keepalives_idle": 10,
-        "keepalives_interval": 5,
-        "keepalives_count": 3,
-        "options": "-c tcp_keepalives_idle=10 -c tcp_keepalives_interval=5 -c tcp_keepalives_count=3",
-    }
-    return {k: v for k, v in info.items() if v is not None}
-
-
 class Leases:
     """The set of shards this relay may forward right now."""
 
-    def __init__(self, wanted: Sequence[int], holder: str) -> None:
+    def __init__(self, wanted: Sequence[int], holder: str, store: Store | None = None) -> None:
+        self.store = store or get_store()
         self.wanted = list(wanted)
         self.holder = holder
         self.owned: set[int] = set()
@@ -76,8 +50,8 @@ class Leases:
 
     @property
     def conn(self) -> Any:
-        """The lock session (PostgreSQL). The relay runs its statements on it too, so a
-        statement that succeeds proves the locks are still held."""
+        """The session holding the shards. The relay runs its statements on it too, so a
+        statement that succeeds proves the shards are still held."""
         return self._conn
 
     async def lost(self, exc: BaseException) -> None:
@@ -97,17 +71,10 @@ class Leases:
         return await self.current(check=False)
 
     async def current(self, check: bool = True) -> list[int]:
-        """Return the shards owned now, after checking the lock session is alive."""
-        if not conf.is_postgresql:
-            if not self.owned:
-                self.owned = set(self.wanted)
-                self._new_shards = True
-                await self._report(force=True)
-            await self._report()
-            return sorted(self.owned)
+        """Return the shards owned now, after checking the session is alive."""
         if check:
             await self._check_session()
-        elif self._conn is not None and (self._conn.closed or self._conn.broken):
+        elif self._conn is not None and self.store.is_dead(self._conn):
             await self.lost(ConnectionError("lease session closed"))
         now = time.monotonic()
         if len(self.owned) < len(self.wanted) and now - self._last_acquire >= ACQUIRE_INTERVAL_SECS:
@@ -120,23 +87,15 @@ class Leases:
         if self._conn is None:
             return
         try:
-            await self._conn.execute("SELECT 1")
+            await self.store.aping(self._conn)
         except Exception as exc:
             await self.lost(exc)
 
     async def _try_acquire(self) -> None:
-        import psycopg
-
         try:
             if self._conn is None:
-                self._conn = await psycopg.AsyncConnection.connect(autocommit=True, **_conninfo())
-                for setting in SESSION_SETTINGS:
-                    await self._conn.execute(setting)
-            missing = [s for s in self.wanted if s not in self.owned]
-            cur = await self._conn.execute(
-                "SELECT s, pg_try_advisory_lock(%s, s) FROM unnest(%s::int[]) AS s", [LOCK_CLASS, missing]
-            )
-            got = [shard for shard, ok in await cur.fetchall() if ok]
+                self._conn = await self.store.aopen_session()
+            got = await self.store.atake_shards(self._conn, [s for s in self.wanted if s not in self.owned])
         except Exception as exc:
             logger.warning("relay could not take leases: %s", type(exc).__name__, extra={"action": "lease_error"})
             self.owned.clear()
@@ -151,7 +110,7 @@ class Leases:
     async def _close(self) -> None:
         if self._conn is not None:
             with contextlib.suppress(Exception):  # a dead session frees its locks anyway
-                await self._conn.close()
+                await self.store.aclose_session(self._conn)
             self._conn = None
 
     async def release(self) -> None:

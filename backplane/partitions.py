@@ -1,5 +1,8 @@
 """Time partitions of the outbox on PostgreSQL (native RANGE partitioning on created_at).
 
+Used by the PostgreSQL store only (``backplane.store.postgresql``); migration 0002 made the
+outbox partitioned (with its own frozen copy of the DDL).
+
 Partitions of ``PARTITION_INTERVAL_SECS`` are created ``PARTITIONS_AHEAD`` intervals ahead
 (at migrate, by relays every few minutes, and by every compaction). A DEFAULT partition
 catches rows if creation ever lapses; they are then compacted by plain deletes. Compaction
@@ -18,10 +21,11 @@ from typing import Any
 from django.db import DatabaseError, connection, transaction
 
 from backplane.conf import conf
+from backplane.store.base import OUTBOX
 
 logger = logging.getLogger(__name__)
 
-TABLE = "backplane_outboxitem"
+TABLE = OUTBOX
 DEFAULT_PARTITION = f"{TABLE}_default"
 # DDL on the parent waits at most this long for its lock, then gives up until the next run.
 DDL_LOCK_TIMEOUT = "2s"
@@ -31,8 +35,7 @@ _BOUND_RE = re.compile(r"FROM \('([^']+)'\) TO \('([^']+)'\)")
 
 
 def is_partitioned(cur: Any = None) -> bool:
-    if not conf.is_postgresql:
-        return False
+    """True when the outbox is partitioned (it is after migrate; a check, not an assumption)."""
     own = cur is None
     cur = cur or connection.cursor()
     try:
@@ -156,40 +159,3 @@ def drop_expired(retention_secs: float) -> tuple[int, int, int]:
                     extra={"action": "partition_drop_failed"},
                 )
     return rows, nbytes, dropped
-
-
-def convert_outbox(schema_editor: Any) -> None:
-    """Migration step: turn the plain outbox table into a partitioned one (PostgreSQL only).
-
-    Existing rows are copied; their partitions are created to cover them.
-    """
-    if schema_editor.connection.vendor != "postgresql":
-        return
-    old = f"{TABLE}_unpartitioned"
-    with schema_editor.connection.cursor() as cur:
-        if is_partitioned(cur):
-            return
-        cur.execute(f"ALTER TABLE {TABLE} RENAME TO {old}")
-        cur.execute("SELECT indexname FROM pg_indexes WHERE tablename = %s AND indexname LIKE 'bp_outbox_%%'", [old])
-        for (index,) in cur.fetchall():
-            cur.execute(f'DROP INDEX "{index}"')
-        cur.execute(
-            f"CREATE TABLE {TABLE} (LIKE {old} INCLUDING DEFAULTS INCLUDING IDENTITY) PARTITION BY RANGE (created_at)"
-        )
-        cur.execute(f"ALTER TABLE {TABLE} ADD CONSTRAINT {TABLE}_pkey_p PRIMARY KEY (id, created_at)")
-        cur.execute(f"CREATE TABLE {DEFAULT_PARTITION} PARTITION OF {TABLE} DEFAULT")
-        cur.execute(f"CREATE INDEX bp_outbox_unassigned ON {TABLE} (shard, id) WHERE stream_offset IS NULL")
-        # (Migration 0005 replaces this index with bp_outbox_unassigned_id on (id, shard).)
-        cur.execute(
-            f"CREATE INDEX bp_outbox_unforwarded ON {TABLE} (shard, stream, stream_offset) "
-            f"WHERE forwarded_at IS NULL AND stream_offset IS NOT NULL"
-        )
-        cur.execute(f"CREATE INDEX bp_outbox_stream_offset ON {TABLE} (stream, stream_offset)")
-        cur.execute(f"CREATE INDEX bp_outbox_created ON {TABLE} (created_at)")
-        ensure_ahead(cur)
-        cur.execute(f"INSERT INTO {TABLE} SELECT * FROM {old}")
-        cur.execute(
-            f"SELECT setval(pg_get_serial_sequence('{TABLE}', 'id'), "
-            f"coalesce((SELECT max(id) FROM {TABLE}), 0) + 1, false)"
-        )
-        cur.execute(f"DROP TABLE {old}")

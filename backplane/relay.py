@@ -24,10 +24,11 @@ from channels.db import database_sync_to_async
 from django.db import DatabaseError
 
 from backplane import commands as command_routing
-from backplane import outbox, partitions, streams
+from backplane import streams
 from backplane.conf import conf
 from backplane.doorbell import Listener
 from backplane.leases import Leases
+from backplane.store import Pending, Store, get_store
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +51,8 @@ SEND_CONCURRENCY = 32
 QUARANTINE_SECS = 30.0
 # How often a relay makes sure outbox partitions exist ahead (cheap when they do).
 PARTITION_CHECK_SECS = 600.0
-# PostgreSQL: rows sent are marked forwarded inside the next assignment's transaction (no round
-# trip of their own per cycle); when no assignment comes within this long, on their own.
+# Rows sent are marked forwarded inside the next assignment's transaction (no round trip of
+# their own per cycle); when no assignment comes within this long, on their own.
 MARK_LINGER_SECS = 0.05
 
 
@@ -63,11 +64,13 @@ def _failpoint(name: str) -> None:
 
 
 class Relay:
-    """One relay process's forwarding loop. I/O is passed in: ``layer`` is a channel layer."""
+    """One relay process's forwarding loop. I/O is passed in: ``layer`` is a channel layer,
+    ``store`` the database (``backplane.store``; by default the configured database's)."""
 
     def __init__(
         self,
         layer: Any,
+        store: Store | None = None,
         *,
         shards: Sequence[int] | None = None,
         batch_size: int | None = None,
@@ -75,11 +78,12 @@ class Relay:
         holder: str | None = None,
     ) -> None:
         self.layer = layer
+        self.store = store or get_store()
         self.batch_size = batch_size or conf.RELAY_BATCH_SIZE
         self.poll_interval = poll_interval if poll_interval is not None else conf.RELAY_POLL_INTERVAL_SECS
         wanted = list(shards) if shards is not None else list(range(conf.SHARDS))
         self.holder = holder or f"{socket.gethostname()}:{os.getpid()}"
-        self.leases = Leases(wanted, self.holder)
+        self.leases = Leases(wanted, self.holder, self.store)
         self.forwarded_total = 0
         self.assigned_total = 0
         self.quarantine: dict[Any, float] = {}
@@ -88,8 +92,8 @@ class Relay:
         self.resend_needed = True
         self.next_sweep = 0.0
         self._publisher: _PubSubPublisher | bool | None = None
-        # PostgreSQL: rows sent but not yet marked forwarded (see MARK_LINGER_SECS).
-        self.unmarked: list[outbox.Pending] = []
+        # Rows sent but not yet marked forwarded (see MARK_LINGER_SECS).
+        self.unmarked: list[Pending] = []
 
     async def aclose(self) -> None:
         """Record what was sent, release the shards and close this relay's connections."""
@@ -103,11 +107,10 @@ class Relay:
 
     async def cycle(self) -> tuple[int, int]:
         """Run one cycle; return (rows assigned, rows forwarded)."""
-        fast = conf.is_postgresql
-        # On PostgreSQL the assignment runs on the lease session itself: if that session died,
-        # the statement fails and the relay drops its shards before sending anything, so it
-        # stops before another relay can take them over. Elsewhere, check before assigning.
-        owned = await (self.leases.maintain() if fast else self.leases.current())
+        # The assignment runs on the lease session itself: if that session died, the statement
+        # fails and the relay drops its shards before sending anything, so it stops before
+        # another relay can take them over.
+        owned = await self.leases.maintain()
         if not owned:
             self.unmarked = []  # the shards' next owner sends them again
             return 0, 0
@@ -120,22 +123,18 @@ class Relay:
         self.quarantine = {t: until for t, until in self.quarantine.items() if until > now}
         skip = list(self.quarantine)
         try:
-            if fast:
-                fresh = await outbox.aassign_and_fetch(
-                    self.leases.conn, owned, self.batch_size, skip_tenants=skip, forwarded=self.unmarked
-                )
-                self.unmarked = []
-            else:
-                fresh = await database_sync_to_async(outbox.assign_and_fetch)(owned, self.batch_size, skip_tenants=skip)
+            fresh = await self.store.aassign(
+                self.leases.conn, owned, self.batch_size, skip_tenants=skip, forwarded=self.unmarked
+            )
+            self.unmarked = []
             assigned = len(fresh)
         except (DatabaseError, psycopg.Error) as exc:
-            if fast and _dead(self.leases.conn):
+            if self.store.is_dead(self.leases.conn):
                 await self._lose(exc)
                 return 0, 0
-            if fast:
-                # The failed transaction took the last cycle's marks with it: write them now, or
-                # the sweep below would send those rows again.
-                await self.flush_marks()
+            # The failed transaction took the last cycle's marks with it: write them now, or
+            # the sweep below would send those rows again.
+            await self.flush_marks()
             # One tenant's rows must not stop the others: assign tenant by tenant and set
             # aside (for QUARANTINE_SECS) the ones that still fail.
             logger.error(
@@ -146,14 +145,14 @@ class Relay:
             assigned = await self._assign_per_tenant(owned)
             fresh = []
             self.resend_needed = True
-            if fast and not self.leases.owned:
+            if not self.leases.owned:
                 return 0, 0  # the session died meanwhile: nothing is sent without it
         if assigned:
             _failpoint("after_assign")
         if self.resend_needed:
             # After a start, a take-over or a failure: everything assigned and not yet
             # forwarded goes again, with the same offsets.
-            pending = await database_sync_to_async(outbox.fetch_unforwarded)(
+            pending = await database_sync_to_async(self.store.unforwarded)(
                 owned, self.batch_size, skip_tenants=list(self.quarantine)
             )
             # Sweep again next cycle only if this one was full of rows left from before: the
@@ -179,10 +178,7 @@ class Relay:
         failed = await asyncio.wait_for(self._send(to_send), timeout)
         _failpoint("before_mark")
         done = [p for p in pending if p.id not in failed]
-        if fast:
-            self.unmarked += done  # marked with the next assignment, or by flush_marks()
-        else:
-            await database_sync_to_async(outbox.mark_forwarded)([p.id for p in done], [p.part for p in done])
+        self.unmarked += done  # marked with the next assignment, or by flush_marks()
         self.resend_needed = more or bool(failed)
         per_shard: dict[int, int] = {}
         for p in done:
@@ -193,11 +189,11 @@ class Relay:
         return assigned, len(done)
 
     async def flush_marks(self) -> None:
-        """PostgreSQL: mark the rows sent since the last assignment forwarded, now."""
+        """Mark the rows sent since the last assignment forwarded, now."""
         if not self.unmarked or self.leases.conn is None:
             return
         try:
-            await outbox.amark_forwarded(self.leases.conn, self.unmarked)
+            await self.store.amark_forwarded(self.leases.conn, self.unmarked)
         except psycopg.Error as exc:
             await self._lose(exc)
             raise
@@ -211,18 +207,13 @@ class Relay:
 
     async def _assign_per_tenant(self, owned: Sequence[int]) -> int:
         total = 0
-        for tenant_id in await database_sync_to_async(outbox.pending_tenants)(owned):
+        for tenant_id in await database_sync_to_async(self.store.pending_tenants)(owned):
+            if self.store.is_dead(self.leases.conn):
+                break  # nothing is assigned without the session that holds the shards
             try:
-                if conf.is_postgresql and self.leases.conn is not None:
-                    total += len(
-                        await outbox.aassign_and_fetch(self.leases.conn, owned, self.batch_size, only_tenant=tenant_id)
-                    )
-                else:
-                    total += await database_sync_to_async(outbox.assign_offsets)(
-                        owned, self.batch_size, only_tenant=tenant_id
-                    )
+                total += len(await self.store.aassign(self.leases.conn, owned, self.batch_size, only_tenant=tenant_id))
             except (DatabaseError, psycopg.Error) as exc:
-                if conf.is_postgresql and _dead(self.leases.conn):
+                if self.store.is_dead(self.leases.conn):
                     await self._lose(exc)  # the session, not the tenant: stop here
                     break
                 self.quarantine[tenant_id] = time.monotonic() + QUARANTINE_SECS
@@ -235,7 +226,7 @@ class Relay:
                 )
         return total
 
-    async def _send(self, pending: Sequence[outbox.Pending]) -> set[int]:
+    async def _send(self, pending: Sequence[Pending]) -> set[int]:
         """Send rows to their groups, streams side by side; return the ids that failed.
 
         Streams are independent, so their sends overlap (up to SEND_CONCURRENCY at once);
@@ -244,7 +235,7 @@ class Relay:
         does not hold up the rest.
         """
         prefix = conf.channel_prefix
-        by_stream: dict[str, list[outbox.Pending]] = {}
+        by_stream: dict[str, list[Pending]] = {}
         for p in pending:
             by_stream.setdefault(p.stream, []).append(p)
         if self._publisher is None:
@@ -254,7 +245,7 @@ class Relay:
             # reached no subscriber (its edge is re-subscribing) is not forwarded: it goes
             # again, and is re-routed if its edge is dead by then.
             messages: list[tuple[str, dict[str, Any]]] = []
-            owners: list[list[outbox.Pending]] = []
+            owners: list[list[Pending]] = []
             for key, rows in by_stream.items():
                 for group, message in _messages(prefix, key, rows):
                     messages.append((group, message))
@@ -267,7 +258,7 @@ class Relay:
             return unheard
         gate = asyncio.Semaphore(SEND_CONCURRENCY)
 
-        async def one(key: str, rows: list[outbox.Pending]) -> BaseException | None:
+        async def one(key: str, rows: list[Pending]) -> BaseException | None:
             async with gate:
                 try:
                     await self._send_stream(prefix, key, rows)
@@ -291,7 +282,7 @@ class Relay:
                 )
         return failed
 
-    async def _send_stream(self, prefix: str, key: str, rows: Sequence[outbox.Pending]) -> None:
+    async def _send_stream(self, prefix: str, key: str, rows: Sequence[Pending]) -> None:
         for group, message in _messages(prefix, key, rows):
             await self.layer.group_send(group, message)
 
@@ -309,7 +300,7 @@ class Relay:
                     try:
                         if time.monotonic() >= next_partition_check and self.leases.owned:
                             next_partition_check = time.monotonic() + PARTITION_CHECK_SECS
-                            await database_sync_to_async(partitions.ensure_ahead)()
+                            await database_sync_to_async(self.store.ensure_partitions)()
                         assigned, forwarded = await self.cycle()
                         backoff = ERROR_BACKOFF_SECS
                     except Exception as exc:
@@ -349,7 +340,7 @@ class Relay:
                 )
 
 
-def _messages(prefix: str, key: str, rows: Sequence[outbox.Pending]) -> list[tuple[str, dict[str, Any]]]:
+def _messages(prefix: str, key: str, rows: Sequence[Pending]) -> list[tuple[str, dict[str, Any]]]:
     """The group messages carrying one stream's rows (commands one by one, events in chunks)."""
     audience = streams.audience_of(key)
     if audience == "edge":
@@ -401,12 +392,6 @@ class _PubSubPublisher:
 
     def __bool__(self) -> bool:
         return True
-
-
-def _dead(conn: Any) -> bool:
-    """True when the lease session is gone (a failed call that could not be rolled back
-    closes it: see ``outbox.aassign_and_fetch``)."""
-    return conn is None or bool(conn.broken or conn.closed)
 
 
 def _safe(exc: Exception) -> str:

@@ -14,30 +14,29 @@ before it answers ``retention_exceeded`` and never replays a partial window. The
 bookkeeping is swept: idle streams whose items are all gone (after a grace period; they
 come back with a new epoch), expired directory rows, dead edges and stale relay leases.
 
-On PostgreSQL whole time partitions are dropped first (``backplane.partitions``), so at
-volume most of the work costs no row deletes and no VACUUM.
+Where the outbox is partitioned (PostgreSQL), whole time partitions are dropped first
+(``backplane.partitions``), so at volume most of the work costs no row deletes and no VACUUM.
+What differs between backends is the store's (``backplane.store``): the compactor's lock, the
+cut-off's SQL, partitions, index summaries, key expiry and space reclaim.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from django.db import DatabaseError, connection, transaction
+from django.db import connection, transaction
 from django.utils import timezone
 
 from backplane import streams
 from backplane.conf import conf
 from backplane.models import Connection, Edge, RelayLease
-from backplane.outbox import OUTBOX, STREAM
+from backplane.store import EVENTKEY, OUTBOX, STREAM, Store, get_store
 
 logger = logging.getLogger(__name__)
 
-# Second key of the compactor's advisory lock (the first is the relays' LOCK_CLASS).
-COMPACTOR_LOCK = -1
 # A relay lease row whose holder has not reported for this long is shown as free.
 STALE_LEASE_SECS = 60
 
@@ -85,29 +84,9 @@ class CompactionResult:
         return text
 
 
-@contextlib.contextmanager
-def compactor_lock() -> Iterator[bool]:
-    """Hold the compactor's lock; yield False if another compactor has it."""
-    if not conf.is_postgresql:
-        yield True  # SQLite: writers are serialised by the database file itself
-        return
-    from backplane.leases import LOCK_CLASS
-
-    with connection.cursor() as cur:
-        cur.execute("SELECT pg_try_advisory_lock(%s, %s)", [LOCK_CLASS, COMPACTOR_LOCK])
-        got = bool(cur.fetchone()[0])
-    try:
-        yield got
-    finally:
-        if got:
-            with connection.cursor() as cur:
-                cur.execute("SELECT pg_advisory_unlock(%s, %s)", [LOCK_CLASS, COMPACTOR_LOCK])
-
-
 def _cutoff_sql() -> str:
-    if conf.is_postgresql:
-        return "now() - make_interval(secs => %s)"
-    return "strftime('%%Y-%%m-%%d %%H:%%M:%%f', 'now', '-' || %s || ' seconds')"
+    """SQL for "now minus %s seconds" on the store's database clock."""
+    return get_store().cutoff_sql
 
 
 def compact(
@@ -126,7 +105,8 @@ def compact(
     max_bytes = max_bytes if max_bytes is not None else conf.COMPACT_MAX_BYTES
     batch = batch_size or conf.COMPACT_BATCH_SIZE
     result = CompactionResult(dry_run=dry_run)
-    with compactor_lock() as got:
+    store = get_store()
+    with store.compactor_lock() as got:
         if not got:
             result.skipped = True
             return result
@@ -138,17 +118,13 @@ def compact(
             result.deleted = total
             result.deleted_bytes = planned_bytes
             return result
-        if conf.is_postgresql:
-            _summarize_brin()
-        if conf.is_postgresql:
-            from backplane import partitions
-
-            dropped_rows, dropped_bytes, dropped = partitions.drop_expired(retention)
-            result.partitions_dropped = dropped
-            result.by_rule["partitions"] = dropped_rows
-            result.deleted += dropped_rows
-            result.deleted_bytes += dropped_bytes
-            partitions.ensure_ahead()
+        store.summarize_indexes()
+        dropped_rows, dropped_bytes, dropped = store.drop_expired_partitions(retention)
+        result.partitions_dropped = dropped
+        result.by_rule["partitions"] = dropped_rows
+        result.deleted += dropped_rows
+        result.deleted_bytes += dropped_bytes
+        store.ensure_partitions()
         state = {"done": 0}
 
         def tick(n: int) -> None:
@@ -169,36 +145,11 @@ def compact(
             else:
                 result.capped = True
                 break
-        result.keys_expired = _expire_keys(retention, batch, max_batches)
+        result.keys_expired = _expire_keys(store, retention, batch, max_batches)
         _sweep(result)
-        _reclaim(result)
+        _reclaim(store, result)
     logger.info("compaction: %s", result.summary(), extra={"action": "compact"})
     return result
-
-
-def _summarize_brin() -> None:
-    """Summarise the pages added since the last run into the ``created_at`` BRIN indexes (of
-    the event keys and of every outbox partition). Compaction finds old rows through them,
-    and a page range not summarised yet (autovacuum does it too, when it runs) is read whole.
-
-    Never fatal: a role that does not own the indexes, or a lock held by a long vacuum (at most
-    a 2 s wait), only leaves the ranges unsummarised for this run."""
-    try:
-        with transaction.atomic(), connection.cursor() as cur:
-            cur.execute("SET LOCAL lock_timeout = '2s'")
-            cur.execute(
-                "SELECT count(brin_summarize_new_values(i.indexrelid)) FROM pg_index i "
-                "JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_am a ON a.oid = c.relam "
-                "WHERE a.amname = 'brin' AND c.relkind = 'i' "
-                "AND (i.indrelid = 'backplane_eventkey'::regclass OR i.indrelid IN "
-                "(SELECT inhrelid FROM pg_inherits WHERE inhparent = 'backplane_outboxitem'::regclass))"
-            )
-    except DatabaseError as exc:
-        logger.warning(
-            "could not summarise the created_at BRIN indexes (%s); compaction goes on",
-            type(exc).__name__,
-            extra={"action": "compact_brin"},
-        )
 
 
 def _report_unforwarded(result: CompactionResult, retention: float) -> None:
@@ -328,51 +279,28 @@ def raise_first_retained(cur: object, rows: list[tuple[object, ...]]) -> None:
         )
 
 
-def _expire_keys(retention: float, batch: int, max_batches: int) -> int:
+def _expire_keys(store: Store, retention: float, batch: int, max_batches: int) -> int:
     """Forget idempotency keys older than the window (a retry after it publishes anew)."""
-    from backplane.outbox import EVENTKEY
-
     gone = 0
     for _ in range(max_batches):
-        with connection.cursor() as cur:
-            if conf.is_postgresql:
-                cur.execute(
-                    f"DELETE FROM {EVENTKEY} WHERE (tenant_id, event_id) IN (SELECT tenant_id, event_id FROM "
-                    f"{EVENTKEY} WHERE created_at < {_cutoff_sql()} LIMIT %s)",
-                    [retention, batch],
-                )
-            else:
-                cur.execute(
-                    f"DELETE FROM {EVENTKEY} WHERE rowid IN (SELECT rowid FROM {EVENTKEY} "
-                    f"WHERE created_at < {_cutoff_sql()} LIMIT %s)",
-                    [retention, batch],
-                )
-            n = cur.rowcount
+        n = store.expire_keys(retention, batch)
         gone += n
         if n < batch:
             break
     return gone
 
 
-def _reclaim(result: CompactionResult) -> None:
+def _reclaim(store: Store, result: CompactionResult) -> None:
     """Make the space of deleted rows reusable, so sizes stay flat even without autovacuum.
 
-    Only what row deletes touched: the narrow key table, and the outbox partitions when the
-    budgets or the DEFAULT partition took the row-delete path. Whole-partition drops need none.
+    Only what row deletes touched: the narrow key table, and the outbox when the budgets or a
+    DEFAULT partition took the row-delete path. Whole-partition drops need none.
     """
-    if not conf.is_postgresql or connection.in_atomic_block:
-        return
-    from backplane.outbox import EVENTKEY
-
     tables = [EVENTKEY] if result.keys_expired else []
     if result.deleted > result.by_rule.get("partitions", 0):
         tables.append(OUTBOX)
-    for table in tables:
-        try:
-            with connection.cursor() as cur:
-                cur.execute(f"VACUUM (ANALYZE) {table}")
-        except Exception as exc:  # reclaiming is an optimisation; the next run tries again
-            logger.warning("could not vacuum %s: %s", table, type(exc).__name__, extra={"action": "vacuum_failed"})
+    if tables:
+        store.reclaim(tables)
 
 
 def _sweep(result: CompactionResult) -> None:

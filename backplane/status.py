@@ -9,7 +9,7 @@ from django.db.models import Count
 from django.utils import timezone
 
 from backplane.models import Connection, Edge, OutboxItem, RelayLease, Stream
-from backplane.outbox import OUTBOX
+from backplane.store import OUTBOX
 
 
 def snapshot() -> dict[str, Any]:

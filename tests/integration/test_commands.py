@@ -14,6 +14,7 @@ from django.db import connection
 from backplane import auth, outbox, streams
 from backplane.conf import conf
 from backplane.models import AccessToken, OutboxItem, Tenant
+from backplane.store import OUTBOX, get_store
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
@@ -177,10 +178,10 @@ def old_forwarded_row(tenant_factory) -> None:
     tenant = tenant_factory("acme")
     outbox.publish(tenant, "a.b", {}, event_id="old")
     outbox.publish(tenant, "a.b", {}, event_id="pending")
-    outbox.assign_offsets(list(range(conf.SHARDS)), 10)
-    outbox.mark_forwarded([OutboxItem.objects.get(event_id="old").id])
+    get_store().assign(list(range(conf.SHARDS)), 10)
+    get_store().mark_forwarded([OutboxItem.objects.get(event_id="old").id])
     with connection.cursor() as cur:
-        cur.execute(f"UPDATE {outbox.OUTBOX} SET created_at = now() - interval '2 days'")
+        cur.execute(f"UPDATE {OUTBOX} SET created_at = now() - interval '2 days'")
 
 
 def test_compact_outbox__dry_run_deletes_nothing(old_forwarded_row):

@@ -20,9 +20,10 @@ from django.db import connection, connections, transaction
 from django.test import override_settings
 from django.utils import timezone
 
-from backplane import leases, outbox, retention, streams
+from backplane import outbox, retention, streams
 from backplane.conf import conf
 from backplane.models import Connection, Edge, EventKey, OutboxItem, RelayLease, Stream
+from backplane.store import EVENTKEY, OUTBOX, STREAM, get_store, postgresql
 
 from .helpers import orm
 
@@ -46,21 +47,21 @@ def seed(tenant, names: list[str], *, size: int = 100, forwarded: bool = True, *
     """Publish one event per name (event id = name), assign offsets, optionally forward them."""
     outbox.publish_many(tenant, [{"type": "run.updated", "payload": payload_of(size), "event_id": n, **audience}
                                  for n in names])
-    outbox.assign_offsets(list(range(conf.SHARDS)), 10_000)
+    get_store().assign(list(range(conf.SHARDS)), 10_000)
     if forwarded:
         forward(names)
     return names
 
 
 def forward(names: list[str]) -> None:
-    outbox.mark_forwarded(list(OutboxItem.objects.filter(event_id__in=names).values_list("id", flat=True)))
+    get_store().mark_forwarded(list(OutboxItem.objects.filter(event_id__in=names).values_list("id", flat=True)))
 
 
 def age(names: list[str], secs: float) -> None:
     """Make rows ``secs`` old by the database clock."""
     with connection.cursor() as cur:
         cur.execute(
-            f"UPDATE {outbox.OUTBOX} SET created_at = now() - make_interval(secs => %s) WHERE event_id = ANY(%s)",
+            f"UPDATE {OUTBOX} SET created_at = now() - make_interval(secs => %s) WHERE event_id = ANY(%s)",
             [secs, names],
         )
 
@@ -333,7 +334,7 @@ def hold_compactor_lock() -> psycopg.Connection:
     db = connection.settings_dict
     conn = psycopg.connect(host=db["HOST"] or "127.0.0.1", port=db["PORT"] or 5432, user=db["USER"] or "postgres",
                            dbname=db["NAME"], autocommit=True)
-    got = conn.execute("SELECT pg_try_advisory_lock(%s, %s)", [leases.LOCK_CLASS, retention.COMPACTOR_LOCK])
+    got = conn.execute("SELECT pg_try_advisory_lock(%s, %s)", [postgresql.LOCK_CLASS, postgresql.COMPACTOR_LOCK])
     assert got.fetchone()[0]
     return conn
 
@@ -384,7 +385,7 @@ def test_compact__lock_released_after_a_failed_run(tenant, monkeypatch):
 def test_compact__two_threads_at_once_delete_each_row_once(tenant):
     gone = [f"g{i}" for i in range(1200)]
     outbox.publish_many(tenant, [{"type": "run.updated", "payload": {}, "event_id": n} for n in gone])
-    outbox.assign_offsets(list(range(conf.SHARDS)), 10_000)
+    get_store().assign(list(range(conf.SHARDS)), 10_000)
     forward(gone)
     age(gone, 2 * DAY)
     keep = seed(tenant, names("k", 5))
@@ -418,7 +419,7 @@ def test_compact__two_threads_at_once_delete_each_row_once(tenant):
 def test_compact_outbox__two_processes_at_once(tenant):
     gone = [f"g{i}" for i in range(3000)]
     outbox.publish_many(tenant, [{"type": "run.updated", "payload": {}, "event_id": n} for n in gone])
-    outbox.assign_offsets(list(range(conf.SHARDS)), 10_000)
+    get_store().assign(list(range(conf.SHARDS)), 10_000)
     forward(gone)
     age(gone, 2 * DAY)
     env = support.child_env()
@@ -453,9 +454,9 @@ def test_compact__first_retained_offset_per_stream(tenant):
         streams.device_stream(tenant.id, "dev-1"): 2,
         streams.role_stream(tenant.id, "node"): 1,
     }
-    heads = outbox.stream_heads(list(first))
+    heads = get_store().stream_heads(list(first))
     for key, offset in first.items():  # every offset from the first retained one to the head is there
-        got = [i.offset for i in outbox.read_range(key, offset - 1, heads[key].offset)]
+        got = [i.offset for i in get_store().read_range(key, offset - 1, heads[key].offset)]
         assert got == list(range(offset, heads[key].offset + 1))
 
 
@@ -466,7 +467,7 @@ def test_compact__budget_deletions_raise_first_retained_offset(tenant):
 
     key = streams.tenant_stream(tenant.id)
     assert Stream.objects.get(key=key).first_retained_offset == 5
-    assert [i.offset for i in outbox.read_range(key, 4, 6)] == [5, 6]
+    assert [i.offset for i in get_store().read_range(key, 4, 6)] == [5, 6]
 
 
 # --- idle streams -------------------------------------------------------------------------
@@ -475,7 +476,7 @@ def test_compact__budget_deletions_raise_first_retained_offset(tenant):
 def idle(keys: list[str], secs: float = 3600) -> None:
     with connection.cursor() as cur:
         cur.execute(
-            f"UPDATE {outbox.STREAM} SET updated_at = now() - make_interval(secs => %s) WHERE key = ANY(%s)",
+            f"UPDATE {STREAM} SET updated_at = now() - make_interval(secs => %s) WHERE key = ANY(%s)",
             [secs, keys],
         )
 
@@ -497,7 +498,7 @@ def test_compact__prunes_idle_empty_streams_after_the_grace(tenant):
     gone, recent, rows, live = (streams.device_stream(tenant.id, d)
                                 for d in ("dev-gone", "dev-recent", "dev-rows", "dev-live"))
     with connection.cursor() as cur:
-        cur.execute(f"DELETE FROM {outbox.OUTBOX} WHERE event_id IN ('gone-1', 'gone-2', 'live')")
+        cur.execute(f"DELETE FROM {OUTBOX} WHERE event_id IN ('gone-1', 'gone-2', 'live')")
     idle([gone, rows, live], 120)
     idle([recent], 30)
 
@@ -577,14 +578,14 @@ def test_compact__prune_racing_a_relay_assignment_keeps_the_stream(tenant, monke
         # Between prune's SELECT and its DELETE a producer commits and a relay assigns offset 2.
         with transaction.atomic():
             outbox.publish(tenant, "run.updated", {}, device="dev-1", event_id="new")
-        assert outbox.assign_offsets(list(range(conf.SHARDS)), 10) == 1
+        assert len(get_store().assign(list(range(conf.SHARDS)), 10)) == 1
         return real(*args, **kwargs)
 
     monkeypatch.setattr(manager, "values_list", relay_runs_meanwhile)
     retention.compact(DAY)
     monkeypatch.undo()
 
-    pending = outbox.fetch_unforwarded(list(range(conf.SHARDS)), 10)
+    pending = get_store().unforwarded(list(range(conf.SHARDS)), 10)
     assert [(p.stream, p.item.offset, p.item.event_id) for p in pending] == [(key, 2, "new")]
 
 
@@ -635,7 +636,7 @@ def test_compact__dry_run_sweeps_nothing(tenant):
 def age_keys(event_ids: list[str], secs: float) -> None:
     with connection.cursor() as cur:
         cur.execute(
-            f"UPDATE {outbox.EVENTKEY} SET created_at = now() - make_interval(secs => %s) WHERE event_id = ANY(%s)",
+            f"UPDATE {EVENTKEY} SET created_at = now() - make_interval(secs => %s) WHERE event_id = ANY(%s)",
             [secs, event_ids],
         )
 
@@ -733,8 +734,8 @@ def test_compact__brin_summary_failure_is_not_fatal_and_a_dry_run_summarises_not
             return self.inner.execute(sql, params)
 
     monkeypatch.setattr(connection, "cursor", lambda: Refusing(real()))
-    with caplog.at_level("WARNING", logger="backplane.retention"):
-        retention._summarize_brin()
+    with caplog.at_level("WARNING", logger="backplane.store.postgresql"):
+        get_store().summarize_indexes()
     assert "could not summarise" in caplog.text
     monkeypatch.undo()
     assert retention.compact(DAY).skipped is False  # and compaction runs on

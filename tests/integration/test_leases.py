@@ -11,10 +11,12 @@ import pytest
 from django.db import connection
 from psycopg import _pipeline_base as psycopg_pipeline
 
-from backplane import leases, outbox
+from backplane import leases, outbox, streams
 from backplane.conf import conf
 from backplane.leases import Leases
 from backplane.models import OutboxItem, RelayLease
+from backplane.store import get_store
+from backplane.store.postgresql import SQL
 
 from .helpers import eventually, orm
 
@@ -188,14 +190,14 @@ async def test_leases__session_finds_rows_by_index_and_flushes_only_the_assignme
 
     statements = record_statements(a.conn)
     await orm(outbox.publish, tenant, "a.b", {"n": 1})
-    shard = outbox.streams.shard_of(tenant.id, conf.SHARDS)
-    assert len(await outbox.aassign_and_fetch(a.conn, [shard], 100)) == 1
+    shard = streams.shard_of(tenant.id, conf.SHARDS)
+    assert len(await get_store().aassign(a.conn, [shard], 100)) == 1
     claim = next(n for n, sql in enumerate(statements) if "bp_assign" in sql)
     assert "SET LOCAL synchronous_commit = on" in statements[:claim]
 
 
 async def test_assign__one_round_trip_and_offsets_written_by_primary_key(make_leases, tenant_factory, monkeypatch):
-    """The assignment is one call (BEGIN, bp_assign, COMMIT pipelined); inside it, the rows
+    """The assignment is one call (BEGIN, bp_assign_v2, COMMIT pipelined); inside it, the rows
     get their offsets through their partition's primary key, and nothing else of the outbox is
     read — never a whole partition, which the planner chooses for a few hundred keys when it
     may, or whenever it believes a partition empty."""
@@ -229,16 +231,12 @@ async def test_assign__one_round_trip_and_offsets_written_by_primary_key(make_le
         enqueue_sync(pipeline)
 
     monkeypatch.setattr(psycopg_pipeline.BasePipeline, "_enqueue_sync", counting)
-    shard = outbox.streams.shard_of(tenant.id, conf.SHARDS)
-    got = await outbox.aassign_and_fetch(a.conn, [shard], 1000)
+    shard = streams.shard_of(tenant.id, conf.SHARDS)
+    got = await get_store().aassign(a.conn, [shard], 1000)
     assert len(got) == 1000
     # One transaction of one call, sent together and answered with one sync (round trip).
-    assert [sql.split("(")[0] for sql in statements] == [
-        "BEGIN",
-        "SET LOCAL synchronous_commit = on",
-        "SELECT * FROM bp_assign",
-        "COMMIT",
-    ]
+    assert statements == ["BEGIN", "SET LOCAL synchronous_commit = on", SQL["assign"], "COMMIT"]
+    assert "bp_assign_v2(" in SQL["assign"]
     assert syncs == 1
     updates = [n for n in notices if "SET stream_offset" in n]
     assert updates, notices
@@ -289,7 +287,7 @@ def outbox_rows_read(plan: str) -> int:
 async def test_assign__a_plan_made_on_an_empty_partition_still_reads_only_the_claimed_rows(
     make_leases, tenant_factory, autovacuum
 ):
-    """The relay's session keeps bp_assign's plans. Made while the partition was analyzed
+    """The relay's session keeps bp_assign_v2's plans. Made while the partition was analyzed
     empty (a new partition), a plan that trusted that would read the whole partition on every
     call as it filled: the 3 001st row's assignment must read one row, not 3 001."""
     tenant = await orm(tenant_factory, "acme")
@@ -303,23 +301,23 @@ async def test_assign__a_plan_made_on_an_empty_partition_still_reads_only_the_cl
     def fill(n: int) -> None:
         outbox.publish_many(tenant, [{"type": "a.b", "payload": {"n": i}, "device": f"d-{i % 50}"} for i in range(n)])
 
-    shard = [outbox.streams.shard_of(tenant.id, conf.SHARDS)]
+    shard = [streams.shard_of(tenant.id, conf.SHARDS)]
     # No autovacuum ANALYZE of the filling partition meanwhile: it would make the plans afresh.
     await orm(autovacuum, False)
     await orm(analyze_empty)
     await orm(fill, 1)
-    assert len(await outbox.aassign_and_fetch(a.conn, shard, 1000)) == 1  # plans made now
+    assert len(await get_store().aassign(a.conn, shard, 1000)) == 1  # plans made now
     await orm(fill, 3000)
     notices = await explain_everything(a.conn)
     for _ in range(3):
-        assert len(await outbox.aassign_and_fetch(a.conn, shard, 1000)) == 1000
+        assert len(await get_store().aassign(a.conn, shard, 1000)) == 1000
     # 1 000 rows of 50 streams meet their heads by a hash join, not n × n in a nested loop.
     claims = [n for n in notices if "FOR UPDATE" in n and "Query Text: WITH claimed" in n]
     assert len(claims) == 3 and all("Hash Join" in c and "Nested Loop" not in c for c in claims), claims[0]
     await orm(fill, 1)
     notices.clear()
 
-    (row,) = await outbox.aassign_and_fetch(a.conn, shard, 1000)
+    (row,) = await get_store().aassign(a.conn, shard, 1000)
 
     assert row.part == await orm(partition_of, row.id)  # where the forwarded mark will go
 

@@ -23,6 +23,7 @@ from django.test import override_settings
 from backplane import outbox, partitions, retention, streams
 from backplane.conf import conf
 from backplane.models import OutboxItem, Stream
+from backplane.store import get_store
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
@@ -58,9 +59,9 @@ def seed(tenant, names: list[str], *, forwarded: bool = True, assign: bool = Tru
     outbox.publish_many(tenant, [{"type": "run.updated", "payload": {"n": n}, "event_id": n, **audience}
                                  for n in names])
     if assign:
-        outbox.assign_offsets(list(range(conf.SHARDS)), 10_000)
+        get_store().assign(list(range(conf.SHARDS)), 10_000)
     if forwarded:
-        outbox.mark_forwarded(list(OutboxItem.objects.filter(event_id__in=names).values_list("id", flat=True)))
+        get_store().mark_forwarded(list(OutboxItem.objects.filter(event_id__in=names).values_list("id", flat=True)))
 
 
 def move(names: list[str], at: datetime) -> None:
@@ -178,10 +179,10 @@ def test_stream_offset_index__holds_assigned_rows_only_and_serves_range_reads(se
         cur.execute("SELECT indexdef FROM pg_indexes WHERE indexname = 'bp_outbox_stream_offset'")
         # Partial: a row published but not assigned yet is not in it (no insertion per publish).
         assert cur.fetchone()[0].endswith("WHERE (stream_offset IS NOT NULL)")
-    outbox.assign_offsets(list(range(conf.SHARDS)), 100)
+    get_store().assign(list(range(conf.SHARDS)), 100)
     key = streams.device_stream(tenant.id, "d-1")
     # Reads by offset imply the condition, so they use it.
-    assert [i.offset for i in outbox.read_range(key, 0, 1)] == [1]
+    assert [i.offset for i in get_store().read_range(key, 0, 1)] == [1]
     with connection.cursor() as cur:
         cur.execute(
             f"EXPLAIN SELECT stream_offset FROM {TABLE} WHERE stream = %s AND stream_offset > %s "
@@ -272,8 +273,8 @@ def test_compact__keeps_a_partition_with_a_pending_row(tenant, old, pending):
     assert (result.by_rule["age"], result.unforwarded_expired) == (3, 1)  # the row path took the rest
     assert remaining() == ["p"]
 
-    outbox.assign_offsets(list(range(conf.SHARDS)), 10)
-    outbox.mark_forwarded(list(OutboxItem.objects.values_list("id", flat=True)))
+    get_store().assign(list(range(conf.SHARDS)), 10)
+    get_store().mark_forwarded(list(OutboxItem.objects.values_list("id", flat=True)))
     again = retention.compact(DAY)
     assert (again.partitions_dropped, again.by_rule["partitions"]) == (1, 1)
     assert not exists(name)

@@ -14,6 +14,7 @@ from django.test import override_settings
 from backplane import exceptions, outbox, streams
 from backplane.conf import conf
 from backplane.models import OutboxItem, Stream, Tenant
+from backplane.store import postgresql
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
@@ -232,9 +233,9 @@ def test_publish__literal_backslash_u0000_text_is_fine(tenant):
 
 def test_publish_many__inactive_tenant_midway_writes_no_chunk(tenant, monkeypatch):
     """A publish of several chunks is all or nothing even if the tenant changes between them."""
-    monkeypatch.setattr(outbox, "INSERT_CHUNK", 2)
+    monkeypatch.setattr(postgresql, "INSERT_CHUNK", 2)
     calls = {"n": 0}
-    real = outbox._execute_raw
+    real = postgresql._execute_raw
 
     def flip_after_first(cur, sql, params, **kw):  # type: ignore[no-untyped-def]
         calls["n"] += 1
@@ -242,7 +243,7 @@ def test_publish_many__inactive_tenant_midway_writes_no_chunk(tenant, monkeypatc
             Tenant.objects.filter(pk=tenant.pk).update(is_active=False)
         return real(cur, sql, params, **kw)
 
-    monkeypatch.setattr(outbox, "_execute_raw", flip_after_first)
+    monkeypatch.setattr(postgresql, "_execute_raw", flip_after_first)
     with pytest.raises(exceptions.InactiveTenant):
         outbox.publish_many(tenant, [{"type": "a.b", "payload": {"i": i}} for i in range(5)])
     assert OutboxItem.objects.count() == 0
@@ -320,15 +321,15 @@ def test_publish__prepared_statement_survives_a_rolled_back_transaction(tenant):
 @pytest.fixture
 def small_slices(monkeypatch):
     """publish_many's pipelined path (for more than PIPELINE_SLICE events) with slices of 3."""
-    monkeypatch.setattr(outbox, "PIPELINE_SLICE", 3)
+    monkeypatch.setattr(postgresql, "PIPELINE_SLICE", 3)
     sent = {"slices": 0}
-    real = outbox._many_params
+    real = postgresql._many_params
 
     def counting(*args):  # type: ignore[no-untyped-def]
         sent["slices"] += 1
         return real(*args)
 
-    monkeypatch.setattr(outbox, "_many_params", counting)
+    monkeypatch.setattr(postgresql, "_many_params", counting)
     return sent
 
 

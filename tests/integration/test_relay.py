@@ -10,6 +10,7 @@ import pytest
 from backplane import outbox, relay, streams
 from backplane.conf import conf
 from backplane.models import OutboxItem, Stream
+from backplane.store import get_store
 
 from .helpers import TIMEOUT, drain, eventually, items_of, join, orm
 
@@ -177,7 +178,7 @@ async def test_relay__crash_after_assign_forwards_same_offsets(tenant_factory, m
     await orm(publish_each, tenant, 3, "t")
     await orm(publish_each, tenant, 2, "r", role="client")
     # A relay that died right after its assignment transaction committed.
-    assert await orm(outbox.assign_offsets, list(range(conf.SHARDS)), 1000) == 5
+    assert len(await orm(get_store().assign, list(range(conf.SHARDS)), 1000)) == 5
     assigned = await orm(lambda: dict(OutboxItem.objects.values_list("event_id", "stream_offset")))
     assert sorted(assigned.values()) == [1, 1, 2, 2, 3]
 
@@ -237,7 +238,7 @@ async def test_relay__forwards_only_its_shards(tenant_factory, make_relay, layer
 async def test_relay__stream_created_by_an_edge_keeps_its_epoch(tenant_factory, make_relay, layer):
     tenant = await orm(tenant_factory, "acme")
     keys = streams.connection_streams(tenant.id, "client", "dev-1")
-    heads = await orm(outbox.ensure_streams, tenant.id, list(keys.values()))
+    heads = await orm(get_store().ensure_streams, tenant.id, list(keys.values()))
     assert {h.offset for h in heads.values()} == {0}
     channel = await join(layer, keys["device"])
     await orm(outbox.publish, tenant, "a.b", {}, device="dev-1", event_id="e-1")
@@ -247,6 +248,6 @@ async def test_relay__stream_created_by_an_edge_keeps_its_epoch(tenant_factory, 
     (message,) = await drain(layer, channel, keys["device"])
     assert message["epoch"] == heads[keys["device"]].epoch
     assert [o for _, o, _ in items_of([message])] == [1]
-    again = await orm(outbox.ensure_streams, tenant.id, list(keys.values()))
+    again = await orm(get_store().ensure_streams, tenant.id, list(keys.values()))
     assert again[keys["device"]].offset == 1
     assert {k: h.epoch for k, h in again.items()} == {k: h.epoch for k, h in heads.items()}

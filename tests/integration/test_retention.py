@@ -9,6 +9,7 @@ from django.test import override_settings
 from backplane import outbox, retention, streams
 from backplane.conf import conf
 from backplane.models import OutboxItem, Stream
+from backplane.store import OUTBOX, get_store
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
@@ -20,7 +21,7 @@ FORWARDED = ["e0", "e1", "e2", "e3"]
 def age(event_ids: list[str], interval: str = "2 days") -> None:
     with connection.cursor() as cur:
         cur.execute(
-            f"UPDATE {outbox.OUTBOX} SET created_at = now() - %s::interval WHERE event_id = ANY(%s)",
+            f"UPDATE {OUTBOX} SET created_at = now() - %s::interval WHERE event_id = ANY(%s)",
             [interval, event_ids],
         )
 
@@ -32,8 +33,8 @@ def stream_key(tenant_factory) -> str:
     tenant = tenant_factory("acme")
     for n in range(6):
         outbox.publish(tenant, "run.updated", {"n": n}, event_id=f"e{n}")
-    assert outbox.assign_offsets(list(range(conf.SHARDS)), 100) == 6
-    outbox.mark_forwarded(list(OutboxItem.objects.filter(event_id__in=FORWARDED).values_list("id", flat=True)))
+    assert len(get_store().assign(list(range(conf.SHARDS)), 100)) == 6
+    get_store().mark_forwarded(list(OutboxItem.objects.filter(event_id__in=FORWARDED).values_list("id", flat=True)))
     age(OLD)
     return streams.tenant_stream(tenant.id)
 
@@ -53,8 +54,8 @@ def test_compact__records_first_retained_offset(stream_key):
     retention.compact(HOUR)
 
     assert Stream.objects.get(key=stream_key).first_retained_offset == 4
-    assert [i.offset for i in outbox.read_range(stream_key, 0, 100)] == [4, 5, 6]
-    assert outbox.stream_heads([stream_key])[stream_key].first_retained == 4
+    assert [i.offset for i in get_store().read_range(stream_key, 0, 100)] == [4, 5, 6]
+    assert get_store().stream_heads([stream_key])[stream_key].first_retained == 4
 
 
 def test_compact__dry_run_counts_and_deletes_nothing(stream_key):
