@@ -54,7 +54,8 @@ def websocket_application() -> Any:
 
     from backplane.routing import websocket_urlpatterns
 
-    return AllowedHosts(URLRouter([*websocket_urlpatterns, re_path(r"", refuse_404)]))
+    routes: list[Any] = [*websocket_urlpatterns, re_path(r"", refuse_404)]  # type: ignore[arg-type]
+    return AllowedHosts(URLRouter(routes))
 
 
 def refuse_unsafe_start(role: str) -> None:
@@ -134,4 +135,4 @@ def _start_edge_eagerly() -> None:
         task = asyncio.ensure_future(EdgeRuntime.get())
         task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retried at first connection
 
-    reactor.callWhenRunning(start)  # type: ignore[attr-defined]
+    reactor.callWhenRunning(start)

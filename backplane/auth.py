@@ -111,11 +111,14 @@ def revoke_token(token_or_id: str) -> tuple[AccessToken, list[str]]:
 
 
 def url_has_credential(query_string: bytes) -> bool:
+    """Whether a query string names a credential parameter, split on ``&`` or on ``;`` (some
+    servers and proxies read either)."""
+    text = query_string.decode("latin1")
     try:
-        pairs = parse_qsl(query_string.decode("latin1"), keep_blank_values=True)
+        pairs = parse_qsl(text, keep_blank_values=True) + parse_qsl(text, keep_blank_values=True, separator=";")
     except ValueError:
         return True
-    return any(name.lower() in URL_CREDENTIAL_PARAMS for name, _ in pairs)
+    return any(name.strip().lower() in URL_CREDENTIAL_PARAMS for name, _ in pairs)
 
 
 def _headers(scope: dict[str, Any]) -> dict[bytes, bytes]:

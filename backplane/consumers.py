@@ -24,11 +24,12 @@ from channels.db import database_sync_to_async
 from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncWebsocketConsumer
 
-from backplane import auth, directory, exceptions, outbox, protocol, streams
+from backplane import auth, directory, exceptions, protocol, streams
 from backplane.conf import conf
 from backplane.delivery import Batch, CloseWith, Delivery, Fill, Release, Reply, Resume, TokenBucket
 from backplane.edge import EdgeRuntime
 from backplane.protocol import Close
+from backplane.store import Store, get_store
 from backplane.vendor import channels as vendor_channels
 from backplane.vendor import daphne as vendor_daphne
 
@@ -157,7 +158,7 @@ class GatewayConsumer(AsyncWebsocketConsumer):
     def _open(self, edge_id: str) -> dict[str, Any]:
         """(Worker thread) read the connection's heads, after it joined its groups, and add
         its directory row."""
-        heads = outbox.ensure_streams(self.principal.tenant_id, list(self.keys.values()))
+        heads = self.store.ensure_streams(self.principal.tenant_id, list(self.keys.values()))
         self.row_written = True  # from here on, disconnect() removes the row
         directory.open_connection(edge_id, self.directory_row())
         return heads
@@ -196,6 +197,11 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         except Exception as exc:  # the heartbeat sweep removes it later
             logger.warning("could not remove connection row: %s", type(exc).__name__, extra={"action": "disconnect"})
         logger.info("disconnected %s code %s", self.connection_id, code, extra={"action": "disconnected"})
+
+    @property
+    def store(self) -> Store:
+        """The edge runtime's store (the one that reads heads, replays and gap fills)."""
+        return self.runtime.store if self.runtime is not None else get_store()
 
     def directory_row(self) -> dict[str, Any]:
         p = self.principal
@@ -267,7 +273,8 @@ class GatewayConsumer(AsyncWebsocketConsumer):
                 plan = self.delivery.replay(name, position)
                 if isinstance(plan, Fill):
                     try:
-                        items = await _db(self._unless_gone)(outbox.read_range, self.keys[name], plan.after, plan.upto)
+                        read = self.store.read_range
+                        items = await _db(self._unless_gone)(read, self.keys[name], plan.after, plan.upto)
                     except _Gone:
                         self.closed = True
                         return
@@ -364,7 +371,7 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         """Send a range the peer missed from the outbox. The cursor is past it already: if
         it cannot be sent, the socket closes so the peer resumes from what it really got."""
         try:
-            items = await _db(outbox.read_range)(self.keys[fill.stream], fill.after, fill.upto)
+            items = await _db(self.store.read_range)(self.keys[fill.stream], fill.after, fill.upto)
         except Exception as exc:
             logger.warning("gap fill failed (%s): closing 4001", type(exc).__name__, extra={"action": "gap_error"})
             await self.close_with(Close.RECONNECT)
@@ -442,4 +449,5 @@ def _db(fn: Callable[..., Any]) -> Any:
                 _suspect_until = time.monotonic() + SUSPECT_SECS
             raise
 
-    return database_sync_to_async(call, thread_sensitive=not conf.is_postgresql)
+    # SQLite keeps its one thread (one writer; a connection per thread).
+    return database_sync_to_async(call, thread_sensitive=get_store().single_thread)

@@ -25,9 +25,10 @@ from typing import Any, Protocol
 from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 
-from backplane import auth, directory, outbox, streams
+from backplane import auth, directory, streams
 from backplane.conf import conf, edge_id
 from backplane.protocol import Close
+from backplane.store import Head, Store, get_store
 from backplane.vendor import daphne as vendor_daphne
 
 
@@ -64,9 +65,11 @@ DRAIN_FLUSH_SECS = 0.5
 class EdgeRuntime:
     _by_loop: dict[asyncio.AbstractEventLoop, EdgeRuntime] = {}
 
-    def __init__(self, edge_id: str) -> None:
+    def __init__(self, edge_id: str, layer: Any = None, store: Store | None = None) -> None:
         self.edge_id = edge_id
-        self.layer: Any = get_channel_layer()  # channels-redis ships no types
+        # I/O passed in (the process's channel layer and store by default).
+        self.layer: Any = layer if layer is not None else get_channel_layer()  # channels-redis ships no types
+        self.store = store if store is not None else get_store()
         self.consumers: dict[str, Subscriber] = {}
         self.tasks: list[asyncio.Task[None]] = []
         self.channel: str | None = None
@@ -332,9 +335,10 @@ class EdgeRuntime:
     async def check_heads(self) -> None:
         consumers = list(self.consumers.values())  # added once their hello went out
         keys = sorted({k for c in consumers for k in c.keys.values()})
-        heads: dict[str, outbox.Head] = {}
+        heads: dict[str, Head] = {}
         for start in range(0, len(keys), HEAD_QUERY_CHUNK):
-            heads.update(await database_sync_to_async(outbox.stream_heads)(keys[start : start + HEAD_QUERY_CHUNK]))
+            chunk = keys[start : start + HEAD_QUERY_CHUNK]
+            heads.update(await database_sync_to_async(self.store.stream_heads)(chunk))
         for c in consumers:
             await c.observe_heads(heads)
 

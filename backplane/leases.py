@@ -169,7 +169,7 @@ def _write_rows(owned: list[int], holder: str, counts: dict[int, int], acquired:
         return
     now = connection.ops.adapt_datetimefield_value(timezone.now())
     table = RelayLease._meta.db_table
-    rows: list[object] = []
+    rows: list[Any] = []
     for shard in owned:
         n = counts.get(shard, 0)
         rows += [shard, holder, now, now, n, now if n else None]

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -26,7 +26,7 @@ from backplane import doorbell, exceptions, redaction, streams
 from backplane.conf import conf
 from backplane.events import build_all, command_event_id
 from backplane.models import Tenant
-from backplane.store import EVENTKEY, OUTBOX, STREAM, Head, Item, Pending, get_store
+from backplane.store import get_store
 
 __all__ = ["publish", "publish_command", "publish_many", "resolve_tenant"]
 
@@ -127,34 +127,3 @@ def _known_id(tenant: Tenant | uuid.UUID | str) -> uuid.UUID | None:
         return uuid.UUID(str(tenant))
     except ValueError:
         return None
-
-
-# --- aliases for callers not yet switched to ``backplane.store`` ------------------------------
-# (consumers.py, edge.py, tests/integration/test_isolation.py, bench/compaction.py). Remove them
-# once those call ``get_store()`` directly.
-
-__all__ += ["EVENTKEY", "OUTBOX", "STREAM", "Head", "Item", "Pending"]
-
-
-def read_range(stream_key: str, after: int, upto: int) -> list[Item]:
-    return get_store().read_range(stream_key, after, upto)
-
-
-def ensure_streams(tenant_id: uuid.UUID, keys: Sequence[str]) -> dict[str, Head]:
-    return get_store().ensure_streams(tenant_id, keys)
-
-
-def stream_heads(keys: Sequence[str]) -> dict[str, Head]:
-    return get_store().stream_heads(keys)
-
-
-def assign_offsets(shards: Sequence[int], limit: int) -> int:
-    return len(get_store().assign(shards, limit))
-
-
-def fetch_unforwarded(shards: Sequence[int], limit: int) -> list[Pending]:
-    return get_store().unforwarded(shards, limit)
-
-
-def mark_forwarded(ids: Sequence[int], parts: Sequence[str | None] | None = None) -> None:
-    get_store().mark_forwarded(ids, parts)

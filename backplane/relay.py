@@ -29,6 +29,7 @@ from backplane.conf import conf
 from backplane.doorbell import Listener
 from backplane.leases import Leases
 from backplane.store import Pending, Store, get_store
+from backplane.vendor.channels_redis import PubSubPublisher
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +92,8 @@ class Relay:
         # after a crash of a previous relay, and after any failed send).
         self.resend_needed = True
         self.next_sweep = 0.0
-        self._publisher: _PubSubPublisher | bool | None = None
+        # The pub/sub layer's pipelined publisher; False for layers without one; None: not made yet.
+        self._publisher: PubSubPublisher | bool | None = None
         # Rows sent but not yet marked forwarded (see MARK_LINGER_SECS).
         self.unmarked: list[Pending] = []
 
@@ -99,9 +101,9 @@ class Relay:
         """Record what was sent, release the shards and close this relay's connections."""
         with contextlib.suppress(Exception):  # unmarked rows are sent again by the next owner
             await self.flush_marks()
-        if self._publisher:
+        if isinstance(self._publisher, PubSubPublisher):
             with contextlib.suppress(Exception):
-                await self._publisher.client.aclose()  # type: ignore[union-attr]
+                await self._publisher.aclose()
         self._publisher = None
         await self.leases.release()
 
@@ -239,8 +241,8 @@ class Relay:
         for p in pending:
             by_stream.setdefault(p.stream, []).append(p)
         if self._publisher is None:
-            self._publisher = _PubSubPublisher.for_layer(self.layer)
-        if self._publisher:
+            self._publisher = PubSubPublisher.for_layer(self.layer, conf.redis_url, SEND_TIMEOUT_SECS) or False
+        if isinstance(self._publisher, PubSubPublisher):
             # One pipelined round trip for every group message of the cycle. A command that
             # reached no subscriber (its edge is re-subscribing) is not forwarded: it goes
             # again, and is re-routed if its edge is dead by then.
@@ -354,44 +356,6 @@ def _messages(prefix: str, key: str, rows: Sequence[Pending]) -> list[tuple[str,
         items = [[p.item.offset, streams.event_frame(audience, epoch, p.item)] for p in chunk]
         out.append((group, {"type": "bp.batch", "stream": key, "epoch": epoch, "items": items}))
     return out
-
-
-class _PubSubPublisher:
-    """Publish many group messages of the channels-redis pub/sub layer in one pipeline.
-
-    The layer's own ``group_send`` takes a lock and a round trip per message; a relay cycle
-    with hundreds of device streams would pay hundreds of sequential round trips. This
-    writes exactly what ``group_send`` writes (same channel names, same serializer), pipelined.
-    """
-
-    def __init__(self, layer: Any, loop_layer: Any) -> None:
-        import redis.asyncio as aredis
-
-        self.layer = layer
-        self.loop_layer = loop_layer
-        self.client = aredis.Redis.from_url(
-            conf.redis_url, socket_connect_timeout=SEND_TIMEOUT_SECS, socket_timeout=SEND_TIMEOUT_SECS
-        )
-
-    @classmethod
-    def for_layer(cls, layer: Any) -> _PubSubPublisher | bool:
-        """A publisher for a single-host pub/sub layer; False for any other layer."""
-        if type(layer).__name__ != "RedisPubSubChannelLayer" or not conf.redis_url:
-            return False
-        loop_layer = layer._get_layer()
-        if len(getattr(loop_layer, "_shards", [])) != 1 or not hasattr(loop_layer, "_get_group_channel_name"):
-            return False
-        return cls(layer, loop_layer)
-
-    async def publish_all(self, messages: Sequence[tuple[str, dict[str, Any]]]) -> list[int]:
-        """Publish every message; return how many subscribers each reached."""
-        pipe = self.client.pipeline(transaction=False)
-        for group, message in messages:
-            pipe.publish(self.loop_layer._get_group_channel_name(group), self.layer.serialize(message))
-        return [int(n) for n in await pipe.execute()]
-
-    def __bool__(self) -> bool:
-        return True
 
 
 def _safe(exc: Exception) -> str:

@@ -25,14 +25,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
+from typing import Any
 
 from django.db import connection, transaction
 from django.utils import timezone
 
-from backplane import streams
+from backplane import directory, streams
 from backplane.conf import conf
-from backplane.models import Connection, Edge, RelayLease
+from backplane.models import Connection, RelayLease
 from backplane.store import EVENTKEY, OUTBOX, STREAM, Store, get_store
 
 logger = logging.getLogger(__name__)
@@ -220,10 +221,10 @@ def _plan(retention: float, max_rows: int | None, max_bytes: int | None) -> tupl
 
 def _rules(
     retention: float, max_rows: int | None, max_bytes: int | None
-) -> list[tuple[str, tuple[str, list[object]], Callable[[], int | None]]]:
+) -> list[tuple[str, tuple[str, list[Any]], Callable[[], int | None]]]:
     """Each rule: its WHERE clause, and a function giving how many rows it may still take."""
     age = (f"forwarded_at IS NOT NULL AND created_at < {_cutoff_sql()}", [retention])
-    forwarded = ("forwarded_at IS NOT NULL", [])
+    forwarded: tuple[str, list[Any]] = ("forwarded_at IS NOT NULL", [])
 
     def row_excess() -> int | None:
         return max(0, _totals()[0] - max_rows) if max_rows is not None else 0
@@ -237,7 +238,7 @@ def _rules(
     return [("age", age, lambda: None), ("rows", forwarded, row_excess), ("bytes", forwarded, byte_excess)]
 
 
-def _delete_batch(where: tuple[str, list[object]], limit: int | None, batch: int) -> tuple[int, int]:
+def _delete_batch(where: tuple[str, list[Any]], limit: int | None, batch: int) -> tuple[int, int]:
     """Delete one batch of the oldest matching rows; return (rows, payload bytes)."""
     if limit == 0:
         return 0, 0
@@ -305,15 +306,13 @@ def _reclaim(store: Store, result: CompactionResult) -> None:
 
 def _sweep(result: CompactionResult) -> None:
     now = timezone.now()
-    result.connections_swept = Connection.objects.filter(expires_at__lt=now).delete()[0]
-    dead = now - timedelta(seconds=conf.CONNECTION_TTL_SECS)
-    result.edges_swept = Edge.objects.filter(heartbeat_at__lt=dead).delete()[1].get("backplane.Edge", 0)
+    result.connections_swept, result.edges_swept = directory.sweep(now)
     stale = now - timedelta(seconds=STALE_LEASE_SECS)
     result.leases_cleared = RelayLease.objects.filter(heartbeat_at__lt=stale).exclude(holder="").update(holder="")
     result.streams_pruned = prune_idle_streams(now - timedelta(seconds=conf.STREAM_PRUNE_GRACE_SECS))
 
 
-def prune_idle_streams(before: object, limit: int = 10_000) -> int:
+def prune_idle_streams(before: datetime, limit: int = 10_000) -> int:
     """Delete streams with no retained items, untouched since ``before``, with no live socket.
 
     A pruned stream that gets a new event is created again with a new epoch, so a peer that

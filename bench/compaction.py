@@ -272,6 +272,7 @@ def steady(secs: float, rate: float) -> list[dict[str, Any]]:
     from backplane import outbox, retention
     from backplane.conf import conf
     from backplane.models import Tenant
+    from backplane.store import get_store
 
     tenant = Tenant.objects.create(slug="steady", name="Steady")
     stop = threading.Event()
@@ -297,8 +298,9 @@ def steady(secs: float, rate: float) -> list[dict[str, Any]]:
     def forward() -> None:
         while not stop.is_set():
             try:
-                outbox.assign_offsets(shards, 5000)
-                outbox.mark_forwarded([p.id for p in outbox.fetch_unforwarded(shards, 5000)])
+                store = get_store()
+                store.assign(shards, 5000)
+                store.mark_forwarded([p.id for p in store.unforwarded(shards, 5000)])
             except Exception as exc:  # as the relay does: count, back off, go on
                 errors.append(f"forward: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
             stop.wait(0.2)

@@ -310,7 +310,9 @@ def _insert(tenant_id: uuid.UUID, shard: int, rows: list[EventRow]) -> None:
                 _execute_raw(
                     raw, SQL["publish_many"], _many_params(tenant_id, shard, chunk), binary=True, prepare=prepare
                 )
-            _tenant_state_ok(raw.fetchone()[0], tenant_id)
+            state = raw.fetchone()
+            assert state is not None  # the statement always returns its one row
+            _tenant_state_ok(state[0], tenant_id)
             raw.close()
 
 

@@ -60,13 +60,12 @@ class Pending:
     part: str | None = None  # PostgreSQL: the partition holding the row (where its mark goes)
 
 
-def iso(value: Any) -> str:
+def iso(value: datetime | str) -> str:
     """An ISO 8601 UTC text with ``Z`` for a database time (SQLite hands back naive UTC text)."""
-    if isinstance(value, str):
-        value = datetime.fromisoformat(value)
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=UTC)
-    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    when = datetime.fromisoformat(value) if isinstance(value, str) else value
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return when.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 def item(row: Sequence[Any]) -> Item:

@@ -46,6 +46,7 @@ RELIED_ON = (
     ("twisted.internet.abstract", "FileDescriptor", "dataBuffer"),
     ("twisted.internet.abstract", "FileDescriptor", "offset"),
     ("daphne.server", "Server", "protocol_disconnected"),
+    ("daphne.access", "AccessLogGenerator", "__call__"),
 )
 # Set on instances: daphne's protocol (state, send_state, data, transport, server,
 # application_queue, handshake_deferred, _perMessageCompress, closeHandshakeTimeout), twisted's
@@ -274,6 +275,25 @@ def install_denial_response() -> None:
 
     WebSocketProtocol.handle_reply = handle_reply
     WebSocketProtocol._tyrum_denial = True
+
+
+def install_access_log_without_query_strings() -> None:
+    """Keep query strings out of daphne's access log: a client that puts a credential in the
+    URL (refused, but logged first) must not leave it on disk."""
+    from daphne.access import AccessLogGenerator
+
+    if getattr(AccessLogGenerator, "_tyrum_paths_only", False):
+        return
+    original = AccessLogGenerator.__call__
+
+    def __call__(self: Any, protocol: str, action: str, details: dict[str, Any]) -> None:
+        path = details.get("path")
+        if isinstance(path, str) and ("?" in path or ";" in path):
+            details = {**details, "path": path.split("?", 1)[0].split(";", 1)[0]}
+        original(self, protocol, action, details)
+
+    AccessLogGenerator.__call__ = __call__
+    AccessLogGenerator._tyrum_paths_only = True
 
 
 def stop_reactor() -> bool:

@@ -7,6 +7,7 @@ import pytest
 from backplane import outbox, streams
 from backplane.conf import conf
 from backplane.models import OutboxItem
+from backplane.store import get_store
 
 from .helpers import drain, items_of, join
 
@@ -45,12 +46,12 @@ def test_isolation__stream_keys_of_tenants_are_disjoint(two_tenants):
 
 def test_isolation__read_range_returns_only_own_rows(two_tenants):
     a, b, ids_a, ids_b = two_tenants
-    assert outbox.assign_offsets(ALL_SHARDS, 1000) == 12
+    assert len(get_store().assign(ALL_SHARDS, 1000)) == 12
 
     for tenant, own in ((a, ids_a), (b, ids_b)):
         seen = set()
         for key in streams.connection_streams(tenant.id, ROLE, DEVICE).values():
-            items = outbox.read_range(key, 0, 10**9)
+            items = get_store().read_range(key, 0, 10**9)
             assert [i.offset for i in items] == [1, 2]
             seen |= {i.event_id for i in items}
         assert seen == own
@@ -59,12 +60,12 @@ def test_isolation__read_range_returns_only_own_rows(two_tenants):
 
 def test_isolation__heads_are_per_tenant(two_tenants):
     a, b, _, _ = two_tenants
-    outbox.assign_offsets(ALL_SHARDS, 1000)
+    get_store().assign(ALL_SHARDS, 1000)
     outbox.publish(a, "run.updated", {}, device=DEVICE)
-    outbox.assign_offsets(ALL_SHARDS, 1000)
+    get_store().assign(ALL_SHARDS, 1000)
 
-    heads_a = outbox.stream_heads(list(streams.connection_streams(a.id, ROLE, DEVICE).values()))
-    heads_b = outbox.stream_heads(list(streams.connection_streams(b.id, ROLE, DEVICE).values()))
+    heads_a = get_store().stream_heads(list(streams.connection_streams(a.id, ROLE, DEVICE).values()))
+    heads_b = get_store().stream_heads(list(streams.connection_streams(b.id, ROLE, DEVICE).values()))
 
     assert sorted(h.offset for h in heads_a.values()) == [2, 2, 3]
     assert sorted(h.offset for h in heads_b.values()) == [2, 2, 2]

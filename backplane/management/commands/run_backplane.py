@@ -2,9 +2,11 @@ import asyncio
 from typing import Any
 
 from channels.layers import get_channel_layer
+from django.core.exceptions import ImproperlyConfigured
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from backplane import relay, streams
+from backplane.asgi import refuse_unsafe_start
 from backplane.conf import conf
 from backplane.process import freeze_startup_objects
 
@@ -29,6 +31,10 @@ class Command(BaseCommand):
                 "REDIS_URL is unset: the in-process channel layer reaches no edge. "
                 "Set REDIS_URL, or use 'manage.py serve' for the embedded mode."
             )
+        try:
+            refuse_unsafe_start("relay")
+        except ImproperlyConfigured as exc:
+            raise CommandError(str(exc)) from None
         try:
             shards = streams.parse_shards(options["shards"], conf.SHARDS)
         except ValueError as exc:
