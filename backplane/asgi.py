@@ -35,12 +35,14 @@ def application_for(http_app: Any) -> Any:
     """The project's ASGI application: ``http_app`` for HTTP, the backplane for WebSockets."""
     from channels.routing import ProtocolTypeRouter
 
+    from backplane.conf import conf
     from backplane.process import freeze_startup_objects
     from backplane.vendor import daphne as vendor_daphne
 
     refuse_unsafe_start("edge")
     vendor_daphne.install_denial_response()
     vendor_daphne.install_access_log_without_query_strings()
+    vendor_daphne.install_limits(conf.MAX_INBOUND_FRAME_BYTES, conf.REQUEST_HEADER_TIMEOUT_SECS)
     app = ProtocolTypeRouter({"http": http_app, "websocket": websocket_application()})
     _start_edge_eagerly()
     freeze_startup_objects()

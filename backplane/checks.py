@@ -21,6 +21,8 @@ _POSITIVE_INTS = (
     "PARTITION_INTERVAL_SECS",
     "MAX_OUTBOUND_BUFFER_BYTES",
     "PARTITIONS_AHEAD",
+    "REPLAY_PAGE_EVENTS",
+    "AUTH_FAILURE_BURST",
 )
 _POSITIVE_NUMBERS = (
     "RELAY_POLL_INTERVAL_SECS",
@@ -32,6 +34,8 @@ _POSITIVE_NUMBERS = (
     "INBOUND_RATE_PER_SEC",
     "STREAM_PRUNE_GRACE_SECS",
     "SLOW_CLOSE_GRACE_SECS",
+    "AUTH_FAILURES_PER_MINUTE",
+    "REQUEST_HEADER_TIMEOUT_SECS",
 )
 
 
@@ -97,13 +101,13 @@ def check_backplane_settings(app_configs: Any = None, **kwargs: Any) -> list[Che
                 id="backplane.E007",
             )
         )
-    for key in ("COMPACT_MAX_ROWS", "COMPACT_MAX_BYTES"):
+    for key in ("COMPACT_MAX_ROWS", "COMPACT_MAX_BYTES", "MAX_CONNECTIONS_PER_TOKEN", "MAX_CONNECTIONS_PER_TENANT"):
         value = conf._get(key)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
             errors.append(
                 Error(
                     f"BACKPLANE['{key}'] must be None or a positive integer.",
-                    hint="None means no budget.",
+                    hint="None means no limit.",
                     id="backplane.E008",
                 )
             )

@@ -106,6 +106,20 @@ class Settings:
     INBOUND_BURST: Setting[int] = Setting(60)
     # Largest number of events a resume replays; more answers retention_exceeded.
     MAX_REPLAY_EVENTS: Setting[int] = Setting(100_000)
+    # A replay or a gap fill reads the outbox this many events at a time, sending each page
+    # before reading the next: a resume holds at most one page (plus the outbound bound).
+    REPLAY_PAGE_EVENTS: Setting[int] = Setting(1000)
+    # Connection caps, cluster-wide (counted in the directory at each handshake; over a cap
+    # the upgrade is refused with HTTP 429). None: no cap. The tenant count reads every live
+    # connection row of the tenant, so leave it off for tenants of thousands of sockets.
+    MAX_CONNECTIONS_PER_TOKEN: Setting[int | None] = Setting(32)
+    MAX_CONNECTIONS_PER_TENANT: Setting[int | None] = Setting(None)
+    # Failed authentications per client address (this edge): a burst, then this many a
+    # minute; past it, upgrades from the address get 429 before any database query.
+    AUTH_FAILURE_BURST: Setting[int] = Setting(20)
+    AUTH_FAILURES_PER_MINUTE: Setting[float] = Setting(30.0)
+    # A client must send its request's headers within this (slow-header attacks).
+    REQUEST_HEADER_TIMEOUT_SECS: Setting[float] = Setting(10.0)
     # Origins whose session cookie is accepted as an operator credential.
     ALLOWED_ORIGINS: Setting[Sequence[str]] = Setting([])
     # PostgreSQL: publish()'s statements are prepared once per database session

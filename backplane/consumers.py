@@ -14,6 +14,7 @@ timer, and the one lock that keeps the slow path's sends in order.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 import uuid
@@ -28,6 +29,7 @@ from backplane import auth, directory, exceptions, protocol, streams
 from backplane.conf import conf
 from backplane.delivery import Batch, CloseWith, Delivery, Fill, Release, Reply, Resume, TokenBucket
 from backplane.edge import EdgeRuntime
+from backplane.limits import AddressThrottle, LogLimiter
 from backplane.protocol import Close
 from backplane.store import Store, get_store
 from backplane.vendor import channels as vendor_channels
@@ -46,6 +48,10 @@ _suspect_until = 0.0
 
 class _Closed(Exception):
     """Raised inside delivery when the socket was closed under it."""
+
+
+class _OverCap(Exception):
+    """Raised when a connection would pass its token's or its tenant's connection cap."""
 
 
 class _Gone(Exception):
@@ -73,17 +79,22 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         self.wire: Any = None  # daphne's protocol object, when frames can be written directly
         self.runtime: EdgeRuntime | None = None
         self.row_written = False
+        now = time.monotonic()
         if auth.url_has_credential(self.scope.get("query_string", b"")):
-            logger.warning(
-                "refused: credential in URL (path %s)",
-                self.scope.get("path"),
-                extra={"action": "refused_url_credential"},
-            )
+            _LOGS.log(logger, logging.WARNING, "refused_url_credential", now, "refused: credential in URL")
             await self.close()
             return
         if protocol.PROTOCOL not in (self.scope.get("subprotocols") or []):
-            logger.info("refused: subprotocol %s not offered", protocol.PROTOCOL, extra={"action": "refused_protocol"})
+            _LOGS.log(
+                logger, logging.INFO, "refused_protocol", now, "refused: subprotocol %s not offered", protocol.PROTOCOL
+            )
             await self.close()
+            return
+        address = _client_address(self.scope)
+        throttle = _throttle()
+        if throttle.blocked(address, now):  # before any database query
+            _LOGS.log(logger, logging.WARNING, "refused_throttled", now, "refused: too many failed authentications")
+            await self._deny(429)
             return
         try:
             self.principal = await _db(self._unless_gone)(auth.authenticate, self.scope)
@@ -91,7 +102,8 @@ class GatewayConsumer(AsyncWebsocketConsumer):
             self.closed = True
             return  # daphne dropped the handshake while it waited (a connect storm): nothing to do
         except auth.AuthRefused as exc:
-            logger.info("refused: %s", exc, extra={"action": "refused_auth"})
+            throttle.failed(address, time.monotonic())
+            _LOGS.log(logger, logging.INFO, "refused_auth", time.monotonic(), "refused: %s", exc)
             await self.close()
             return
         except exceptions.StoreUnavailable:
@@ -111,6 +123,13 @@ class GatewayConsumer(AsyncWebsocketConsumer):
             # (batches arriving meanwhile are held, and repeats dropped by the cursors).
             await self.runtime.subscribe(self)
             heads = await _db(self._unless_gone)(self._open, self.runtime.edge_id)
+        except _OverCap as exc:
+            self.closed = True
+            if self.runtime is not None:
+                self.runtime.unsubscribe(self)
+            _LOGS.log(logger, logging.INFO, "refused_cap", time.monotonic(), "refused: %s connection cap reached", exc)
+            await self._deny(429)
+            return
         except _Gone:
             self.closed = True
             if self.runtime is not None:
@@ -125,12 +144,15 @@ class GatewayConsumer(AsyncWebsocketConsumer):
             return
         await self.accept(protocol.PROTOCOL)
         self._direct_writes()
+        # One bucket for text frames and WebSocket pings alike (both cost the edge work).
+        inbound = TokenBucket(conf.INBOUND_RATE_PER_SEC, float(conf.INBOUND_BURST), time.monotonic())
+        vendor_daphne.share_inbound_bucket(self.proto, inbound)
         self.delivery = Delivery(
             self.keys,
             {name: heads[key] for name, key in self.keys.items()},
             max_replay=conf.MAX_REPLAY_EVENTS,
             max_frame_bytes=conf.MAX_INBOUND_FRAME_BYTES,
-            inbound=TokenBucket(conf.INBOUND_RATE_PER_SEC, float(conf.INBOUND_BURST), time.monotonic()),
+            inbound=inbound,
         )
         hello = {name: protocol.Position(h.epoch, h.offset) for name, h in self.delivery.heads.items()}
         await self.send(text_data=protocol.hello_frame(self.connection_id, self.runtime.edge_id, hello))
@@ -158,7 +180,13 @@ class GatewayConsumer(AsyncWebsocketConsumer):
     def _open(self, edge_id: str) -> dict[str, Any]:
         """(Worker thread) read the connection's heads, after it joined its groups, and add
         its directory row."""
-        heads = self.store.ensure_streams(self.principal.tenant_id, list(self.keys.values()))
+        p = self.principal
+        over = directory.over_cap(
+            p.tenant_id, p.token_id, conf.MAX_CONNECTIONS_PER_TOKEN, conf.MAX_CONNECTIONS_PER_TENANT
+        )
+        if over is not None:
+            raise _OverCap(over)
+        heads = self.store.ensure_streams(p.tenant_id, list(self.keys.values()))
         self.row_written = True  # from here on, disconnect() removes the row
         directory.open_connection(edge_id, self.directory_row())
         return heads
@@ -272,22 +300,38 @@ class GatewayConsumer(AsyncWebsocketConsumer):
             for name, position in resume.positions.items():
                 plan = self.delivery.replay(name, position)
                 if isinstance(plan, Fill):
-                    try:
-                        read = self.store.read_range
-                        items = await _db(self._unless_gone)(read, self.keys[name], plan.after, plan.upto)
-                    except _Gone:
-                        self.closed = True
+                    refused = await self._replay(name, plan)
+                    if self.closed:
                         return
-                    plan_result = self.delivery.replayed(plan, len(items))
-                    if plan_result["recovered"]:
-                        for item in items:
-                            await self._send_text(streams.event_frame(name, plan.epoch, item))
-                    result[name] = plan_result
+                    result[name] = refused or protocol.recovered(plan.count)
                 else:
                     result[name] = plan
-                if self.closed:
-                    return
             await self._send_frame(protocol.resumed_frame(result))
+
+    async def _replay(self, name: str, plan: Fill) -> dict[str, Any] | None:
+        """Send a resume's replay page by page; return the stream's refusal if its first page
+        is short (nothing sent), else None (or the socket is closed)."""
+        for n, page in enumerate(plan.pages(conf.REPLAY_PAGE_EVENTS)):
+            try:
+                items = await _db(self._unless_gone)(self.store.read_range, self.keys[name], page.after, page.upto)
+            except _Gone:
+                self.closed = True
+                return None
+            checked = self.delivery.replayed_page(page, len(items), first=n == 0)
+            if isinstance(checked, CloseWith):
+                await self.close_with(checked.code)
+                return None
+            if checked is not None:
+                return checked
+            try:
+                for item in items:
+                    await self._send_text(streams.event_frame(name, plan.epoch, item))
+            except _Closed:
+                return None
+            if vendor_daphne.closing(self.proto):  # a slow consumer's 4013 is on its way
+                self.closed = True
+                return None
+        return None
 
     # --- live delivery ------------------------------------------------------------------
 
@@ -368,24 +412,29 @@ class GatewayConsumer(AsyncWebsocketConsumer):
                 raise _Closed
 
     async def _fill(self, fill: Fill) -> None:
-        """Send a range the peer missed from the outbox. The cursor is past it already: if
-        it cannot be sent, the socket closes so the peer resumes from what it really got."""
-        try:
-            items = await _db(self.store.read_range)(self.keys[fill.stream], fill.after, fill.upto)
-        except Exception as exc:
-            logger.warning("gap fill failed (%s): closing 4001", type(exc).__name__, extra={"action": "gap_error"})
-            await self.close_with(Close.RECONNECT)
-            raise _Closed from None
-        refused = self.delivery.filled(fill, len(items))
-        if refused is not None:  # compacted away: the peer must refetch
-            logger.warning(
-                "gap %s..%s no longer in the outbox", fill.after + 1, fill.upto, extra={"action": "gap_lost"}
-            )
-            await self.close_with(refused.code)
-            raise _Closed
-        logger.info("filled %d missed events from the outbox", len(items), extra={"action": "gap_filled"})
-        for item in items:
-            await self._send_text(streams.event_frame(fill.stream, fill.epoch, item))
+        """Send a range the peer missed from the outbox, page by page. The cursor is past it
+        already: if it cannot be sent, the socket closes so the peer resumes from what it
+        really got."""
+        for page in fill.pages(conf.REPLAY_PAGE_EVENTS):
+            try:
+                items = await _db(self.store.read_range)(self.keys[fill.stream], page.after, page.upto)
+            except Exception as exc:
+                logger.warning("gap fill failed (%s): closing 4001", type(exc).__name__, extra={"action": "gap_error"})
+                await self.close_with(Close.RECONNECT)
+                raise _Closed from None
+            refused = self.delivery.filled(page, len(items))
+            if refused is not None:  # compacted away: the peer must refetch
+                logger.warning(
+                    "gap %s..%s no longer in the outbox", page.after + 1, page.upto, extra={"action": "gap_lost"}
+                )
+                await self.close_with(refused.code)
+                raise _Closed
+            for item in items:
+                await self._send_text(streams.event_frame(fill.stream, fill.epoch, item))
+            if vendor_daphne.closing(self.proto):  # a slow consumer's 4013 is on its way
+                self.closed = True
+                raise _Closed
+        logger.info("filled %d missed events from the outbox", fill.count, extra={"action": "gap_filled"})
 
     async def _send_text(self, text: str) -> None:
         """Send one frame of a replay, a gap fill or a queued batch (directly to daphne's
@@ -423,6 +472,23 @@ class GatewayConsumer(AsyncWebsocketConsumer):
                             return
         except Exception as exc:
             await self._failed(exc)
+
+
+# Refusal logs: at most one line per kind every 10 s on an edge, whatever a client sends.
+_LOGS = LogLimiter(10.0)
+
+
+@functools.cache
+def _throttle() -> AddressThrottle:
+    """This process's throttle of failed authentications per client address."""
+    return AddressThrottle(float(conf.AUTH_FAILURE_BURST), float(conf.AUTH_FAILURES_PER_MINUTE))
+
+
+def _client_address(scope: Any) -> str:
+    """The client's address as the server saw it (daphne's ``--proxy-headers`` puts the
+    forwarded one here)."""
+    client = scope.get("client") or ("",)
+    return str(client[0])
 
 
 def _db(fn: Callable[..., Any]) -> Any:

@@ -61,6 +61,14 @@ class Fill:
     def count(self) -> int:
         return self.upto - self.after
 
+    def pages(self, size: int) -> list[Fill]:
+        """The range as consecutive fills of at most ``size`` events (read and sent in turn,
+        so one resume holds at most one page)."""
+        return [
+            Fill(self.stream, self.epoch, start, min(start + size, self.upto))
+            for start in range(self.after, self.upto, size)
+        ]
+
 
 @dataclass(frozen=True, slots=True)
 class CloseWith:
@@ -321,3 +329,12 @@ class Delivery:
         if got != fill.count:
             return not_recovered(ResumeOutcome.RETENTION_EXCEEDED)
         return recovered(fill.count)
+
+    def replayed_page(self, page: Fill, got: int, first: bool) -> dict[str, Any] | CloseWith | None:
+        """Check one page of a paged replay: None when it is whole (send it, go on). Short on
+        the first page, nothing was sent: the stream is refused (``retention_exceeded``).
+        Short on a later page (compacted meanwhile), part was sent: close 4409, so the peer
+        refetches instead of taking a partial replay for a recovered one."""
+        if got == page.count:
+            return None
+        return not_recovered(ResumeOutcome.RETENTION_EXCEEDED) if first else CloseWith(Close.RESYNC)

@@ -48,6 +48,22 @@ def open_connection(edge_id: str, row: Mapping[str, Any]) -> None:
         Connection.objects.create(edge_id=edge_id, expires_at=expires, **row)
 
 
+def over_cap(
+    tenant_id: uuid.UUID, token_id: uuid.UUID | None, per_token: int | None, per_tenant: int | None
+) -> str | None:
+    """Which cap (``"token"``, ``"tenant"``) one more connection would pass, or None: live
+    rows counted cluster-wide, before the new one is added (racing handshakes may pass a
+    cap by a few)."""
+    now = timezone.now()
+    if per_token is not None and token_id is not None:
+        if Connection.objects.filter(token_id=token_id, expires_at__gt=now).count() >= per_token:
+            return "token"
+    if per_tenant is not None:
+        if Connection.objects.filter(tenant_id=tenant_id, expires_at__gt=now).count() >= per_tenant:
+            return "tenant"
+    return None
+
+
 def close_connection(connection_id: str) -> None:
     """Remove a socket's row (the sweep does it later if this fails)."""
     Connection.objects.filter(connection_id=connection_id).delete()

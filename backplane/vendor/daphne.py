@@ -47,6 +47,13 @@ RELIED_ON = (
     ("twisted.internet.abstract", "FileDescriptor", "offset"),
     ("daphne.server", "Server", "protocol_disconnected"),
     ("daphne.access", "AccessLogGenerator", "__call__"),
+    ("daphne.ws_protocol", "WebSocketProtocol", "onPing"),
+    ("daphne.ws_protocol", "WebSocketProtocol", "_max_message_size_exceeded"),
+    ("daphne.ws_protocol", "WebSocketProtocol", "_fail_connection"),
+    ("daphne.ws_protocol", "WebSocketProtocol", "CONFIG_ATTRS"),  # names failByDrop and the sizes
+    ("daphne.http_protocol", "HTTPFactory", "buildProtocol"),
+    ("daphne.http_protocol", "WebRequest", "process"),
+    ("twisted.web.http", "HTTPChannel", "requestDone"),
 )
 # Set on instances: daphne's protocol (state, send_state, data, transport, server,
 # application_queue, handshake_deferred, _perMessageCompress, closeHandshakeTimeout), twisted's
@@ -108,6 +115,21 @@ def outbound_buffered(transport: Any) -> int:
     if not isinstance(transport, _FileDescriptor):
         return 0
     return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+
+
+def closing(proto: Any) -> bool:
+    """Whether daphne's side of the socket is closing (a slow consumer being closed with
+    4013, or a close frame sent or received). False when not under daphne."""
+    if proto is None:
+        return False
+    return bool(getattr(proto, "_tyrum_slow", False)) or proto.state != proto.STATE_OPEN
+
+
+def share_inbound_bucket(proto: Any, bucket: Any) -> None:
+    """Let WebSocket pings draw on the socket's inbound bucket, like its frames do
+    (``install_limits``): a ping flood costs the edge work too."""
+    if proto is not None:
+        proto._tyrum_inbound = bucket
 
 
 def write_direct(proto: Any, data: bytes, coalescer: Coalescer) -> bool:
@@ -275,6 +297,88 @@ def install_denial_response() -> None:
 
     WebSocketProtocol.handle_reply = handle_reply
     WebSocketProtocol._tyrum_denial = True
+
+
+def install_limits(max_message_bytes: int, header_timeout: float) -> None:
+    """The WebSocket layer's own inbound limits, and a deadline for request headers.
+
+    - Messages and frames over ``max_message_bytes`` are refused by autobahn as they arrive
+      (nothing larger is buffered), with the protocol's close code 4009 rather than a dropped
+      TCP connection (``failByDrop`` off: protocol failures close with a code).
+    - WebSocket pings spend the socket's inbound bucket (``share_inbound_bucket``); past it
+      the socket is closed with 4029, like a flood of frames.
+    - A client must send a request's headers within ``header_timeout`` seconds of connecting
+      (or of its previous request's end): a client trickling header bytes is cut.
+    """
+    import time
+
+    from daphne.http_protocol import HTTPFactory, WebRequest
+    from daphne.ws_protocol import WebSocketProtocol
+    from twisted.internet import reactor
+    from twisted.web import http
+
+    if getattr(WebSocketProtocol, "_tyrum_limits", False):
+        return
+    # Class attributes win over the factory's options (autobahn copies only unset ones).
+    WebSocketProtocol.maxMessagePayloadSize = max_message_bytes
+    WebSocketProtocol.maxFramePayloadSize = max_message_bytes
+    WebSocketProtocol.failByDrop = False
+
+    def too_big(self: Any, size: int, limit: int, reason: str) -> None:
+        self._fail_connection(int(Close.FRAME_TOO_LARGE), "frame too large")
+
+    WebSocketProtocol._max_message_size_exceeded = too_big
+    on_ping = WebSocketProtocol.onPing
+
+    def onPing(self: Any, payload: bytes) -> None:
+        bucket = getattr(self, "_tyrum_inbound", None)
+        if bucket is not None and not bucket.take(time.monotonic()):
+            if self.state == self.STATE_OPEN:
+                self.sendClose(code=int(Close.RATE_LIMITED))
+            return
+        on_ping(self, payload)
+
+    WebSocketProtocol.onPing = onPing
+    WebSocketProtocol._tyrum_limits = True
+
+    build = HTTPFactory.buildProtocol
+
+    def arm(channel: Any) -> None:
+        def cut() -> None:
+            channel._tyrum_deadline = None
+            if not channel.transport.disconnected:
+                logger.warning("request headers too slow: connection cut", extra={"action": "request_timeout"})
+                channel.transport.abortConnection()
+
+        channel._tyrum_deadline = reactor.callLater(header_timeout, cut)  # type: ignore[arg-type]  # twisted's interface
+
+    def disarm(channel: Any) -> None:
+        deadline = getattr(channel, "_tyrum_deadline", None)
+        if deadline is not None and deadline.active():
+            deadline.cancel()
+        channel._tyrum_deadline = None
+
+    def buildProtocol(self: Any, addr: Any) -> Any:
+        channel = build(self, addr)
+        arm(channel)
+        return channel
+
+    process = WebRequest.process
+
+    def process_request(self: Any) -> Any:
+        disarm(self.channel)  # the request is in: its headers arrived in time
+        return process(self)
+
+    request_done = http.HTTPChannel.requestDone
+
+    def requestDone(self: Any, request: Any) -> None:
+        request_done(self, request)  # type: ignore[no-untyped-call]
+        if getattr(self, "_tyrum_deadline", "unset") is None and not self.transport.disconnected:
+            arm(self)  # keep-alive: the next request's headers get the same deadline
+
+    HTTPFactory.buildProtocol = buildProtocol
+    WebRequest.process = process_request
+    http.HTTPChannel.requestDone = requestDone  # type: ignore[method-assign]
 
 
 def install_access_log_without_query_strings() -> None:

@@ -33,7 +33,6 @@ def conforms(value: object, declared: object) -> bool:
 def test_conf__defaults_lists_every_setting_in_declaration_order():
     assert list(DEFAULTS) == list(DECLARED)
     assert list(DEFAULTS)[:3] == ["SHARDS", "MAX_PAYLOAD_BYTES", "RELAY_BATCH_SIZE"]
-    assert len(DEFAULTS) == 25
 
 
 @pytest.mark.parametrize("name", sorted(DECLARED))

@@ -143,3 +143,17 @@ def test_ws_text_frame__matches_a_websocket_library_server_frame(size: int) -> N
 
     text = ("é" * size)[:size] if size % 2 else "a" * size
     assert vendor_daphne.ws_text_frame(text) == Frame(Opcode.TEXT, text.encode()).serialize(mask=False)
+
+
+def test_vendor__autobahn_reads_the_limits_relied_on_from_the_protocol_class() -> None:
+    """install_limits sets these as class attributes of daphne's protocol: autobahn copies a
+    factory option only onto a protocol that does not have it already."""
+    import inspect
+
+    from autobahn.websocket.protocol import WebSocketProtocol
+    from daphne.ws_protocol import WebSocketProtocol as DaphneProtocol
+
+    for name in ("failByDrop", "maxMessagePayloadSize", "maxFramePayloadSize"):
+        assert name in DaphneProtocol.CONFIG_ATTRS
+    assert "if not hasattr(self, configAttr):" in inspect.getsource(WebSocketProtocol._connectionMade)
+    assert "_max_message_size_exceeded" in inspect.getsource(WebSocketProtocol)
