@@ -46,7 +46,7 @@ class Proc:
     def alive(self) -> bool:
         return self.popen.poll() is None
 
-    def signal(self, sig: int) -> None:
+    def send_signal(self, sig: int) -> None:
         """Send ``sig`` by PID if the process has not exited (its PID is ours until reaped)."""
         if self.alive():
             with contextlib.suppress(ProcessLookupError):
@@ -54,16 +54,16 @@ class Proc:
 
     def kill(self) -> None:
         """SIGKILL by PID: no clean-up runs."""
-        self.signal(signal.SIGKILL)
+        self.send_signal(signal.SIGKILL)
         self.popen.wait(timeout=10)
 
     def stop(self, timeout: float = STOP_TIMEOUT_SECS, sig: int = signal.SIGTERM) -> int | None:
         """Send ``sig`` (SIGTERM) by PID, then SIGKILL if it does not exit within ``timeout``."""
-        self.signal(sig)
+        self.send_signal(sig)
         try:
             self.popen.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            self.signal(signal.SIGKILL)
+            self.send_signal(signal.SIGKILL)
             self.popen.wait(timeout=10)
         return self.popen.returncode
 
@@ -73,15 +73,15 @@ class Proc:
 
 def stop_all(procs: Iterable[Proc], timeout: float = STOP_TIMEOUT_SECS) -> None:
     """SIGTERM every process at once, wait for all (bounded), SIGKILL those still running."""
-    procs = list(procs)
+    procs = list(dict.fromkeys(procs))  # a process listed twice is stopped once
     for proc in procs:
-        proc.signal(signal.SIGTERM)
+        proc.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + timeout
     for proc in procs:
         try:
             proc.popen.wait(max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            proc.signal(signal.SIGKILL)
+            proc.send_signal(signal.SIGKILL)
             proc.popen.wait(10)
 
 
