@@ -9,6 +9,7 @@ share, one module per concept.
 - ``inprocess``: the same peer against the ASGI application in this process (no server),
   the in-memory channel layer and an in-process relay;
 - ``data``: tenants, tokens, publishing and waits on the outbox, through the ORM;
+- ``testdb``: the test database shared, committed, with other threads and processes;
 - ``scratch``: scratch PostgreSQL databases and Django set-up for benchmarks.
 
 Import it from the repository root (pytest's ``pythonpath``; benchmarks put the root on
