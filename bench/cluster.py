@@ -1,13 +1,13 @@
-"""A benchmark cluster on loopback: scratch database, tenants and tokens, daphne edges, a
-relay, load-client pools, and a phase runner that measures one load level.
+"""A benchmark session on a harness cluster (``harness.cluster.Cluster``): a scratch
+database, tenants and tokens, daphne edges and a relay, load-client pools, and a phase
+runner that measures one load level.
 
-Every process is started here and stopped by its PID on the way out, also on error.
+Every process is started by the harness and stopped by its PID on the way out, also on error.
 """
 
 from __future__ import annotations
 
 import json
-import signal
 import threading
 import time
 from pathlib import Path
@@ -16,11 +16,14 @@ from typing import Any
 import common
 import load
 
+from harness import data, procs, scratch
+from harness.cluster import Cluster
+
 # Time for sender processes to import Django and connect before they start together.
 SENDER_START_SECS = 3.0
 
 
-class Cluster:
+class BenchCluster:
     def __init__(
         self,
         tag: str,
@@ -36,31 +39,32 @@ class Cluster:
         self.n_tenants = tenants
         self.n_edges = edges
         self.n_pools = pools
-        self.ports = [common.free_port() for _ in range(edges)]
-        self.database = common.scratch_name(f"tyrum_bench_{tag}")
-        self.procs = common.Procs(tag)
+        self.database = scratch.scratch_name(f"tyrum_bench_{tag}")
+        self.cluster: Cluster | None = None
         self.pools: load.Pools | None = None
         self.analyze = analyze
 
     # --- set-up -------------------------------------------------------------------------
 
-    def __enter__(self) -> Cluster:
+    def __enter__(self) -> BenchCluster:
         self.url = common.scratch_database(self.database)
         self.prefix = common.prefix(self.tag)
         common.setup_django(self.url, self.prefix)
         self.env = common.service_env(self.url, self.prefix)
+        common.LOGS.mkdir(parents=True, exist_ok=True)
+        # Edges as the Dockerfile runs them, with a raised open-files limit; logs afresh each run.
+        cluster = self.cluster = Cluster(log_dir=common.LOGS, env=self.env, append_logs=False, raise_nofile=True)
         try:
-            for i, port in enumerate(self.ports):
-                self.procs.edge(f"edge-{i}", port, self.env)
-            self.procs.relay("relay", self.env)
-            for port in self.ports:
-                common.wait_port(port)
-            self.pools = load.Pools(self.procs, self.n_pools, self.env)
+            cluster.start_edges([f"{self.tag}-edge-{i}" for i in range(self.n_edges)], wait=False)
+            cluster.start_relay(f"{self.tag}-relay", wait=False)
+            for proc, port in zip(cluster.edges, cluster.ports, strict=True):
+                cluster.wait_edge(proc, port)
+            self.pools = load.Pools(cluster, self.n_pools, self.env, tag=f"{self.tag}-pool")
             self.meter = common.CpuMeter(
                 self.database,
                 {
-                    "edges": lambda: self.procs.pids("edge"),
-                    "relay": lambda: self.procs.pids("relay"),
+                    "edges": lambda: procs.pids(cluster.edges),
+                    "relay": lambda: procs.pids(cluster.relays),
                     "peers": lambda: self.pools.pids if self.pools else [],
                 },
             )
@@ -74,8 +78,14 @@ class Cluster:
             if self.pools is not None:
                 self.pools.exit()
         finally:
-            self.procs.stop_all()
-            common.drop_database(self.database)
+            if self.cluster is not None:
+                self.cluster.stop()
+            scratch.drop_database(self.database)
+
+    @property
+    def ports(self) -> list[int]:
+        assert self.cluster is not None
+        return self.cluster.ports
 
     def ws_url(self, i: int) -> str:
         return f"ws://127.0.0.1:{self.ports[i % len(self.ports)]}/ws"
@@ -84,7 +94,7 @@ class Cluster:
         """Tokens for ``devices`` (device ``i`` in ``tenants[i % len]``, on edge ``i % edges``);
         return (url, token) pairs and a peers file for the producers."""
         tenant_of = [tenants[i % len(tenants)] for i in range(len(devices))]
-        tokens = common.make_tokens(tenant_of, devices)
+        tokens = data.make_tokens(tenant_of, devices)
         pairs = [(self.ws_url(i), tok) for i, tok in enumerate(tokens)]
         path = common.LOGS / f"{self.tag}-{name}-peers.json"
         path.write_text(json.dumps([[str(t.id), d] for t, d in zip(tenant_of, devices, strict=True)]))
@@ -206,14 +216,13 @@ class Cluster:
 
     def restart_edge(self, i: int) -> None:
         """Start edge ``i`` again on its port (after a kill)."""
-        self.procs.stop(f"edge-{i}")
-        self.procs.edge(f"edge-{i}", self.ports[i], self.env)
-        common.wait_port(self.ports[i])
+        assert self.cluster is not None
+        self.cluster.restart_edge(i)
 
     def _kill_last_edge(self) -> None:
-        name = f"edge-{self.n_edges - 1}"
+        assert self.cluster is not None
         self.killed_at = time.time()
-        self.procs.stop(name, signal.SIGKILL, wait=5)
+        self.cluster.kill_edge(self.n_edges - 1)
 
     def producer_argvs(self, rate: float, seconds: float, peers_file: Path, n: int, audience: str) -> list[list[str]]:
         return [

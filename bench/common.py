@@ -1,4 +1,6 @@
-"""Shared bench plumbing: scratch database, processes, CPU accounting, machine facts, output.
+"""The benchmarks' own plumbing: where results go, which Redis they use, CPU accounting,
+machine facts and output. Processes, clusters, scratch databases, tenants and tokens come
+from the ``harness`` package at the repository root, shared with the tests.
 
 Every benchmark records, per phase, the CPU seconds of each process involved (edges, relay,
 load clients, producers, Redis, PostgreSQL) and of the whole machine, and says when a load
@@ -12,21 +14,21 @@ import functools
 import json
 import os
 import platform
-import resource
-import signal
-import socket
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # the harness package and the project, for scripts run as bench/<name>.py
+    sys.path.insert(0, str(ROOT))
+
+from harness import env, scratch  # noqa: E402
+
 RESULTS = ROOT / "bench" / "results"
 LOGS = RESULTS / "logs"
-PG_ADMIN = os.environ.get("BENCH_PG_ADMIN_URL", "postgres://postgres@127.0.0.1:5432/postgres")
 # Our own Redis database number; the pub/sub layer ignores it, so every run also uses its own
 # channel prefix (see ``prefix()``).
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
@@ -44,223 +46,22 @@ def prefix(name: str) -> str:
     return f"bench{name}{os.getpid()}"
 
 
-# --- database and Django ------------------------------------------------------------------
-
-
-def scratch_name(name: str) -> str:
-    """A database name of this run's own: several people may run the benchmarks at once."""
-    return f"{name}_{os.getpid()}"
+# --- the harness on the benchmarks' Redis ---------------------------------------------------
 
 
 def scratch_database(name: str) -> str:
-    """(Re)create database ``name`` and migrate it; return its URL (``drop_database`` after)."""
-    import psycopg
-
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = PG_ADMIN.rsplit("/", 1)[0] + f"/{name}"
-    env = {**os.environ, "DATABASE_URL": url, "REDIS_URL": REDIS_URL}
-    subprocess.run([PY, "manage.py", "migrate", "-v", "0"], cwd=ROOT, env=env, check=True, timeout=120)
-    slow_ms = os.environ.get("BENCH_AUTO_EXPLAIN_MS")
-    if slow_ms:  # diagnosis: plans of statements slower than this go to the server's log
-        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-            for setting, value in (
-                ("session_preload_libraries", "auto_explain"),
-                ("auto_explain.log_min_duration", str(int(slow_ms))),
-                ("auto_explain.log_analyze", "on"),
-                ("auto_explain.log_buffers", "on"),
-            ):
-                conn.execute(f"ALTER DATABASE \"{name}\" SET {setting} = '{value}'")
-    return url
-
-
-def drop_database(name: str) -> None:
-    import psycopg
-
-    with contextlib.suppress(Exception):
-        from django.db import connections
-
-        connections.close_all()
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    """``harness.scratch.scratch_database`` on the benchmarks' Redis."""
+    return scratch.scratch_database(name, REDIS_URL)
 
 
 def setup_django(database_url: str, channel_prefix: str) -> None:
-    os.environ["DATABASE_URL"] = database_url
-    os.environ["REDIS_URL"] = REDIS_URL
-    os.environ["BACKPLANE_CHANNEL_PREFIX"] = channel_prefix
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tyrum.settings")
-    os.environ.setdefault("LOG_LEVEL", "WARNING")
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-    import django
-
-    django.setup()
+    """``harness.scratch.setup_django`` on the benchmarks' Redis."""
+    scratch.setup_django(database_url, REDIS_URL, channel_prefix)
 
 
 def service_env(database_url: str, channel_prefix: str, **extra: str) -> dict[str, str]:
-    return {
-        **os.environ,
-        "DATABASE_URL": database_url,
-        "REDIS_URL": REDIS_URL,
-        "BACKPLANE_CHANNEL_PREFIX": channel_prefix,
-        "LOG_LEVEL": "WARNING",
-        "PYTHONUNBUFFERED": "1",
-        **extra,
-    }
-
-
-def balanced_tenants(count: int, shards: int = 16) -> list[uuid.UUID]:
-    """Tenant ids spread evenly over the two halves of the shard space (so two relays with
-    shards 0..7 and 8..15 get the same load) and over distinct shards where possible."""
-    from backplane import streams
-
-    half = shards // 2
-    want = {0: count - count // 2, 1: count // 2}
-    used: set[int] = set()
-    out: list[uuid.UUID] = []
-    for _ in range(100_000):
-        if len(out) == count:
-            break
-        tid = uuid.uuid4()
-        shard = streams.shard_of(tid, shards)
-        side = 0 if shard < half else 1
-        if want[side] == 0 or (shard in used and len(used) < shards):
-            continue
-        want[side] -= 1
-        used.add(shard)
-        out.append(tid)
-    assert len(out) == count, "could not spread tenants over the shards"
-    return out
-
-
-def make_tenants(count: int, slug: str = "t") -> list[Any]:
-    from backplane.models import Tenant
-
-    return [
-        Tenant.objects.create(id=tid, slug=f"{slug}{i}", name=f"{slug.upper()}{i}")
-        for i, tid in enumerate(balanced_tenants(count))
-    ]
-
-
-def make_tokens(tenant_of: Sequence[Any], devices: Sequence[str], role: str = "node") -> list[str]:
-    """Create one token per device in one statement (``auth.create_token`` row by row is slow
-    for 10 000 peers); return the tokens in order."""
-    import secrets
-
-    from backplane import auth
-    from backplane.models import AccessToken
-
-    tokens = [auth.TOKEN_PREFIX + secrets.token_urlsafe(32) for _ in devices]
-    AccessToken.objects.bulk_create(
-        [
-            AccessToken(tenant=t, device_id=d, role=role, token_hash=auth.hash_token(tok))
-            for t, d, tok in zip(tenant_of, devices, tokens, strict=True)
-        ],
-        batch_size=2000,
-    )
-    return tokens
-
-
-# --- processes ------------------------------------------------------------------------------
-
-
-def raise_nofile() -> None:
-    """Raise this process's open-files limit as far as allowed (for thousands of sockets)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    for want in (max(hard, 65536), hard):
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (want, want))
-            return
-        except (ValueError, OSError):
-            continue
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now (the edges of concurrent runs must not collide)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(port: int, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
-
-
-class Procs:
-    """The processes a benchmark started, by role; stops each by its PID (also on error)."""
-
-    def __init__(self, tag: str) -> None:
-        self.tag = tag
-        self.procs: dict[str, subprocess.Popen[Any]] = {}
-        LOGS.mkdir(parents=True, exist_ok=True)
-
-    def start(self, name: str, args: list[str], env: dict[str, str], **kw: Any) -> subprocess.Popen[Any]:
-        log = open(LOGS / f"{self.tag}-{name}.log", "wb")  # noqa: SIM115
-        kw.setdefault("stdout", log)
-        kw.setdefault("stderr", log if kw["stdout"] is log else None)
-        proc = subprocess.Popen(args, cwd=ROOT, env=env, **kw)
-        log.close()  # the child holds its own copy
-        self.procs[name] = proc
-        return proc
-
-    def edge(self, name: str, port: int, env: dict[str, str]) -> subprocess.Popen[Any]:
-        """A daphne edge, started as the Dockerfile does, with a raised open-files limit."""
-        return self.start(
-            name,
-            [PY, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "tyrum.asgi:application"],
-            {**env, "EDGE_ID": f"{self.tag}-{name}"},
-            preexec_fn=raise_nofile,
-        )
-
-    def relay(self, name: str, env: dict[str, str], shards: str = "") -> subprocess.Popen[Any]:
-        args = [PY, "manage.py", "run_backplane"] + (["--shards", shards] if shards else [])
-        return self.start(name, args, env)
-
-    def pids(self, startswith: str = "") -> list[int]:
-        return [p.pid for n, p in self.procs.items() if n.startswith(startswith) and p.poll() is None]
-
-    def stop(self, name: str, sig: int = signal.SIGTERM, wait: float = 10.0) -> None:
-        proc = self.procs.pop(name, None)
-        if proc is None:
-            return
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, sig)
-        try:
-            proc.wait(wait)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(5)
-
-    def stop_all(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        for proc in self.procs.values():
-            try:
-                proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(proc.pid, signal.SIGKILL)
-                proc.wait(5)
-        self.procs.clear()
-
-    def __enter__(self) -> Procs:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop_all()
+    """``harness.env.service_env`` on the benchmarks' Redis."""
+    return env.service_env(database_url, REDIS_URL, channel_prefix, **extra)
 
 
 # --- CPU and memory -------------------------------------------------------------------------
@@ -421,7 +222,7 @@ def versions() -> dict[str, str]:
     try:
         import psycopg
 
-        with psycopg.connect(PG_ADMIN, connect_timeout=3) as conn:
+        with psycopg.connect(scratch.PG_ADMIN, connect_timeout=3) as conn:
             out["postgresql"] = str(conn.execute("SHOW server_version").fetchone()[0])
     except Exception:
         pass

@@ -13,7 +13,6 @@ head checks keep running), and Redis's memory for the subscriptions.
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 import time
 from pathlib import Path
@@ -22,6 +21,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import load  # noqa: E402
+
+from harness import data, scratch  # noqa: E402
+from harness.cluster import Cluster  # noqa: E402
 
 WARM_PEERS = 10
 
@@ -36,29 +38,30 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=150.0, help="no handshake starts after this many seconds")
     args = parser.parse_args()
 
-    db = common.scratch_name("tyrum_bench_conn")
+    db = scratch.scratch_name("tyrum_bench_conn")
     url = common.scratch_database(db)
     pfx = common.prefix("conn")
     common.setup_django(url, pfx)
     env = common.service_env(url, pfx)
-    port = common.free_port()
-    ws = f"ws://127.0.0.1:{port}/ws"
-    tenants = common.make_tenants(args.tenants)
+    tenants = data.make_tenants(args.tenants)
     total = args.peers + WARM_PEERS
-    tokens = common.make_tokens([tenants[i % len(tenants)] for i in range(total)], [f"dev-{i}" for i in range(total)])
+    tokens = data.make_tokens([tenants[i % len(tenants)] for i in range(total)], [f"dev-{i}" for i in range(total)])
+    common.LOGS.mkdir(parents=True, exist_ok=True)
+    # The edge as the Dockerfile runs it, with a raised open-files limit; logs afresh each run.
+    cluster = Cluster(log_dir=common.LOGS, env=env, append_logs=False, raise_nofile=True)
     try:
-        with common.Procs("conn") as procs:
-            edge = procs.edge("edge", port, env)
-            common.wait_port(port)
-            pools = load.Pools(procs, args.pools, env)
-            try:
-                row = measure(args, procs, pools, edge.pid, db, ws, tokens)
-            finally:
-                # SIGKILL first: a clean drain would close and unregister every socket one by one.
-                procs.stop("edge", signal.SIGKILL)
-                pools.exit()
+        cluster.start_edges(["conn-edge"])
+        ws = cluster.urls[0]
+        pools = load.Pools(cluster, args.pools, env, tag="conn-pool")
+        try:
+            row = measure(args, pools, cluster.edges[0].pid, db, ws, tokens)
+        finally:
+            # SIGKILL first: a clean drain would close and unregister every socket one by one.
+            cluster.kill_edge(0)
+            pools.exit()
     finally:
-        common.drop_database(db)
+        cluster.stop()
+        scratch.drop_database(db)
     common.report(
         f"connections — idle peers on one edge ({args.pools} load-client processes, "
         f"{args.concurrency} handshakes in flight each)",
@@ -86,9 +89,7 @@ def main() -> None:
     print("wrote", common.write("connections", [row], {"args": vars(args)}))
 
 
-def measure(
-    args: Any, procs: common.Procs, pools: load.Pools, edge_pid: int, db: str, ws: str, tokens: list[str]
-) -> dict[str, Any]:
+def measure(args: Any, pools: load.Pools, edge_pid: int, db: str, ws: str, tokens: list[str]) -> dict[str, Any]:
     import redis
 
     meter = common.CpuMeter(db, {"edge": lambda: [edge_pid], "peers": lambda: pools.pids})

@@ -24,7 +24,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-PG = common.PG_ADMIN.rsplit("/", 1)[0] + "/postgres"
+from harness import scratch  # noqa: E402
+
+PG = scratch.PG_ADMIN.rsplit("/", 1)[0] + "/postgres"
 
 
 def measure(kind: str, rings: int) -> dict[str, float]:

@@ -41,7 +41,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import load  # noqa: E402
-from cluster import Cluster  # noqa: E402
+from cluster import BenchCluster  # noqa: E402
+
+from harness import data  # noqa: E402
 
 PHASES = ("e2e", "floor", "resume", "fanout", "kill")
 COLS = [
@@ -91,8 +93,10 @@ def main() -> None:
     only = {p.strip() for p in args.only.split(",") if p.strip()}
     started = time.monotonic()
 
-    with Cluster("e2e", peers=args.peers, tenants=args.tenants, pools=args.pools, analyze=not args.no_analyze) as c:
-        tenants = common.make_tenants(args.tenants)
+    with BenchCluster(
+        "e2e", peers=args.peers, tenants=args.tenants, pools=args.pools, analyze=not args.no_analyze
+    ) as c:
+        tenants = data.make_tenants(args.tenants)
         devices = [f"dev-{i}" for i in range(args.peers)]
         pairs, peers_file = c.peer_set(tenants, devices, "main")
         connect = c.pools.connect(pairs)
@@ -130,7 +134,7 @@ def main() -> None:
             run_resume(c, args, tenants[0])
         if "fanout" in only:  # last: a backlog it leaves behind would spoil what follows
             c.pools.disconnect()
-            fan = common.make_tenants(1, slug="fan")
+            fan = data.make_tenants(1, slug="fan")
             fan_pairs, fan_file = c.peer_set(fan, [f"fan-{i}" for i in range(args.peers)], "fan")
             fan_connect = c.pools.connect(fan_pairs)
             run_fanout(c, args, fan_file, fan_connect)
@@ -141,7 +145,7 @@ def main() -> None:
 # --- device-targeted rates: e2e and the raw floor -----------------------------------------------
 
 
-def search(c: Cluster, args: Any, kind: str, peers_file: Path, started: float) -> list[dict[str, Any]]:
+def search(c: BenchCluster, args: Any, kind: str, peers_file: Path, started: float) -> list[dict[str, Any]]:
     """Run the fixed rates in ascending order, trying once between the first failing rate and
     the last passing one right after that failure; past the fixed rates, escalate while
     everything passes, then try once between the first failure and the last pass."""
@@ -175,7 +179,7 @@ def search(c: Cluster, args: Any, kind: str, peers_file: Path, started: float) -
     return rows
 
 
-def floor_targets(c: Cluster, peers_file: Path) -> dict[str, list[Any]]:
+def floor_targets(c: BenchCluster, peers_file: Path) -> dict[str, list[Any]]:
     """Device streams of the peers with their epoch and the next offset (after the e2e phase)."""
     from backplane import streams
     from backplane.models import Stream
@@ -189,7 +193,7 @@ def floor_targets(c: Cluster, peers_file: Path) -> dict[str, list[Any]]:
 
 
 def run_rate(
-    c: Cluster, args: Any, kind: str, rate: float, peers_file: Path, targets: dict[str, list[Any]] | None
+    c: BenchCluster, args: Any, kind: str, rate: float, peers_file: Path, targets: dict[str, list[Any]] | None
 ) -> dict[str, Any]:
     n = args.producers
     if kind == "e2e":
@@ -346,7 +350,7 @@ def _our_cpu(r: dict[str, Any]) -> float:
 # --- resume -------------------------------------------------------------------------------------
 
 
-def run_resume(c: Cluster, args: Any, tenant: Any) -> None:
+def run_resume(c: BenchCluster, args: Any, tenant: Any) -> None:
     pairs, _ = c.peer_set([tenant], ["resume-dev"], "resume")
     url, token = pairs[0]
     rows = []
@@ -375,7 +379,7 @@ def run_resume(c: Cluster, args: Any, tenant: Any) -> None:
     print("wrote", common.write("resume", rows, {"args": vars(args)}))
 
 
-async def resume_once(c: Cluster, url: str, token: str, tenant: Any, missed: int) -> dict[str, Any]:
+async def resume_once(c: BenchCluster, url: str, token: str, tenant: Any, missed: int) -> dict[str, Any]:
     from django.db import transaction
     from websockets.asyncio.client import connect
     from websockets.typing import Subprotocol
@@ -453,7 +457,7 @@ def load_client() -> str:
     return load.client_argv()[2]
 
 
-def run_fanout(c: Cluster, args: Any, fan_file: Path, connect: dict[str, Any]) -> None:
+def run_fanout(c: BenchCluster, args: Any, fan_file: Path, connect: dict[str, Any]) -> None:
     recipients = connect["connected"]
     argvs = c.producer_argvs(args.fanout_rate, args.seconds, fan_file, 1, "tenant")
     row, _, _ = c.phase(
@@ -495,7 +499,7 @@ def run_fanout(c: Cluster, args: Any, fan_file: Path, connect: dict[str, Any]) -
     print("wrote", common.write("fanout", [row], {"args": vars(args), "connect": connect, "client": load_client()}))
 
 
-def run_kill(c: Cluster, args: Any, peers_file: Path) -> None:
+def run_kill(c: BenchCluster, args: Any, peers_file: Path) -> None:
     c.pools.all({"cmd": "failover", "urls": [c.ws_url(0)], "delay": [0.5, 1.5]})
     kill_at = 3.0 if args.kill_seconds >= 6 else args.kill_seconds / 2
     argvs = c.producer_argvs(args.kill_rate, args.kill_seconds, peers_file, args.producers, "device")

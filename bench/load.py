@@ -17,6 +17,8 @@ from typing import Any
 
 import common
 
+from harness.cluster import Cluster
+
 BENCH = Path(__file__).resolve().parent
 
 
@@ -71,11 +73,11 @@ class Pools:
     """``n`` load-client processes (``peers.js`` or ``peers.py``, see ``client_argv``);
     peer ``i`` goes to pool ``i % n``."""
 
-    def __init__(self, procs: common.Procs, n: int, env: dict[str, str], tag: str = "pool") -> None:
+    def __init__(self, cluster: Cluster, n: int, env: dict[str, str], tag: str = "pool") -> None:
         self.tag = tag
         argv, extra, self.client = client_argv()
         self.procs = [
-            procs.start(
+            cluster.spawn(
                 f"{tag}-{i}",
                 argv,
                 {**env, **extra},
@@ -83,7 +85,7 @@ class Pools:
                 stdout=subprocess.PIPE,
                 text=True,
                 preexec_fn=_raise_nofile,  # Node cannot raise its own open-files limit
-            )
+            ).popen
             for i in range(n)
         ]
         self.threads = ThreadPoolExecutor(max_workers=n)

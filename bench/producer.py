@@ -24,6 +24,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
+from harness import scratch  # noqa: E402
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -32,13 +34,13 @@ def main() -> None:
     parser.add_argument("--many", type=int, default=100_000)
     parser.add_argument("--chunk", type=int, default=5000)
     args = parser.parse_args()
-    db = common.scratch_name("tyrum_bench_producer")
+    db = scratch.scratch_name("tyrum_bench_producer")
     url = common.scratch_database(db)
     common.setup_django(url, common.prefix("prod"))
     try:
         rows, overhead = measure(args, db)
     finally:
-        common.drop_database(db)
+        scratch.drop_database(db)
     notes = [n for r in rows for n in r.pop("notes", [])]
     common.report(
         f"producer cost — {args.txns} transactions per arm in shuffled blocks of {args.block}; publish() "

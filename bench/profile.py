@@ -28,6 +28,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
+from harness import scratch  # noqa: E402
+
 PYSPY = common.ROOT / ".venv" / "bin" / "py-spy"
 
 
@@ -77,7 +79,7 @@ def sample_postgres(prefix: str, secs: float, wait: float, delay: float, top: in
 
     seen: Counter[tuple[str, str]] = Counter()
     samples = 0
-    with psycopg.connect(common.PG_ADMIN, autocommit=True) as conn:
+    with psycopg.connect(scratch.PG_ADMIN, autocommit=True) as conn:
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
             row = conn.execute("SELECT 1 FROM pg_database WHERE datname LIKE %s", [prefix + "%"]).fetchone()

@@ -26,7 +26,10 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-DB = common.scratch_name("tyrum_bench_relay")
+from harness import data, procs, scratch  # noqa: E402
+from harness.cluster import Cluster  # noqa: E402
+
+DB = scratch.scratch_name("tyrum_bench_relay")
 PAD = "x" * 64
 
 
@@ -44,13 +47,14 @@ def main() -> None:
     pfx = common.prefix("relay")
     common.setup_django(url, pfx)
     env = common.service_env(url, pfx)
-    tenants = common.make_tenants(args.tenants)
+    tenants = data.make_tenants(args.tenants)
     rows: list[dict[str, Any]] = []
     notes: list[str] = []
-    meter_procs = common.Procs("relay")
-    meter = common.CpuMeter(DB, {"relays": lambda: meter_procs.pids("relay")})
+    common.LOGS.mkdir(parents=True, exist_ok=True)
+    cluster = Cluster(log_dir=common.LOGS, env=env, append_logs=False)
+    meter = common.CpuMeter(DB, {"relays": lambda: procs.pids(cluster.relays)})
     try:
-        with meter_procs as procs:
+        try:
             for batch, count in enumerate(int(x) for x in args.relays.split(",") if x):
                 fill_secs = fill(tenants, args, batch)
                 if not args.no_analyze:
@@ -63,11 +67,13 @@ def main() -> None:
                         "events_per_sec": args.events / fill_secs,
                     }
                 )
-                row = drain(procs, meter, env, count, args.events)
+                row = drain(cluster, meter, count, args.events)
                 rows.append(row)
                 notes += row.pop("notes")
+        finally:
+            cluster.stop()
     finally:
-        common.drop_database(DB)
+        scratch.drop_database(DB)
     common.report(
         f"relay throughput — {args.events} events over {args.streams} streams, {args.tenants} tenants "
         f"(CPU in CPU-seconds over the drain)",
@@ -124,7 +130,7 @@ def fill(tenants: list[Any], args: Any, batch: int) -> float:
     return time.perf_counter() - t0
 
 
-def drain(procs: common.Procs, meter: common.CpuMeter, env: dict[str, str], count: int, events: int) -> dict[str, Any]:
+def drain(cluster: Cluster, meter: common.CpuMeter, count: int, events: int) -> dict[str, Any]:
     from django.db import connection
 
     shard_sets = ["0-15"] if count == 1 else [f"{i * 16 // count}-{(i + 1) * 16 // count - 1}" for i in range(count)]
@@ -133,8 +139,10 @@ def drain(procs: common.Procs, meter: common.CpuMeter, env: dict[str, str], coun
         first_id = cur.fetchone()[0]
     a = meter.snap()
     t0 = time.monotonic()
-    for i, shards in enumerate(shard_sets):
-        procs.relay(f"relay-{count}-{i}", env, shards=shards)
+    relays = [
+        cluster.start_relay(f"relay-relay-{count}-{i}", "--shards", shards, wait=False)
+        for i, shards in enumerate(shard_sets)
+    ]
     left = events
     deadline = t0 + 180
     while time.monotonic() < deadline:
@@ -146,8 +154,8 @@ def drain(procs: common.Procs, meter: common.CpuMeter, env: dict[str, str], coun
         time.sleep(0.1)
     spawn_to_done = time.monotonic() - t0
     b = meter.snap()
-    for i in range(len(shard_sets)):
-        procs.stop(f"relay-{count}-{i}")
+    for relay in relays:
+        relay.stop()
     with connection.cursor() as cur:
         cur.execute(
             "SELECT min(assigned_at), max(assigned_at), max(forwarded_at), count(*) FROM backplane_outboxitem "

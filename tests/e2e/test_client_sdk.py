@@ -13,10 +13,10 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
-import support
 
 from backplane.client import Event, Refused, TokenRevoked, TyrumClient
-from e2e.conftest import make_tenant, make_token, orm, publish_many, stream_key, wait_assigned
+from harness import procs, waits
+from harness.data import make_tenant, make_token, orm, publish_many, stream_key, wait_assigned
 
 pytestmark = pytest.mark.e2e
 
@@ -26,7 +26,7 @@ class Proxy:
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
-        self.port = support.free_port()
+        self.port = waits.free_port()
         self.server: asyncio.Server | None = None
         self.writers: set[asyncio.StreamWriter] = set()
 
@@ -184,7 +184,7 @@ async def test_tyrum_client__revocation_raises_token_revoked(cluster) -> None:
     run = Run(TyrumClient(cluster.urls[0], token))
     try:
         await run.until(lambda r: r.client.connection_id is not None, what="hello")
-        await asyncio.to_thread(support.manage, "revoke_token", token, env=cluster.env)
+        await asyncio.to_thread(procs.manage, "revoke_token", token, env=cluster.env)
         await asyncio.wait_for(run.task, 10)
         assert isinstance(run.error, TokenRevoked), run.error
     finally:

@@ -1,4 +1,5 @@
-"""Delivery across edges: audiences, per-stream offsets, frames, tenant isolation.
+"""Delivery across edges: audiences, per-stream offsets, tenant isolation. (The event frame,
+live after the hello head and publishes rolled back or repeated: tests/unit/protocol/.)
 
 Producers publish from this process (``backplane.publish`` in a transaction; the relay is
 woken by the Redis doorbell) or with ``manage.py publish_event``; peers sit on two edges.
@@ -8,23 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
-import uuid
 
 import pytest
-import support
 
-from e2e.conftest import (
-    Peer,
-    make_tenant,
-    make_token,
-    orm,
-    publish,
-    publish_many,
-    stream_key,
-    wait_assigned,
-    wait_forwarded,
-)
+from harness import procs
+from harness.data import make_tenant, make_token, orm, publish, publish_many, wait_forwarded
+from harness.peer import Peer
 
 pytestmark = pytest.mark.e2e
 
@@ -53,7 +43,7 @@ async def test_delivery__each_audience_reaches_exactly_its_peers_on_both_edges(c
         "dev-3": [await orm(publish, tenant, "d.three", {"i": 0}, device="dev-3")],
         "dev-9": [await orm(publish, tenant, "d.nobody", {"i": 0}, device="dev-9")],
     }
-    cli = support.manage("publish_event", "--tenant", tenant.slug, "--type", "d.cli", "--payload", '{"via": "cli"}',
+    cli = procs.manage("publish_event", "--tenant", tenant.slug, "--type", "d.cli", "--payload", '{"via": "cli"}',
                          "--device", "dev-2", env=cluster.env)
     sent["dev-2"] = [cli.strip().splitlines()[-1]]
     expected = {
@@ -101,70 +91,6 @@ async def test_delivery__offsets_are_contiguous_under_concurrent_producers(clust
     assert [e["event"]["event_id"] for e in a.events if e["stream"] == "tenant"] == \
         [e["event"]["event_id"] for e in b.events if e["stream"] == "tenant"]
     assert await a.quiet(0.6) == []
-
-
-async def test_delivery__event_frame_carries_the_event_with_secrets_redacted(cluster, peers) -> None:
-    tenant = await orm(make_tenant)
-    peer = await peers(cluster.urls[1], await orm(make_token, tenant, "dev-1"))
-    event_id = f"run-{uuid.uuid4().hex}"
-    payload = {"run_id": "r1", "status": "running", "password": "hunter2",
-               "nested": {"Api-Key": "k", "ok": [1, 2]}, "items": [{"Session_Token": "t", "n": 1}]}
-    await orm(publish, tenant, "run.updated", payload, device="dev-1", event_id=event_id)
-    frame = (await peer.until_events(1))[0]
-    assert set(frame) == {"type", "stream", "epoch", "offset", "event"}
-    assert (frame["type"], frame["stream"], frame["offset"]) == ("event", "device", 1)
-    assert frame["epoch"] == peer.hello["streams"]["device"]["epoch"]
-    event = frame["event"]
-    assert set(event) == {"event_id", "type", "occurred_at", "payload"}
-    assert (event["event_id"], event["type"]) == (event_id, "run.updated")
-    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z", event["occurred_at"]), event["occurred_at"]
-    assert event["payload"] == {"run_id": "r1", "status": "running", "password": "[REDACTED]",
-                                "nested": {"Api-Key": "[REDACTED]", "ok": [1, 2]},
-                                "items": [{"Session_Token": "[REDACTED]", "n": 1}]}
-
-
-async def test_delivery__live_starts_after_the_hello_head(cluster, peers) -> None:
-    tenant = await orm(make_tenant)
-    token = await orm(make_token, tenant, "dev-1")
-    await orm(publish_many, tenant, [{"type": "before", "payload": {}, "device": "dev-1"} for _ in range(2)])
-    await wait_assigned(stream_key(tenant, "device"), 2)
-    await wait_forwarded(tenant)
-    peer = await peers(cluster.urls[0], token)
-    assert peer.head("device")[1] == 2
-    await orm(publish, tenant, "after", {}, device="dev-1")
-    events = await peer.until_events(1)
-    assert [(e["event"]["type"], e["offset"]) for e in events] == [("after", 3)]
-    assert await peer.quiet(0.6) == []
-
-
-async def test_delivery__rolled_back_and_repeated_publishes_deliver_once(cluster, peers) -> None:
-    tenant = await orm(make_tenant)
-    peer = await peers(cluster.urls[1], await orm(make_token, tenant, "dev-1"))
-
-    def rolled_back() -> None:
-        from django.db import transaction
-
-        from backplane import publish as bp_publish
-
-        class Abort(Exception):
-            pass
-
-        try:
-            with transaction.atomic():
-                bp_publish(tenant, "ghost", {}, device="dev-1", event_id="ghost-1")
-                raise Abort
-        except Abort:
-            pass
-
-    await orm(rolled_back)
-    await orm(publish, tenant, "once", {"n": 1}, device="dev-1", event_id="same-id")
-    await orm(publish, tenant, "once", {"n": 2}, device="dev-1", event_id="same-id")  # idempotent: a no-op
-    await orm(publish, tenant, "last", {}, device="dev-1")
-    await peer.until_events(2)
-    assert await peer.quiet(0.6) == []
-    assert [(e["event"]["type"], e["event"]["event_id"], e["offset"]) for e in peer.events][0] == ("once", "same-id", 1)
-    assert [(e["event"]["type"], e["offset"]) for e in peer.events] == [("once", 1), ("last", 2)]
-    assert peer.events[0]["event"]["payload"] == {"n": 1}
 
 
 async def test_tenant_isolation__live_replay_and_resume_stay_in_the_tenant(cluster, peers) -> None:

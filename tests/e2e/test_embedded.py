@@ -9,9 +9,10 @@ import time
 from pathlib import Path
 
 import pytest
-import support
 
-from e2e.conftest import Peer
+from harness import procs, waits
+from harness.env import child_env
+from harness.peer import Peer
 
 pytestmark = pytest.mark.e2e
 
@@ -28,21 +29,21 @@ def assigned(db: Path) -> int:
 
 async def test_serve__embedded_gateway_delivers_resumes_and_revokes(tmp_path: Path) -> None:
     db = tmp_path / "embedded.sqlite3"
-    env = support.child_env(DATABASE_URL=f"sqlite:///{db}", REDIS_URL="")
+    env = child_env(DATABASE_URL=f"sqlite:///{db}", REDIS_URL="")
 
     def manage(*args: str) -> str:
-        return support.manage(*args, env=env)
+        return procs.manage(*args, env=env)
 
     manage("migrate", "--no-input", "-v", "0")
     tenant_id = last_line(manage("create_tenant", "Embedded Co"))
     assert len(tenant_id) == 36
     token = last_line(manage("create_token", "--tenant", "embedded-co", "--device", "dev-1", "--role", "client"))
-    port = support.free_port()
+    port = waits.free_port()
     log_dir = tmp_path / "logs"
     log_dir.mkdir()
-    serve = support.Proc("serve", [support.PYTHON, "manage.py", "serve", "--port", str(port)], env, log_dir)
+    serve = procs.Proc("serve", [procs.PYTHON, "manage.py", "serve", "--port", str(port)], env, log_dir)
     try:
-        support.wait_port(port, timeout=30)
+        waits.wait_port(port, timeout=30)
         url = f"ws://127.0.0.1:{port}/ws"
         peer = await Peer.open(url, token)
         try:

@@ -12,9 +12,10 @@ import os
 import signal
 
 import pytest
-import support
 
-from e2e.conftest import Peer, make_tenant, make_token, orm, publish, publish_many, wait_forwarded
+from harness import procs, waits
+from harness.data import make_tenant, make_token, orm, publish, publish_many, wait_forwarded
+from harness.peer import Peer
 
 pytestmark = pytest.mark.e2e
 
@@ -48,8 +49,8 @@ def outbox_rows(tenant) -> list[tuple[str, int | None, bool]]:  # type: ignore[n
     return [(r.event_id, r.stream_offset, r.forwarded_at is not None) for r in rows]
 
 
-async def wait_log(proc: support.Proc, text: str, timeout: float = 20.0) -> None:
-    await asyncio.to_thread(support.wait_for, lambda: text in proc.log() or not proc.alive(), timeout, 0.02,
+async def wait_log(proc: procs.Proc, text: str, timeout: float = 20.0) -> None:
+    await asyncio.to_thread(waits.wait_for, lambda: text in proc.log() or not proc.alive(), timeout, 0.02,
                             f"{proc.name} to print {text!r}")
     assert text in proc.log(), proc.log()[-2000:]
 
@@ -86,12 +87,12 @@ async def test_producer__killed_right_after_commit_the_event_still_arrives(own_c
     peer = await Peer.open(own_cluster.urls[0], await orm(make_token, tenant, "dev-1"))
     env = {"DJANGO_SETTINGS_MODULE": "tyrum.settings"}
     try:
-        inside = own_cluster.spawn("producer-inside", [support.PYTHON, "-c", PRODUCER, tenant.slug, "ev-lost",
-                                                       "inside"], **env)
+        inside = own_cluster.spawn("producer-inside", [procs.PYTHON, "-c", PRODUCER, tenant.slug, "ev-lost",
+                                                       "inside"], env=env)
         await wait_log(inside, "inserted")
         inside.kill()  # SIGKILL before COMMIT: nothing is published
-        after = own_cluster.spawn("producer-after", [support.PYTHON, "-c", PRODUCER, tenant.slug, "ev-kept",
-                                                     "after"], **env)
+        after = own_cluster.spawn("producer-after", [procs.PYTHON, "-c", PRODUCER, tenant.slug, "ev-kept",
+                                                     "after"], env=env)
         await wait_log(after, "committed")
         after.kill()  # SIGKILL right after COMMIT: the event is durable
         events = await peer.until_events(1)
@@ -110,8 +111,9 @@ async def test_relay__a_late_commit_with_a_lower_id_is_not_skipped(own_cluster, 
     peer = await Peer.open(own_cluster.urls[0], await orm(make_token, tenant, "dev-1"))
     go = tmp_path / "commit-now"
     try:
-        slow = own_cluster.spawn("producer-hold", [support.PYTHON, "-c", PRODUCER, tenant.slug, "ev-first-in",
-                                                   "hold", str(go)], DJANGO_SETTINGS_MODULE="tyrum.settings")
+        slow = own_cluster.spawn("producer-hold", [procs.PYTHON, "-c", PRODUCER, tenant.slug, "ev-first-in",
+                                                   "hold", str(go)],
+                                   env={"DJANGO_SETTINGS_MODULE": "tyrum.settings"})
         await wait_log(slow, "inserted")
         await orm(publish, tenant, "produced", {"mode": "fast"}, device="dev-1", event_id="ev-second-in")
         first = await peer.until_events(1)

@@ -2,7 +2,8 @@
 connection directory.
 
 4008 revocation, device disconnect and deactivation, 4401 expiry, 4409 resync, 4001 drain
-and resume, 4013 slow consumer. 4009, 4029 and 4400 are shown in test_protocol.py.
+and resume, 4013 slow consumer. 4009 and 4400 are shown in test_protocol.py; 4029, and 4409
+on an epoch change, in process in tests/unit/protocol/.
 """
 
 from __future__ import annotations
@@ -14,26 +15,23 @@ import time
 from datetime import timedelta
 
 import pytest
-import support
 from django.utils import timezone
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from e2e.conftest import (
-    OPERATOR_ORIGIN,
-    PROTOCOL,
-    Cluster,
-    Peer,
+from harness import procs
+from harness.cluster import Cluster
+from harness.data import (
     make_tenant,
     make_token,
     operator_session,
     orm,
     publish_many,
-    refused_status,
     stream_key,
     wait_assigned,
     wait_forwarded,
 )
+from harness.peer import OPERATOR_ORIGIN, PROTOCOL, Peer, refused_status
 
 pytestmark = pytest.mark.e2e
 
@@ -61,7 +59,7 @@ async def still_open(peer: Peer) -> None:
 
 
 async def edge_command(cluster: Cluster, *args: str) -> str:
-    return await asyncio.to_thread(support.manage, "edge_command", *args, env=cluster.env)
+    return await asyncio.to_thread(procs.manage, "edge_command", *args, env=cluster.env)
 
 
 async def test_revoke_token__closes_its_sockets_on_every_edge_with_4008(cluster, peers) -> None:
@@ -72,7 +70,7 @@ async def test_revoke_token__closes_its_sockets_on_every_edge_with_4008(cluster,
     sibling = await orm(make_token, tenant, "dev-1")  # same device, another token
     a, b = await peers(cluster.urls[0], token), await peers(cluster.urls[1], token)
     other = await peers(cluster.urls[0], sibling)
-    out = await asyncio.to_thread(support.manage, "revoke_token", token, env=cluster.env)
+    out = await asyncio.to_thread(procs.manage, "revoke_token", token, env=cluster.env)
     assert "told 2 edge(s)" in out, out
     codes = await asyncio.gather(a.closed(timeout=10), b.closed(timeout=10))
     assert codes == [4008, 4008]
@@ -127,20 +125,6 @@ async def test_token_expiry__closes_the_socket_with_4401(cluster, peers) -> None
     assert await peer.closed(timeout=HEARTBEAT_BOUND_SECS) == 4401
     assert time.monotonic() - connected >= lifetime - 0.5
     assert await refused_status(cluster.urls[0], token=token) == 403
-
-
-async def test_stream_reset__epoch_change_closes_4409(cluster, peers) -> None:
-    from backplane.models import Stream
-
-    tenant = await orm(make_tenant)
-    token = await orm(make_token, tenant, "dev-1")
-    peer = await peers(cluster.urls[0], token)
-    other = await peers(cluster.urls[1], await orm(make_token, tenant, "dev-2"))
-    await orm(Stream.objects.filter(key=stream_key(tenant, "device")).update, epoch="5e5e5e5e")
-    assert await peer.closed(timeout=5) == 4409  # found by the edge's head check (twice a second)
-    await still_open(other)  # dev-2's streams did not change
-    again = await peers(cluster.urls[0], token)
-    assert again.head("device")[0] == "5e5e5e5e"
 
 
 async def test_edge_command__resync_closes_the_tenants_sockets_with_4409(cluster, peers) -> None:

@@ -6,19 +6,10 @@ import asyncio
 import uuid
 
 import pytest
-import support
 
-from e2e.conftest import (
-    PROTOCOL,
-    Peer,
-    b64url,
-    make_tenant,
-    make_token,
-    orm,
-    publish,
-    refused_status,
-    wait_forwarded,
-)
+from harness import procs
+from harness.data import make_tenant, make_token, orm, publish, wait_forwarded
+from harness.peer import PROTOCOL, Peer, b64url, refused_status
 
 pytestmark = pytest.mark.e2e
 
@@ -59,7 +50,7 @@ async def test_logs__hold_no_token_header_or_payload_at_debug(own_cluster) -> No
         await orm(publish, tenant, "note.added", {"note": marker, "nested": {"list": [marker]}})
         await orm(publish, tenant, "note.added", {"note": marker}, device="dev-1")
         cli = await asyncio.to_thread(
-            support.manage, "publish_event", "--tenant", tenant.slug, "--type", "note.added",
+            procs.manage, "publish_event", "--tenant", tenant.slug, "--type", "note.added",
             "--payload", f'{{"note": "{cli_marker}"}}', "--device", "dev-2", env=own_cluster.env)
         await by_header.until_events(2)
         await by_proto.until_events(2)
@@ -73,7 +64,7 @@ async def test_logs__hold_no_token_header_or_payload_at_debug(own_cluster) -> No
         assert len(resumer.events) == 2
         await resumer.send("this is not json " + marker)  # a malformed frame is not echoed into a log
         assert await resumer.closed() == 4400
-        revoke = await asyncio.to_thread(support.manage, "revoke_token", header_token, env=own_cluster.env)
+        revoke = await asyncio.to_thread(procs.manage, "revoke_token", header_token, env=own_cluster.env)
         assert await by_header.closed(timeout=10) == 4008
     finally:
         await by_header.close()

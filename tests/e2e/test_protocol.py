@@ -1,42 +1,30 @@
-"""PROTOCOL.md on the wire, "Connecting" and "Frames": two daphne edges and one relay.
+"""docs/protocol.md on the wire, where it takes daphne: the handshake's status codes and
+headers, the operator session's Origin check, 503 when the edge cannot check a credential,
+WebSocket pings, and frames as daphne passes them (binary, over 64 KiB in bytes).
 
-The peer here is the stock ``websockets`` client and this file's knowledge of PROTOCOL.md,
-nothing of the project's own client.
+Everything else of "Connecting" and "Frames" — each refusal, hello, ping, unknown types,
+malformed frames, the inbound rate, resume — runs in process in tests/unit/protocol/.
+The peer here is the stock ``websockets`` client (``harness.peer.Peer``).
 """
 
 from __future__ import annotations
 
 import json
-from datetime import timedelta
 
 import pytest
-import support
-from django.utils import timezone
 
-from e2e.conftest import (
-    OPERATOR_ORIGIN,
-    PROTOCOL,
-    Cluster,
-    Peer,
-    b64url,
-    make_tenant,
-    make_token,
-    operator_session,
-    orm,
-    publish,
-    publish_many,
-    refused_status,
-    stream_key,
-    wait_assigned,
-)
+from harness import waits
+from harness.cluster import Cluster
+from harness.data import make_tenant, make_token, operator_session, orm, publish
+from harness.peer import OPERATOR_ORIGIN, PROTOCOL, Peer, b64url, refused_status
+from harness.procs import PYTHON, Proc
 
 pytestmark = pytest.mark.e2e
 
 
-
 @pytest.fixture(scope="module", params=["cluster", "serve"])
 def module_cluster(module_env, tmp_path_factory, request):  # type: ignore[no-untyped-def]
-    """The same protocol suite against both deployments (issue 2's "done when"):
+    """The same handshake checks against both deployments (issue 2's "done when"):
 
     - ``cluster``: two daphne edges that accept operator sessions from OPERATOR_ORIGIN, and
       one relay, over PostgreSQL and Redis;
@@ -49,14 +37,13 @@ def module_cluster(module_env, tmp_path_factory, request):  # type: ignore[no-un
             cluster.start_edges(["e2e-proto-a", "e2e-proto-b"], BACKPLANE_ALLOWED_ORIGINS=OPERATOR_ORIGIN)
             cluster.start_relay("e2e-proto-relay")
         else:
-            port = support.free_port()
+            port = waits.free_port()
             env = {**module_env, "REDIS_URL": "", "EDGE_ID": "e2e-proto-serve",
                    "BACKPLANE_ALLOWED_ORIGINS": OPERATOR_ORIGIN}
-            proc = support.Proc("e2e-proto-serve", [support.PYTHON, "manage.py", "serve", "--port", str(port)],
-                                env, cluster.log_dir)
+            proc = Proc("e2e-proto-serve", [PYTHON, "manage.py", "serve", "--port", str(port)], env, cluster.log_dir)
             cluster.edges += [proc, proc]  # one process stands for "both edges"
             cluster.ports += [port, port]
-            support.wait_port(port, timeout=30)
+            waits.wait_port(port, timeout=30)
         yield cluster
     finally:
         cluster.stop()
@@ -85,17 +72,6 @@ async def test_subprotocol__not_offered_is_refused_403(cluster) -> None:
         assert await refused_status(cluster.urls[0], token=token, subprotocols=offered) == 403, offered
 
 
-async def test_auth__bearer_header_connects_as_its_device(cluster, peers) -> None:
-    tenant, token = await _tenant_and_token(device="dev-bearer")
-    peer = await peers(cluster.urls[1], token)
-    await orm(publish, tenant, "run.updated", {"n": 1}, device="dev-bearer")
-    await orm(publish, tenant, "run.updated", {"n": 2}, device="dev-other")
-    await orm(publish, tenant, "run.updated", {"n": 3}, role="client")
-    await peer.until_events(2)
-    assert sorted((e["stream"], e["event"]["payload"]["n"]) for e in peer.events) == [("device", 1), ("role", 3)]
-    assert await peer.quiet(0.8) == []
-
-
 async def test_auth__subprotocol_token_accepted_and_never_echoed(cluster, peers) -> None:
     tenant, token = await _tenant_and_token(device="dev-browser")
     encoded = b64url(token)
@@ -107,66 +83,6 @@ async def test_auth__subprotocol_token_accepted_and_never_echoed(cluster, peers)
         assert encoded not in value and token not in value, name
     await orm(publish, tenant, "run.updated", {"n": 1}, device="dev-browser")
     assert (await peer.until_events(1))[0]["stream"] == "device"
-
-
-async def test_auth__bearer_preferred_over_subprotocol_token(cluster, peers) -> None:
-    tenant = await orm(make_tenant)
-    header_token = await orm(make_token, tenant, "dev-header")
-    proto_token = await orm(make_token, tenant, "dev-proto")
-    peer = await peers(cluster.urls[0], header_token, headers={},
-                       subprotocols=[PROTOCOL, f"tyrum-auth.{b64url(proto_token)}"])
-    await orm(publish, tenant, "run.updated", {"to": "proto"}, device="dev-proto")
-    await orm(publish, tenant, "run.updated", {"to": "header"}, device="dev-header")
-    events = await peer.until_events(1)
-    assert [e["event"]["payload"]["to"] for e in events] == ["header"]
-    assert await peer.quiet(0.8) == []
-
-
-async def test_auth__malformed_subprotocol_token_is_refused_403(cluster) -> None:
-    await _tenant_and_token()
-    for bad in ("tyrum-auth.%%%", "tyrum-auth.A", "tyrum-auth.____"):
-        assert await refused_status(cluster.urls[0], subprotocols=[PROTOCOL, bad]) == 403, bad
-
-
-@pytest.mark.parametrize("query", [
-    "token=x", "Access_Token=x", "jwt=x", "AUTH=x", "authorization=x", "api_key=x", "token", "a=1&TOKEN=",
-    "%74oken=x",  # percent-encoded name
-])
-async def test_auth__credential_in_url_is_refused_even_with_valid_bearer(cluster, query) -> None:
-    _, token = await _tenant_and_token()
-    for url in cluster.urls:
-        assert await refused_status(f"{url}?{query}", token=token) == 403
-        assert await refused_status(f"{url}?{query}", token=token, auth="subprotocol") == 403
-
-
-async def test_auth__url_without_credential_parameter_is_accepted(cluster, peers) -> None:
-    _, token = await _tenant_and_token()
-    peer = await peers(f"{cluster.urls[0]}?client=web&v=2&tokenizer=x", token)
-    assert peer.hello["type"] == "hello"
-
-
-async def test_auth__unusable_credentials_are_refused_403(cluster) -> None:
-    from backplane.auth import revoke_token
-    from backplane.models import Tenant
-
-    tenant, good = await _tenant_and_token()
-    revoked = await orm(make_token, tenant, "dev-2")
-    await orm(revoke_token, revoked)
-    expired = await orm(make_token, tenant, "dev-3", expires_at=timezone.now() - timedelta(seconds=1))
-    inactive_tenant = await orm(make_tenant)
-    inactive = await orm(make_token, inactive_tenant, "dev-4")
-    await orm(Tenant.objects.filter(pk=inactive_tenant.pk).update, is_active=False)
-    url = cluster.urls[1]
-    assert await refused_status(url) == 403  # no credential at all
-    assert await refused_status(url, token="tyr_" + "x" * 43) == 403  # unknown
-    assert await refused_status(url, token="tyr_" + "x" * 43, auth="subprotocol") == 403
-    for bad in (revoked, expired, inactive):
-        assert await refused_status(url, token=bad) == 403
-        assert await refused_status(url, token=bad, auth="subprotocol") == 403
-    assert await refused_status(url, headers={"Authorization": f"Basic {good}"}) == 403
-    assert await refused_status(url, headers={"Authorization": "Bearer "}) == 403
-    peer = await Peer.open(url, good)  # the same request with a good token is accepted
-    await peer.close()
 
 
 async def test_auth__operator_session_cookie_needs_an_allowed_origin(cluster, peers) -> None:
@@ -191,7 +107,7 @@ async def test_auth__operator_session_cookie_needs_an_allowed_origin(cluster, pe
 
 async def test_edge__store_unreachable_is_refused_503(own_cluster) -> None:
     """The edge cannot check a credential (its database is down): HTTP 503, no socket."""
-    dead = f"postgres://postgres@127.0.0.1:{support.free_port()}/tyrum_nowhere"
+    dead = f"postgres://postgres@127.0.0.1:{waits.free_port()}/tyrum_nowhere"
     own_cluster.start_edges(["e2e-proto-nodb"], DATABASE_URL=dead)
     _, token = await _tenant_and_token()
     url = own_cluster.urls[0]
@@ -200,99 +116,6 @@ async def test_edge__store_unreachable_is_refused_503(own_cluster) -> None:
     # A credential that is refused before any database look-up is still a 403.
     assert await refused_status(f"{url}?token=x", token=token) == 403
     assert await refused_status(url, token=token, subprotocols=[]) == 403
-
-
-# --- hello ----------------------------------------------------------------------------------
-
-
-async def test_hello__names_protocol_ids_and_stream_heads(cluster, peers) -> None:
-    tenant, token = await _tenant_and_token(device="dev-h", role="node")
-    first = await peers(cluster.urls[0], token)
-    hello = first.hello
-    assert set(hello) >= {"type", "protocol", "connection_id", "edge_id", "streams"}
-    assert hello["protocol"] == PROTOCOL
-    assert hello["edge_id"] == cluster.edge_ids[0]
-    assert isinstance(hello["connection_id"], str) and hello["connection_id"]
-    assert set(hello["streams"]) == {"tenant", "role", "device"}
-    for head in hello["streams"].values():  # never an event yet: offset 0, an epoch all the same
-        assert set(head) == {"epoch", "offset"}
-        assert isinstance(head["epoch"], str) and head["epoch"]
-        assert head["offset"] == 0
-
-    await orm(publish_many, tenant, [{"type": "a.b", "payload": {}}, {"type": "a.b", "payload": {}},
-                                     {"type": "a.b", "payload": {}, "device": "dev-h"}])
-    await wait_assigned(stream_key(tenant, "tenant"), 2)
-    await wait_assigned(stream_key(tenant, "device", device="dev-h"), 1)
-    second = await peers(cluster.urls[1], token)
-    assert second.hello["edge_id"] == cluster.edge_ids[1]
-    assert second.hello["connection_id"] != hello["connection_id"]
-    streams = second.hello["streams"]
-    assert {name: s["offset"] for name, s in streams.items()} == {"tenant": 2, "role": 0, "device": 1}
-    assert {name: s["epoch"] for name, s in streams.items()} == {n: s["epoch"] for n, s in hello["streams"].items()}
-
-
-# --- frames ---------------------------------------------------------------------------------
-
-
-async def test_ping__is_answered_with_pong(cluster, peers) -> None:
-    _, token = await _tenant_and_token()
-    peer = await peers(cluster.urls[0], token)
-    for _ in range(3):
-        await peer.send({"type": "ping"})
-        assert await peer.recv() == {"type": "pong"}
-
-
-async def test_unknown_type__is_an_error_and_the_socket_stays_open(cluster, peers) -> None:
-    _, token = await _tenant_and_token()
-    peer = await peers(cluster.urls[1], token)
-    for kind in ("subscribe", "hello", "event", "PING"):
-        await peer.send({"type": kind, "x": 1})
-        frame = await peer.recv()
-        assert frame["type"] == "error" and frame["code"] == "unknown_type", frame
-    await peer.send({"type": "ping"})
-    assert await peer.recv() == {"type": "pong"}
-
-
-@pytest.mark.parametrize("frame", [
-    "not json", "{\"type\": \"ping\"", "", "[]", "[{\"type\": \"ping\"}]", "\"ping\"", "42", "null", "{}",
-    "{\"type\": 5}", "{\"type\": null}", "{\"type\": [\"ping\"]}", b"{\"type\": \"ping\"}",
-], ids=lambda f: repr(f)[:24])
-async def test_malformed_frame__closes_4400(cluster, peers, frame) -> None:
-    _, token = await _tenant_and_token()
-    peer = await peers(cluster.urls[0], token)
-    await peer.send(frame)
-    assert await peer.closed() == 4400
-
-
-async def test_frame_size__over_64_kib_closes_4009(cluster, peers) -> None:
-    _, token = await _tenant_and_token()
-    peer = await peers(cluster.urls[1], token)
-    limit = 64 * 1024
-    body = json.dumps({"type": "ping", "pad": ""})
-    at_limit = body.replace('""', '"' + "x" * (limit - len(body)) + '"')
-    assert len(at_limit.encode()) == limit
-    await peer.send(at_limit)
-    assert await peer.recv() == {"type": "pong"}
-    over = body.replace('""', '"' + "é" * ((limit - len(body)) // 2 + 1) + '"')  # over in bytes, not chars
-    assert len(over) <= limit < len(over.encode())
-    await peer.send(over)
-    assert await peer.closed() == 4009
-
-
-async def test_inbound_rate__a_flood_closes_4029(cluster, peers) -> None:
-    _, token = await _tenant_and_token()
-    calm = await peers(cluster.urls[0], token)
-    flood = await peers(cluster.urls[0], token)
-    for _ in range(50):  # within the burst of 60: all answered
-        await calm.send({"type": "ping"})
-    await calm.until(lambda p: p.frames.count({"type": "pong"}) == 50, what="50 pongs")
-    for _ in range(200):
-        await flood.send({"type": "ping"})
-    assert await flood.closed() == 4029
-    pongs = flood.frames.count({"type": "pong"})
-    assert 50 <= pongs < 200, pongs
-    await calm.send({"type": "ping"})  # the other socket of the same token is not affected
-    assert await calm.recv() == {"type": "pong"}
 
 
 async def test_keepalive__the_server_sends_websocket_pings(own_cluster) -> None:
@@ -319,13 +142,18 @@ async def test_keepalive__the_server_sends_websocket_pings(own_cluster) -> None:
         await peer.close()
 
 
-async def test_resume__not_first_frame_is_an_error(cluster, peers) -> None:
+# --- frames as daphne passes them -------------------------------------------------------
+
+
+async def test_frames__binary_closes_4400_and_over_64_kib_in_bytes_closes_4009(cluster, peers) -> None:
     _, token = await _tenant_and_token()
-    peer = await peers(cluster.urls[0], token)
-    epoch, offset = peer.head("device")
-    await peer.send({"type": "ping"})
-    assert await peer.recv() == {"type": "pong"}
-    await peer.send({"type": "resume", "streams": {"device": {"epoch": epoch, "offset": offset}}})
-    assert await peer.recv() == {"type": "error", "code": "resume_not_first"}
-    await peer.send({"type": "ping"})
-    assert await peer.recv() == {"type": "pong"}
+    binary = await peers(cluster.urls[0], token)
+    await binary.send(b'{"type": "ping"}')
+    assert await binary.closed() == 4400
+    large = await peers(cluster.urls[1], token)
+    limit = 64 * 1024
+    body = json.dumps({"type": "ping", "pad": ""})
+    over = body.replace('""', '"' + "é" * ((limit - len(body)) // 2 + 1) + '"')  # over in bytes, not chars
+    assert len(over) <= limit < len(over.encode())
+    await large.send(over)
+    assert await large.closed() == 4009

@@ -21,10 +21,10 @@ from datetime import UTC, timedelta
 from typing import Any
 
 import pytest
-import support
-from websockets.exceptions import ConnectionClosed
 
-from e2e.conftest import Peer, make_tenant, make_token, orm, publish_many, stream_key, wait_assigned, wait_forwarded
+from harness import procs
+from harness.data import make_tenant, make_token, orm, publish_many, stream_key, wait_assigned, wait_forwarded
+from harness.peer import Peer, PeerClosed
 
 pytestmark = pytest.mark.e2e
 
@@ -62,8 +62,8 @@ async def collect(peer: Peer, stop: asyncio.Event) -> None:
             await peer.recv(timeout=0.5)
         except TimeoutError:
             continue
-        except ConnectionClosed as exc:
-            peer.close_code = exc.rcvd.code if exc.rcvd is not None else 1006
+        except PeerClosed as exc:
+            peer.close_code = exc.code
             return
 
 
@@ -99,7 +99,7 @@ def compact_repeatedly(env: dict[str, str], stop: threading.Event, samples: list
         while True:
             last = stop.is_set()
             t0 = time.monotonic()
-            out = support.manage("compact_outbox", env={**env, "BACKPLANE_RETENTION_SECS": str(RETENTION_SECS)},
+            out = procs.manage("compact_outbox", env={**env, "BACKPLANE_RETENTION_SECS": str(RETENTION_SECS)},
                                  timeout=60)
             line = out.strip().splitlines()[-1]
             sample = {"t": round(time.monotonic() - started, 1), "run_secs": round(time.monotonic() - t0, 2),
@@ -214,7 +214,7 @@ async def test_resume__across_row_compaction_exact_inside_the_window_refused_out
     assert head == 10
     await orm(age_rows, tenant, [1, 2, 3, 4], key)
 
-    out = await asyncio.to_thread(support.manage, "compact_outbox", "--retention", "1h", env=cluster.env)
+    out = await asyncio.to_thread(procs.manage, "compact_outbox", "--retention", "1h", env=cluster.env)
     assert out.strip().splitlines()[-1].startswith("deleted 4 rows")
 
     for offset in (0, 2, 3):  # before the first retained offset (5): refetch, nothing replayed
@@ -252,7 +252,7 @@ async def test_resume__across_a_partition_drop(cluster, peers, services) -> None
 
     await orm(make_old_partition)
     try:
-        out = await asyncio.to_thread(support.manage, "compact_outbox", "--retention", "24h", env=cluster.env)
+        out = await asyncio.to_thread(procs.manage, "compact_outbox", "--retention", "24h", env=cluster.env)
         assert "dropped 1 partitions" in out and out.strip().splitlines()[-1].startswith("deleted 3 rows")
         peer = await peers(cluster.urls[0], token)
         epoch, head = peer.head("device")

@@ -1,7 +1,7 @@
 """Fixtures of the failure matrix (see harness.py and checker.py).
 
-The test database comes from tests/e2e/conftest.py's ``e2e_database``/``e2e_db`` (created
-even when only this directory is collected, never the configured non-test database).
+The test database comes from tests/conftest.py's ``test_database``/``e2e_db`` (created even
+when only this directory is collected, never the configured non-test database).
 Figures of every scenario are printed at the end of the run (one line each) and written as
 JSON to ``$FAULTS_RESULTS`` if set, else to ``faults.json`` in pytest's base temp dir.
 """
@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from e2e.conftest import e2e_database, e2e_db, module_env  # noqa: F401 - fixtures used here
 
 from faults.harness import Scenario
 from faults.services import PrivatePostgres, PrivateRedis
@@ -45,7 +44,7 @@ def faults_results(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[di
 
 
 @pytest.fixture
-async def scenario(module_env: dict[str, str], tmp_path: Path,  # noqa: F811 - the fixture imported above
+async def scenario(module_env: dict[str, str], tmp_path: Path,
                    faults_results: list[dict[str, Any]]) -> AsyncIterator[Callable[..., Scenario]]:
     """``scenario(name, **env)`` makes a Scenario; its processes are stopped by PID after the
     test, and its report (if it got one) joins the run's results."""

@@ -1,7 +1,7 @@
 """One failure-matrix scenario: a cluster of two daphne edges and two relays, peers on both
 edges through a TCP front each, a steady producer, and the checker.
 
-Every process is a ``support.Proc`` stopped by its PID (``Scenario.close``); every wait is
+Every process is a ``harness.procs.Proc`` stopped by its PID (``Scenario.close``); every wait is
 bounded. Child processes get the test database (or a private PostgreSQL), Redis (or a private
 one) and a channel prefix of their own.
 """
@@ -15,11 +15,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import support
-from e2e.conftest import Cluster
-
 from faults.checker import Checker, LivePeer, PeerRecord, load_journal, load_truth
 from faults.services import EdgeFront
+from harness import procs, waits
+from harness.cluster import Cluster
 
 AGENT = str(Path(__file__).with_name("agent.py"))
 # Events a second from the steady producer (one per transaction, tenants in turn).
@@ -57,7 +56,7 @@ class Scenario:
         self.fronts: list[EdgeFront] = []
         self.live: list[LivePeer] = []
         self.journals: list[Path] = []
-        self.producers: list[support.Proc] = []
+        self.producers: list[procs.Proc] = []
         self.tenants: dict[str, str] = {}  # slug -> id
         self.slugs: list[str] = []
         self.closed = False
@@ -76,21 +75,21 @@ class Scenario:
         self.cluster.start_edges([f"{self.name}-{self.tag}-e0", f"{self.name}-{self.tag}-e1"], **edge_env)
         self.cluster.start_relay("relay-active", *relay_args, **relay_env)
         standby = self.cluster.start_relay("relay-standby", *relay_args, wait=False, **relay_env)
-        support.wait_for(lambda: "starting for" in standby.log() or not standby.alive(), timeout=30,
+        waits.wait_for(lambda: "starting for" in standby.log() or not standby.alive(), timeout=30,
                          what="the standby relay to start")
         assert standby.alive(), standby.log()[-2000:]
         self.checker.edges, self.checker.relays = 2, 2
 
     @property
-    def active_relay(self) -> support.Proc:
+    def active_relay(self) -> procs.Proc:
         return self.cluster.relays[0]
 
     @property
-    def standby_relay(self) -> support.Proc:
+    def standby_relay(self) -> procs.Proc:
         return self.cluster.relays[1]
 
-    def agent(self, name: str, command: str, spec: dict[str, Any], journal: Path | None = None) -> support.Proc:
-        args = [support.PYTHON, AGENT, command, json.dumps(spec)] + ([str(journal)] if journal else [])
+    def agent(self, name: str, command: str, spec: dict[str, Any], journal: Path | None = None) -> procs.Proc:
+        args = [procs.PYTHON, AGENT, command, json.dumps(spec)] + ([str(journal)] if journal else [])
         return self.cluster.spawn(name, args)
 
     def check_alive(self) -> None:
@@ -141,7 +140,7 @@ class Scenario:
         slug = self.slugs[index]
         return [slug, self.tenants[slug], self.devices(index)]
 
-    def start_producer(self, rate: int = RATE_PER_SEC) -> support.Proc:
+    def start_producer(self, rate: int = RATE_PER_SEC) -> procs.Proc:
         journal = self.work_dir / f"journal-producer-{len(self.journals)}.jsonl"
         self.journals.append(journal)
         spec = {"tenants": [self.tenant_spec(0), self.tenant_spec(1)], "rate": rate, "prefix": f"s{self.tag}",

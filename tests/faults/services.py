@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import support
+from harness import procs, waits
 
 # --- Redis ----------------------------------------------------------------------------------
 
@@ -27,9 +27,9 @@ class PrivateRedis:
     """A ``redis-server`` of this test only: no persistence, 127.0.0.1, a free port."""
 
     def __init__(self, log_dir: Path) -> None:
-        self.port = support.free_port()
+        self.port = waits.free_port()
         self.log_dir = log_dir
-        self.proc: support.Proc | None = None
+        self.proc: procs.Proc | None = None
         self.starts = 0
 
     @property
@@ -41,8 +41,8 @@ class PrivateRedis:
         assert binary, "redis-server is not installed"
         self.starts += 1
         args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-        self.proc = support.Proc(f"redis-{self.starts}", args, dict(os.environ), self.log_dir)
-        support.wait_port(self.port, timeout=10)
+        self.proc = procs.Proc(f"redis-{self.starts}", args, dict(os.environ), self.log_dir)
+        waits.wait_port(self.port, timeout=10)
 
     def kill(self) -> None:
         """SIGKILL by PID: everything in it is gone, every client connection is cut."""
@@ -85,7 +85,7 @@ class PrivatePostgres:
     """
 
     def __init__(self) -> None:
-        self.port = support.free_port()
+        self.port = waits.free_port()
         self.root = Path(tempfile.mkdtemp(prefix="tyrum-faults-pg-"))
         self.data = self.root / "data"
         self.log = self.root / "postgres.log"

@@ -19,9 +19,9 @@ import uuid
 from typing import Any
 
 import pytest
-import support
 
 from faults.harness import PEERS, RATE_PER_SEC, Scenario
+from harness import procs
 
 pytestmark = pytest.mark.e2e
 
@@ -53,7 +53,7 @@ def _outbox() -> tuple[str, str]:
     return OutboxItem._meta.db_table, RelayLease._meta.db_table
 
 
-def kill_when_in_flight(dsn: str, relay: support.Proc, tenant_id: str, like: str,
+def kill_when_in_flight(dsn: str, relay: procs.Proc, tenant_id: str, like: str,
                         timeout: float = 30.0) -> tuple[float, int]:
     """SIGKILL ``relay`` as soon as rows matching ``like`` are assigned but not yet marked
     forwarded (the relay is between its assign and mark steps); return (when, rows in flight)."""
@@ -207,7 +207,7 @@ async def test_postgres__restart_loses_nothing(private_postgres, scenario) -> No
     resume once the database is back."""
     private_postgres.createdb("tyrum_faults_pg")
     sc = scenario("postgres-restart", DATABASE_URL=private_postgres.dsn("tyrum_faults_pg"))
-    await asyncio.to_thread(support.manage, "migrate", "--no-input", "-v", "0", env=sc.env)
+    await asyncio.to_thread(procs.manage, "migrate", "--no-input", "-v", "0", env=sc.env)
     sc.start_cluster()
     await sc.connect_peers()
     sc.start_producer()
