@@ -3,6 +3,18 @@
 from __future__ import annotations
 
 import os
+import secrets
+
+# Cluster processes refuse the public development SECRET_KEY (backplane.asgi): children of a
+# run without one share this key, made once per run.
+RUN_SECRET_KEY = "tyrum-harness-" + secrets.token_hex(16)
+
+
+def _secret_key() -> str:
+    from backplane.conf import DEVELOPMENT_SECRET_KEY
+
+    configured = os.environ.get("SECRET_KEY", "")
+    return configured if configured and configured != DEVELOPMENT_SECRET_KEY else RUN_SECRET_KEY
 
 
 def child_env(**overrides: str) -> dict[str, str]:
@@ -20,6 +32,7 @@ def child_env(**overrides: str) -> dict[str, str]:
     env["REDIS_URL"] = settings.REDIS_URL
     env["BACKPLANE_CHANNEL_PREFIX"] = settings.BACKPLANE_CHANNEL_PREFIX
     env["PYTHONUNBUFFERED"] = "1"
+    env["SECRET_KEY"] = _secret_key()
     env.update(overrides)
     return env
 
@@ -34,5 +47,6 @@ def service_env(database_url: str, redis_url: str, channel_prefix: str, **extra:
         "BACKPLANE_CHANNEL_PREFIX": channel_prefix,
         "LOG_LEVEL": "WARNING",
         "PYTHONUNBUFFERED": "1",
+        "SECRET_KEY": _secret_key(),
         **extra,
     }

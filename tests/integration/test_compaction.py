@@ -14,7 +14,6 @@ from datetime import timedelta
 
 import psycopg
 import pytest
-import support
 from django.core.management import call_command
 from django.db import connection, connections, transaction
 from django.test import override_settings
@@ -24,6 +23,8 @@ from backplane import outbox, retention, streams
 from backplane.conf import conf
 from backplane.models import Connection, Edge, EventKey, OutboxItem, RelayLease, Stream
 from backplane.store import EVENTKEY, OUTBOX, STREAM, get_store, postgresql
+from harness.env import child_env
+from harness.procs import PYTHON, ROOT
 
 from .helpers import orm
 
@@ -422,9 +423,9 @@ def test_compact_outbox__two_processes_at_once(tenant):
     get_store().assign(list(range(conf.SHARDS)), 10_000)
     forward(gone)
     age(gone, 2 * DAY)
-    env = support.child_env()
-    args = [support.PYTHON, "manage.py", "compact_outbox", "--retention", "1h", "--batch-size", "100"]
-    procs = [subprocess.Popen(args, cwd=support.ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    env = child_env()
+    args = [PYTHON, "manage.py", "compact_outbox", "--retention", "1h", "--batch-size", "100"]
+    procs = [subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for _ in range(2)]
     outs = [p.communicate(timeout=90) for p in procs]
 

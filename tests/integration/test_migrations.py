@@ -21,15 +21,16 @@ from typing import Any
 
 import psycopg
 import pytest
-import support
 from django.conf import settings
 
 from backplane.store import OUTBOX, queries, rows
 from backplane.store.postgresql import SQL
+from harness.env import child_env
+from harness.procs import ROOT, manage
 
 pytestmark = [pytest.mark.integration]
 
-MIGRATIONS = Path(support.ROOT) / "backplane" / "migrations"
+MIGRATIONS = Path(ROOT) / "backplane" / "migrations"
 # Django writes references to model-state classes by import path: 0006 names the index class
 # ``backplane.models.BrinOnPostgres`` (a class of the model state, not logic of the app).
 MODEL_STATE_IMPORTS = {("0006_created_at_brin", "backplane.models")}
@@ -94,8 +95,8 @@ def fresh() -> Iterator[tuple[psycopg.Connection[Any], dict[str, str]]]:
     with psycopg.connect(dbname="postgres", autocommit=True, **server) as admin:
         admin.execute(f'CREATE DATABASE "{name}"')
     try:
-        env = support.child_env(DATABASE_URL=f"postgres://{server['user']}@{server['host']}:{server['port']}/{name}")
-        support.manage("migrate", "--no-input", "-v", "0", env=env, timeout=120)
+        env = child_env(DATABASE_URL=f"postgres://{server['user']}@{server['host']}:{server['port']}/{name}")
+        manage("migrate", "--no-input", "-v", "0", env=env, timeout=120)
         with psycopg.connect(dbname=name, autocommit=True, **server) as conn:
             yield conn, env
     finally:
@@ -224,8 +225,8 @@ def test_migrate_from_zero__outbox_is_partitioned_with_its_indexes(fresh) -> Non
 def test_migrate__0010_reverses_to_the_old_function_and_forwards_again(fresh) -> None:
     """Last in this module: it migrates the shared database back and forth."""
     conn, env = fresh
-    support.manage("migrate", "backplane", "0009", "--no-input", "-v", "0", env=env, timeout=120)
+    manage("migrate", "backplane", "0009", "--no-input", "-v", "0", env=env, timeout=120)
     assert function_result_columns(conn, "bp_assign_v2") == []
     assert [n for n, _ in function_result_columns(conn, "bp_assign")] == [f"r_{c}" for c in rows.PENDING_COLUMNS]
-    support.manage("migrate", "--no-input", "-v", "0", env=env, timeout=120)
+    manage("migrate", "--no-input", "-v", "0", env=env, timeout=120)
     assert run(conn, SQL["assign"], STATEMENTS["assign"][0]) == tuple(f"r_{c}" for c in rows.PENDING_COLUMNS)
