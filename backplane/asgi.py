@@ -39,7 +39,7 @@ def application_for(http_app: Any) -> Any:
     from backplane.process import freeze_startup_objects
     from backplane.vendor import daphne as vendor_daphne
 
-    refuse_unsafe_start("edge")
+    refuse_unsafe_start("an edge")
     vendor_daphne.install_denial_response()
     vendor_daphne.install_access_log_without_query_strings()
     vendor_daphne.install_limits(conf.MAX_INBOUND_FRAME_BYTES, conf.REQUEST_HEADER_TIMEOUT_SECS)
@@ -71,7 +71,7 @@ def refuse_unsafe_start(role: str) -> None:
     if conf.embedded_layer and not conf.is_postgresql:
         return
     raise ImproperlyConfigured(
-        f"refusing to start a {role} of a cluster on the development SECRET_KEY: set SECRET_KEY in the "
+        f"refusing to start {role} of a cluster on the development SECRET_KEY: set SECRET_KEY in the "
         "environment (or DEBUG=1 for a development machine)"
     )
 
@@ -107,14 +107,18 @@ async def refuse_404(scope: Scope, receive: Any, send: Any) -> None:
 
 
 async def _deny(scope: Scope, receive: Any, send: Any, status: int) -> None:
+    """Take the upgrade request and refuse it with ``status`` (``deny``)."""
+    message = await receive()
+    if message.get("type") == "websocket.connect":
+        await deny(scope, send, status)
+
+
+async def deny(scope: Scope, send: Any, status: int) -> None:
     """Refuse a WebSocket upgrade with an HTTP status: the ASGI denial response where the
-    server has it (daphne, taught by ``vendor.daphne.install_denial_response``), else a
-    plain refusal (403)."""
+    server has it (daphne, taught by ``vendor.daphne.install_denial_response``; a server
+    that says so in the scope's extensions), else a plain refusal (403)."""
     from backplane.vendor import daphne as vendor_daphne
 
-    message = await receive()
-    if message.get("type") != "websocket.connect":
-        return
     if vendor_daphne.protocol_of(send) is None and "websocket.http.response" not in scope.get("extensions", {}):
         await send({"type": "websocket.close", "code": 1000})
         return

@@ -205,9 +205,10 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         await send(message)
 
     async def _deny(self, status: int) -> None:
-        """Refuse the upgrade with an HTTP status (see vendor.daphne.install_denial_response)."""
-        await self._asgi({"type": "websocket.http.response.start", "status": status, "headers": []})
-        await self._asgi({"type": "websocket.http.response.body", "body": b""})
+        """Refuse the upgrade with an HTTP status (``backplane.asgi.deny``)."""
+        from backplane.asgi import deny
+
+        await deny(self.scope, self.base_send, status)
 
     async def disconnect(self, code: int) -> None:
         self.closed = True

@@ -17,7 +17,6 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from channels.routing import URLRouter
 from channels.testing import WebsocketCommunicator
 
 from harness.data import orm
@@ -30,11 +29,16 @@ MAX_RELAY_CYCLES = 50
 CLOSED_BEFORE_ACCEPT_STATUS = 403
 
 
-def application() -> Any:
-    """The WebSocket side of ``tyrum.asgi.application`` (its URL routing and consumer)."""
-    from backplane.routing import websocket_urlpatterns
+# The Host the peers send (in ALLOWED_HOSTS of every configuration the tests run with).
+HOST = "127.0.0.1"
 
-    return URLRouter(websocket_urlpatterns)
+
+def application() -> Any:
+    """The WebSocket side of ``tyrum.asgi.application``: its Host check, URL routing and
+    consumer (``backplane.asgi.websocket_application``)."""
+    from backplane.asgi import websocket_application
+
+    return websocket_application()
 
 
 class Refused(Exception):
@@ -69,14 +73,17 @@ class AsgiPeer(Frames):
         """Connect (raising ``Refused`` with the HTTP status if the upgrade is refused) and read
         the hello. The arguments are ``Peer.open``'s."""
         offered = list(subprotocols) if subprotocols is not None else [PROTOCOL]
-        extra = dict(headers or {})
+        extra = {"Host": HOST, **(headers or {})}
         if token is not None:
             if auth == "header":
                 extra["Authorization"] = f"Bearer {token}"
             else:
                 offered.append(f"tyrum-auth.{b64url(token)}")
         raw = [(name.lower().encode(), value.encode()) for name, value in extra.items()]
-        peer = cls(WebsocketCommunicator(application(), path, headers=raw, subprotocols=offered))
+        communicator = WebsocketCommunicator(application(), path, headers=raw, subprotocols=offered)
+        # Like daphne with backplane's patch, this "server" answers refusals with their status.
+        communicator.scope["extensions"] = {"websocket.http.response": {}}
+        peer = cls(communicator)
         await peer.communicator.send_input({"type": "websocket.connect"})
         reply = await peer._output(FRAME_TIMEOUT)
         if reply["type"] != "websocket.accept":

@@ -13,7 +13,11 @@ Everything that differs between deployments comes from the environment:
 - ``BACKPLANE_LAYER_CAPACITY``: the core layer's per-channel capacity.
 - ``BACKPLANE_SHARDS``: number of relay shards (default 16).
 - ``BACKPLANE_ALLOWED_ORIGINS``: comma-separated origins allowed for session-cookie auth.
-- ``DEBUG``, ``ALLOWED_HOSTS`` (comma-separated), ``LOG_LEVEL``.
+- ``DEBUG``, ``ALLOWED_HOSTS`` (comma-separated, also checked on ``/ws`` upgrades), ``LOG_LEVEL``.
+- Behind TLS: ``SESSION_COOKIE_SECURE``, ``CSRF_COOKIE_SECURE``, ``SECURE_SSL_REDIRECT`` (1/0),
+  ``SECURE_HSTS_SECONDS`` (with ``SECURE_HSTS_INCLUDE_SUBDOMAINS``, ``SECURE_HSTS_PRELOAD``),
+  ``SECURE_PROXY_SSL_HEADER`` (``HEADER,value``, e.g. ``HTTP_X_FORWARDED_PROTO,https``: only
+  behind a proxy that sets it), ``CSRF_TRUSTED_ORIGINS`` (comma-separated origins).
 
 The ``BACKPLANE`` dict holds the backplane's own settings; ``backplane/conf.py`` documents
 each key and its default, and ``manage.py check`` validates them (ids ``backplane.E00x``).
@@ -38,6 +42,23 @@ def _env_list(name: str, default: str = "") -> list[str]:
 DEBUG = os.environ.get("DEBUG", "0").lower() in {"1", "true", "yes"}
 SECRET_KEY = os.environ.get("SECRET_KEY", "tyrum-embedded-development-key-change-me")
 ALLOWED_HOSTS = _env_list("ALLOWED_HOSTS", "127.0.0.1,localhost,[::1]")
+
+
+def _env_flag(name: str, default: bool = False) -> bool:
+    raw = os.environ.get(name)
+    return default if raw is None else raw.strip().lower() in {"1", "true", "yes", "on"}
+
+
+# HTTPS deployments (docs/security.md): all off by default, for the embedded mode on plain HTTP.
+SESSION_COOKIE_SECURE = _env_flag("SESSION_COOKIE_SECURE")
+CSRF_COOKIE_SECURE = _env_flag("CSRF_COOKIE_SECURE")
+SECURE_SSL_REDIRECT = _env_flag("SECURE_SSL_REDIRECT")
+SECURE_HSTS_SECONDS = int(os.environ.get("SECURE_HSTS_SECONDS", "0") or 0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = _env_flag("SECURE_HSTS_INCLUDE_SUBDOMAINS")
+SECURE_HSTS_PRELOAD = _env_flag("SECURE_HSTS_PRELOAD")
+_proxy_ssl = _env_list("SECURE_PROXY_SSL_HEADER")
+SECURE_PROXY_SSL_HEADER = (_proxy_ssl[0], _proxy_ssl[1]) if len(_proxy_ssl) == 2 else None
+CSRF_TRUSTED_ORIGINS = _env_list("CSRF_TRUSTED_ORIGINS")
 
 INSTALLED_APPS = [
     "daphne",

@@ -346,7 +346,7 @@ def install_limits(max_message_bytes: int, header_timeout: float) -> None:
     def arm(channel: Any) -> None:
         def cut() -> None:
             channel._tyrum_deadline = None
-            if not channel.transport.disconnected:
+            if channel.transport is not None and not channel.transport.disconnected:
                 logger.warning("request headers too slow: connection cut", extra={"action": "request_timeout"})
                 channel.transport.abortConnection()
 
@@ -359,9 +359,10 @@ def install_limits(max_message_bytes: int, header_timeout: float) -> None:
         channel._tyrum_deadline = None
 
     def buildProtocol(self: Any, addr: Any) -> Any:
-        channel = build(self, addr)
-        arm(channel)
-        return channel
+        protocol = build(self, addr)
+        # twisted wraps the HTTPChannel (to switch to HTTP/2 when negotiated): arm the channel.
+        arm(getattr(protocol, "_channel", protocol))
+        return protocol
 
     process = WebRequest.process
 

@@ -157,3 +157,15 @@ def test_vendor__autobahn_reads_the_limits_relied_on_from_the_protocol_class() -
         assert name in DaphneProtocol.CONFIG_ATTRS
     assert "if not hasattr(self, configAttr):" in inspect.getsource(WebSocketProtocol._connectionMade)
     assert "_max_message_size_exceeded" in inspect.getsource(WebSocketProtocol)
+
+
+def test_vendor__daphnes_http_factory_wraps_an_http_channel_in_channel() -> None:
+    """install_limits arms the header deadline on ``protocol._channel``: twisted wraps the
+    HTTPChannel to switch protocols."""
+    from daphne.http_protocol import HTTPFactory
+    from twisted.internet.address import IPv4Address
+    from twisted.web import http
+
+    protocol = HTTPFactory(server=None).buildProtocol(IPv4Address("TCP", "127.0.0.1", 0))
+    assert isinstance(protocol._channel, http.HTTPChannel)
+    assert hasattr(protocol._channel, "requestDone")

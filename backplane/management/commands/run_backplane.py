@@ -32,7 +32,7 @@ class Command(BaseCommand):
                 "Set REDIS_URL, or use 'manage.py serve' for the embedded mode."
             )
         try:
-            refuse_unsafe_start("relay")
+            refuse_unsafe_start("a relay")
         except ImproperlyConfigured as exc:
             raise CommandError(str(exc)) from None
         try:
