@@ -28,7 +28,7 @@ from django.http.request import split_domain_port, validate_host
 
 logger = logging.getLogger(__name__)
 
-Scope = dict[str, Any]
+Scope = Any  # an ASGI scope (channels types each kind apart)
 
 
 def application_for(http_app: Any) -> Any:
