@@ -25,6 +25,7 @@ from django.utils import timezone
 from backplane import outbox
 from backplane.conf import conf
 from backplane.models import Connection, Edge, OutboxItem, Tenant
+from backplane.protocol import Close
 from backplane.store import Pending
 
 
@@ -59,7 +60,7 @@ def send(tenant: Tenant | uuid.UUID | str, command: str, **args: Any) -> list[st
     return edges
 
 
-def disconnect_device(tenant: Tenant | uuid.UUID | str, device_id: str, code: int = 4008) -> list[str]:
+def disconnect_device(tenant: Tenant | uuid.UUID | str, device_id: str, code: int = Close.POLICY) -> list[str]:
     return send(tenant, "disconnect", device_id=device_id, code=code)
 
 

@@ -132,8 +132,8 @@ class Leases:
 
     async def _report(self, force: bool = False, acquired: Sequence[int] = ()) -> None:
         """Refresh the status rows: now when ``force`` (shards taken), else every
-        REPORT_INTERVAL_SECS in the background — a cycle never waits for them (the 2 × 16
-        small statements delayed one cycle in every 2 s by 20 ms, the e2e latency's p99)."""
+        REPORT_INTERVAL_SECS in the background — a cycle never waits for them
+        (docs/decisions/0015-relay-status-rows-off-the-cycle.md)."""
         now = time.monotonic()
         if not force:
             busy = self._reporting is not None and not self._reporting.done()
@@ -162,9 +162,9 @@ class Leases:
 
 def _write_rows(owned: list[int], holder: str, counts: dict[int, int], acquired: list[int]) -> None:
     """Upsert every owned shard's status row in one statement (it runs beside the relay's
-    cycles: 2 ORM statements per shard, on a thread, held the relay's loop back ~30 ms every
-    2 s — the e2e latency's p99). A row changes ``acquired_at`` when its holder changes or the
-    shard was just taken; ``forwarded_total`` grows by what was forwarded since the last report."""
+    cycles: docs/decisions/0015-relay-status-rows-off-the-cycle.md). A row changes
+    ``acquired_at`` when its holder changes or the shard was just taken; ``forwarded_total``
+    grows by what was forwarded since the last report."""
     if not owned:
         return
     now = connection.ops.adapt_datetimefield_value(timezone.now())

@@ -159,7 +159,7 @@ class Relay:
             )
             # Sweep again next cycle only if this one was full of rows left from before: the
             # rows just assigned are unforwarded too, and in a backlog they alone fill the
-            # batch (sweeping for them every cycle read each row twice).
+            # batch (else a backlog's rows would be read twice).
             fresh_ids = {p.id for p in fresh}
             more = len(pending) >= self.batch_size and any(p.id not in fresh_ids for p in pending)
         else:

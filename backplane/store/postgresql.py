@@ -130,8 +130,8 @@ class PostgreSQLStore:
 
     async def amark_forwarded(self, session: Any, pending: Sequence[Pending]) -> None:
         # A statement per partition (almost always one), each its own transaction: by primary
-        # key only and without waiting for the WAL flush (SESSION_SETTINGS). A pipelined
-        # transaction with its own settings took twice as long.
+        # key only and without waiting for the WAL flush (SESSION_SETTINGS;
+        # docs/decisions/0012-relay-session-settings.md).
         by_part = _ids_by_part(pending)
         if len(by_part) == 1:
             ((part, ids),) = by_part.items()
@@ -365,7 +365,8 @@ def _tenant_state_ok(state: bool | None, tenant_id: uuid.UUID) -> None:
 def _many_params(tenant_id: uuid.UUID, shard: int, chunk: Sequence[EventRow]) -> list[Any]:
     """publish_many's parameters: two JSON texts instead of six arrays — the rows' fields
     (encoded by the json module in C) and the payloads, already JSON, joined as they are.
-    psycopg's array dumpers work element by element in Python (43 % of publish_many)."""
+    psycopg's array dumpers work element by element in Python
+    (docs/decisions/0008-publish-many-json-texts-and-pipelined-slices.md)."""
     meta = json.dumps(_fields(chunk), separators=(",", ":"))
     payloads = "[" + ",".join(r[4] for r in chunk) + "]"
     return [tenant_id, meta, payloads, tenant_id, tenant_id, shard]

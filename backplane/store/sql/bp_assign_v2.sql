@@ -27,11 +27,10 @@ DECLARE
     v_offs bigint[];
     v_epochs text[];
 BEGIN
-    -- Generic plans, made once per session: with the defaults PostgreSQL plans the UPDATE
-    -- afresh on every call when calls carry a row or two (a custom plan for one key looks
-    -- cheaper than the generic one for an unknown number), which cost more than it saved.
-    -- And the claim's rows meet their streams' heads by a hash join: a generic plan made while
-    -- the outbox looked empty joins them by a nested loop, n rows × n heads (22 ms for 500).
+    -- Generic plans, made once per session (else calls of a row or two re-plan the UPDATE every
+    -- time); the claim's rows meet their streams' heads by a hash join (a generic plan made
+    -- while the outbox looked empty would nest n rows × n heads). Why and what was measured:
+    -- docs/decisions/0011-bp-assign-one-plpgsql-call.md.
     PERFORM set_config('plan_cache_mode', 'force_generic_plan', true), set_config('enable_nestloop', 'off', true);
     WITH claimed AS (
         SELECT o.id, o.created_at, o.stream, o.tenant_id FROM backplane_outboxitem o
@@ -68,8 +67,8 @@ BEGIN
     -- rows. The plan is kept for the session, and a partition analyzed while empty (a new
     -- one) would otherwise be read whole for every call as it fills; a sequential scan is
     -- never right here. (No created_at = ANY beside it: checked row by row against the whole
-    -- array, it halved the relay's throughput at 500-row batches and pruned nothing; see
-    -- docs/performance.md.) Local to this transaction; this statement is planned with it.
+    -- array, it cost more than it pruned; docs/decisions/0011.) Local to this transaction;
+    -- this statement is planned with it.
     PERFORM set_config('enable_seqscan', 'off', true), set_config('enable_nestloop', 'on', true);
     RETURN QUERY
         UPDATE backplane_outboxitem o SET stream_offset = v.off, assigned_at = now()

@@ -66,8 +66,8 @@ FROM unnest(%s::text[], %s::text[], %s::text[]) AS v(key, audience, epoch)
 ON CONFLICT (key) DO NOTHING
 
 -- name: stream_heads
--- The keys as one JSON text: an edge asks for all its streams' heads twice a second, and
--- rendering a thousand placeholders client-side was most of an idle edge's CPU.
+-- The keys as one JSON text, not a thousand client-side placeholders: an edge asks for all its
+-- streams' heads twice a second (docs/decisions/0021-head-check.md).
 -- Parameters: keys (JSON array text).
 SELECT key, epoch, last_offset, first_retained_offset FROM backplane_stream
 WHERE key IN (SELECT jsonb_array_elements_text(%s::jsonb))
