@@ -33,7 +33,7 @@ def conforms(value: object, declared: object) -> bool:
 def test_conf__defaults_lists_every_setting_in_declaration_order():
     assert list(DEFAULTS) == list(DECLARED)
     assert list(DEFAULTS)[:3] == ["SHARDS", "MAX_PAYLOAD_BYTES", "RELAY_BATCH_SIZE"]
-    assert len(DEFAULTS) == 25
+    assert len(DEFAULTS) == 27
 
 
 @pytest.mark.parametrize("name", sorted(DECLARED))
