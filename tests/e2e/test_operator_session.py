@@ -30,8 +30,11 @@ PASSWORD = "operator-pass-1"  # noqa: S105  (a test user's)
 def module_cluster(module_env, tmp_path_factory):  # type: ignore[no-untyped-def]
     cluster = Cluster(log_dir=tmp_path_factory.mktemp("logs"), env=module_env)
     try:
-        cluster.start_edges(["e2e-opsession-a"], BACKPLANE_HEARTBEAT_INTERVAL_SECS=str(HEARTBEAT_SECS),
-                            BACKPLANE_ALLOWED_ORIGINS=OPERATOR_ORIGIN)
+        cluster.start_edges(
+            ["e2e-opsession-a"],
+            BACKPLANE_HEARTBEAT_INTERVAL_SECS=str(HEARTBEAT_SECS),
+            BACKPLANE_ALLOWED_ORIGINS=OPERATOR_ORIGIN,
+        )
         yield cluster
     finally:
         cluster.stop()
@@ -57,8 +60,10 @@ def log_in(user: Any) -> Any:
 
 
 def cookie(client: Any) -> dict[str, str]:
-    return {"Cookie": f"{settings.SESSION_COOKIE_NAME}={client.cookies[settings.SESSION_COOKIE_NAME].value}",
-            "Origin": OPERATOR_ORIGIN}
+    return {
+        "Cookie": f"{settings.SESSION_COOKIE_NAME}={client.cookies[settings.SESSION_COOKIE_NAME].value}",
+        "Origin": OPERATOR_ORIGIN,
+    }
 
 
 async def still_open(peer: Peer) -> None:
@@ -104,8 +109,11 @@ async def test_operator_session__password_change_closes_every_session_socket(clu
     device = await peers(cluster.urls[0], await orm(make_token, tenant, "dev-1"))
     phone_cookie = cookie(phone)
 
-    change = await orm(laptop.post, "/admin/password_change/",
-                       {"old_password": PASSWORD, "new_password1": "a-new-pass-2", "new_password2": "a-new-pass-2"})
+    change = await orm(
+        laptop.post,
+        "/admin/password_change/",
+        {"old_password": PASSWORD, "new_password1": "a-new-pass-2", "new_password2": "a-new-pass-2"},
+    )
     since = time.monotonic()
 
     assert change.status_code == 302, change.content[-2000:]

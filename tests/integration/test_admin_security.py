@@ -74,8 +74,14 @@ def pins(tenant):
 
 @pytest.mark.parametrize(
     "lookup",
-    ["payload__pin__startswith=P8", "payload__pin__startswith=P9", "payload__pin=P8123", "payload__has_key=pin",
-     "payload__contains=%7B%22pin%22%3A%22P8123%22%7D", "payload__isnull=false"],
+    [
+        "payload__pin__startswith=P8",
+        "payload__pin__startswith=P9",
+        "payload__pin=P8123",
+        "payload__has_key=pin",
+        "payload__contains=%7B%22pin%22%3A%22P8123%22%7D",
+        "payload__isnull=false",
+    ],
 )
 def test_outbox_admin__payload_lookup_refused_without_view_payload(pins, lookup):
     viewer = staff_client("viewer", *VIEW_ALL)
@@ -132,8 +138,14 @@ def state(tenant, pins):
     edge = Edge.objects.create(edge_id="edge-1")
     token, _ = auth.create_token(tenant, "dev-1", "client")
     Connection.objects.create(
-        connection_id="c-1", tenant=tenant, device_id="dev-1", role="client", token=token, edge=edge,
-        channel_name="x", expires_at=timezone.now() + timedelta(minutes=5),
+        connection_id="c-1",
+        tenant=tenant,
+        device_id="dev-1",
+        role="client",
+        token=token,
+        edge=edge,
+        channel_name="x",
+        expires_at=timezone.now() + timedelta(minutes=5),
     )
     Stream.objects.create(key="s-1", tenant=tenant, audience="tenant", epoch="abcd1234", last_offset=7)
     RelayLease.objects.create(shard=0, holder="relay-1")
@@ -149,12 +161,19 @@ def state(tenant, pins):
 
 
 def counts() -> tuple[int, ...]:
-    return (OutboxItem.objects.count(), Stream.objects.count(), Edge.objects.count(), Connection.objects.count(),
-            RelayLease.objects.count(), TokenAudit.objects.count())
+    return (
+        OutboxItem.objects.count(),
+        Stream.objects.count(),
+        Edge.objects.count(),
+        Connection.objects.count(),
+        RelayLease.objects.count(),
+        TokenAudit.objects.count(),
+    )
 
 
-@pytest.mark.parametrize("what", ["outboxitem", "unforwarded command", "stream", "edge", "connection", "relaylease",
-                                  "tokenaudit"])
+@pytest.mark.parametrize(
+    "what", ["outboxitem", "unforwarded command", "stream", "edge", "connection", "relaylease", "tokenaudit"]
+)
 def test_admin__backplane_state_cannot_be_deleted_even_by_a_superuser(state, what):
     admin = superuser_client()
     model = what.split()[-1].replace("command", "outboxitem")
@@ -163,8 +182,9 @@ def test_admin__backplane_state_cannot_be_deleted_even_by_a_superuser(state, wha
 
     view = admin.get(f"/admin/backplane/{model}/{pk}/delete/")
     post = admin.post(f"/admin/backplane/{model}/{pk}/delete/", {"post": "yes"})
-    bulk = admin.post(f"/admin/backplane/{model}/", {"action": "delete_selected", "_selected_action": [pk],
-                                                     "post": "yes"})
+    bulk = admin.post(
+        f"/admin/backplane/{model}/", {"action": "delete_selected", "_selected_action": [pk], "post": "yes"}
+    )
 
     assert (view.status_code, post.status_code) == (403, 403)
     assert bulk.status_code in (200, 302)  # "no action selected": the action is not offered
@@ -207,8 +227,17 @@ def token_row(tenant):
 
 
 def token_form(row: AccessToken, **changes: str) -> dict[str, str]:
-    data = {"tenant": str(row.tenant_id), "device_id": row.device_id, "role": row.role, "label": row.label,
-            "expires_at_0": "", "expires_at_1": "", "revoked_at_0": "", "revoked_at_1": "", "token_hash": "0" * 64}
+    data = {
+        "tenant": str(row.tenant_id),
+        "device_id": row.device_id,
+        "role": row.role,
+        "label": row.label,
+        "expires_at_0": "",
+        "expires_at_1": "",
+        "revoked_at_0": "",
+        "revoked_at_1": "",
+        "token_hash": "0" * 64,
+    }
     data.update(changes)
     return data
 
@@ -219,15 +248,22 @@ def test_token_admin__only_the_label_changes(tenant_factory, token_row):
     before = AccessToken.objects.get(pk=token_row.pk)
     admin = superuser_client()
 
-    response = admin.post(f"/admin/backplane/accesstoken/{token_row.pk}/change/",
-                          token_form(before, tenant=str(other.id), role="operator", device_id="dev-9",
-                                     label="new label"))
+    response = admin.post(
+        f"/admin/backplane/accesstoken/{token_row.pk}/change/",
+        token_form(before, tenant=str(other.id), role="operator", device_id="dev-9", label="new label"),
+    )
 
     assert response.status_code == 302, response.content[-2000:]
     after = AccessToken.objects.get(pk=token_row.pk)
     assert after.label == "new label"
     assert (after.tenant_id, after.device_id, after.role, after.token_hash, after.expires_at, after.revoked_at) == (
-        before.tenant_id, before.device_id, before.role, before.token_hash, before.expires_at, before.revoked_at)
+        before.tenant_id,
+        before.device_id,
+        before.role,
+        before.token_hash,
+        before.expires_at,
+        before.revoked_at,
+    )
     assert after.revoked_at is not None  # not un-revoked
 
 
@@ -246,16 +282,24 @@ def test_token_admin__no_add_no_delete(token_row):
 
     assert admin.get("/admin/backplane/accesstoken/add/").status_code == 403
     assert admin.post(f"/admin/backplane/accesstoken/{token_row.pk}/delete/", {"post": "yes"}).status_code == 403
-    admin.post("/admin/backplane/accesstoken/", {"action": "delete_selected", "_selected_action": [token_row.pk],
-                                                 "post": "yes"})
+    admin.post(
+        "/admin/backplane/accesstoken/",
+        {"action": "delete_selected", "_selected_action": [token_row.pk], "post": "yes"},
+    )
     assert AccessToken.objects.filter(pk=token_row.pk).exists()
 
 
 def test_token_admin__revoke_action_confirms_then_revokes_audits_and_tells_the_edges(tenant, token_row):
     Edge.objects.create(edge_id="edge-1")
     Connection.objects.create(
-        connection_id="c-1", tenant=tenant, device_id="dev-1", role="client", token=token_row, edge_id="edge-1",
-        channel_name="x", expires_at=timezone.now() + timedelta(minutes=5),
+        connection_id="c-1",
+        tenant=tenant,
+        device_id="dev-1",
+        role="client",
+        token=token_row,
+        edge_id="edge-1",
+        channel_name="x",
+        expires_at=timezone.now() + timedelta(minutes=5),
     )
     bystander, _ = auth.create_token(tenant, "dev-2", "client")
     admin = superuser_client()
@@ -276,13 +320,18 @@ def test_token_admin__revoke_action_confirms_then_revokes_audits_and_tells_the_e
     assert (audit.token_id, audit.actor) == (token_row.pk, "root")
     command = OutboxItem.objects.get(kind="command")
     assert (command.type, command.payload["token_id"], command.payload["code"]) == (
-        "bp.disconnect", str(token_row.pk), 4008)
+        "bp.disconnect",
+        str(token_row.pk),
+        4008,
+    )
 
 
 def test_token_admin__revoke_action_needs_change_permission(token_row):
     viewer = staff_client("viewer", *VIEW_ALL)
 
-    viewer.post("/admin/backplane/accesstoken/", {"action": "revoke_selected", "_selected_action": [str(token_row.pk)],
-                                                  "post": "yes"})
+    viewer.post(
+        "/admin/backplane/accesstoken/",
+        {"action": "revoke_selected", "_selected_action": [str(token_row.pk)], "post": "yes"},
+    )
 
     assert AccessToken.objects.get(pk=token_row.pk).revoked_at is None
