@@ -15,7 +15,9 @@ from typing import Any
 import pytest
 import support
 
+from backplane.auth import hash_token
 from backplane.client import Event, Refused, TokenRevoked, TyrumClient
+from backplane.models import AccessToken
 from e2e.conftest import make_tenant, make_token, orm, publish_many, stream_key, wait_assigned
 
 pytestmark = pytest.mark.e2e
@@ -184,7 +186,8 @@ async def test_tyrum_client__revocation_raises_token_revoked(cluster) -> None:
     run = Run(TyrumClient(cluster.urls[0], token))
     try:
         await run.until(lambda r: r.client.connection_id is not None, what="hello")
-        await asyncio.to_thread(support.manage, "revoke_token", token, env=cluster.env)
+        revoked = await orm(lambda: str(AccessToken.objects.get(token_hash=hash_token(token)).id))
+        await asyncio.to_thread(support.manage, "revoke_token", revoked, env=cluster.env)
         await asyncio.wait_for(run.task, 10)
         assert isinstance(run.error, TokenRevoked), run.error
     finally:
