@@ -1,9 +1,12 @@
-"""Peer credentials: token issue, hashing, revocation, and the upgrade request's checks.
+"""Peer credentials: token issue, rotation, revocation and their audit, the upgrade
+request's checks, and the heartbeat's re-check of live sockets.
 
-Tokens are shown once at creation and stored only as SHA-256 hashes. Authentication
-order (PROTOCOL.md): ``Authorization: Bearer``, then the ``tyrum-auth.<base64url>``
-subprotocol, then an operator's Django session cookie from an allowed ``Origin``.
-A URL carrying a credential is refused whatever else the request carries.
+Tokens are shown once at creation and stored only as SHA-256 hashes; they expire after
+``TOKEN_LIFETIME_SECS`` unless no expiry is asked for. Authentication order (PROTOCOL.md):
+``Authorization: Bearer``, then the ``tyrum-auth.<base64url>`` subprotocol, then an
+operator's Django session cookie from an allowed ``Origin``. A URL carrying a credential is
+refused whatever else the request carries. A socket lives only as long as its credential:
+its token (revoked, expired) or its operator's session (logout, password change, expiry).
 """
 
 from __future__ import annotations
