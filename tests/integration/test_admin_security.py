@@ -277,6 +277,15 @@ def test_token_admin__hash_not_shown_nor_searchable(token_row):
     assert lookup.status_code == 400
 
 
+def test_tenant_admin__with_tokens_cannot_be_deleted(token_row):
+    # Its tokens would go with it and their sockets stay open: deactivate it instead (4008).
+    admin = superuser_client()
+    url = f"/admin/backplane/tenant/{token_row.tenant_id}/delete/"
+
+    assert admin.post(url, {"post": "yes"}).status_code == 403
+    assert AccessToken.objects.filter(pk=token_row.pk).exists()
+
+
 def test_token_admin__no_add_no_delete(token_row):
     admin = superuser_client()
 
