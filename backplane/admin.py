@@ -1,14 +1,48 @@
 """Operators browse tenants, tokens, the outbox, streams, edges and connections here.
 
-Payloads are shown only to users with the ``backplane.view_payload`` permission.
+Payloads are shown, and can be filtered on, only by users with the ``backplane.view_payload``
+permission. What the backplane writes itself (outbox, streams, edges, connections, leases,
+the token audit) is read-only here; a token's tenant, device, role, hash, expiry and
+revocation are fixed once it exists, and revoking (an action, audited) is never undone.
 """
 
 from __future__ import annotations
 
-from django.contrib import admin
-from django.http import HttpRequest
+from typing import Any
 
-from backplane.models import AccessToken, Connection, Edge, OperatorAccess, OutboxItem, RelayLease, Stream, Tenant
+from django.contrib import admin, messages
+from django.contrib.admin import helpers
+from django.db.models import QuerySet
+from django.db.models.constants import LOOKUP_SEP
+from django.http import HttpRequest
+from django.template.response import TemplateResponse
+
+from backplane import auth
+from backplane.models import (
+    AccessToken,
+    Connection,
+    Edge,
+    OperatorAccess,
+    OutboxItem,
+    RelayLease,
+    Stream,
+    Tenant,
+    TokenAudit,
+)
+
+
+class ReadOnlyAdmin(admin.ModelAdmin):
+    """Rows the backplane keeps itself: an edit or a delete here would corrupt its state
+    (a stream's offsets, a lease) or lose what it owes (an unforwarded event, a revocation)."""
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
 
 
 @admin.register(Tenant)
@@ -22,14 +56,51 @@ class AccessTokenAdmin(admin.ModelAdmin):
     list_display = ("id", "tenant", "device_id", "role", "label", "created_at", "expires_at", "revoked_at")
     list_filter = ("role", "tenant")
     search_fields = ("device_id", "label")
-    readonly_fields = ("token_hash",)
+    # Only the label is editable; the hash is not shown at all.
+    fields = ("id", "tenant", "device_id", "role", "label", "created_at", "expires_at", "revoked_at")
+    readonly_fields = ("id", "tenant", "device_id", "role", "created_at", "expires_at", "revoked_at")
+    actions = ["revoke_selected"]
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False  # tokens are shown once: create them with manage.py create_token
 
+    def has_delete_permission(self, request: HttpRequest, obj: AccessToken | None = None) -> bool:
+        return False  # a deleted token's sockets would stay open: revoke it instead
+
+    def lookup_allowed(self, lookup: str, value: str, request: HttpRequest | None = None) -> bool:
+        return lookup.split(LOOKUP_SEP)[0] != "token_hash" and super().lookup_allowed(lookup, value, request)
+
+    @admin.action(description="Revoke selected tokens (never undone)", permissions=["change"])
+    def revoke_selected(self, request: HttpRequest, queryset: QuerySet[AccessToken]) -> TemplateResponse | None:
+        """Ask for a confirmation, then revoke each token (``auth.revoke_token``: audited, and
+        its live sockets closed with 4008 on whichever edge holds them)."""
+        if request.POST.get("post") != "yes":
+            context = {
+                **self.admin_site.each_context(request),
+                "title": "Revoke tokens",
+                "opts": self.model._meta,
+                "queryset": queryset,
+                "action_checkbox_name": helpers.ACTION_CHECKBOX_NAME,
+            }
+            return TemplateResponse(request, "admin/backplane/accesstoken/revoke_selected_confirmation.html", context)
+        revoked = 0
+        for row in queryset:
+            if row.revoked_at is None:
+                auth.revoke_token(row, actor=request.user.get_username())
+                revoked += 1
+        self.message_user(request, f"Revoked {revoked} token(s); their sockets are being closed.", messages.SUCCESS)
+        return None
+
+
+@admin.register(TokenAudit)
+class TokenAuditAdmin(ReadOnlyAdmin):
+    list_display = ("at", "action", "token_id", "tenant_id", "device_id", "actor", "note")
+    list_filter = ("action",)
+    search_fields = ("=token_id", "device_id", "actor")
+
 
 @admin.register(OutboxItem)
-class OutboxItemAdmin(admin.ModelAdmin):
+class OutboxItemAdmin(ReadOnlyAdmin):
     list_display = (
         "id",
         "tenant",
@@ -44,7 +115,7 @@ class OutboxItemAdmin(admin.ModelAdmin):
         "undeliverable_reason",
     )
     list_filter = ("kind", "tenant")
-    search_fields = ("event_id", "type")
+    search_fields = ("event_id", "type")  # never the payload
     show_full_result_count = False
 
     def get_fields(self, request: HttpRequest, obj: OutboxItem | None = None) -> tuple[str, ...]:
@@ -56,32 +127,35 @@ class OutboxItemAdmin(admin.ModelAdmin):
     def get_readonly_fields(self, request: HttpRequest, obj: OutboxItem | None = None) -> tuple[str, ...]:
         return self.get_fields(request, obj)
 
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: OutboxItem | None = None) -> bool:
-        return False
+    def lookup_allowed(self, lookup: str, value: str, request: HttpRequest | None = None) -> bool:
+        # The admin allows any lookup on a local field, JSON key paths included: without the
+        # permission, ?payload__pin__startswith=… would read payloads one prefix at a time.
+        if lookup.split(LOOKUP_SEP)[0] == "payload" and not (
+            request is not None and request.user.has_perm("backplane.view_payload")
+        ):
+            return False
+        return super().lookup_allowed(lookup, value, request)
 
 
 @admin.register(Stream)
-class StreamAdmin(admin.ModelAdmin):
+class StreamAdmin(ReadOnlyAdmin):
     list_display = ("key", "tenant", "audience", "epoch", "last_offset", "first_retained_offset", "updated_at")
     list_filter = ("audience",)
 
 
 @admin.register(Edge)
-class EdgeAdmin(admin.ModelAdmin):
+class EdgeAdmin(ReadOnlyAdmin):
     list_display = ("edge_id", "host", "started_at", "heartbeat_at")
 
 
 @admin.register(Connection)
-class ConnectionAdmin(admin.ModelAdmin):
+class ConnectionAdmin(ReadOnlyAdmin):
     list_display = ("connection_id", "tenant", "device_id", "role", "edge", "connected_at", "expires_at")
     list_filter = ("role", "edge")
 
 
 @admin.register(RelayLease)
-class RelayLeaseAdmin(admin.ModelAdmin):
+class RelayLeaseAdmin(ReadOnlyAdmin):
     list_display = ("shard", "holder", "acquired_at", "heartbeat_at", "forwarded_total", "last_forwarded_at")
 
 

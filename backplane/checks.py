@@ -36,6 +36,8 @@ _POSITIVE_NUMBERS = (
     "SLOW_CLOSE_GRACE_SECS",
     "AUTH_FAILURES_PER_MINUTE",
     "REQUEST_HEADER_TIMEOUT_SECS",
+    "TOKEN_LIFETIME_SECS",
+    "TOKEN_ROTATION_GRACE_SECS",
 )
 
 
@@ -145,4 +147,18 @@ def check_backplane_settings(app_configs: Any = None, **kwargs: Any) -> list[Che
                 id="backplane.W001",
             )
         )
+    errors.extend(_check_credentials())
     return errors
+
+
+def _check_credentials() -> list[CheckMessage]:
+    """Operator sessions that a logout cannot end (W020)."""
+    if conf._get("ALLOWED_ORIGINS") and settings.SESSION_ENGINE == "django.contrib.sessions.backends.signed_cookies":
+        return [
+            Warning(
+                "Operator sockets authenticated by a signed-cookie session cannot be closed on logout.",
+                hint="Use a server-side SESSION_ENGINE (db, cached_db, cache or file).",
+                id="backplane.W020",
+            )
+        ]
+    return []

@@ -122,6 +122,12 @@ class Settings:
     REQUEST_HEADER_TIMEOUT_SECS: Setting[float] = Setting(10.0)
     # Origins whose session cookie is accepted as an operator credential.
     ALLOWED_ORIGINS: Setting[Sequence[str]] = Setting([])
+    # Lifetime of a new token unless one is asked for (or none, explicitly): a leaked token
+    # that nobody revokes still stops working. 90 days: a quarterly rotation.
+    TOKEN_LIFETIME_SECS: Setting[float] = Setting(90 * 24 * 3600)
+    # After a rotation the old token stays valid this long (by default), so devices can pick
+    # up the new one.
+    TOKEN_ROTATION_GRACE_SECS: Setting[float] = Setting(24 * 3600)
     # PostgreSQL: publish()'s statements are prepared once per database session
     # (docs/decisions/0009-prepared-publish-statements.md). Set False behind a pooler that
     # cannot carry prepared statements (PgBouncer in transaction mode before 1.21).

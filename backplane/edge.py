@@ -299,13 +299,12 @@ class EdgeRuntime:
                     await self._rejoin_groups()
                 consumers = list(self.consumers.values())
                 token_ids = {c.principal.token_id for c in consumers if c.principal.token_id}
-                operators = {(c.principal.tenant_id, c.principal.user_id) for c in consumers if c.principal.user_id}
+                operators = {c.principal.recheck_key for c in consumers if c.principal.user_id}
                 rows = [c.directory_row() for c in consumers]
                 bad = await database_sync_to_async(_beat)(self.edge_id, rows, token_ids, operators)
                 for c in consumers:
-                    key = c.principal.token_id or (c.principal.tenant_id, c.principal.user_id)
-                    if key in bad:
-                        await c.close_with(bad[key])
+                    if c.principal.recheck_key in bad:
+                        await c.close_with(bad[c.principal.recheck_key])
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -361,7 +360,7 @@ def _install_sigterm(runtime: EdgeRuntime) -> None:
 
 
 def _beat(
-    eid: str, rows: list[dict[str, Any]], token_ids: set[Any], operators: set[tuple[Any, Any]]
+    eid: str, rows: list[dict[str, Any]], token_ids: set[Any], operators: set[tuple[Any, Any, Any]]
 ) -> dict[Any, Close]:
     """(Worker thread) one heartbeat's database work in one thread hop: the directory's rows,
     then the live sockets' credentials; return the sockets to close and their codes."""

@@ -217,3 +217,35 @@ class RelayLease(models.Model):
 
     def __str__(self) -> str:
         return f"shard {self.shard}"
+
+
+class TokenAudit(models.Model):
+    """One event in a token's life: created, rotated, revoked, or found expired; by whom.
+
+    Never the token or its hash. No foreign keys: the record outlives the token, and its tenant.
+    """
+
+    ACTION_CHOICES = [("create", "create"), ("rotate", "rotate"), ("revoke", "revoke"), ("expire", "expire")]
+
+    id = models.BigAutoField(primary_key=True)
+    at = models.DateTimeField(db_default=Now())
+    # A user name (the admin), "cli" (management commands) or "system" (the edge, code).
+    actor = models.CharField(max_length=150)
+    action = models.CharField(max_length=8, choices=ACTION_CHOICES)
+    token_id = models.UUIDField()
+    tenant_id = models.UUIDField()
+    device_id = models.CharField(max_length=128)
+    note = models.CharField(max_length=200, blank=True, default="")
+
+    class Meta:
+        ordering = ["-id"]
+        indexes = [models.Index(fields=["token_id"], name="bp_token_audit_token")]
+        constraints = [
+            # A token expires once: the edges' heartbeats and refused upgrades record it at most once.
+            models.UniqueConstraint(
+                fields=["token_id"], condition=models.Q(action="expire"), name="bp_token_audit_expired_once"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.action} {self.token_id} by {self.actor}"

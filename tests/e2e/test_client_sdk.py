@@ -14,7 +14,9 @@ from typing import Any
 
 import pytest
 
+from backplane.auth import hash_token
 from backplane.client import Event, Refused, TokenRevoked, TyrumClient
+from backplane.models import AccessToken
 from harness import procs, waits
 from harness.data import make_tenant, make_token, orm, publish_many, stream_key, wait_assigned
 
@@ -184,7 +186,8 @@ async def test_tyrum_client__revocation_raises_token_revoked(cluster) -> None:
     run = Run(TyrumClient(cluster.urls[0], token))
     try:
         await run.until(lambda r: r.client.connection_id is not None, what="hello")
-        await asyncio.to_thread(procs.manage, "revoke_token", token, env=cluster.env)
+        revoked = await orm(lambda: str(AccessToken.objects.get(token_hash=hash_token(token)).id))
+        await asyncio.to_thread(procs.manage, "revoke_token", revoked, env=cluster.env)
         await asyncio.wait_for(run.task, 10)
         assert isinstance(run.error, TokenRevoked), run.error
     finally:

@@ -37,7 +37,8 @@ async def test_serve__embedded_gateway_delivers_resumes_and_revokes(tmp_path: Pa
     manage("migrate", "--no-input", "-v", "0")
     tenant_id = last_line(manage("create_tenant", "Embedded Co"))
     assert len(tenant_id) == 36
-    token = last_line(manage("create_token", "--tenant", "embedded-co", "--device", "dev-1", "--role", "client"))
+    created = manage("create_token", "--tenant", "embedded-co", "--device", "dev-1", "--role", "client").splitlines()
+    token, token_id = created[-1], created[-2].split()[2]  # "token id <id> for …", then the token
     port = waits.free_port()
     log_dir = tmp_path / "logs"
     log_dir.mkdir()
@@ -72,7 +73,7 @@ async def test_serve__embedded_gateway_delivers_resumes_and_revokes(tmp_path: Pa
             await again.until(lambda p: p.frames[-1]["type"] == "resumed", what="resumed")
             assert [(e["offset"], e["event"]["event_id"]) for e in again.events] == [(2, missed[0]), (3, missed[1])]
             assert again.frames[-1]["streams"] == {"device": {"recovered": True, "replayed": 2}}
-            await asyncio.to_thread(manage, "revoke_token", token)
+            await asyncio.to_thread(manage, "revoke_token", token_id)
             assert await again.closed(timeout=10) == 4008
         finally:
             await again.close()

@@ -53,6 +53,14 @@ def module_cluster(module_env, tmp_path_factory):  # type: ignore[no-untyped-def
         cluster.stop()
 
 
+def token_id(token: str) -> str:
+    """A token's id: revoke_token takes the id (or the token on stdin), never the token."""
+    from backplane import auth
+    from backplane.models import AccessToken
+
+    return str(AccessToken.objects.get(token_hash=auth.hash_token(token)).id)
+
+
 async def still_open(peer: Peer) -> None:
     await peer.send({"type": "ping"})
     await peer.until(lambda p: p.frames[-1:] == [{"type": "pong"}], what="pong")
@@ -70,7 +78,7 @@ async def test_revoke_token__closes_its_sockets_on_every_edge_with_4008(cluster,
     sibling = await orm(make_token, tenant, "dev-1")  # same device, another token
     a, b = await peers(cluster.urls[0], token), await peers(cluster.urls[1], token)
     other = await peers(cluster.urls[0], sibling)
-    out = await asyncio.to_thread(procs.manage, "revoke_token", token, env=cluster.env)
+    out = await asyncio.to_thread(procs.manage, "revoke_token", await orm(token_id, token), env=cluster.env)
     assert "told 2 edge(s)" in out, out
     codes = await asyncio.gather(a.closed(timeout=10), b.closed(timeout=10))
     assert codes == [4008, 4008]

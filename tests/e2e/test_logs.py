@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import uuid
 
 import pytest
@@ -12,6 +13,14 @@ from harness.data import make_tenant, make_token, orm, publish, wait_forwarded
 from harness.peer import PROTOCOL, Peer, b64url, refused_status
 
 pytestmark = pytest.mark.e2e
+
+
+def revoke_from_stdin(token: str, env: dict[str, str]) -> str:
+    """``manage.py revoke_token -`` with the token on standard input (never on the command line)."""
+    out = subprocess.run([procs.PYTHON, "manage.py", "revoke_token", "-"], cwd=procs.ROOT, env=env, input=token,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout
 
 
 async def test_logs__hold_no_token_header_or_payload_at_debug(own_cluster) -> None:
@@ -64,7 +73,7 @@ async def test_logs__hold_no_token_header_or_payload_at_debug(own_cluster) -> No
         assert len(resumer.events) == 2
         await resumer.send("this is not json " + marker)  # a malformed frame is not echoed into a log
         assert await resumer.closed() == 4400
-        revoke = await asyncio.to_thread(procs.manage, "revoke_token", header_token, env=own_cluster.env)
+        revoke = await asyncio.to_thread(revoke_from_stdin, header_token, own_cluster.env)
         assert await by_header.closed(timeout=10) == 4008
     finally:
         await by_header.close()

@@ -39,7 +39,7 @@ def test_authenticate__bearer_gives_principal(tenant, token_factory):
 
     principal = auth.authenticate(bearer(token))
 
-    assert principal == auth.Principal(tenant.id, "dev-1", "node", row.id, None)
+    assert principal == auth.Principal(tenant.id, "dev-1", "node", row.id, row.expires_at)
 
 
 def test_authenticate__bearer_scheme_any_case(tenant, token_factory):

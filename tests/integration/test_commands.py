@@ -156,7 +156,12 @@ def test_revoke_token__revokes_by_token_or_id(tenant_factory, by):
     tenant = tenant_factory("acme")
     row, token = auth.create_token(tenant, "d-1", "client")
 
-    lines = run("revoke_token", token if by == "token" else str(row.id))
+    out = io.StringIO()
+    if by == "token":
+        call_command("revoke_token", "-", stdin=io.StringIO(token + "\n"), stdout=out)
+    else:
+        call_command("revoke_token", str(row.id), stdout=out)
+    lines = out.getvalue().splitlines()
 
     assert str(row.id) in lines[-1]
     assert token not in "\n".join(lines)
@@ -167,7 +172,7 @@ def test_revoke_token__revokes_by_token_or_id(tenant_factory, by):
 
 def test_revoke_token__unknown_is_command_error(services):
     with pytest.raises(CommandError):
-        run("revoke_token", "tyr_nope")
+        run("revoke_token", str(uuid.uuid4()))
 
 
 # --- compact_outbox ---------------------------------------------------------------------
