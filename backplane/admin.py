@@ -17,7 +17,7 @@ from django.db.models.constants import LOOKUP_SEP
 from django.http import HttpRequest
 from django.template.response import TemplateResponse
 
-from backplane import auth
+from backplane import tokens
 from backplane.models import (
     AccessToken,
     Connection,
@@ -72,7 +72,7 @@ class AccessTokenAdmin(admin.ModelAdmin):
 
     @admin.action(description="Revoke selected tokens (never undone)", permissions=["change"])
     def revoke_selected(self, request: HttpRequest, queryset: QuerySet[AccessToken]) -> TemplateResponse | None:
-        """Ask for a confirmation, then revoke each token (``auth.revoke_token``: audited, and
+        """Ask for a confirmation, then revoke each token (``tokens.revoke_token``: audited, and
         its live sockets closed with 4008 on whichever edge holds them)."""
         if request.POST.get("post") != "yes":
             context = {
@@ -86,7 +86,7 @@ class AccessTokenAdmin(admin.ModelAdmin):
         revoked = 0
         for row in queryset:
             if row.revoked_at is None:
-                auth.revoke_token(row, actor=request.user.get_username())
+                tokens.revoke_token(row, actor=request.user.get_username())
                 revoked += 1
         self.message_user(request, f"Revoked {revoked} token(s); their sockets are being closed.", messages.SUCCESS)
         return None

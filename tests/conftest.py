@@ -54,10 +54,10 @@ def tenant_factory(services: None):  # type: ignore[no-untyped-def]
 
 @pytest.fixture
 def token_factory(services: None):  # type: ignore[no-untyped-def]
-    from backplane import auth
+    from backplane import tokens
 
     def make(tenant, device: str = "dev-1", role: str = "client", **kw) -> str:  # type: ignore[no-untyped-def]
-        return auth.create_token(tenant, device, role, **kw)[1]
+        return tokens.create_token(tenant, device, role, **kw)[1]
 
     return make
 

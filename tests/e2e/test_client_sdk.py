@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from backplane.auth import hash_token
 from backplane.client import Event, Refused, TokenRevoked, TyrumClient
 from backplane.models import AccessToken
+from backplane.tokens import hash_token
 from harness import procs, waits
 from harness.data import make_tenant, make_token, orm, publish_many, stream_key, wait_assigned
 

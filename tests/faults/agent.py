@@ -49,7 +49,7 @@ def _stop(signum: int, frame: Any) -> None:
 
 def setup(spec: dict[str, Any]) -> dict[str, Any]:
     """Create ``spec["tenants"]`` (slug → list of [device, role]) and one token per peer."""
-    from backplane import auth
+    from backplane import tokens
     from backplane.models import Tenant
 
     out: dict[str, Any] = {"tenants": {}, "tokens": []}
@@ -58,7 +58,7 @@ def setup(spec: dict[str, Any]) -> dict[str, Any]:
         out["tenants"][slug] = str(tenant.id)
     for slug, device, role in spec["peers"]:
         tenant = Tenant.objects.get(slug=slug)
-        out["tokens"].append(auth.create_token(tenant, device, role)[1])
+        out["tokens"].append(tokens.create_token(tenant, device, role)[1])
     return out
 
 

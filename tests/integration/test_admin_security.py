@@ -20,7 +20,7 @@ from django.contrib.auth.models import Permission
 from django.test import Client
 from django.utils import timezone
 
-from backplane import auth, outbox
+from backplane import outbox, tokens
 from backplane.models import AccessToken, Connection, Edge, OutboxItem, RelayLease, Stream, TokenAudit
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
@@ -136,7 +136,7 @@ def test_outbox_admin__change_view_hides_the_payload_without_view_payload(pins):
 def state(tenant, pins):
     """One row of each table the backplane keeps itself."""
     edge = Edge.objects.create(edge_id="edge-1")
-    token, _ = auth.create_token(tenant, "dev-1", "client")
+    token, _ = tokens.create_token(tenant, "dev-1", "client")
     Connection.objects.create(
         connection_id="c-1",
         tenant=tenant,
@@ -222,7 +222,7 @@ def test_admin__backplane_state_cannot_be_edited_even_by_a_superuser(state, mode
 
 @pytest.fixture
 def token_row(tenant):
-    row, _ = auth.create_token(tenant, "dev-1", "client", label="old label")
+    row, _ = tokens.create_token(tenant, "dev-1", "client", label="old label")
     return row
 
 
@@ -244,7 +244,7 @@ def token_form(row: AccessToken, **changes: str) -> dict[str, str]:
 
 def test_token_admin__only_the_label_changes(tenant_factory, token_row):
     other = tenant_factory("other")
-    auth.revoke_token(token_row)
+    tokens.revoke_token(token_row)
     before = AccessToken.objects.get(pk=token_row.pk)
     admin = superuser_client()
 
@@ -310,7 +310,7 @@ def test_token_admin__revoke_action_confirms_then_revokes_audits_and_tells_the_e
         channel_name="x",
         expires_at=timezone.now() + timedelta(minutes=5),
     )
-    bystander, _ = auth.create_token(tenant, "dev-2", "client")
+    bystander, _ = tokens.create_token(tenant, "dev-2", "client")
     admin = superuser_client()
     selected = {"action": "revoke_selected", "_selected_action": [str(token_row.pk)]}
 

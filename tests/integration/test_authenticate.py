@@ -11,7 +11,7 @@ from django.contrib.auth import get_user_model
 from django.test import Client, override_settings
 from django.utils import timezone
 
-from backplane import auth
+from backplane import auth, tokens
 from backplane.models import AccessToken, OperatorAccess
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
@@ -94,7 +94,7 @@ def test_authenticate__unknown_token_refused(tenant, token_factory, make_scope):
 @pytest.mark.parametrize("make_scope", [bearer, via_subprotocol])
 def test_authenticate__revoked_token_refused(tenant, token_factory, make_scope):
     token = token_factory(tenant)
-    auth.revoke_token(token)
+    tokens.revoke_token(token)
 
     with pytest.raises(auth.AuthRefused, match="revoked"):
         auth.authenticate(make_scope(token))

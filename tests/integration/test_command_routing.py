@@ -13,7 +13,7 @@ from django.core.management import call_command
 from django.db import connection
 from django.utils import timezone
 
-from backplane import auth, commands, outbox, streams
+from backplane import commands, outbox, streams, tokens
 from backplane.models import Connection, Edge, OutboxItem
 
 from .helpers import TIMEOUT, drain, join, orm
@@ -44,7 +44,7 @@ async def test_route__command_for_dead_edge_goes_to_the_edge_holding_the_device_
     def setup():  # type: ignore[no-untyped-def]
         edge("edge-dead", alive=False)
         edge("edge-live", alive=True)
-        row, token = auth.create_token(tenant, "dev-1", "client")
+        row, token = tokens.create_token(tenant, "dev-1", "client")
         socket(row, "edge-dead", 1)  # the old socket (its edge died without a clean close)
         socket(row, "edge-live", 2)  # the device reconnected here
         outbox.publish_command(tenant.id, "edge-dead", "disconnect", {"token_id": str(row.id), "code": 4008})
@@ -70,7 +70,7 @@ async def test_route__command_for_dead_edge_goes_to_the_edge_holding_the_device_
 async def test_route__command_without_a_live_target_is_recorded_undeliverable(tenant, make_relay, layer):
     def setup():  # type: ignore[no-untyped-def]
         edge("edge-dead", alive=False)
-        row, _ = auth.create_token(tenant, "dev-1", "client")
+        row, _ = tokens.create_token(tenant, "dev-1", "client")
         socket(row, "edge-dead", 1)
         outbox.publish_command(tenant.id, "edge-dead", "disconnect", {"device_id": "dev-1", "code": 4008})
         outbox.publish_command(tenant.id, "edge-dead", "drain", {})
@@ -96,8 +96,8 @@ def test_commands__send_targets_only_live_edges_holding_the_device(tenant):
     edge("edge-a", alive=True)
     edge("edge-b", alive=True)
     edge("edge-c", alive=False)
-    row, _ = auth.create_token(tenant, "dev-1", "client")
-    other, _ = auth.create_token(tenant, "dev-2", "client")
+    row, _ = tokens.create_token(tenant, "dev-1", "client")
+    other, _ = tokens.create_token(tenant, "dev-2", "client")
     socket(row, "edge-a", 1)
     socket(row, "edge-c", 2)
     socket(other, "edge-b", 3)

@@ -11,7 +11,7 @@ from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.db import connection
 
-from backplane import auth, outbox, streams
+from backplane import auth, outbox, streams, tokens
 from backplane.conf import conf
 from backplane.models import AccessToken, OutboxItem, Tenant
 from backplane.store import OUTBOX, get_store
@@ -72,7 +72,7 @@ def test_create_token__prints_token_alone_that_authenticates(tenant_factory, ref
                 "--device", "node-7", "--role", "node")
 
     token = lines[-1]
-    assert token.startswith(auth.TOKEN_PREFIX) and " " not in token
+    assert token.startswith(tokens.TOKEN_PREFIX) and " " not in token
     principal = auth.authenticate(bearer(token))
     assert (principal.tenant_id, principal.device_id, principal.role) == (tenant.id, "node-7", "node")
     row = AccessToken.objects.get()
@@ -154,7 +154,7 @@ def test_publish_event__bad_input_is_command_error(tenant_factory, args):
 @pytest.mark.parametrize("by", ["token", "id"])
 def test_revoke_token__revokes_by_token_or_id(tenant_factory, by):
     tenant = tenant_factory("acme")
-    row, token = auth.create_token(tenant, "d-1", "client")
+    row, token = tokens.create_token(tenant, "d-1", "client")
 
     out = io.StringIO()
     if by == "token":

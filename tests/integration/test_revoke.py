@@ -9,7 +9,7 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from backplane import auth, exceptions, streams
+from backplane import auth, exceptions, streams, tokens
 from backplane.models import AccessToken, Connection, Edge, OutboxItem
 
 from .helpers import TIMEOUT, join, orm
@@ -31,14 +31,14 @@ def tenant(tenant_factory):
 
 
 def test_revoke_token__one_command_per_edge_holding_a_socket(tenant):
-    row, token = auth.create_token(tenant, "dev-1", "client")
-    other, _ = auth.create_token(tenant, "dev-2", "client")
+    row, token = tokens.create_token(tenant, "dev-1", "client")
+    other, _ = tokens.create_token(tenant, "dev-2", "client")
     open_socket(row, "edge-a", 1)
     open_socket(row, "edge-a", 2)
     open_socket(row, "edge-b", 3)
     open_socket(other, "edge-c", 4)
 
-    revoked, edges = auth.revoke_token(token)
+    revoked, edges = tokens.revoke_token(token)
 
     assert revoked.id == row.id
     assert edges == ["edge-a", "edge-b"]
@@ -58,9 +58,9 @@ def test_revoke_token__one_command_per_edge_holding_a_socket(tenant):
 
 
 def test_revoke_token__by_id_and_without_sockets_writes_no_command(tenant):
-    row, token = auth.create_token(tenant, "dev-1", "node")
+    row, token = tokens.create_token(tenant, "dev-1", "node")
 
-    revoked, edges = auth.revoke_token(str(row.id))
+    revoked, edges = tokens.revoke_token(str(row.id))
 
     assert (revoked.id, edges) == (row.id, [])
     assert AccessToken.objects.get(pk=row.pk).revoked_at is not None
@@ -70,27 +70,27 @@ def test_revoke_token__by_id_and_without_sockets_writes_no_command(tenant):
 
 
 def test_revoke_token__again_keeps_first_revocation_time(tenant):
-    row, token = auth.create_token(tenant, "dev-1", "client")
-    auth.revoke_token(token)
+    row, token = tokens.create_token(tenant, "dev-1", "client")
+    tokens.revoke_token(token)
     first = AccessToken.objects.get(pk=row.pk).revoked_at
 
-    auth.revoke_token(token)
+    tokens.revoke_token(token)
 
     assert AccessToken.objects.get(pk=row.pk).revoked_at == first
 
 
 def test_revoke_token__unknown_token_raises(tenant):
     with pytest.raises(exceptions.TokenError):
-        auth.revoke_token("tyr_not-a-token")
+        tokens.revoke_token("tyr_not-a-token")
     assert not OutboxItem.objects.exists()
 
 
 async def test_revoke_token__relay_carries_command_to_the_edge_group(tenant, make_relay, layer):
-    row, token = await orm(auth.create_token, tenant, "dev-1", "client")
+    row, token = await orm(tokens.create_token, tenant, "dev-1", "client")
     await orm(open_socket, row, "edge-a", 1)
     channel = await join(layer, streams.edge_stream("edge-a"))
 
-    await orm(auth.revoke_token, token)
+    await orm(tokens.revoke_token, token)
     assert await make_relay().cycle() == (1, 1)
 
     message = await asyncio.wait_for(layer.receive(channel), TIMEOUT)

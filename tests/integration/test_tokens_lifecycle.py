@@ -24,7 +24,7 @@ from django.test import Client, override_settings
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from backplane import auth
+from backplane import auth, tokens
 from backplane.models import AccessToken, Connection, Edge, OperatorAccess, OutboxItem, TokenAudit
 from backplane.protocol import Close
 
@@ -64,8 +64,8 @@ def assert_no_secret_in_audit(token: str) -> None:
 def test_create_token__expires_after_the_configured_lifetime_by_default(tenant):
     before = timezone.now()
     with override_settings(BACKPLANE={"TOKEN_LIFETIME_SECS": 3600}):
-        row, _ = auth.create_token(tenant, "d-1", "client")
-    never, _ = auth.create_token(tenant, "d-2", "client", expires_at=None)
+        row, _ = tokens.create_token(tenant, "d-1", "client")
+    never, _ = tokens.create_token(tenant, "d-2", "client", expires_at=None)
 
     assert before + timedelta(hours=1) <= row.expires_at <= timezone.now() + timedelta(hours=1)
     assert never.expires_at is None
@@ -123,8 +123,8 @@ def test_audit__nothing_recorded_when_creation_fails(tenant):
 
 def test_audit__expiry_recorded_once_when_refused_and_rechecked(tenant, caplog):
     caplog.set_level(logging.INFO, logger="backplane.auth")
-    row, token = auth.create_token(tenant, "d-1", "client", expires_at=timezone.now() - timedelta(seconds=1))
-    live, _ = auth.create_token(tenant, "d-2", "client")
+    row, token = tokens.create_token(tenant, "d-1", "client", expires_at=timezone.now() - timedelta(seconds=1))
+    live, _ = tokens.create_token(tenant, "d-2", "client")
 
     with pytest.raises(auth.AuthRefused, match="expired"):
         auth.authenticate(bearer(token))
@@ -146,9 +146,9 @@ def test_audit__expiry_recorded_once_when_refused_and_rechecked(tenant, caplog):
 
 
 def test_rotate_token__new_token_same_device_old_valid_for_the_grace(tenant):
-    old, old_token = auth.create_token(tenant, "d-1", "node", label="rack 4", expires_at=None)
+    old, old_token = tokens.create_token(tenant, "d-1", "node", label="rack 4", expires_at=None)
 
-    _, new, new_token = auth.rotate_token(old.id, grace_secs=600, actor="cli")
+    _, new, new_token = tokens.rotate_token(old.id, grace_secs=600, actor="cli")
 
     assert (new.tenant_id, new.device_id, new.role, new.label) == (tenant.id, "d-1", "node", "rack 4")
     assert new.id != old.id and new_token != old_token
@@ -164,25 +164,25 @@ def test_rotate_token__new_token_same_device_old_valid_for_the_grace(tenant):
 
 def test_rotate_token__never_lengthens_the_old_token(tenant):
     soon = timezone.now() + timedelta(seconds=60)
-    old, _ = auth.create_token(tenant, "d-1", "client", expires_at=soon)
+    old, _ = tokens.create_token(tenant, "d-1", "client", expires_at=soon)
 
-    auth.rotate_token(old.id, grace_secs=86400)
+    tokens.rotate_token(old.id, grace_secs=86400)
 
     old.refresh_from_db()
     assert old.expires_at == soon
 
 
 def test_rotate_token__revoked_token_not_rotated(tenant):
-    old, _ = auth.create_token(tenant, "d-1", "client")
-    auth.revoke_token(old.id)
+    old, _ = tokens.create_token(tenant, "d-1", "client")
+    tokens.revoke_token(old.id)
 
     with pytest.raises(auth.exceptions.TokenError, match="revoked"):
-        auth.rotate_token(old.id)
+        tokens.rotate_token(old.id)
     assert AccessToken.objects.count() == 1
 
 
 def test_rotate_token_command__by_id_or_stdin_prints_the_new_token_last(tenant):
-    old, old_token = auth.create_token(tenant, "d-1", "client")
+    old, old_token = tokens.create_token(tenant, "d-1", "client")
 
     by_id = run("rotate_token", str(old.id), "--grace", "0")
     by_stdin = run("rotate_token", "-", stdin=by_id[-1] + "\n")
@@ -200,7 +200,7 @@ def test_rotate_token_command__by_id_or_stdin_prints_the_new_token_last(tenant):
 
 
 def test_revoke_token_command__token_argument_refused_and_not_echoed(tenant):
-    row, token = auth.create_token(tenant, "d-1", "client")
+    row, token = tokens.create_token(tenant, "d-1", "client")
 
     for command in ("revoke_token", "rotate_token"):
         with pytest.raises(CommandError, match="looks like a token") as refused:
@@ -214,7 +214,7 @@ def test_revoke_token_command__token_argument_refused_and_not_echoed(tenant):
 
 def test_revoke_token_command__reads_the_token_from_stdin(tenant):
     Edge.objects.create(edge_id="edge-1")
-    row, token = auth.create_token(tenant, "d-1", "client")
+    row, token = tokens.create_token(tenant, "d-1", "client")
     Connection.objects.create(
         connection_id="c-1",
         tenant=tenant,
@@ -306,7 +306,7 @@ def test_recheck__deactivated_user_or_lost_access_closes(operator, tenant):
 
 
 def test_recheck__one_query_per_kind_of_credential(tenant, operator):
-    tokens = [auth.create_token(tenant, f"d-{n}", "client")[0].id for n in range(5)]
+    tokens = [tokens.create_token(tenant, f"d-{n}", "client")[0].id for n in range(5)]
     principals = [session_principal(operator)[1] for _ in range(3)]
 
     with CaptureQueriesContext(connection) as queries:

@@ -9,32 +9,32 @@ import uuid
 import pytest
 from django.test import override_settings
 
-from backplane import auth, exceptions
+from backplane import auth, exceptions, tokens
 from backplane.checks import check_backplane_settings
 
-TOKEN = auth.TOKEN_PREFIX + "s3cret-value"
+TOKEN = tokens.TOKEN_PREFIX + "s3cret-value"
 
 
 def test_token_argument__id_is_a_uuid():
     token_id = uuid.uuid4()
 
-    assert auth.token_argument(str(token_id), io.StringIO(TOKEN)) == token_id
+    assert tokens.token_argument(str(token_id), io.StringIO(TOKEN)) == token_id
 
 
 def test_token_argument__dash_reads_one_line_of_stdin():
-    assert auth.token_argument("-", io.StringIO(f"  {TOKEN}\nignored\n")) == TOKEN
+    assert tokens.token_argument("-", io.StringIO(f"  {TOKEN}\nignored\n")) == TOKEN
 
 
 @pytest.mark.parametrize("stdin", ["", "\n", "   \n"])
 def test_token_argument__empty_stdin_refused(stdin):
     with pytest.raises(exceptions.TokenError, match="standard input"):
-        auth.token_argument("-", io.StringIO(stdin))
+        tokens.token_argument("-", io.StringIO(stdin))
 
 
 @pytest.mark.parametrize("arg", [TOKEN, f" {TOKEN}"])
 def test_token_argument__token_on_the_command_line_refused_without_echo(arg):
     with pytest.raises(exceptions.TokenError, match="looks like a token") as refused:
-        auth.token_argument(arg, io.StringIO(""))
+        tokens.token_argument(arg, io.StringIO(""))
 
     assert "s3cret" not in str(refused.value)
 
@@ -42,7 +42,7 @@ def test_token_argument__token_on_the_command_line_refused_without_echo(arg):
 @pytest.mark.parametrize("arg", ["dev-1", "", "12345"])
 def test_token_argument__other_text_refused(arg):
     with pytest.raises(exceptions.TokenError, match="not a token id"):
-        auth.token_argument(arg, io.StringIO(""))
+        tokens.token_argument(arg, io.StringIO(""))
 
 
 def test_principal__session_key_is_its_recheck_key_and_never_shown():

@@ -4,7 +4,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.utils import timezone
 
-from backplane import auth, exceptions
+from backplane import exceptions, tokens
 from backplane.conf import conf
 from backplane.outbox import resolve_tenant
 from backplane.streams import ROLES
@@ -40,14 +40,14 @@ class Command(BaseCommand):
         lifetime.add_argument("--no-expiry", action="store_true", help="a token that never expires (revoke it)")
 
     def handle(self, *args: Any, **options: Any) -> None:
-        expires: Any = auth.Lifetime.DEFAULT
+        expires: Any = tokens.Lifetime.DEFAULT
         if options["no_expiry"]:
             expires = None
         elif options["expires_in"]:
             expires = timezone.now() + timedelta(seconds=options["expires_in"])
         try:
             tenant = resolve_tenant(options["tenant"])
-            row, token = auth.create_token(
+            row, token = tokens.create_token(
                 tenant, options["device"], options["role"], label=options["label"], expires_at=expires, actor="cli"
             )
         except exceptions.BackplaneError as exc:

@@ -3,7 +3,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from backplane import auth, exceptions
+from backplane import exceptions, tokens
 
 
 class Command(BaseCommand):
@@ -18,8 +18,8 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         try:
-            ref = auth.token_argument(options["token_id"], options.get("stdin") or sys.stdin)
-            row, edges = auth.revoke_token(ref, actor="cli")
+            ref = tokens.token_argument(options["token_id"], options.get("stdin") or sys.stdin)
+            row, edges = tokens.revoke_token(ref, actor="cli")
         except exceptions.BackplaneError as exc:
             raise CommandError(str(exc)) from None
         self.stdout.write(f"revoked token {row.id}; told {len(edges)} edge(s)")

@@ -5,7 +5,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.utils import timezone
 
-from backplane import auth, exceptions
+from backplane import exceptions, tokens
 from backplane.conf import conf
 from backplane.management.commands.create_token import positive_seconds
 
@@ -45,14 +45,14 @@ class Command(BaseCommand):
         lifetime.add_argument("--no-expiry", action="store_true", help="a new token that never expires")
 
     def handle(self, *args: Any, **options: Any) -> None:
-        expires: Any = auth.Lifetime.DEFAULT
+        expires: Any = tokens.Lifetime.DEFAULT
         if options["no_expiry"]:
             expires = None
         elif options["expires_in"]:
             expires = timezone.now() + timedelta(seconds=options["expires_in"])
         try:
-            ref = auth.token_argument(options["token_id"], options.get("stdin") or sys.stdin)
-            old, new, token = auth.rotate_token(ref, grace_secs=options["grace"], expires_at=expires, actor="cli")
+            ref = tokens.token_argument(options["token_id"], options.get("stdin") or sys.stdin)
+            old, new, token = tokens.rotate_token(ref, grace_secs=options["grace"], expires_at=expires, actor="cli")
         except exceptions.BackplaneError as exc:
             raise CommandError(str(exc)) from None
         assert old.expires_at is not None  # rotation always bounds the old token

@@ -132,8 +132,8 @@ async def test_auth__url_without_credential_parameter_is_accepted(edge: InProces
 
 
 async def test_auth__unusable_credentials_are_refused_403(edge: InProcessEdge) -> None:
-    from backplane.auth import revoke_token
     from backplane.models import Tenant
+    from backplane.tokens import revoke_token
 
     tenant, good = await tenant_and_token()
     revoked = await orm(make_token, tenant, "dev-2")

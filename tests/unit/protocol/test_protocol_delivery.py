@@ -185,13 +185,13 @@ async def test_edge_command__resync_closes_the_tenants_sockets_with_4409(edge: I
 
 
 async def test_revoke_token__closes_its_sockets_with_4008(edge: InProcessEdge) -> None:
-    from backplane import auth
+    from backplane import tokens
 
     tenant = await orm(make_tenant)
     token = await orm(make_token, tenant, "dev-1")
     revoked = await edge.connect(token)
     sibling = await live_peer(edge, tenant, "dev-1")  # same device, another token
-    _, told = await orm(auth.revoke_token, token)
+    _, told = await orm(tokens.revoke_token, token)
     assert told == [edge.edge_id]
     await edge.forward()
     assert await revoked.closed() == 4008
