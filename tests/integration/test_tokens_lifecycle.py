@@ -306,11 +306,11 @@ def test_recheck__deactivated_user_or_lost_access_closes(operator, tenant):
 
 
 def test_recheck__one_query_per_kind_of_credential(tenant, operator):
-    tokens = [tokens.create_token(tenant, f"d-{n}", "client")[0].id for n in range(5)]
+    token_ids = [tokens.create_token(tenant, f"d-{n}", "client")[0].id for n in range(5)]
     principals = [session_principal(operator)[1] for _ in range(3)]
 
     with CaptureQueriesContext(connection) as queries:
-        auth.recheck(set(tokens), {p.recheck_key for p in principals})
+        auth.recheck(set(token_ids), {p.recheck_key for p in principals})
 
     # Tokens, operator access (with the users), sessions: three, however many sockets.
     assert len(queries) == 3, [q["sql"] for q in queries]
