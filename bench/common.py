@@ -90,6 +90,7 @@ def setup_django(database_url: str, channel_prefix: str) -> None:
     os.environ["DATABASE_URL"] = database_url
     os.environ["REDIS_URL"] = REDIS_URL
     os.environ["BACKPLANE_CHANNEL_PREFIX"] = channel_prefix
+    os.environ.setdefault("BACKPLANE_REDIS_KEYS", BENCH_REDIS_KEY)  # the cluster's (service_env)
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tyrum.settings")
     os.environ.setdefault("LOG_LEVEL", "WARNING")
     if str(ROOT) not in sys.path:
@@ -99,12 +100,17 @@ def setup_django(database_url: str, channel_prefix: str) -> None:
     django.setup()
 
 
+BENCH_REDIS_KEY = "tyrum-bench-redis-key-0123456789abcdefghij"
+
+
 def service_env(database_url: str, channel_prefix: str, **extra: str) -> dict[str, str]:
     return {
         **os.environ,
         "DATABASE_URL": database_url,
         "REDIS_URL": REDIS_URL,
         "BACKPLANE_CHANNEL_PREFIX": channel_prefix,
+        # Clusters as deployed: every message on Redis encrypted (bench/encryption_cost.py: the cost).
+        "BACKPLANE_REDIS_KEYS": os.environ.get("BACKPLANE_REDIS_KEYS") or BENCH_REDIS_KEY,
         "LOG_LEVEL": "WARNING",
         "PYTHONUNBUFFERED": "1",
         **extra,

@@ -93,6 +93,9 @@ def child_env(**overrides: str) -> dict[str, str]:
         env["DATABASE_URL"] = f"postgres://{user}@{db.get('HOST') or '127.0.0.1'}:{db.get('PORT') or 5432}/{db['NAME']}"
     env["REDIS_URL"] = settings.REDIS_URL
     env["BACKPLANE_CHANNEL_PREFIX"] = settings.BACKPLANE_CHANNEL_PREFIX
+    # The children encrypt with this run's keys; a run without keys has them trust Redis.
+    keys = settings.CHANNEL_LAYERS["default"].get("CONFIG", {}).get("symmetric_encryption_keys")
+    env["BACKPLANE_REDIS_KEYS" if keys else "BACKPLANE_REDIS_TRUSTED"] = ",".join(keys) if keys else "true"
     env["PYTHONUNBUFFERED"] = "1"
     env.update(overrides)
     return env
