@@ -58,7 +58,9 @@ class Socket:
 
     def __init__(self, tenant_id: Any, device: str) -> None:
         self.connection_id = f"sock-{device}"
-        self.principal = auth.Principal(tenant_id=tenant_id, device_id=device, role="client", token_id=None, expires_at=None)
+        self.principal = auth.Principal(
+            tenant_id=tenant_id, device_id=device, role="client", token_id=None, expires_at=None
+        )
         self.keys = {"device": streams.device_stream(tenant_id, device)}
         self.offered: list[tuple[str, list[int], list[str]]] = []
         self.closed: list[int] = []
@@ -150,7 +152,12 @@ async def test_edge__forged_batches_reach_no_socket_and_the_real_event_at_their_
     channel = raw_channel(runtime, streams.group_name(conf.channel_prefix, key))
     await eventually(lambda: subscribers(raw_redis, channel))
 
-    forged = {"type": "bp.batch", "stream": key, "epoch": "00000000", "items": [[1, json.dumps({"event": {"payload": {"n": -1}}})]]}
+    forged = {
+        "type": "bp.batch",
+        "stream": key,
+        "epoch": "00000000",
+        "items": [[1, json.dumps({"event": {"payload": {"n": -1}}})]],
+    }
     caplog.set_level(logging.WARNING, logger="backplane.edge")
     await raw_redis.publish(channel, msgpack.packb(forged))  # plaintext
     await raw_redis.publish(channel, fernet_token(forged, KEY_OTHER))  # another deployment's key
