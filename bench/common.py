@@ -110,7 +110,7 @@ def service_env(database_url: str, channel_prefix: str, **extra: str) -> dict[st
         "REDIS_URL": REDIS_URL,
         "BACKPLANE_CHANNEL_PREFIX": channel_prefix,
         # Clusters as deployed: every message on Redis encrypted (bench/encryption_cost.py: the cost).
-        "BACKPLANE_REDIS_KEYS": os.environ.get("BACKPLANE_REDIS_KEYS") or BENCH_REDIS_KEY,
+        "BACKPLANE_REDIS_KEYS": os.environ.get("BACKPLANE_REDIS_KEYS", BENCH_REDIS_KEY),
         "LOG_LEVEL": "WARNING",
         "PYTHONUNBUFFERED": "1",
         **extra,

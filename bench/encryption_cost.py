@@ -14,14 +14,22 @@ layer subscribed to the group, receiving and decoding them as the edge's deliver
 
 The configurations alternate, ``--repeat`` times, and each figure is the median.
 
-    .venv/bin/python bench/encryption_cost.py [--repeat 3] [--burst 20000]
+With ``--e2e``, also the whole path: ``bench/e2e_latency.py --only e2e`` (its cluster of two
+edges, a relay and the peers; commit → frame at the peer, the rate search) once without and
+once with keys, one after the other; its own result files are left as they were.
+
+    .venv/bin/python bench/encryption_cost.py [--repeat 3] [--burst 20000] [--e2e [--peers 500]]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import os
+import shutil
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -113,11 +121,46 @@ async def measure(keys: list[str], prefix: str, samples: int, burst: int) -> dic
         await relay.flush()
 
 
+def e2e(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """e2e_latency.py's e2e phase without and with keys; its result files are restored."""
+    names = ("e2e_latency", "max_rate")
+    saved = {n: common.RESULTS / f"{n}.json" for n in names}
+    aside = {n: common.RESULTS / f"{n}.json.encryption-cost-aside" for n in names}
+    for n in names:
+        if saved[n].exists():
+            shutil.move(saved[n], aside[n])
+    rows = []
+    try:
+        for label, env in (
+            ("no keys", {"BACKPLANE_REDIS_KEYS": "", "BACKPLANE_REDIS_TRUSTED": "true"}),
+            ("keys", {"BACKPLANE_REDIS_KEYS": ",".join(KEYS)}),
+        ):
+            argv = [sys.executable, str(Path(__file__).with_name("e2e_latency.py")), "--only", "e2e"]
+            argv += ["--peers", str(args.peers), "--rates", args.rates, "--seconds", str(args.seconds)]
+            subprocess.run(argv, env={**os.environ, **env}, check=True, timeout=1800)
+            latency = json.loads(saved["e2e_latency"].read_text())["rows"]
+            best = json.loads(saved["max_rate"].read_text())["rows"][0]
+            row: dict[str, Any] = {"config": label, "max_sustainable": best["max_sustainable"]}
+            for r in latency:
+                row[f"p50_ms@{r['rate']:g}"] = r["p50_ms"]
+            rows.append(row)
+    finally:
+        for n in names:
+            saved[n].unlink(missing_ok=True)
+            if aside[n].exists():
+                shutil.move(aside[n], saved[n])
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--samples", type=int, default=1000, help="hops timed one by one per configuration")
     parser.add_argument("--burst", type=int, default=20000, help="messages of the max-rate burst")
+    parser.add_argument("--e2e", action="store_true", help="also e2e_latency.py's e2e phase, without and with keys")
+    parser.add_argument("--peers", type=int, default=500)
+    parser.add_argument("--rates", default="500,2000,5000")
+    parser.add_argument("--seconds", type=float, default=6.0)
     args = parser.parse_args()
     print(common.machine_line(), flush=True)
     runs: dict[int, list[dict[str, Any]]] = {0: [], 2: []}
@@ -151,7 +194,15 @@ def main() -> None:
         "edge_max_rate",
     ]
     common.report(f"the relay → edge hop with and without keys (median of {args.repeat})", rows, columns)
-    print(f"wrote {common.write('encryption_cost', rows)}")
+    extra: dict[str, Any] = {}
+    if args.e2e:
+        extra["e2e"] = e2e(args)
+        cols = sorted({c for r in extra["e2e"] for c in r} - {"config", "max_sustainable"}, key=lambda c: float(c[7:]))
+        common.report(
+            "e2e (bench/e2e_latency.py --only e2e): commit → frame", extra["e2e"], ["config", *cols, "max_sustainable"]
+        )
+        print(common.machine_line())
+    print(f"wrote {common.write('encryption_cost', rows, extra)}")
 
 
 if __name__ == "__main__":
