@@ -227,7 +227,7 @@ class EdgeRuntime:
             except asyncio.CancelledError:
                 raise
             except vendor_redis.UNREADABLE as exc:  # dropped before it reaches a socket or a cursor
-                self.reject(exc)
+                self.reject(type(exc).__name__)
                 continue
             except Exception as exc:  # a lost message is filled by the sockets' gap fill / head check
                 logger.warning("edge delivery loop: %s", type(exc).__name__, extra={"action": "delivery_error"})
@@ -267,11 +267,15 @@ class EdgeRuntime:
             except asyncio.CancelledError:
                 raise
             except vendor_redis.UNREADABLE as exc:  # a forged command is never carried out
-                self.reject(exc)
+                self.reject(type(exc).__name__)
                 continue
             except Exception as exc:
                 logger.warning("edge command loop: %s", type(exc).__name__, extra={"action": "command_error"})
                 await asyncio.sleep(0.5)
+                continue
+            # A genuine command recorded on another edge's channel and replayed on ours.
+            if message.get("edge", self.edge_id) != self.edge_id:
+                self.reject("another edge's command")
                 continue
             try:
                 await self.handle_command(json.loads(message["body"]))
@@ -281,18 +285,18 @@ class EdgeRuntime:
                 logger.warning("edge command loop: %s", type(exc).__name__, extra={"action": "command_error"})
                 await asyncio.sleep(0.5)
 
-    def reject(self, exc: Exception) -> None:
-        """Count a message from Redis that could not be read; log at most once per interval."""
+    def reject(self, why: str) -> None:
+        """Count a message from Redis that is not to be acted on; log at most once per interval."""
         self.rejected += 1
         now = time.monotonic()
         if now - self._rejected_log_at < REJECTED_LOG_INTERVAL_SECS:
             return
         logger.warning(
-            "edge %s rejected %d message(s) from Redis it could not decrypt (%s): forged, sent with another "
-            "key, or too old (BACKPLANE_REDIS_KEYS must list the key of every relay and edge)",
+            "edge %s rejected %d message(s) from Redis (%s): forged, sent with another key, too old, or "
+            "replayed from another edge's channel (BACKPLANE_REDIS_KEYS must list the key of every relay and edge)",
             self.edge_id,
             self.rejected - self._rejected_logged,
-            type(exc).__name__,
+            why,
             extra={"action": "redis_message_rejected"},
         )
         self._rejected_logged, self._rejected_log_at = self.rejected, now

@@ -189,12 +189,18 @@ async def test_edge__forged_drain_leaves_the_edge_serving_and_a_genuine_command_
     await raw_redis.publish(channel, msgpack.packb(drain))
     await raw_redis.publish(channel, fernet_token(drain, KEY_OTHER))
     await raw_redis.publish(channel, fernet_token(drain, KEY_A, at=time.time() - 600))
-    await eventually(lambda: asyncio.sleep(0, runtime.rejected == 3))
+    # A genuine command for another edge, recorded on its channel and replayed on this one.
+    await raw_redis.publish(channel, fernet_token({**drain, "edge": "edge-elsewhere"}, KEY_A))
+    await eventually(lambda: asyncio.sleep(0, runtime.rejected == 4))
     assert not runtime.draining
     assert sock.closed == []
 
     # The command loop is not held up by what it rejected: a genuine command goes through at once.
-    resync = {"type": "bp.command", "body": json.dumps({"command": "resync", "tenant_id": str(tenant.id)})}
+    resync = {
+        "type": "bp.command",
+        "edge": "edge-undrained",
+        "body": json.dumps({"command": "resync", "tenant_id": str(tenant.id)}),
+    }
     started = time.monotonic()
     await raw_redis.publish(channel, fernet_token(resync, KEY_A))
     await eventually(lambda: asyncio.sleep(0, sock.closed))
