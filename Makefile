@@ -5,6 +5,8 @@ BIN := $(VENV)/bin
 export TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/tyrum
 export TEST_REDIS_URL ?= redis://127.0.0.1:6379/15
 export BACKPLANE_CHANNEL_PREFIX ?= tyrumtest
+# Tests and benchmarks run clusters as deployed: every message on Redis encrypted (two keys: rotation).
+export BACKPLANE_REDIS_KEYS ?= tyrum-test-suite-redis-key-one-0123456789,tyrum-test-suite-redis-key-two-0123456789
 
 .PHONY: install run test unit faults lint bench clean
 

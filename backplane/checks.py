@@ -139,6 +139,7 @@ def check_backplane_settings(app_configs: Any = None, **kwargs: Any) -> list[Che
                 id="backplane.E010",
             )
         )
+    errors.extend(_check_redis_keys())
     if not settings.DEBUG and settings.SECRET_KEY == DEVELOPMENT_SECRET_KEY and redis_url:
         errors.append(
             Warning(
@@ -162,3 +163,45 @@ def _check_credentials() -> list[CheckMessage]:
             )
         ]
     return []
+
+
+# A key shorter than this could be guessed offline from one captured message.
+MIN_REDIS_KEY_CHARS = 32
+
+
+def _check_redis_keys() -> list[CheckMessage]:
+    """A channels-redis layer encrypts with keys, or the Redis network is declared trusted."""
+    errors: list[CheckMessage] = []
+    trusted = conf._get("REDIS_TRUSTED")
+    if not isinstance(trusted, bool):
+        errors.append(
+            Error(
+                f"BACKPLANE['REDIS_TRUSTED'] must be True or False, not {trusted!r}.",
+                hint="Set BACKPLANE_REDIS_TRUSTED=true, or leave it unset.",
+                id="backplane.E032",
+            )
+        )
+    layer = settings.CHANNEL_LAYERS.get("default", {})
+    if not str(layer.get("BACKEND", "")).startswith("channels_redis."):
+        return errors
+    keys = (layer.get("CONFIG") or {}).get("symmetric_encryption_keys") or []
+    if not keys and trusted is not True:
+        errors.append(
+            Error(
+                "The channel layer sends every payload and command over Redis unencrypted and "
+                "unauthenticated: anyone who reaches Redis can read them and forge events.",
+                hint="Set BACKPLANE_REDIS_KEYS to one or more random keys of 32+ characters "
+                "(the same on every relay and edge), or BACKPLANE_REDIS_TRUSTED=true if only "
+                "the backplane can reach Redis.",
+                id="backplane.E030",
+            )
+        )
+    if any(not isinstance(key, str | bytes) or len(key) < MIN_REDIS_KEY_CHARS for key in keys):
+        errors.append(
+            Error(
+                f"Every key of BACKPLANE_REDIS_KEYS must have at least {MIN_REDIS_KEY_CHARS} characters.",
+                hint='Make one with: python -c "import secrets; print(secrets.token_urlsafe(32))".',
+                id="backplane.E031",
+            )
+        )
+    return errors

@@ -132,6 +132,10 @@ class Settings:
     # (docs/decisions/0009-prepared-publish-statements.md). Set False behind a pooler that
     # cannot carry prepared statements (PgBouncer in transaction mode before 1.21).
     PREPARED_STATEMENTS: Setting[bool] = Setting(True)
+    # Redis carries every payload and the directed commands, encrypted and authenticated with
+    # the keys of channel_layers(); a cluster without keys must say its Redis network is
+    # trusted (backplane.E030), so a missing key is never silent.
+    REDIS_TRUSTED: Setting[bool] = Setting(False)
 
     def _get(self, name: str) -> Any:
         """The raw value of key ``name``, unvalidated (for the system checks)."""
@@ -160,6 +164,57 @@ class Settings:
 
 # Every key and its default, in declaration order: the checks' list of known keys.
 DEFAULTS: dict[str, object] = {name: attr.default for name, attr in vars(Settings).items() if isinstance(attr, Setting)}
+
+
+# The environment variable holding the channel layer's keys, comma-separated: the first
+# encrypts, every one decrypts (rotation: add the new key second, then move it first).
+REDIS_KEYS_ENV = "BACKPLANE_REDIS_KEYS"
+# A message older than this (by its sender's clock) is refused as a replay; channels-redis
+# adds 10 s of leeway. Pub/sub delivers in milliseconds, so only clock skew eats into it.
+MESSAGE_MAX_AGE_SECS = 60
+
+
+def redis_keys(raw: str | None = None) -> list[str]:
+    """The channel layer's keys from ``raw`` (default: the ``BACKPLANE_REDIS_KEYS`` variable)."""
+    if raw is None:
+        raw = os.environ.get(REDIS_KEYS_ENV, "")
+    return [key.strip() for key in raw.split(",") if key.strip()]
+
+
+def channel_layers(
+    redis_url: str, *, prefix: str, layer: str = "pubsub", keys: Sequence[str] = (), capacity: int = 1000
+) -> dict[str, dict[str, Any]]:
+    """``CHANNEL_LAYERS`` for the backplane: the in-process layer without ``redis_url``, else
+    channels-redis (``layer``: ``pubsub``, the default, or ``core``), its messages encrypted
+    and authenticated with ``keys`` (Fernet: the first encrypts, all decrypt) and refused past
+    ``MESSAGE_MAX_AGE_SECS``. No keys: plaintext, which ``manage.py check`` refuses (E030)
+    unless ``BACKPLANE["REDIS_TRUSTED"]`` says the Redis network is trusted."""
+    if not redis_url:
+        return {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+    encryption: dict[str, Any] = {"symmetric_encryption_keys": list(keys)} if keys else {}
+    if layer == "core":
+        config: dict[str, Any] = {
+            # redis-py's default 5 s socket timeout equals the layer's 5 s blocking receive,
+            # which kills idle consumers; and its pool of 100 refuses a connect storm
+            # instead of waiting (DESIGN.md, known pitfalls).
+            "hosts": [{"address": redis_url, "socket_timeout": 30, "max_connections": 10_000}],
+            "prefix": f"{prefix}:",
+            "capacity": capacity,
+            # Also the age past which the core layer's serializer refuses a message.
+            "expiry": MESSAGE_MAX_AGE_SECS,
+            "group_expiry": 86400,
+            **encryption,
+        }
+        return {"default": {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": config}}
+    from backplane.vendor.channels_redis import register_serializer
+
+    # At-most-once transport; the outbox and the edge's per-stream check make it safe (gaps
+    # are filled from the outbox). It ignores the database number, so the prefix is what
+    # separates deployments sharing one Redis.
+    config = {"hosts": [redis_url], "prefix": f"{prefix}:", **encryption}
+    if keys:
+        config["serializer_format"] = register_serializer(MESSAGE_MAX_AGE_SECS)
+    return {"default": {"BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer", "CONFIG": config}}
 
 
 def edge_id(port: int | None = None) -> str:

@@ -1,6 +1,9 @@
 """The relay's doorbell: a low-latency wake-up rung after a producer's commit.
 
-Never a source of truth: a lost ring only delays delivery until the relay's next poll.
+Never a source of truth: a lost ring only delays delivery until the relay's next poll. Nor
+encrypted, unlike the channel layer's messages: a ring carries shard numbers only, and a
+forged one only wakes the relays for a cycle early (rings while a cycle runs fold into one
+wake-up), so signing it would cost every producer's commit and protect nothing.
 With ``REDIS_URL`` the ring is a Redis PUBLISH (NOTIFY inside the producer's transaction
 would serialise all committers). Without Redis (embedded mode) it is in-process.
 

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import signal
+import time
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -29,6 +30,7 @@ from backplane import auth, directory, streams
 from backplane.conf import conf, edge_id
 from backplane.protocol import Close
 from backplane.store import Head, Store, get_store
+from backplane.vendor import channels_redis as vendor_redis
 from backplane.vendor import daphne as vendor_daphne
 
 
@@ -60,6 +62,9 @@ logger = logging.getLogger(__name__)
 HEAD_QUERY_CHUNK = 1000
 # After closing every socket on shutdown, wait this long for the close frames to go out.
 DRAIN_FLUSH_SECS = 0.5
+# Messages from Redis that cannot be decrypted are logged at most this often (a forger
+# could send thousands a second).
+REJECTED_LOG_INTERVAL_SECS = 10.0
 
 
 class EdgeRuntime:
@@ -80,6 +85,11 @@ class EdgeRuntime:
         self.joins: dict[str, asyncio.Future[None]] = {}
         self.leaving: dict[str, asyncio.Future[None]] = {}
         self.draining = False
+        # Messages from Redis dropped unread (forged, another deployment's key, too old),
+        # for a metrics exporter; and the rate limit of their log line.
+        self.rejected = 0
+        self._rejected_logged = 0
+        self._rejected_log_at = float("-inf")
         self._started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     @classmethod
@@ -216,6 +226,9 @@ class EdgeRuntime:
                 message = await self.layer.receive(self.stream_channel)
             except asyncio.CancelledError:
                 raise
+            except vendor_redis.UNREADABLE as exc:  # dropped before it reaches a socket or a cursor
+                self.reject(type(exc).__name__)
+                continue
             except Exception as exc:  # a lost message is filled by the sockets' gap fill / head check
                 logger.warning("edge delivery loop: %s", type(exc).__name__, extra={"action": "delivery_error"})
                 await asyncio.sleep(0.5)
@@ -251,12 +264,42 @@ class EdgeRuntime:
         while True:
             try:
                 message = await self.layer.receive(self.channel)
+            except asyncio.CancelledError:
+                raise
+            except vendor_redis.UNREADABLE as exc:  # a forged command is never carried out
+                self.reject(type(exc).__name__)
+                continue
+            except Exception as exc:
+                logger.warning("edge command loop: %s", type(exc).__name__, extra={"action": "command_error"})
+                await asyncio.sleep(0.5)
+                continue
+            # A genuine command recorded on another edge's channel and replayed on ours.
+            if message.get("edge", self.edge_id) != self.edge_id:
+                self.reject("another edge's command")
+                continue
+            try:
                 await self.handle_command(json.loads(message["body"]))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 logger.warning("edge command loop: %s", type(exc).__name__, extra={"action": "command_error"})
                 await asyncio.sleep(0.5)
+
+    def reject(self, why: str) -> None:
+        """Count a message from Redis that is not to be acted on; log at most once per interval."""
+        self.rejected += 1
+        now = time.monotonic()
+        if now - self._rejected_log_at < REJECTED_LOG_INTERVAL_SECS:
+            return
+        logger.warning(
+            "edge %s rejected %d message(s) from Redis (%s): forged, sent with another key, too old, or "
+            "replayed from another edge's channel (BACKPLANE_REDIS_KEYS must list the key of every relay and edge)",
+            self.edge_id,
+            self.rejected - self._rejected_logged,
+            why,
+            extra={"action": "redis_message_rejected"},
+        )
+        self._rejected_logged, self._rejected_log_at = self.rejected, now
 
     async def handle_command(self, body: dict[str, Any]) -> None:
         """Carry out one directed command; idempotent (commands arrive at least once)."""

@@ -347,7 +347,9 @@ def _messages(prefix: str, key: str, rows: Sequence[Pending]) -> list[tuple[str,
     audience = streams.audience_of(key)
     if audience == "edge":
         group = streams.edge_group(prefix, key[2:])
-        return [(group, {"type": "bp.command", "body": p.item.payload_json}) for p in rows]
+        # The target edge named in the message: a command replayed onto another edge's group
+        # is refused there (EdgeRuntime checks it; messages without it are accepted).
+        return [(group, {"type": "bp.command", "edge": key[2:], "body": p.item.payload_json}) for p in rows]
     group = streams.group_name(prefix, key)
     epoch = rows[0].epoch
     out = []

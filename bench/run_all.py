@@ -33,6 +33,9 @@ STEPS: list[tuple[str, str, list[str], float, float]] = [
     ("producer", "producer.py", [], 60, 20),
     ("relay_throughput", "relay_throughput.py", [], 90, 30),
     ("connections", "connections.py", [], 220, 60),
+    # Redis encryption's cost (issue 13): the relay → edge hop, and the e2e phase without and
+    # with BACKPLANE_REDIS_KEYS, in one run.
+    ("encryption", "encryption_cost.py", ["--e2e"], 240, 90),
 ]
 OUTPUTS = {
     "e2e": ["e2e_latency", "max_rate", "edge_kill", "resume", "fanout"],
@@ -40,6 +43,7 @@ OUTPUTS = {
     "producer": ["producer"],
     "relay_throughput": ["relay_throughput"],
     "connections": ["connections"],
+    "encryption": ["encryption_cost"],
 }
 
 

@@ -8,6 +8,8 @@ import secrets
 # Cluster processes refuse the public development SECRET_KEY (backplane.asgi): children of a
 # run without one share this key, made once per run.
 RUN_SECRET_KEY = "tyrum-harness-" + secrets.token_hex(16)
+# A benchmark cluster's Redis key when the environment gives none (all its processes share it).
+RUN_REDIS_KEY = "tyrum-harness-redis-" + secrets.token_hex(16)
 
 
 def _secret_key() -> str:
@@ -33,6 +35,9 @@ def child_env(**overrides: str) -> dict[str, str]:
     env["BACKPLANE_CHANNEL_PREFIX"] = settings.BACKPLANE_CHANNEL_PREFIX
     env["PYTHONUNBUFFERED"] = "1"
     env["SECRET_KEY"] = _secret_key()
+    # The children encrypt with this run's Redis keys; a run without keys has them trust Redis.
+    keys = settings.CHANNEL_LAYERS["default"].get("CONFIG", {}).get("symmetric_encryption_keys")
+    env["BACKPLANE_REDIS_KEYS" if keys else "BACKPLANE_REDIS_TRUSTED"] = ",".join(keys) if keys else "true"
     env.update(overrides)
     return env
 
@@ -48,5 +53,7 @@ def service_env(database_url: str, redis_url: str, channel_prefix: str, **extra:
         "LOG_LEVEL": "WARNING",
         "PYTHONUNBUFFERED": "1",
         "SECRET_KEY": _secret_key(),
+        # Clusters as deployed: every message on Redis encrypted (bench/encryption_cost.py: the cost).
+        "BACKPLANE_REDIS_KEYS": os.environ.get("BACKPLANE_REDIS_KEYS", RUN_REDIS_KEY),
         **extra,
     }

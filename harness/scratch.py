@@ -64,6 +64,9 @@ def setup_django(database_url: str, redis_url: str, channel_prefix: str) -> None
     os.environ["DATABASE_URL"] = database_url
     os.environ["REDIS_URL"] = redis_url
     os.environ["BACKPLANE_CHANNEL_PREFIX"] = channel_prefix
+    from harness.env import RUN_REDIS_KEY
+
+    os.environ.setdefault("BACKPLANE_REDIS_KEYS", RUN_REDIS_KEY)  # the cluster's (env.service_env)
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tyrum.settings")
     os.environ.setdefault("LOG_LEVEL", "WARNING")
     import django

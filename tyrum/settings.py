@@ -11,6 +11,8 @@ Everything that differs between deployments comes from the environment:
 - ``BACKPLANE_CHANNEL_PREFIX``: per-deployment prefix of every Redis key and channel.
 - ``BACKPLANE_LAYER``: ``pubsub`` (default) or ``core`` channels-redis layer.
 - ``BACKPLANE_LAYER_CAPACITY``: the core layer's per-channel capacity.
+- ``BACKPLANE_REDIS_KEYS``: comma-separated keys encrypting every message on Redis (the first
+  encrypts, all decrypt); ``BACKPLANE_REDIS_TRUSTED=true`` runs a cluster without them.
 - ``BACKPLANE_SHARDS``: number of relay shards (default 16).
 - ``BACKPLANE_ALLOWED_ORIGINS``: comma-separated origins allowed for session-cookie auth.
 - ``DEBUG``, ``ALLOWED_HOSTS`` (comma-separated, also checked on ``/ws`` upgrades), ``LOG_LEVEL``.
@@ -28,9 +30,10 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
 
 import dj_database_url
+
+from backplane.conf import channel_layers, redis_keys
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -130,35 +133,16 @@ REDIS_URL = os.environ.get("REDIS_URL", "")
 BACKPLANE_CHANNEL_PREFIX = os.environ.get("BACKPLANE_CHANNEL_PREFIX", "tyrum")
 BACKPLANE_LAYER = os.environ.get("BACKPLANE_LAYER", "pubsub")
 
-CHANNEL_LAYERS: dict[str, dict[str, Any]]
-if not REDIS_URL:
-    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
-elif BACKPLANE_LAYER == "core":
-    CHANNEL_LAYERS = {
-        "default": {
-            "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {
-                # redis-py's default 5 s socket timeout equals the layer's 5 s blocking
-                # receive, which kills idle consumers; and its pool of 100 refuses a connect
-                # storm instead of waiting (DESIGN.md, known pitfalls).
-                "hosts": [{"address": REDIS_URL, "socket_timeout": 30, "max_connections": 10_000}],
-                "prefix": f"{BACKPLANE_CHANNEL_PREFIX}:",
-                "capacity": int(os.environ.get("BACKPLANE_LAYER_CAPACITY", "1000")),
-                "expiry": 60,
-                "group_expiry": 86400,
-            },
-        }
-    }
-else:
-    CHANNEL_LAYERS = {
-        "default": {
-            # At-most-once transport; the outbox and the edge's per-stream check make it
-            # safe (gaps are filled from the outbox). It ignores the database number, so
-            # the prefix is what separates deployments sharing one Redis.
-            "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
-            "CONFIG": {"hosts": [REDIS_URL], "prefix": f"{BACKPLANE_CHANNEL_PREFIX}:"},
-        }
-    }
+# Every message on Redis is encrypted and authenticated with BACKPLANE_REDIS_KEYS
+# (comma-separated; the first encrypts, all decrypt); without keys, `manage.py check` fails
+# unless BACKPLANE_REDIS_TRUSTED=true (docs/operations.md).
+CHANNEL_LAYERS = channel_layers(
+    REDIS_URL,
+    prefix=BACKPLANE_CHANNEL_PREFIX,
+    layer=BACKPLANE_LAYER,
+    keys=redis_keys(),
+    capacity=int(os.environ.get("BACKPLANE_LAYER_CAPACITY", "1000")),
+)
 
 EDGE_ID = os.environ.get("EDGE_ID", "")
 
@@ -177,6 +161,7 @@ for _name, _raw in os.environ.items():
         "BACKPLANE_LAYER",
         "BACKPLANE_LAYER_CAPACITY",
         "BACKPLANE_FAILPOINT",
+        "BACKPLANE_REDIS_KEYS",
     }:
         try:
             BACKPLANE[_name[len("BACKPLANE_") :]] = json.loads(_raw)

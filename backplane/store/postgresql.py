@@ -269,15 +269,25 @@ def _ids_by_part(pending: Sequence[Pending]) -> dict[str, list[int]]:
     return {part: list(ids) for part, ids in by_part.items()}
 
 
+# Keys of Django's OPTIONS that are Django's own, not libpq's or psycopg's.
+_DJANGO_ONLY_OPTIONS = frozenset({"assume_role", "isolation_level", "pool", "server_side_binding", "prepare_threshold"})
+
+
 def _conninfo() -> dict[str, Any]:
+    """The lease session's connection parameters: Django's (``DATABASES["default"]``, its
+    ``OPTIONS`` included, so ``sslmode``, ``sslrootcert``, ``service`` … apply to the session
+    that carries every payload too), plus the session's own name, timeout and keepalives."""
     db = connection.settings_dict
+    own = {k: v for k, v in (db.get("OPTIONS") or {}).items() if k not in _DJANGO_ONLY_OPTIONS}
+    server_options = "-c tcp_keepalives_idle=10 -c tcp_keepalives_interval=5 -c tcp_keepalives_count=3"
     info: dict[str, Any] = {
-        "dbname": db["NAME"],
-        "user": db.get("USER") or None,
-        "password": db.get("PASSWORD") or None,
-        "host": db.get("HOST") or None,
-        "port": db.get("PORT") or None,
-        "connect_timeout": 5,
+        **own,
+        "dbname": db["NAME"] or own.get("dbname"),
+        "user": db.get("USER") or own.get("user"),
+        "password": db.get("PASSWORD") or own.get("password"),
+        "host": db.get("HOST") or own.get("host"),
+        "port": db.get("PORT") or own.get("port"),
+        "connect_timeout": own.get("connect_timeout", 5),
         "application_name": "tyrum-relay-lease",
         # A partitioned relay must lose its locks in seconds, not after the OS's 2-hour
         # keepalive: the server side notices a silent peer through these.
@@ -285,7 +295,7 @@ def _conninfo() -> dict[str, Any]:
         "keepalives_idle": 10,
         "keepalives_interval": 5,
         "keepalives_count": 3,
-        "options": "-c tcp_keepalives_idle=10 -c tcp_keepalives_interval=5 -c tcp_keepalives_count=3",
+        "options": f"{own['options']} {server_options}" if own.get("options") else server_options,
     }
     return {k: v for k, v in info.items() if v is not None}
 

@@ -1,5 +1,13 @@
-"""channels-redis internals the relay relies on: publishing many group messages of the
-pub/sub layer in one pipelined round trip (docs/decisions/0014-relay-pipelined-group-sends.md).
+"""channels-redis internals the backplane relies on.
+
+- The relay publishes many group messages of the pub/sub layer in one pipelined round trip
+  (docs/decisions/0014-relay-pipelined-group-sends.md).
+- Encryption: the pub/sub layer's serializer takes ``symmetric_encryption_keys`` (Fernet,
+  ``MultiFernet``: the first key encrypts, all decrypt) but no ``expiry``, so it would accept
+  a recorded message forever; ``register_serializer`` registers one that refuses old ones.
+  The pub/sub layer deserializes in ``receive`` (its reader task only queues raw bytes), so a
+  message it cannot decrypt raises one of ``UNREADABLE`` there, in the receiver, and the
+  reader and the next messages are unaffected.
 
 The layer's own ``group_send`` takes a lock and a round trip per message; a relay cycle with
 hundreds of device streams would pay hundreds of sequential round trips. ``PubSubPublisher``
@@ -12,13 +20,41 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from cryptography.fernet import InvalidToken
+from msgpack import UnpackException  # type: ignore[import-untyped]  # msgpack ships no types
+
 # What is read of the layer: the wrapper's per-loop layer, its shards (one host only: a
 # sharded layer publishes each group on its own host), its group channel names, its serializer.
 RELIED_ON = (
     ("channels_redis.pubsub", "RedisPubSubChannelLayer", "_get_layer"),
+    ("channels_redis.pubsub", "RedisPubSubChannelLayer", "deserialize"),
+    ("channels_redis.serializers", "MsgPackSerializer", "deserialize"),
+    ("channels_redis.serializers", "SerializersRegistry", "register_serializer"),
     ("channels_redis.pubsub", "RedisPubSubChannelLayer", "serialize"),
     ("channels_redis.pubsub", "RedisPubSubLoopLayer", "_get_group_channel_name"),
 )
+
+
+# What ``receive`` raises for a message that is not one of ours: a token that another key
+# made, that was altered or is too old (InvalidToken), or bytes that are no message at all
+# (msgpack's errors: ValueErrors, but OutOfData).
+UNREADABLE: tuple[type[Exception], ...] = (InvalidToken, UnpackException, ValueError)
+
+SERIALIZER_FORMAT = "tyrum-msgpack"
+
+
+def register_serializer(max_age_secs: int) -> str:
+    """Register the pub/sub layer's serializer that refuses messages older than
+    ``max_age_secs`` (plus channels-redis's 10 s); return its format name for the layer's
+    ``serializer_format``."""
+    from channels_redis.serializers import MsgPackSerializer, registry
+
+    class BoundedAgeSerializer(MsgPackSerializer):  # type: ignore[misc]
+        def __init__(self, *args: Any, expiry: int | None = None, **kwargs: Any) -> None:
+            super().__init__(*args, expiry=max_age_secs if expiry is None else expiry, **kwargs)
+
+    registry.register_serializer(SERIALIZER_FORMAT, BoundedAgeSerializer)
+    return SERIALIZER_FORMAT
 
 
 class PubSubPublisher:

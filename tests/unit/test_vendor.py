@@ -169,3 +169,60 @@ def test_vendor__daphnes_http_factory_wraps_an_http_channel_in_channel() -> None
     protocol = HTTPFactory(server=None).buildProtocol(IPv4Address("TCP", "127.0.0.1", 0))
     assert isinstance(protocol._channel, http.HTTPChannel)
     assert hasattr(protocol._channel, "requestDone")
+
+
+KEY_OLD = "vendor-pin-key-old-0123456789abcdefghijkl"
+KEY_NEW = "vendor-pin-key-new-0123456789abcdefghijkl"
+
+
+def encrypted_layer(keys: list[str]) -> Any:
+    from channels_redis.pubsub import RedisPubSubChannelLayer
+
+    from backplane.conf import channel_layers
+
+    config = channel_layers("redis://127.0.0.1:6379", prefix="pin", keys=keys)["default"]["CONFIG"]
+    assert config.get("symmetric_encryption_keys", []) == keys
+    return RedisPubSubChannelLayer(**config)
+
+
+def test_vendor__pubsub_layer_encrypts_with_the_first_key_and_decrypts_with_any() -> None:
+    message = {"type": "bp.batch", "items": [[1, "frame"]]}
+    rotated = encrypted_layer([KEY_NEW, KEY_OLD])
+    token = rotated.serialize(message)
+    assert b"bp.batch" not in token and b"frame" not in token
+    assert encrypted_layer([KEY_OLD, KEY_NEW]).deserialize(token) == message
+    with pytest.raises(vendor_redis.UNREADABLE):
+        encrypted_layer([KEY_OLD]).deserialize(token)
+    with pytest.raises(vendor_redis.UNREADABLE):  # plaintext, as a forger without the key sends it
+        encrypted_layer([KEY_OLD]).deserialize(encrypted_layer([]).serialize(message))
+    with pytest.raises(vendor_redis.UNREADABLE):  # bytes that are no message, on a layer without keys
+        encrypted_layer([]).deserialize(b"\x00\xc1garbage")
+
+
+def test_vendor__pubsub_serializer_refuses_a_message_older_than_the_max_age() -> None:
+    import time
+
+    import msgpack
+
+    from backplane.conf import MESSAGE_MAX_AGE_SECS
+
+    layer = encrypted_layer([KEY_OLD])
+    crypter = layer._serializer.crypter
+    assert layer._serializer.expiry == MESSAGE_MAX_AGE_SECS
+    data = msgpack.packb({"type": "bp.command"})
+    fresh = crypter.encrypt_at_time(data, int(time.time()) - MESSAGE_MAX_AGE_SECS)
+    assert layer.deserialize(fresh) == {"type": "bp.command"}  # within channels-redis's 10 s of leeway
+    with pytest.raises(vendor_redis.UNREADABLE):
+        layer.deserialize(crypter.encrypt_at_time(data, int(time.time()) - MESSAGE_MAX_AGE_SECS - 60))
+
+
+def test_vendor__pubsub_layer_deserializes_in_receive_not_in_its_reader() -> None:
+    import inspect
+
+    from channels_redis.pubsub import RedisPubSubLoopLayer, RedisSingleShardConnection
+
+    # The reader task queues raw bytes; ``receive`` deserializes, so a message that cannot be
+    # decrypted raises in the edge's loop (which drops it) and never stops the reader.
+    assert "put_nowait(data)" in inspect.getsource(RedisSingleShardConnection._receive_message)
+    assert "deserialize" not in inspect.getsource(RedisSingleShardConnection._receive_message)
+    assert "return self.channel_layer.deserialize(message)" in inspect.getsource(RedisPubSubLoopLayer.receive)
