@@ -26,6 +26,8 @@ from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.http.request import split_domain_port, validate_host
 
+from backplane import refusals
+
 logger = logging.getLogger(__name__)
 
 Scope = Any  # an ASGI scope (channels types each kind apart)
@@ -85,7 +87,7 @@ class AllowedHosts:
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] == "websocket" and not host_allowed(scope):
-            logger.warning("refused: Host not in ALLOWED_HOSTS", extra={"action": "refused_host"})
+            refusals.log(logger, logging.WARNING, "refused_host", "refused: Host not in ALLOWED_HOSTS")
             await _deny(scope, receive, send, 400)
             return
         await self.app(scope, receive, send)
@@ -102,7 +104,7 @@ def host_allowed(scope: Scope) -> bool:
 
 async def refuse_404(scope: Scope, receive: Any, send: Any) -> None:
     """An upgrade to a path that is not the gateway's: 404, not a server error."""
-    logger.info("refused: no WebSocket endpoint at this path", extra={"action": "refused_path"})
+    refusals.log(logger, logging.INFO, "refused_path", "refused: no WebSocket endpoint at this path")
     await _deny(scope, receive, send, 404)
 
 
@@ -110,26 +112,13 @@ async def _deny(scope: Scope, receive: Any, send: Any, status: int) -> None:
     """Take the upgrade request and refuse it with ``status`` (``deny``)."""
     message = await receive()
     if message.get("type") == "websocket.connect":
-        await deny(scope, send, status)
-
-
-async def deny(scope: Scope, send: Any, status: int) -> None:
-    """Refuse a WebSocket upgrade with an HTTP status: the ASGI denial response where the
-    server has it (daphne, taught by ``vendor.daphne.install_denial_response``; a server
-    that says so in the scope's extensions), else a plain refusal (403)."""
-    from backplane.vendor import daphne as vendor_daphne
-
-    if vendor_daphne.protocol_of(send) is None and "websocket.http.response" not in scope.get("extensions", {}):
-        await send({"type": "websocket.close", "code": 1000})
-        return
-    await send({"type": "websocket.http.response.start", "status": status, "headers": []})
-    await send({"type": "websocket.http.response.body", "body": b""})
+        await refusals.deny(scope, send, status)
 
 
 def _start_edge_eagerly() -> None:
     """With EDGE_ID set, register the edge (and its SIGTERM drain) as daphne starts, not at
     the first connection. Without it the edge id needs the port, known at the first connection."""
-    if not os.environ.get("EDGE_ID") or "twisted.internet.reactor" not in sys.modules:
+    if not os.environ.get("EDGE_ID") or "daphne.server" not in sys.modules:
         return
     import asyncio
 

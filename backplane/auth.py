@@ -38,10 +38,6 @@ from backplane.tokens import hash_token, record_expired
 
 logger = logging.getLogger(__name__)
 
-PROTOCOL = protocol.PROTOCOL
-AUTH_SUBPROTOCOL_PREFIX = protocol.AUTH_SUBPROTOCOL_PREFIX
-URL_CREDENTIAL_PARAMS = protocol.URL_CREDENTIAL_PARAMS
-
 
 class AuthRefused(exceptions.BackplaneError):
     """Raised when an upgrade request's credential is missing or not acceptable (HTTP 403)."""
@@ -75,7 +71,7 @@ def url_has_credential(query_string: bytes) -> bool:
         pairs = parse_qsl(text, keep_blank_values=True) + parse_qsl(text, keep_blank_values=True, separator=";")
     except ValueError:
         return True
-    return any(name.strip().lower() in URL_CREDENTIAL_PARAMS for name, _ in pairs)
+    return any(name.strip().lower() in protocol.URL_CREDENTIAL_PARAMS for name, _ in pairs)
 
 
 def _headers(scope: dict[str, Any]) -> dict[bytes, bytes]:
@@ -84,8 +80,8 @@ def _headers(scope: dict[str, Any]) -> dict[bytes, bytes]:
 
 def subprotocol_token(subprotocols: list[str]) -> str | None:
     for proto in subprotocols:
-        if proto.startswith(AUTH_SUBPROTOCOL_PREFIX):
-            encoded = proto[len(AUTH_SUBPROTOCOL_PREFIX) :]
+        if proto.startswith(protocol.AUTH_SUBPROTOCOL_PREFIX):
+            encoded = proto[len(protocol.AUTH_SUBPROTOCOL_PREFIX) :]
             try:
                 return base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)).decode()
             except (binascii.Error, UnicodeDecodeError, ValueError):

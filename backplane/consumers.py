@@ -14,22 +14,19 @@ timer, and the one lock that keeps the slow path's sends in order.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
 import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from channels.db import database_sync_to_async
 from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncWebsocketConsumer
 
-from backplane import auth, directory, exceptions, protocol, streams
+from backplane import auth, directory, edge_db, exceptions, limits, protocol, refusals, streams
 from backplane.conf import conf
-from backplane.delivery import Batch, CloseWith, Delivery, Fill, Release, Reply, Resume, TokenBucket
+from backplane.delivery import Batch, CloseWith, Delivery, Fill, Lag, Release, Reply, Resume, TokenBucket
 from backplane.edge import EdgeRuntime
-from backplane.limits import AddressThrottle, LogLimiter
 from backplane.protocol import Close
 from backplane.store import Store, get_store
 from backplane.vendor import channels as vendor_channels
@@ -41,9 +38,6 @@ logger = logging.getLogger(__name__)
 # this often, for at most this much longer (docs/decisions/0022-live-hold-until-first-frame.md).
 HOLD_POLL_SECS = 0.01
 HOLD_EXTENSION_SECS = 5.0
-# How long after a failed database call the edge checks its connections before using them.
-SUSPECT_SECS = 60.0
-_suspect_until = 0.0
 
 
 class _Closed(Exception):
@@ -79,31 +73,35 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         self.wire: Any = None  # daphne's protocol object, when frames can be written directly
         self.runtime: EdgeRuntime | None = None
         self.row_written = False
+        # Batches handed over between the subscription and the Delivery (the heads are being
+        # read): they join its backlog, held like any other until the first frame.
+        self.early: list[Batch] = []
+        self.catching_up: asyncio.Task[None] | None = None
         now = time.monotonic()
         if auth.url_has_credential(self.scope.get("query_string", b"")):
-            _LOGS.log(logger, logging.WARNING, "refused_url_credential", now, "refused: credential in URL")
+            refusals.log(logger, logging.WARNING, "refused_url_credential", "refused: credential in URL")
             await self.close()
             return
         if protocol.PROTOCOL not in (self.scope.get("subprotocols") or []):
-            _LOGS.log(
-                logger, logging.INFO, "refused_protocol", now, "refused: subprotocol %s not offered", protocol.PROTOCOL
+            refusals.log(
+                logger, logging.INFO, "refused_protocol", "refused: subprotocol %s not offered", protocol.PROTOCOL
             )
             await self.close()
             return
-        address = _client_address(self.scope)
-        throttle = _throttle()
+        address = limits.client_address(self.scope)
+        throttle = limits.throttle()
         if throttle.blocked(address, now):  # before any database query
-            _LOGS.log(logger, logging.WARNING, "refused_throttled", now, "refused: too many failed authentications")
+            refusals.log(logger, logging.WARNING, "refused_throttled", "refused: too many failed authentications")
             await self._deny(429)
             return
         try:
-            self.principal = await _db(self._unless_gone)(auth.authenticate, self.scope)
+            self.principal = await edge_db.call(self._unless_gone)(auth.authenticate, self.scope)
         except _Gone:
             self.closed = True
             return  # daphne dropped the handshake while it waited (a connect storm): nothing to do
         except auth.AuthRefused as exc:
             throttle.failed(address, time.monotonic())
-            _LOGS.log(logger, logging.INFO, "refused_auth", time.monotonic(), "refused: %s", exc)
+            refusals.log(logger, logging.INFO, "refused_auth", "refused: %s", exc)
             await self.close()
             return
         except exceptions.StoreUnavailable:
@@ -122,12 +120,12 @@ class GatewayConsumer(AsyncWebsocketConsumer):
             # Subscribed before the heads are read: nothing after the hello's heads is missed
             # (batches arriving meanwhile are held, and repeats dropped by the cursors).
             await self.runtime.subscribe(self)
-            heads = await _db(self._unless_gone)(self._open, self.runtime.edge_id)
+            heads = await edge_db.call(self._unless_gone)(self._open, self.runtime.edge_id)
         except _OverCap as exc:
             self.closed = True
             if self.runtime is not None:
                 self.runtime.unsubscribe(self)
-            _LOGS.log(logger, logging.INFO, "refused_cap", time.monotonic(), "refused: %s connection cap reached", exc)
+            refusals.log(logger, logging.INFO, "refused_cap", "refused: %s connection cap reached", exc)
             await self._deny(429)
             return
         except _Gone:
@@ -154,6 +152,8 @@ class GatewayConsumer(AsyncWebsocketConsumer):
             max_frame_bytes=conf.MAX_INBOUND_FRAME_BYTES,
             inbound=inbound,
         )
+        self.delivery.backlog.extend(self.early)  # repeats of the hello's heads are dropped by the cursors
+        self.early = []
         hello = {name: protocol.Position(h.epoch, h.offset) for name, h in self.delivery.heads.items()}
         await self.send(text_data=protocol.hello_frame(self.connection_id, self.runtime.edge_id, hello))
         self.runtime.add(self)
@@ -205,10 +205,8 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         await send(message)
 
     async def _deny(self, status: int) -> None:
-        """Refuse the upgrade with an HTTP status (``backplane.asgi.deny``)."""
-        from backplane.asgi import deny
-
-        await deny(self.scope, self.base_send, status)
+        """Refuse the upgrade with an HTTP status (``refusals.deny``)."""
+        await refusals.deny(self.scope, self.base_send, status)
 
     async def disconnect(self, code: int) -> None:
         self.closed = True
@@ -216,13 +214,13 @@ class GatewayConsumer(AsyncWebsocketConsumer):
             return
         self.runtime.remove(self)
         self.runtime.unsubscribe(self)
-        for task in (self.hold_task, self.drainer):
+        for task in (self.hold_task, self.drainer, self.catching_up):
             if task is not None:
                 task.cancel()
         if not self.row_written:
             return
         try:
-            await _db(directory.close_connection)(self.connection_id)
+            await edge_db.call(directory.close_connection)(self.connection_id)
         except Exception as exc:  # the heartbeat sweep removes it later
             logger.warning("could not remove connection row: %s", type(exc).__name__, extra={"action": "disconnect"})
         logger.info("disconnected %s code %s", self.connection_id, code, extra={"action": "disconnected"})
@@ -247,6 +245,9 @@ class GatewayConsumer(AsyncWebsocketConsumer):
     async def close_with(self, code: int) -> None:
         if not self.closed:
             self.closed = True
+            delivery = getattr(self, "delivery", None)
+            if delivery is not None:
+                delivery.backlog.clear()  # nothing more goes to this socket
             await self.close(code=int(code))
 
     async def dispatch(self, message: dict[str, Any]) -> None:
@@ -314,7 +315,9 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         is short (nothing sent), else None (or the socket is closed)."""
         for n, page in enumerate(plan.pages(conf.REPLAY_PAGE_EVENTS)):
             try:
-                items = await _db(self._unless_gone)(self.store.read_range, self.keys[name], page.after, page.upto)
+                items = await edge_db.call(self._unless_gone)(
+                    self.store.read_range, self.keys[name], page.after, page.upto
+                )
             except _Gone:
                 self.closed = True
                 return None
@@ -371,14 +374,17 @@ class GatewayConsumer(AsyncWebsocketConsumer):
 
         What continues the cursor is written at once, with no task or lock; the rest queues
         for the drain task, which may read the outbox — the runtime never waits for it."""
-        if self.keys.get(name) != key:
+        if self.closed or self.keys.get(name) != key:
             return
-        delivery = self.delivery
+        delivery = getattr(self, "delivery", None)
+        if delivery is None:  # still connecting: kept for the Delivery about to be made
+            self.early.append((name, epoch, items))
+            return
         try:
             proto = self.wire
             for n in delivery.offer(name, epoch, items, offsets, self.lock.locked()):
-                if self.closed:  # also closed under an earlier frame's send
-                    return
+                if self.closed:  # closed under an earlier frame's send
+                    return  # type: ignore[unreachable]  # mypy keeps the narrowing across awaits
                 if proto is None or not vendor_daphne.write_direct(proto, wire[n], self.coalescer):
                     await self._asgi({"type": "websocket.send", "text": items[n][1]})
         except Exception as exc:
@@ -418,7 +424,7 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         really got."""
         for page in fill.pages(conf.REPLAY_PAGE_EVENTS):
             try:
-                items = await _db(self.store.read_range)(self.keys[fill.stream], page.after, page.upto)
+                items = await edge_db.call(self.store.read_range)(self.keys[fill.stream], page.after, page.upto)
             except Exception as exc:
                 logger.warning("gap fill failed (%s): closing 4001", type(exc).__name__, extra={"action": "gap_error"})
                 await self.close_with(Close.RECONNECT)
@@ -452,69 +458,28 @@ class GatewayConsumer(AsyncWebsocketConsumer):
 
     async def observe_heads(self, heads: dict[str, Any]) -> None:
         """Fill a lag that persists across two head checks (the relay was not just slow:
-        the transport lost the tail)."""
-        if self.closed:
+        the transport lost the tail). The fill runs on a task of this socket's: the head
+        check goes on to the other sockets without waiting for its lock or its reads."""
+        if self.closed or getattr(self, "delivery", None) is None:
             return
+        seen = self.delivery.observe(heads)
+        if isinstance(seen, CloseWith):
+            await self.close_with(seen.code)
+            return
+        if seen and (self.catching_up is None or self.catching_up.done()):
+            self.catching_up = asyncio.create_task(self._catch_up(seen))
+
+    async def _catch_up(self, lags: list[Lag]) -> None:
         try:
-            seen = self.delivery.observe(heads)
-            if isinstance(seen, CloseWith):
-                await self.close_with(seen.code)
-                return
-            for lag in seen:
+            for lag in lags:
                 async with self.lock:
                     step = self.delivery.catch_up(lag)
                     if isinstance(step, CloseWith):
                         await self.close_with(step.code)
                         return
                     if step is not None:
-                        try:
-                            await self._fill(step)
-                        except _Closed:
-                            return
+                        await self._fill(step)
+        except _Closed:
+            return
         except Exception as exc:
             await self._failed(exc)
-
-
-# Refusal logs: at most one line per kind every 10 s on an edge, whatever a client sends.
-_LOGS = LogLimiter(10.0)
-
-
-@functools.cache
-def _throttle() -> AddressThrottle:
-    """This process's throttle of failed authentications per client address."""
-    return AddressThrottle(float(conf.AUTH_FAILURE_BURST), float(conf.AUTH_FAILURES_PER_MINUTE))
-
-
-def _client_address(scope: Any) -> str:
-    """The client's address as the server saw it (daphne's ``--proxy-headers`` puts the
-    forwarded one here)."""
-    client = scope.get("client") or ("",)
-    return str(client[0])
-
-
-def _db(fn: Callable[..., Any]) -> Any:
-    """``database_sync_to_async`` for a socket's own database work (credential check,
-    directory row, replay, gap fill), on the shared worker threads (each with its own
-    connection) on PostgreSQL so handshakes and replays overlap; SQLite keeps its one thread.
-
-    Django's per-call health check (a ``SELECT 1`` round trip) is skipped: a dead connection
-    fails the call instead (503 or 4001, the peer retries) and is discarded. After a call
-    failed on its connection the checks run again for ``SUSPECT_SECS``: after an outage every
-    worker thread holds a dead connection (docs/decisions/0019-edge-database-calls.md)."""
-
-    def call(*args: Any) -> Any:
-        from django.db import InterfaceError, OperationalError, connection
-
-        global _suspect_until
-        if connection.connection is not None and time.monotonic() >= _suspect_until:
-            connection.health_check_done = True  # type: ignore[attr-defined]  # Django >= 4.1, not in its stubs
-        try:
-            return fn(*args)
-        except (OperationalError, InterfaceError, exceptions.StoreUnavailable) as exc:
-            cause = exc.__cause__ if isinstance(exc, exceptions.StoreUnavailable) else exc
-            if isinstance(cause, OperationalError | InterfaceError):  # the connection, not the query
-                _suspect_until = time.monotonic() + SUSPECT_SECS
-            raise
-
-    # SQLite keeps its one thread (one writer; a connection per thread).
-    return database_sync_to_async(call, thread_sensitive=get_store().single_thread)

@@ -27,7 +27,6 @@ from backplane.protocol import (
     error_frame,
     not_recovered,
     parse_frame,
-    recovered,
     resume_positions,
     too_large,
 )
@@ -322,13 +321,6 @@ class Delivery:
         if position.offset + 1 < head.first_retained or missing > self.max_replay:
             return not_recovered(ResumeOutcome.RETENTION_EXCEEDED)
         return Fill(name, head.epoch, position.offset, head.offset)
-
-    def replayed(self, fill: Fill, got: int) -> dict[str, Any]:
-        """The ``resumed`` entry for a replay that read ``got`` rows: all or nothing, never
-        a partial replay called recovered."""
-        if got != fill.count:
-            return not_recovered(ResumeOutcome.RETENTION_EXCEEDED)
-        return recovered(fill.count)
 
     def replayed_page(self, page: Fill, got: int, first: bool) -> dict[str, Any] | CloseWith | None:
         """Check one page of a paged replay: None when it is whole (send it, go on). Short on

@@ -22,6 +22,13 @@ from backplane.conf import conf
 from backplane.models import Connection, Edge, Tenant
 
 
+def start_edge(edge_id: str) -> None:
+    """An edge process starts: it holds no socket yet, so rows left under its id by an earlier
+    life (killed, restarted with the same ``EDGE_ID``) go, and its row is written afresh."""
+    Connection.objects.filter(edge_id=edge_id).delete()
+    register_edge(edge_id)
+
+
 def register_edge(edge_id: str) -> None:
     """Write (or refresh) this edge's row as started now."""
     now = timezone.now()
@@ -53,13 +60,15 @@ def over_cap(
 ) -> str | None:
     """Which cap (``"token"``, ``"tenant"``) one more connection would pass, or None: live
     rows counted cluster-wide, before the new one is added (racing handshakes may pass a
-    cap by a few)."""
-    now = timezone.now()
+    cap by a few). Live: written or refreshed within the last two heartbeats — the rows of an
+    edge that died (its peers reconnecting elsewhere) do not count while they wait for the
+    sweep."""
+    fresh = timezone.now() + timedelta(seconds=conf.CONNECTION_TTL_SECS - 2 * conf.HEARTBEAT_INTERVAL_SECS)
     if per_token is not None and token_id is not None:
-        if Connection.objects.filter(token_id=token_id, expires_at__gt=now).count() >= per_token:
+        if Connection.objects.filter(token_id=token_id, expires_at__gt=fresh).count() >= per_token:
             return "token"
     if per_tenant is not None:
-        if Connection.objects.filter(tenant_id=tenant_id, expires_at__gt=now).count() >= per_tenant:
+        if Connection.objects.filter(tenant_id=tenant_id, expires_at__gt=fresh).count() >= per_tenant:
             return "tenant"
     return None
 

@@ -114,7 +114,7 @@ class EdgeRuntime:
     async def start(self) -> None:
         if not streams.EDGE_ID_RE.match(self.edge_id):
             raise ValueError(f"malformed EDGE_ID {self.edge_id!r}")
-        await database_sync_to_async(directory.register_edge)(self.edge_id)
+        await database_sync_to_async(directory.start_edge)(self.edge_id)
         # The default prefix, like the consumers' channels: the core layer receives every
         # channel of one prefix through one BRPOP loop, and a second prefix would take turns
         # with it (delaying every socket's messages by up to the BRPOP timeout).
@@ -255,7 +255,10 @@ class EdgeRuntime:
         offsets = [int(offset) for offset, _ in items]
         name = streams.audience_of(key)
         for consumer in list(sockets):
-            await consumer.offer(key, name, epoch, items, offsets, wire)
+            try:
+                await consumer.offer(key, name, epoch, items, offsets, wire)
+            except Exception as exc:  # one socket's failure must not keep the batch from the rest
+                logger.warning("socket dropped a batch: %s", type(exc).__name__, extra={"action": "delivery_error"})
 
     # --- directed commands ----------------------------------------------------------
 

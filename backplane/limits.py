@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 from typing import Any
 
@@ -80,3 +81,19 @@ class LogLimiter:
             msg += " (and %d more held back)"
             args = (*args, held)
         logger.log(level, msg, *args, extra={"action": key, **extra})
+
+
+@functools.cache
+def throttle() -> AddressThrottle:
+    """This process's throttle of failed authentications per client address (the settings
+    are read at first use)."""
+    from backplane.conf import conf
+
+    return AddressThrottle(float(conf.AUTH_FAILURE_BURST), float(conf.AUTH_FAILURES_PER_MINUTE))
+
+
+def client_address(scope: Any) -> str:
+    """The client's address as the server saw it (daphne's ``--proxy-headers`` puts the
+    forwarded one here: behind a proxy, it must overwrite X-Forwarded-For, docs/security.md)."""
+    client = scope.get("client") or ("",)
+    return str(client[0])

@@ -9,6 +9,9 @@ Versions are pinned in requirements.txt.
 - The denial response and the slow-consumer bound, patched into daphne's ``handle_reply``.
 - Probes: has daphne dropped a handshake (``gone``); is a peer's first frame on its way in
   (``frame_pending``); how many bytes twisted holds unsent (``outbound_buffered``).
+- Limits (``install_limits``): autobahn's own inbound cap (close 4009), pings spending the
+  inbound bucket (4029), a deadline for request headers; and an access log without query
+  strings (``install_access_log_without_query_strings``).
 """
 
 from __future__ import annotations
@@ -31,8 +34,9 @@ try:
     # with send() directly.
     from twisted.internet.abstract import FileDescriptor as _FileDescriptor
     from twisted.internet.tcp import Connection as PLAIN_TCP
+    from twisted.protocols.policies import ProtocolWrapper as _ProtocolWrapper
 except ImportError:  # pragma: no cover  (daphne brings twisted)
-    _FileDescriptor = PLAIN_TCP = ()  # type: ignore[assignment,misc]
+    _FileDescriptor = PLAIN_TCP = _ProtocolWrapper = ()  # type: ignore[assignment,misc]
 
 # (module, class, attribute): what this module reads or patches. Instance attributes are
 # checked on real instances by the pin test.
@@ -54,6 +58,7 @@ RELIED_ON = (
     ("daphne.http_protocol", "HTTPFactory", "buildProtocol"),
     ("daphne.http_protocol", "WebRequest", "process"),
     ("twisted.web.http", "HTTPChannel", "requestDone"),
+    ("twisted.protocols.policies", "ProtocolWrapper", "transport"),
 )
 # Set on instances: daphne's protocol (state, send_state, data, transport, server,
 # application_queue, handshake_deferred, _perMessageCompress, closeHandshakeTimeout), twisted's
@@ -94,7 +99,7 @@ def frame_pending(proto: Any) -> bool:
         return False
     if proto.application_queue.qsize() > 0 or proto.data:
         return True
-    sock = getattr(proto.transport, "socket", None)  # TLS and test transports have none
+    sock = getattr(proto.transport, "socket", None)  # test transports have none
     if sock is None:
         return False
     try:
@@ -110,8 +115,12 @@ def outbound_limit() -> int:
 
 
 def outbound_buffered(transport: Any) -> int:
-    """Bytes a twisted transport holds that the peer has not taken yet (0 for a transport
-    that is not a file descriptor's, e.g. TLS over one)."""
+    """Bytes a twisted transport holds that the peer has not taken yet: its own TCP buffer's,
+    under any wrappers (TLS: ``TLSMemoryBIOProtocol`` writes the encrypted bytes there)."""
+    for _ in range(4):  # a wrapper or two at most (TLS, a policy)
+        if not isinstance(transport, _ProtocolWrapper):
+            break
+        transport = transport.transport
     if not isinstance(transport, _FileDescriptor):
         return 0
     return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
@@ -277,7 +286,8 @@ def install_denial_response() -> None:
     def handle_reply(self: Any, message: dict[str, Any]) -> None:
         kind = message.get("type")
         if kind == "websocket.http.response.start" and self.state == self.STATE_CONNECTING:
-            deny = ConnectionDeny(code=int(message.get("status", 503)), reason="Unavailable")  # type: ignore[no-untyped-call]
+            status = int(message.get("status", 503))
+            deny = ConnectionDeny(code=status, reason=_phrase(status))  # type: ignore[no-untyped-call]
             self.handshake_deferred.errback(deny)
             del self.handshake_deferred
             self.server.protocol_disconnected(self)
@@ -312,10 +322,13 @@ def install_limits(max_message_bytes: int, header_timeout: float) -> None:
     """
     import time
 
-    from daphne.http_protocol import HTTPFactory, WebRequest
-    from daphne.ws_protocol import WebSocketProtocol
-    from twisted.internet import reactor
-    from twisted.web import http
+    try:
+        from daphne.http_protocol import HTTPFactory, WebRequest
+        from daphne.ws_protocol import WebSocketProtocol
+        from twisted.internet import reactor
+        from twisted.web import http
+    except ImportError:  # not running under daphne
+        return
 
     if getattr(WebSocketProtocol, "_tyrum_limits", False):
         return
@@ -346,9 +359,15 @@ def install_limits(max_message_bytes: int, header_timeout: float) -> None:
     def arm(channel: Any) -> None:
         def cut() -> None:
             channel._tyrum_deadline = None
-            if channel.transport is not None and not channel.transport.disconnected:
-                logger.warning("request headers too slow: connection cut", extra={"action": "request_timeout"})
-                channel.transport.abortConnection()
+            transport = channel.transport
+            if transport is None or transport.disconnected:
+                return
+            if channel._handlingRequest or outbound_buffered(transport):
+                # A request came in meanwhile (its response may be slow, or the socket is a
+                # WebSocket now) or a response is still going out: not a slow client.
+                return
+            logger.warning("request headers too slow: connection cut", extra={"action": "request_timeout"})
+            transport.abortConnection()
 
         channel._tyrum_deadline = reactor.callLater(header_timeout, cut)  # type: ignore[arg-type]  # twisted's interface
 
@@ -373,9 +392,11 @@ def install_limits(max_message_bytes: int, header_timeout: float) -> None:
     request_done = http.HTTPChannel.requestDone
 
     def requestDone(self: Any, request: Any) -> None:
-        request_done(self, request)  # type: ignore[no-untyped-call]
+        # Keep-alive: the next request's headers get the same deadline. Armed first: a
+        # pipelined request that twisted parses inside requestDone disarms it in process().
         if getattr(self, "_tyrum_deadline", "unset") is None and not self.transport.disconnected:
-            arm(self)  # keep-alive: the next request's headers get the same deadline
+            arm(self)
+        request_done(self, request)  # type: ignore[no-untyped-call]
 
     HTTPFactory.buildProtocol = buildProtocol
     WebRequest.process = process_request
@@ -385,7 +406,10 @@ def install_limits(max_message_bytes: int, header_timeout: float) -> None:
 def install_access_log_without_query_strings() -> None:
     """Keep query strings out of daphne's access log: a client that puts a credential in the
     URL (refused, but logged first) must not leave it on disk."""
-    from daphne.access import AccessLogGenerator
+    try:
+        from daphne.access import AccessLogGenerator
+    except ImportError:  # not running under daphne
+        return
 
     if getattr(AccessLogGenerator, "_tyrum_paths_only", False):
         return
@@ -399,6 +423,15 @@ def install_access_log_without_query_strings() -> None:
 
     AccessLogGenerator.__call__ = __call__
     AccessLogGenerator._tyrum_paths_only = True
+
+
+def _phrase(status: int) -> str:
+    import http
+
+    try:
+        return http.HTTPStatus(status).phrase
+    except ValueError:
+        return "Refused"
 
 
 def stop_reactor() -> bool:

@@ -180,3 +180,27 @@ def test_secret_key__cluster_edge_and_relay_refuse_the_development_key(module_en
     relay = subprocess.run(relay_args("--once"), cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert relay.returncode != 0
     assert "development SECRET_KEY" in relay.stderr
+
+
+async def test_headers__the_deadline_spares_a_websocket_and_a_keep_alive_client(cluster) -> None:
+    """The request-header deadline (1.5 s here) never cuts a socket that became a WebSocket,
+    nor a keep-alive connection whose next request came in time."""
+    token = await orm(make_token, await orm(make_tenant), "dev-long")
+    async with connect(
+        cluster.urls[0], subprotocols=[PROTOCOL], additional_headers={"Authorization": f"Bearer {token}"}
+    ) as ws:
+        await asyncio.wait_for(ws.recv(), 5)  # hello
+        await asyncio.sleep(3.5)  # past two deadlines
+        await ws.send('{"type":"ping"}')
+        assert "pong" in await asyncio.wait_for(ws.recv(), 5)
+    port = port_of(cluster)
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        for _ in range(3):  # three requests on one connection, 1 s apart (each within the deadline)
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            answer = b""
+            while b"\r\n\r\n" not in answer:
+                chunk = sock.recv(4096)
+                assert chunk, "the keep-alive connection was cut"
+                answer += chunk
+            assert answer.startswith(b"HTTP/1.1 ")
+            time.sleep(1.0)

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from backplane import auth
+from backplane import auth, protocol
 
 CREDENTIAL_NAMES = ["token", "access_token", "auth", "authorization", "api_key", "jwt"]
 
@@ -61,7 +61,7 @@ def test_url_has_credential__exactly_when_a_credential_name_is_present(params):
 @settings(deadline=None)
 @given(token=st.text(min_size=1))
 def test_subprotocol_token__decodes_unpadded_base64url(token):
-    proto = auth.AUTH_SUBPROTOCOL_PREFIX + unpadded(token)
+    proto = protocol.AUTH_SUBPROTOCOL_PREFIX + unpadded(token)
     assert "=" not in proto
 
     assert auth.subprotocol_token(["tyrum-v1", proto]) == token

@@ -226,3 +226,35 @@ def test_vendor__pubsub_layer_deserializes_in_receive_not_in_its_reader() -> Non
     assert "put_nowait(data)" in inspect.getsource(RedisSingleShardConnection._receive_message)
     assert "deserialize" not in inspect.getsource(RedisSingleShardConnection._receive_message)
     assert "return self.channel_layer.deserialize(message)" in inspect.getsource(RedisPubSubLoopLayer.receive)
+
+
+def test_vendor__http_channel_says_when_it_handles_a_request() -> None:
+    """The header deadline spares a channel that is handling a request (``_handlingRequest``:
+    a slow response, or a socket that became a WebSocket)."""
+    from daphne.http_protocol import HTTPFactory
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.testing import StringTransport
+
+    protocol = HTTPFactory(server=None).buildProtocol(IPv4Address("TCP", "127.0.0.1", 0))
+    protocol.makeConnection(StringTransport())
+    assert protocol._channel._handlingRequest is False
+
+
+def test_vendor__outbound_buffered_sees_through_a_tls_wrapper() -> None:
+    """Under TLS, daphne's protocol writes to twisted's TLS wrapper, which writes the encrypted
+    bytes to the TCP connection: the slow-consumer bound must read that buffer."""
+    from twisted.internet import reactor, tcp
+    from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+    from twisted.protocols.tls import TLSMemoryBIOProtocol
+
+    assert issubclass(TLSMemoryBIOProtocol, ProtocolWrapper)
+    ours, peer = socket.socketpair()
+    try:
+        conn = tcp.Connection(ours, None, reactor)
+        conn.dataBuffer, conn.offset = b"x" * 5000, 0
+        wrapper = ProtocolWrapper(WrappingFactory(None), None)
+        wrapper.transport = conn
+        assert vendor_daphne.outbound_buffered(wrapper) == 5000
+    finally:
+        ours.close()
+        peer.close()

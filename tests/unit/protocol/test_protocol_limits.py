@@ -17,11 +17,11 @@ from harness.inprocess import InProcessEdge
 def fresh_throttle() -> Iterator[None]:
     """Each test starts with an edge that has seen no failed authentication (the throttle is
     per process, made from the settings at first use)."""
-    from backplane import consumers
+    from backplane import limits
 
-    consumers._throttle.cache_clear()
+    limits.throttle.cache_clear()
     yield
-    consumers._throttle.cache_clear()
+    limits.throttle.cache_clear()
 
 
 def backplane_settings(settings: Any, **values: Any) -> None:
