@@ -391,12 +391,12 @@ export class TyrumClient {
             yield new Resync(null, "resync_required");
           }
         }
+        if (this._closed) return;
         if (this._maxAttempts !== null && failures >= this._maxAttempts) {
           const error = new ConnectionFailed(`${failures} consecutive connection attempts failed`);
           error.cause = lastError;
           throw error;
         }
-        if (this._closed) return;
         this._setStatus("reconnecting");
         await this._sleep(backoff.nextDelay());
       }
