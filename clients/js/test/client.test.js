@@ -433,3 +433,67 @@ test("client__token_not_in_its_json_or_inspect", async () => {
   assert.ok(!JSON.stringify(Object.keys(client)).includes(TOKEN));
   assert.ok(!inspect(client, { depth: 5 }).includes(TOKEN));
 });
+
+test("events__live_gap_is_yielded_and_position_advances", async () => {
+  // The edge fills gaps itself (or closes with 4409); a client never drops what it is given.
+  const { edge, client } = setup();
+  const run = new Run(client);
+  const conn = await live(edge);
+  await conn.event("tenant", "t1", 1, "g1");
+  await conn.event("tenant", "t1", 3, "g3");
+  const items = await run.until(2);
+  assert.deepEqual(items.map((e) => e.offset), [1, 3]);
+  assert.deepEqual(client.state().tenant, { epoch: "t1", offset: 3 });
+  client.close();
+  await run.finish();
+});
+
+for (const code of [1000, 1001, 1011, 4001]) {
+  test(`events__close_${code}_reconnects_and_resumes`, async () => {
+    const { edge, client } = setup();
+    const run = new Run(client);
+    let conn = await live(edge);
+    await conn.event("tenant", "t1", 1, "c1");
+    await run.until(1);
+    await conn.close(code);
+    conn = await live(edge, { ...HEADS, tenant: { epoch: "t1", offset: 1 } });
+    assert.deepEqual((await conn.nextSent()).streams.tenant, { epoch: "t1", offset: 1 });
+    assert.equal(run.error, null);
+    client.close();
+    await run.finish();
+  });
+}
+
+test("events__resume_errors_from_the_edge_leave_the_connection_live", async () => {
+  const { edge, client } = setup();
+  client.loadState({ tenant: { epoch: "t1", offset: 0 } });
+  const run = new Run(client);
+  const conn = await live(edge);
+  await conn.nextSent();
+  await conn.send({ type: "error", code: "invalid_resume" });
+  await conn.send({ type: "error", code: "resume_not_first" });
+  await conn.event("tenant", "t1", 1, "after-error");
+  assert.equal((await run.until(1))[0].eventId, "after-error");
+  client.close();
+  await run.finish();
+});
+
+test("events__getToken_asked_again_after_a_failed_upgrade", async () => {
+  let calls = 0;
+  const { edge, client } = setup({ token: undefined, getToken: async () => `tok-${++calls}` });
+  const run = new Run(client);
+  await (await edge.nextConnection()).close(1006);
+  const conn = await edge.nextConnection();
+  assert.deepEqual(conn.protocols, ["tyrum-v1", authSubprotocol("tok-2")]);
+  client.close();
+  await run.finish();
+});
+
+test("package__exports_resolve_to_the_module", async () => {
+  const byName = await import("tyrum-client");
+  const byPath = await import("../src/index.js");
+  assert.equal(byName.TyrumClient, byPath.TyrumClient);
+  for (const name of ["TyrumClient", "Resync", "TokenRevoked", "TokenExpired", "ProtocolViolation", "Refused"]) {
+    assert.equal(typeof byName[name], "function", name);
+  }
+});
