@@ -3,9 +3,10 @@ re-check of live sockets (tokens themselves: ``tokens.py``).
 
 Authentication order (PROTOCOL.md):
 ``Authorization: Bearer``, then the ``tyrum-auth.<base64url>`` subprotocol, then an
-operator's Django session cookie from an allowed ``Origin`` or the edge's own. A URL carrying a credential is
-refused whatever else the request carries. A socket lives only as long as its credential:
-its token (revoked, expired) or its operator's session (logout, password change, expiry).
+operator's Django session cookie from an allowed ``Origin`` or the edge's own. A URL
+carrying a credential is refused whatever else the request carries. A socket lives only as
+long as its credential: its token (revoked, expired) or its operator's session (logout,
+password change, expiry).
 """
 
 from __future__ import annotations
