@@ -3,6 +3,8 @@
 // yielded, dedupe by event id, Resync items, full-jitter backoff. No runtime dependencies: it
 // uses the platform's WebSocket (browsers, Node with a global WebSocket) or the one passed in.
 // It never logs, and never puts a token into an error message.
+// One file on purpose: the edges serve it as a static file, where hashed names (manifest storage)
+// would break relative imports between modules.
 
 export const PROTOCOL = "tyrum-v1";
 export const AUTH_SUBPROTOCOL_PREFIX = "tyrum-auth.";
