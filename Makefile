@@ -21,6 +21,7 @@ install: $(BIN)/.installed
 # Single-node gateway on SQLite with the in-process layer: no services needed.
 run: install
 	$(BIN)/python manage.py migrate --no-input -v 0
+	@echo "Admin live view: http://127.0.0.1:8000/admin/backplane/tenant/live/ (staff with backplane.view_live_events and operator access)"
 	$(BIN)/python manage.py serve --host 127.0.0.1 --port 8000
 
 # Everything: unit, integration (PostgreSQL + Redis), e2e (daphne processes), embedded smoke.

@@ -17,7 +17,7 @@ from django.db.models.constants import LOOKUP_SEP
 from django.http import HttpRequest
 from django.template.response import TemplateResponse
 
-from backplane import tokens
+from backplane import live, tokens
 from backplane.models import (
     AccessToken,
     Connection,
@@ -49,6 +49,9 @@ class ReadOnlyAdmin(admin.ModelAdmin):
 class TenantAdmin(admin.ModelAdmin):
     list_display = ("slug", "name", "is_active", "created_at")
     search_fields = ("slug", "name")
+
+    def get_urls(self) -> list[Any]:
+        return live.urls(self.admin_site) + super().get_urls()  # the live view: admin/backplane/tenant/live/
 
 
 @admin.register(AccessToken)

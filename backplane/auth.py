@@ -3,9 +3,10 @@ re-check of live sockets (tokens themselves: ``tokens.py``).
 
 Authentication order (PROTOCOL.md):
 ``Authorization: Bearer``, then the ``tyrum-auth.<base64url>`` subprotocol, then an
-operator's Django session cookie from an allowed ``Origin``. A URL carrying a credential is
-refused whatever else the request carries. A socket lives only as long as its credential:
-its token (revoked, expired) or its operator's session (logout, password change, expiry).
+operator's Django session cookie from an allowed ``Origin`` or the edge's own. A URL
+carrying a credential is refused whatever else the request carries. A socket lives only as
+long as its credential: its token (revoked, expired) or its operator's session (logout,
+password change, expiry).
 """
 
 from __future__ import annotations
@@ -141,9 +142,18 @@ def _session_holds(data: dict[str, Any], user: Any) -> bool:
     return any(constant_time_compare(stored, h) for h in hashes)
 
 
+def same_origin(scope: dict[str, Any], headers: dict[bytes, bytes], origin: str) -> bool:
+    """Whether ``origin`` is the edge's own: the request's scheme and ``Host`` (already checked
+    against ``ALLOWED_HOSTS`` by ``asgi.AllowedHosts``), as a page the edge served sends it."""
+    host = headers.get(b"host", b"").decode("latin1")
+    scheme = "https" if scope.get("scheme") in ("wss", "https") else "http"
+    return bool(host) and origin == f"{scheme}://{host}"
+
+
 def _by_session(scope: dict[str, Any], headers: dict[bytes, bytes]) -> Principal:
     origin = headers.get(b"origin", b"").decode("latin1")
-    if not origin or origin not in conf.ALLOWED_ORIGINS:
+    # A page of this edge (the admin's live view) may use its session without configuring origins.
+    if not origin or not (origin in conf.ALLOWED_ORIGINS or same_origin(scope, headers, origin)):
         raise AuthRefused("origin not allowed for session auth")
     cookie = SimpleCookie()
     try:

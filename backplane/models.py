@@ -101,7 +101,10 @@ class OutboxItem(models.Model):
     undeliverable_reason = models.CharField(max_length=200, null=True, blank=True)
 
     class Meta:
-        permissions = [("view_payload", "Can view outbox payloads")]
+        permissions = [
+            ("view_payload", "Can view outbox payloads"),
+            ("view_live_events", "Can watch events live in the admin (of tenants with operator access)"),
+        ]
         # No unique (tenant, event_id) here: on PostgreSQL this table is partitioned by
         # created_at, and a unique constraint there must include the partition key.
         # ``EventKey`` keeps publishing idempotent instead.
