@@ -137,6 +137,15 @@ def check_backplane_settings(app_configs: Any = None, **kwargs: Any) -> list[Che
                 id="backplane.E010",
             )
         )
+    if not conf.embedded_layer and not conf.redis_url:
+        errors.append(
+            Warning(
+                "The channel layer is not in-process, but the relay's doorbell finds no Redis URL in "
+                "REDIS_URL or CHANNEL_LAYERS: relays will poll (RELAY_POLL_INTERVAL_SECS) instead of waking.",
+                hint="Set REDIS_URL to the channel layer's Redis (a Sentinel layer has no single URL).",
+                id="backplane.W060",
+            )
+        )
     if not settings.DEBUG and settings.SECRET_KEY == DEVELOPMENT_SECRET_KEY and redis_url:
         errors.append(
             Warning(
