@@ -6,7 +6,7 @@ export TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/tyrum
 export TEST_REDIS_URL ?= redis://127.0.0.1:6379/15
 export BACKPLANE_CHANNEL_PREFIX ?= tyrumtest
 
-.PHONY: install run test unit faults lint bench clean
+.PHONY: install run test unit faults lint bench dist clean
 
 $(BIN)/.installed: requirements.txt
 	$(PY) -m venv $(VENV)
@@ -46,5 +46,10 @@ lint: install
 bench: install
 	$(BIN)/python bench/run_all.py
 
+# The wheels: tyrum-backplane (the app) and tyrum-backplane-client (the peer SDK, no Django).
+dist: install
+	rm -rf build dist
+	$(BIN)/pip wheel -q --no-deps --no-build-isolation -w dist . sdk/python
+
 clean:
-	rm -rf $(VENV) var
+	rm -rf $(VENV) var build dist *.egg-info

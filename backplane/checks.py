@@ -137,7 +137,16 @@ def check_backplane_settings(app_configs: Any = None, **kwargs: Any) -> list[Che
                 id="backplane.E010",
             )
         )
-    if not conf.embedded_layer and not conf.redis_url:
+    if "default" not in getattr(settings, "CHANNEL_LAYERS", {}):
+        errors.append(
+            Error(
+                "CHANNEL_LAYERS has no 'default' layer: edges and the relay have no transport.",
+                hint="In one process: {'default': {'BACKEND': 'channels.layers.InMemoryChannelLayer'}}; "
+                "in a cluster, channels_redis.pubsub.RedisPubSubChannelLayer (docs/install.md).",
+                id="backplane.E060",
+            )
+        )
+    elif not conf.embedded_layer and not conf.redis_url:
         errors.append(
             Warning(
                 "The channel layer is not in-process, but the relay's doorbell finds no Redis URL in "

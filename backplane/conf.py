@@ -142,12 +142,12 @@ class Settings:
     @property
     def redis_url(self) -> str:
         """``REDIS_URL``, else the Redis of ``CHANNEL_LAYERS`` (``layer_redis_url``); '' for none."""
-        return str(getattr(settings, "REDIS_URL", "") or "") or layer_redis_url(settings.CHANNEL_LAYERS)
+        return str(getattr(settings, "REDIS_URL", "") or "") or layer_redis_url(getattr(settings, "CHANNEL_LAYERS", {}))
 
     @property
     def embedded_layer(self) -> bool:
         """True when the channel layer lives in this process only."""
-        backend: str = settings.CHANNEL_LAYERS.get("default", {}).get("BACKEND", "")
+        backend: str = getattr(settings, "CHANNEL_LAYERS", {}).get("default", {}).get("BACKEND", "")
         return backend == "channels.layers.InMemoryChannelLayer"
 
     @property

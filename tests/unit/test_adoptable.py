@@ -132,3 +132,8 @@ def test_static__admin_css_is_served_by_the_application():
 
     assert response.status_code == 200
     assert b"".join(response.streaming_content).strip()  # type: ignore[attr-defined]
+
+
+def test_checks__e060_no_default_channel_layer():
+    assert "backplane.E060" in _ids(CHANNEL_LAYERS={})
+    assert "backplane.E060" not in _ids()
