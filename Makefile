@@ -8,10 +8,10 @@ export BACKPLANE_CHANNEL_PREFIX ?= tyrumtest
 
 .PHONY: install run test unit faults lint bench dist clean
 
-$(BIN)/.installed: requirements.txt
+$(BIN)/.installed: requirements.txt constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -r requirements.txt
+	$(BIN)/pip install -q -r requirements.txt -c constraints.txt
 	touch $@
 
 install: $(BIN)/.installed
