@@ -6,7 +6,7 @@ export TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/tyrum
 export TEST_REDIS_URL ?= redis://127.0.0.1:6379/15
 export BACKPLANE_CHANNEL_PREFIX ?= tyrumtest
 
-.PHONY: install run test unit faults lint bench dist clean
+.PHONY: install run cluster test unit faults lint bench dist clean
 
 $(BIN)/.installed: requirements.txt constraints.txt
 	$(PY) -m venv $(VENV)
@@ -20,6 +20,11 @@ install: $(BIN)/.installed
 run: install
 	$(BIN)/python manage.py migrate --no-input -v 0
 	$(BIN)/python manage.py serve --host 127.0.0.1 --port 8000
+
+# deploy/compose.yaml's topology as local processes (two edges, two relays, compaction) on this
+# machine's PostgreSQL and Redis; prints the URLs, Ctrl-C stops it.
+cluster: install
+	$(BIN)/python deploy/local_cluster.py
 
 # Everything: unit, integration (PostgreSQL + Redis), e2e (daphne processes), embedded smoke.
 test: install
