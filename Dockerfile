@@ -22,7 +22,7 @@ ENV PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 DJANGO_SETTINGS_MODULE=tyrum.se
 RUN useradd --system --uid 10001 --no-create-home --home-dir /app tyrum
 WORKDIR /app
 COPY --from=build /venv /venv
-COPY --from=build --chown=root:root /src/manage.py ./
+COPY --from=build /src/manage.py ./
 COPY --from=build /src/tyrum ./tyrum
 COPY --from=build /src/backplane ./backplane
 COPY --from=build --chown=tyrum /src/var ./var
