@@ -53,8 +53,8 @@ bench: install
 
 # The wheels: tyrum-backplane (the app) and tyrum-backplane-client (the peer SDK, no Django).
 dist: install
-	rm -rf build dist
+	rm -rf build dist sdk/python/build
 	$(BIN)/pip wheel -q --no-deps --no-build-isolation -w dist . sdk/python
 
 clean:
-	rm -rf $(VENV) var build dist *.egg-info
+	rm -rf $(VENV) var build dist sdk/python/build *.egg-info sdk/python/*.egg-info
