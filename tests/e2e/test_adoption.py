@@ -11,6 +11,7 @@ ranges against the pinned versions, so a range that excludes them fails here.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import shutil
@@ -34,6 +35,9 @@ pytestmark = pytest.mark.e2e
 INSTALL_MD = ROOT / "docs" / "install.md"
 PROJECT = "mysite"  # the name docs/install.md's blocks use
 STEP_TIMEOUT_SECS = 120
+EVENT_TIMEOUT_SECS = 15
+RELAY_POLL_SECS = 60  # the cluster test's: far above EVENT_TIMEOUT_SECS
+PRODUCER_LINGER_SECS = 2
 
 
 @dataclass
@@ -185,9 +189,12 @@ async def publish_and_receive(adopted: Adopted, url: str, tenant: str) -> None:
             "from django.db import transaction\nfrom backplane import publish\n"
             "with transaction.atomic():\n"
             f"    print(publish({tenant!r}, 'run.updated', {{'n': 1}}, device='dev-1'))\n"
+            # A producer lives on (a web worker); this one-shot shell gives the doorbell's
+            # sender thread, which rings after the commit, time to ring before it exits.
+            f"import time; time.sleep({PRODUCER_LINGER_SECS})\n"
         )
         event_id = (await asyncio.to_thread(adopted.manage, "shell", "-c", code)).split()[-1]
-        [event] = await peer.until_events(1, timeout=15)
+        [event] = await peer.until_events(1, timeout=EVENT_TIMEOUT_SECS)
         assert (event["stream"], event["offset"], event["event"]["event_id"]) == ("device", 1, event_id)
     finally:
         await peer.close()
@@ -218,6 +225,12 @@ def http_status(port: int, path: str, host: str) -> int:
         return conn.getresponse().status
     finally:
         conn.close()
+
+
+def relay_holds_shards(adopted: Adopted) -> bool:
+    """True once the relay holds its shards (it has run its first cycle and waits for the doorbell)."""
+    status = json.loads(adopted.manage("backplane_status", "--json"))
+    return any(lease["live"] for lease in status["leases"])
 
 
 @pytest.fixture
@@ -254,6 +267,8 @@ def cluster_settings(adopted: Adopted) -> Iterator[None]:
     settings_py.write_text(
         original + f"\nDATABASES = {{'default': {database!r}}}\nCHANNEL_LAYERS = {{'default': {layer!r}}}\n"
         f"BACKPLANE_CHANNEL_PREFIX = {settings.BACKPLANE_CHANNEL_PREFIX + 'adopt'!r}\n"
+        # Longer than the peer waits: only the doorbell, on the layer's Redis, can deliver in time.
+        f"BACKPLANE['RELAY_POLL_INTERVAL_SECS'] = {RELAY_POLL_SECS}\n"
     )
     try:
         yield
@@ -277,6 +292,7 @@ async def test_adoption__daphne_edge_and_relay_on_postgresql_and_redis(
     relay = adopted.start("relay", ["manage.py", "run_backplane"], tmp_path)
     try:
         waits.wait_port(port, timeout=30)
+        await asyncio.to_thread(waits.wait_for, lambda: relay_holds_shards(adopted), 60, 0.5, "the relay's shards")
         await publish_and_receive(adopted, f"ws://127.0.0.1:{port}/ws", "cluster-co")
     finally:
         codes = {"edge": stop(edge), "relay": stop(relay)}
