@@ -8,12 +8,12 @@ export BACKPLANE_CHANNEL_PREFIX ?= tyrumtest
 # Tests and benchmarks run clusters as deployed: every message on Redis encrypted (two keys: rotation).
 export BACKPLANE_REDIS_KEYS ?= tyrum-test-suite-redis-key-one-0123456789,tyrum-test-suite-redis-key-two-0123456789
 
-.PHONY: install run test unit faults lint bench clean
+.PHONY: install run cluster test unit faults lint bench dist clean
 
-$(BIN)/.installed: requirements.txt
+$(BIN)/.installed: requirements.txt constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -r requirements.txt
+	$(BIN)/pip install -q -r requirements.txt -c constraints.txt
 	touch $@
 
 install: $(BIN)/.installed
@@ -23,6 +23,11 @@ run: install
 	$(BIN)/python manage.py migrate --no-input -v 0
 	@echo "Admin live view: http://127.0.0.1:8000/admin/backplane/tenant/live/ (staff with backplane.view_live_events and operator access)"
 	$(BIN)/python manage.py serve --host 127.0.0.1 --port 8000
+
+# deploy/compose.yaml's topology as local processes (two edges, two relays, compaction) on this
+# machine's PostgreSQL and Redis; prints the URLs, Ctrl-C stops it.
+cluster: install
+	$(BIN)/python deploy/local_cluster.py
 
 # Everything: unit, integration (PostgreSQL + Redis), e2e (daphne processes), embedded smoke.
 test: install
@@ -49,5 +54,10 @@ lint: install
 bench: install
 	$(BIN)/python bench/run_all.py
 
+# The wheels: tyrum-backplane (the app) and tyrum-backplane-client (the peer SDK, no Django).
+dist: install
+	rm -rf build dist sdk/python/build
+	$(BIN)/pip wheel -q --no-deps --no-build-isolation -w dist . sdk/python
+
 clean:
-	rm -rf $(VENV) var
+	rm -rf $(VENV) var build dist sdk/python/build *.egg-info sdk/python/*.egg-info

@@ -140,6 +140,25 @@ def check_backplane_settings(app_configs: Any = None, **kwargs: Any) -> list[Che
             )
         )
     errors.extend(_check_redis_keys())
+
+    if "default" not in getattr(settings, "CHANNEL_LAYERS", {}):
+        errors.append(
+            Error(
+                "CHANNEL_LAYERS has no 'default' layer: edges and the relay have no transport.",
+                hint="In one process: {'default': {'BACKEND': 'channels.layers.InMemoryChannelLayer'}}; "
+                "in a cluster, channels_redis.pubsub.RedisPubSubChannelLayer (docs/install.md).",
+                id="backplane.E060",
+            )
+        )
+    elif not conf.embedded_layer and not conf.redis_url:
+        errors.append(
+            Warning(
+                "The channel layer is not in-process, but the relay's doorbell finds no Redis URL in "
+                "REDIS_URL or CHANNEL_LAYERS: relays will poll (RELAY_POLL_INTERVAL_SECS) instead of waking.",
+                hint="Set REDIS_URL to the channel layer's Redis (a Sentinel layer has no single URL).",
+                id="backplane.W060",
+            )
+        )
     if not settings.DEBUG and settings.SECRET_KEY == DEVELOPMENT_SECRET_KEY and redis_url:
         errors.append(
             Warning(

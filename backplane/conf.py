@@ -8,10 +8,13 @@ what makes the annotations hold.
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Generic, TypeVar, overload
+from urllib.parse import quote
 
 from django.conf import settings
 
@@ -148,12 +151,13 @@ class Settings:
 
     @property
     def redis_url(self) -> str:
-        return str(getattr(settings, "REDIS_URL", "") or "")
+        """``REDIS_URL``, else the Redis of ``CHANNEL_LAYERS`` (``layer_redis_url``); '' for none."""
+        return str(getattr(settings, "REDIS_URL", "") or "") or layer_redis_url(getattr(settings, "CHANNEL_LAYERS", {}))
 
     @property
     def embedded_layer(self) -> bool:
         """True when the channel layer lives in this process only."""
-        backend: str = settings.CHANNEL_LAYERS.get("default", {}).get("BACKEND", "")
+        backend: str = getattr(settings, "CHANNEL_LAYERS", {}).get("default", {}).get("BACKEND", "")
         return backend == "channels.layers.InMemoryChannelLayer"
 
     @property
@@ -228,3 +232,76 @@ def edge_id(port: int | None = None) -> str:
 
 
 conf = Settings()
+
+
+# BACKPLANE_* variables that are not BACKPLANE keys: the host's settings (or the process) read them.
+ENVIRONMENT_VARIABLES = frozenset(
+    {
+        "BACKPLANE_CHANNEL_PREFIX",  # settings.BACKPLANE_CHANNEL_PREFIX: every Redis key and channel
+        "BACKPLANE_LAYER",  # tyrum/settings.py: the channels-redis layer, pubsub or core
+        "BACKPLANE_LAYER_CAPACITY",  # tyrum/settings.py: the core layer's per-channel capacity
+        "BACKPLANE_FAILPOINT",  # the fault-matrix tests' crash points (relay.py)
+        "BACKPLANE_REDIS_KEYS",  # tyrum/settings.py: the keys encrypting every message on Redis
+    }
+)
+
+
+def from_environment(environ: Mapping[str, str]) -> dict[str, object]:
+    """Return the ``BACKPLANE`` keys set as ``BACKPLANE_<KEY>=<value>`` in ``environ``.
+
+    A value is read as JSON (``BACKPLANE_RETENTION_SECS=60``, ``BACKPLANE_REDACT_PATTERNS='["pin"]'``),
+    else as comma-separated items for a list key (``BACKPLANE_ALLOWED_ORIGINS=https://a,https://b``),
+    else as a string; ``manage.py check`` validates it either way. Variables that name
+    no key (a Kubernetes Service called ``backplane`` injects ``BACKPLANE_SERVICE_HOST`` and
+    ``BACKPLANE_PORT``) are ignored with one warning, never an error: every command must still run.
+    """
+    found: dict[str, object] = {}
+    unknown: list[str] = []
+    for name, raw in environ.items():
+        if not name.startswith("BACKPLANE_") or name in ENVIRONMENT_VARIABLES:
+            continue
+        key = name[len("BACKPLANE_") :]
+        if key not in DEFAULTS:
+            unknown.append(name)
+            continue
+        try:
+            found[key] = json.loads(raw)
+        except ValueError:  # a list key also takes comma-separated values
+            is_list = isinstance(DEFAULTS[key], list | tuple)
+            found[key] = [item.strip() for item in raw.split(",") if item.strip()] if is_list else raw
+    if unknown:
+        logging.getLogger(__name__).warning(
+            "ignoring environment variables that name no BACKPLANE setting: %s",
+            ", ".join(sorted(unknown)),
+            extra={"action": "unknown_environment"},
+        )
+    return found
+
+
+def layer_redis_url(layers: Mapping[str, Any]) -> str:
+    """Return the Redis URL of the ``default`` channel layer's first host, '' when it has none.
+
+    A host project that configures only ``CHANNEL_LAYERS`` gets the doorbell and the relay's
+    pipelined publisher on the same Redis. A Sentinel layer has no single URL: '' (check W060).
+    """
+    config = (layers.get("default") or {}).get("CONFIG") or {}
+    hosts = config.get("hosts") or []
+    if not hosts:
+        return ""
+    host = hosts[0]
+    if isinstance(host, dict):
+        if "master_name" in host or "sentinels" in host:
+            return ""
+        address = host.get("address") or (host.get("host"), host.get("port", 6379))
+        if isinstance(address, str):
+            return address
+        password = host.get("password")
+        host = address
+    else:
+        password = None
+    if isinstance(host, str):
+        return host
+    if isinstance(host, list | tuple) and len(host) == 2 and host[0]:
+        auth = f":{quote(str(password), safe='')}@" if password else ""
+        return f"redis://{auth}{host[0]}:{host[1]}"
+    return ""

@@ -13,8 +13,8 @@ Everything that differs between deployments comes from the environment:
 - ``BACKPLANE_LAYER_CAPACITY``: the core layer's per-channel capacity.
 - ``BACKPLANE_REDIS_KEYS``: comma-separated keys encrypting every message on Redis (the first
   encrypts, all decrypt); ``BACKPLANE_REDIS_TRUSTED=true`` runs a cluster without them.
-- ``BACKPLANE_SHARDS``: number of relay shards (default 16).
-- ``BACKPLANE_ALLOWED_ORIGINS``: comma-separated origins allowed for session-cookie auth.
+- ``BACKPLANE_<KEY>``: any key of ``backplane/conf.py`` (``backplane.conf.from_environment``),
+  e.g. ``BACKPLANE_SHARDS=16``, ``BACKPLANE_ALLOWED_ORIGINS=https://a,https://b``.
 - ``DEBUG``, ``ALLOWED_HOSTS`` (comma-separated, also checked on ``/ws`` upgrades), ``LOG_LEVEL``.
 - Behind TLS: ``SESSION_COOKIE_SECURE``, ``CSRF_COOKIE_SECURE``, ``SECURE_SSL_REDIRECT`` (1/0),
   ``SECURE_HSTS_SECONDS`` (with ``SECURE_HSTS_INCLUDE_SUBDOMAINS``, ``SECURE_HSTS_PRELOAD``),
@@ -27,13 +27,12 @@ each key and its default, and ``manage.py check`` validates them (ids ``backplan
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import dj_database_url
 
-from backplane.conf import channel_layers, redis_keys
+from backplane.conf import channel_layers, from_environment, redis_keys
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -76,7 +75,9 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    "backplane.views.ProbeMiddleware",  # first: probes come by IP address, over plain HTTP
     "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",  # the admin's CSS from serve and daphne edges alike
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -146,27 +147,10 @@ CHANNEL_LAYERS = channel_layers(
 
 EDGE_ID = os.environ.get("EDGE_ID", "")
 
-BACKPLANE: dict[str, object] = {
-    "SHARDS": int(os.environ.get("BACKPLANE_SHARDS", "16")),
-    "ALLOWED_ORIGINS": _env_list("BACKPLANE_ALLOWED_ORIGINS"),
-}
-# Any BACKPLANE key can also be set as BACKPLANE_<KEY>=<JSON value> in the environment,
-# e.g. BACKPLANE_RETENTION_SECS=60 or BACKPLANE_REDACT_PATTERNS='["pin"]'. A value that is
-# not JSON is taken as a string; `manage.py check` validates the result either way.
-for _name, _raw in os.environ.items():
-    if _name.startswith("BACKPLANE_") and _name not in {
-        "BACKPLANE_SHARDS",
-        "BACKPLANE_ALLOWED_ORIGINS",
-        "BACKPLANE_CHANNEL_PREFIX",
-        "BACKPLANE_LAYER",
-        "BACKPLANE_LAYER_CAPACITY",
-        "BACKPLANE_FAILPOINT",
-        "BACKPLANE_REDIS_KEYS",
-    }:
-        try:
-            BACKPLANE[_name[len("BACKPLANE_") :]] = json.loads(_raw)
-        except ValueError:
-            BACKPLANE[_name[len("BACKPLANE_") :]] = _raw
+# Every BACKPLANE key can be set as BACKPLANE_<KEY>=<JSON value> in the environment, e.g.
+# BACKPLANE_RETENTION_SECS=60 or BACKPLANE_ALLOWED_ORIGINS=https://a,https://b; other
+# BACKPLANE_* variables (a Kubernetes Service's) are ignored with a warning.
+BACKPLANE: dict[str, object] = from_environment(os.environ)
 
 # --- The rest ---------------------------------------------------------------------------
 AUTH_PASSWORD_VALIDATORS = [
@@ -177,7 +161,10 @@ TIME_ZONE = "UTC"
 USE_I18N = True
 USE_TZ = True
 STATIC_URL = "static/"
+# The image runs collectstatic into it; without that, WhiteNoise finds the apps' files itself.
 STATIC_ROOT = BASE_DIR / "var" / "static"
+STATIC_ROOT.mkdir(parents=True, exist_ok=True)
+WHITENOISE_USE_FINDERS = True
 
 LOGGING = {
     "version": 1,

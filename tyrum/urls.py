@@ -1,11 +1,9 @@
-"""URL routes: the admin, and a health check for load balancers."""
+"""URL routes: the admin, and the probes for load balancers and kubelets (``backplane.urls``)."""
 
 from django.contrib import admin
-from django.urls import path
-
-from backplane.views import healthz
+from django.urls import include, path
 
 urlpatterns = [
     path("admin/", admin.site.urls),
-    path("healthz", healthz),
+    path("", include("backplane.urls")),
 ]

@@ -21,13 +21,13 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         from channels.layers import get_channel_layer
+        from channels.routing import get_default_application
         from daphne.endpoints import build_endpoint_description_strings
         from daphne.server import Server
         from twisted.internet import reactor
 
         from backplane import relay, retention
         from backplane.conf import conf
-        from tyrum.asgi import application
 
         stop = asyncio.Event()
         tasks: list[asyncio.Task[None]] = []
@@ -64,7 +64,7 @@ class Command(BaseCommand):
         )
         self.stdout.flush()
         Server(
-            application=application,
+            application=get_default_application(),  # the project's ASGI_APPLICATION
             endpoints=build_endpoint_description_strings(host=options["host"], port=options["port"]),
             signal_handlers=True,
             action_logger=None,
