@@ -16,6 +16,7 @@ socket buffer, a lost connection — goes to the background sender thread instea
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import logging
 import os
@@ -83,6 +84,7 @@ def ring(shard: int) -> None:
 def _send_rings() -> None:
     while True:
         shards = {_queue.get()}
+        _sending.set()
         while True:  # coalesce what queued up meanwhile
             try:
                 shards.add(_queue.get_nowait())
@@ -93,8 +95,27 @@ def _send_rings() -> None:
         except Exception as exc:  # the doorbell is an optimisation, not a dependency
             logger.warning("doorbell ring failed: %s", type(exc).__name__, extra={"action": "doorbell_failed"})
             continue
+        finally:
+            _sending.clear()
         if _wire is None:  # Redis answers: open the committing threads' own connection
             _Wire.connect()
+
+
+# A one-shot producer (publish_event, a script) exits right after its commit: its sender thread
+# (a daemon) gets this long to ring first, or the event waits for the relay's poll.
+RING_FLUSH_AT_EXIT_SECS = 0.5
+_sending = threading.Event()
+
+
+def _flush_at_exit() -> None:
+    deadline = time.monotonic() + RING_FLUSH_AT_EXIT_SECS
+    while (not _queue.empty() or _sending.is_set()) and _sender is not None and _sender.is_alive():
+        if time.monotonic() >= deadline:
+            return
+        time.sleep(0.005)
+
+
+atexit.register(_flush_at_exit)
 
 
 _wire: _Wire | None = None
