@@ -18,7 +18,8 @@ import redis.asyncio as aredis
 from channels_redis.serializers import MsgPackSerializer
 from django.conf import settings
 
-from e2e.conftest import Peer, make_tenant, make_token, orm, publish, stream_key
+from harness.data import make_tenant, make_token, orm, publish, stream_key
+from harness.peer import Peer
 
 pytestmark = pytest.mark.e2e
 

@@ -19,8 +19,11 @@ from typing import Any
 
 import psycopg
 import pytest
-import support
 from faults.services import PrivatePostgres, _pg_bin
+
+from harness.env import child_env
+from harness.procs import PYTHON, ROOT, Proc, daphne_args, manage, relay_args
+from harness.waits import free_port, wait_for, wait_port
 
 pytestmark = [pytest.mark.integration]
 
@@ -114,15 +117,16 @@ def test_relay_and_edge__every_backend_uses_tls_with_the_configured_options(
     tls_pg: TlsPostgres, certs: dict[str, Path], services: None, log_dir: Path
 ) -> None:
     dsn = url(tls_pg, sslmode="verify-full", sslrootcert=tls_pg.crt, sslcert=certs["crt"], sslkey=certs["key"])
-    env = support.child_env(DATABASE_URL=dsn, CONN_MAX_AGE="600")
-    support.manage("migrate", "--no-input", "-v", "0", env=env, timeout=180)
-    port = support.free_port()
-    edge = support.start_daphne("edge-tls", port, env, log_dir)
-    relay = support.start_relay("relay-tls", env, log_dir)
+    env = child_env(DATABASE_URL=dsn, CONN_MAX_AGE="600")
+    manage("migrate", "--no-input", "-v", "0", env=env, timeout=180)
+    port = free_port()
+    edge = Proc("edge-tls", daphne_args(port), {**env, "EDGE_ID": "edge-tls"}, log_dir)
+    wait_port(port)
+    relay = Proc("relay-tls", relay_args(), env, log_dir)
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10) as response:
             assert response.status == 200
-        support.wait_for(
+        wait_for(
             lambda: any(name == "tyrum-relay-lease" for name, _, _ in backends(tls_pg)),
             timeout=30,
             what="the relay's lease session",
@@ -141,11 +145,11 @@ def test_lease_session__sslmode_require_against_a_server_without_tls_fails_loudl
     try:
         plain.init()
         plain.createdb("tyrum")
-        env = support.child_env(DATABASE_URL=url(plain, sslmode="require"))
+        env = child_env(DATABASE_URL=url(plain, sslmode="require"))
         script = "import asyncio\nfrom backplane.store import get_store\nasyncio.run(get_store().aopen_session())\n"
         out = subprocess.run(
-            [support.PYTHON, "manage.py", "shell", "-c", script],
-            cwd=support.ROOT,
+            [PYTHON, "manage.py", "shell", "-c", script],
+            cwd=ROOT,
             env=env,
             capture_output=True,
             text=True,
