@@ -248,6 +248,7 @@ class Isolation(RuleBasedStateMachine):
         assert peer.close_code is None, f"{message['type']} after the close {peer.close_code}"
         if message["type"] == "websocket.close":
             peer.close_code = message.get("code", 1000)
+            assert peer.close_code == 4008 and peer.token.revoked, f"closed with {peer.close_code}"
             return
         assert message["type"] == "websocket.send", message["type"]
         frame = json.loads(message["text"])
@@ -312,8 +313,9 @@ class Isolation(RuleBasedStateMachine):
         assert peer is not None, "a valid token was refused"
         epochs = dict(Stream.objects.filter(key__in=list(peer.keys.values())).values_list("key", "epoch"))
         assert peer.hello == {
-            name: {"epoch": epochs[key], "offset": len(self.published.get(key, []))} for name, key in peer.keys.items()
-        }
+            name: {"epoch": epochs.get(key), "offset": len(self.published.get(key, []))}
+            for name, key in peer.keys.items()
+        }, "hello is not the peer's own streams at their heads"
         self._check_text(peer, peer.texts[0])
         return peer
 
@@ -374,7 +376,7 @@ class Isolation(RuleBasedStateMachine):
             out[name] = {"epoch": epoch, "offset": heads.get(offset_choice, offset_choice)}
         return out
 
-    # --- rules ---    # --- rules ----------------------------------------------------------------------------
+    # --- rules ----------------------------------------------------------------------------
 
     def make_token_for(self, tenant: Tenant, device: str, role: str) -> None:
         row, token = auth.create_token(tenant, device, role)
