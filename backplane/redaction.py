@@ -98,6 +98,7 @@ def normalise_patterns(patterns: Iterable[str]) -> Rules:
 
 
 def is_secret_key(key: str, patterns: tuple[str, ...]) -> bool:
+    """Whether ``key`` names a secret under ``patterns`` (a ``Rules``, or plain patterns)."""
     return _rules(patterns).is_secret_key(key)
 
 
