@@ -6,11 +6,13 @@ Producers call ``publish``/``publish_many`` inside their own transactions::
     with transaction.atomic():
         run.save()
         publish(tenant, "run.updated", {"run_id": run.id}, device="node-7")
+
+A secret travels as a handle, never as its value: ``SecretRef("vault://kv/payments#api_key")``.
 """
 
 from typing import Any
 
-__all__ = ["publish", "publish_many", "presence"]
+__all__ = ["publish", "publish_many", "presence", "SecretRef"]
 
 
 def __getattr__(name: str) -> Any:
@@ -23,4 +25,8 @@ def __getattr__(name: str) -> Any:
         from backplane import directory
 
         return directory.presence
+    if name == "SecretRef":
+        from backplane.secrets import SecretRef
+
+        return SecretRef
     raise AttributeError(name)

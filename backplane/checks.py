@@ -7,7 +7,8 @@ from typing import Any
 from django.conf import settings
 from django.core.checks import CheckMessage, Error, Warning, register
 
-from backplane.conf import DEFAULTS, DEVELOPMENT_SECRET_KEY, conf
+from backplane import redaction
+from backplane.conf import DEFAULTS, DEVELOPMENT_SECRET_KEY, Settings, conf, pattern_list
 
 _POSITIVE_INTS = (
     "SHARDS",
@@ -86,7 +87,7 @@ def check_backplane_settings(app_configs: Any = None, **kwargs: Any) -> list[Che
             )
         )
     patterns = conf._get("REDACT_PATTERNS")
-    if not isinstance(patterns, list | tuple) or not all(isinstance(p, str) and p for p in patterns):
+    if not _strings(patterns):
         errors.append(
             Error(
                 "BACKPLANE['REDACT_PATTERNS'] must be a list of non-empty strings.",
@@ -94,6 +95,7 @@ def check_backplane_settings(app_configs: Any = None, **kwargs: Any) -> list[Che
                 id="backplane.E006",
             )
         )
+    errors += _check_redact_patterns(patterns)
     origins = conf._get("ALLOWED_ORIGINS")
     if not isinstance(origins, list | tuple) or not all(isinstance(o, str) and "://" in o for o in origins):
         errors.append(
@@ -224,3 +226,43 @@ def _check_redis_keys() -> list[CheckMessage]:
             )
         )
     return errors
+
+
+def _check_redact_patterns(patterns: Any) -> list[CheckMessage]:
+    """E040, E041, W040: the extra patterns' shape; patterns naming no word; defaults left out."""
+    messages: list[CheckMessage] = []
+    extra = conf._get("REDACT_PATTERNS_EXTRA")
+    extra_ok = isinstance(extra, str) or _strings(extra)
+    if not extra_ok:
+        messages.append(
+            Error(
+                "BACKPLANE['REDACT_PATTERNS_EXTRA'] must be a list of non-empty strings.",
+                hint='For example BACKPLANE_REDACT_PATTERNS_EXTRA=\'["ssn", "card_number"]\' or ssn,card_number.',
+                id="backplane.E040",
+            )
+        )
+    listed = [*(patterns if _strings(patterns) else []), *(pattern_list(extra) if extra_ok else [])]
+    wordless = [p for p in listed if not redaction.words(p) or "*" in p.strip("*")]
+    if wordless:
+        messages.append(
+            Error(
+                f"Redaction patterns {wordless!r} name no word, or have a '*' inside.",
+                hint="A pattern is one or more words (api_key, refreshToken), with at most a '*' at either end.",
+                id="backplane.E041",
+            )
+        )
+    default = Settings.REDACT_PATTERNS.default
+    dropped = [p for p in default if p not in patterns] if _strings(patterns) and patterns is not default else []
+    if dropped:
+        messages.append(
+            Warning(
+                f"BACKPLANE['REDACT_PATTERNS'] replaces the default patterns and leaves out {', '.join(dropped)}.",
+                hint="Set REDACT_PATTERNS_EXTRA instead to add patterns to the defaults.",
+                id="backplane.W040",
+            )
+        )
+    return messages
+
+
+def _strings(value: Any) -> bool:
+    return isinstance(value, list | tuple) and all(isinstance(p, str) and p for p in value)

@@ -46,6 +46,34 @@ class Setting(Generic[T]):
         return value
 
 
+def pattern_list(value: object) -> list[str]:
+    """A pattern setting as a list: a string is read as comma-separated (from the environment)."""
+    if isinstance(value, str):
+        return [p.strip() for p in value.split(",") if p.strip()]
+    return list(value) if isinstance(value, list | tuple) else []
+
+
+class PatternList(Setting[Sequence[str]]):
+    """A pattern list read as the patterns in force: its own value, or its default, followed
+    by ``<name>_EXTRA``'s. Setting the key replaces the defaults; the ``_EXTRA`` key adds."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name, self.extra_name = name, f"{name}_EXTRA"
+
+    @overload
+    def __get__(self, instance: None, owner: type) -> PatternList: ...
+    @overload
+    def __get__(self, instance: Settings, owner: type) -> Sequence[str]: ...
+    def __get__(self, instance: Settings | None, owner: type) -> PatternList | Sequence[str]:
+        if instance is None:
+            return self
+        user = getattr(settings, "BACKPLANE", {}) or {}
+        own, extra = user.get(self.name, self.default), user.get(self.extra_name)
+        if not extra and isinstance(own, list | tuple):
+            return own  # read on every publish: nothing built when nothing is added
+        return pattern_list(own) + pattern_list(extra)
+
+
 class Settings:
     """Typed access to ``settings.BACKPLANE`` with defaults; ``conf`` is its one instance."""
 
@@ -76,21 +104,37 @@ class Settings:
     STREAM_PRUNE_GRACE_SECS: Setting[float] = Setting(7 * 24 * 3600)
     # Embedded mode: how often serve compacts.
     COMPACT_INTERVAL_SECS: Setting[float] = Setting(300)
-    # Keys whose lower-cased, '-'→'_' name contains one of these are redacted.
-    REDACT_PATTERNS: Setting[Sequence[str]] = Setting(
+    # Key-name patterns whose keys' values are redacted (backplane/redaction.py's rules). Set
+    # here, this list replaces the defaults; read, it is the patterns in force (this + EXTRA).
+    REDACT_PATTERNS: Setting[Sequence[str]] = PatternList(
         [
-            "password",
-            "passwd",
-            "secret",
-            "token",
+            "*password",
+            "passwords",
+            "*passwd",
+            "pwd",
+            "passphrase",
+            "*secret",
+            "secrets",
+            "*token",
             "api_key",
-            "apikey",
-            "authorization",
-            "cookie",
+            "*authorization",
+            "auth",
+            "bearer",
+            "jwt",
+            "*cookie",
+            "cookies",
+            "*credential",
+            "credentials",
             "private_key",
-            "credential",
+            "session",
+            "session_id",
+            "*signature",
+            "pin",
+            "*otp",
         ]
     )
+    # Patterns added to the defaults (or to REDACT_PATTERNS); a string is comma-separated.
+    REDACT_PATTERNS_EXTRA: Setting[Sequence[str]] = Setting([])
     # Edge heartbeat; a third of the TTL-ish, so a couple of missed beats leave rows alive.
     HEARTBEAT_INTERVAL_SECS: Setting[float] = Setting(5.0)
     CONNECTION_TTL_SECS: Setting[float] = Setting(30.0)

@@ -18,15 +18,16 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from backplane import exceptions, redaction, streams
+from backplane import exceptions, redaction, secrets, streams
 
 EventRow = tuple[str, str, str, datetime, str, int]
 
 FIELDS = frozenset({"type", "payload", "device", "role", "event_id", "occurred_at"})
 # An escaped NUL in JSON text: \u0000 after an even number of backslashes.
 _NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
-# One encoder, not one per call (json.dumps with options builds an encoder each time).
-_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+# One encoder, not one per call (json.dumps with options builds an encoder each time). Its
+# default hook runs only for what JSON cannot encode: a SecretRef becomes its JSON form.
+_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=secrets.json_default)
 
 
 def new_event_ids(n: int) -> list[str]:
@@ -83,7 +84,8 @@ def build(
 
     ``new_id``: the event id if the spec has none; ``now``: the default ``occurred_at``;
     ``cap``: the largest payload in bytes of compact JSON, measured after redaction.
-    ``patterns``: normalised redaction patterns (``redaction.normalise_patterns``)."""
+    ``patterns``: the compiled redaction rules (``redaction.normalise_patterns``); values that
+    are credentials are redacted whatever their key, secret handles never."""
     if not FIELDS.issuperset(spec):
         raise exceptions.PublishError(f"unknown event fields: {sorted(set(spec) - FIELDS)}")
     etype = spec.get("type")
