@@ -58,14 +58,14 @@ def test_publish__audience_picks_stream(tenant):
 
 def test_publish__redacts_before_insert_without_mutating_input(tenant):
     payload = {"user": "ann", "Password": "hunter2",
-               "nested": [{"X-Api-Key": "k1", "ok": 1}], "session": {"Cookie": "c", "refresh_token": "t"}}
+               "nested": [{"X-Api-Key": "k1", "ok": 1}], "browser": {"Cookie": "c", "refresh_token": "t"}}
     before = json.loads(json.dumps(payload))
 
     outbox.publish(tenant, "user.updated", payload)
 
     row = OutboxItem.objects.get()
     assert row.payload == {"user": "ann", "Password": "[REDACTED]", "nested": [{"X-Api-Key": "[REDACTED]", "ok": 1}],
-                           "session": {"Cookie": "[REDACTED]", "refresh_token": "[REDACTED]"}}
+                           "browser": {"Cookie": "[REDACTED]", "refresh_token": "[REDACTED]"}}
     assert payload == before
     assert "hunter2" not in json.dumps(row.payload)
 

@@ -53,7 +53,7 @@ def test_conf__unset_keys_read_their_defaults():
     for name, default in DEFAULTS.items():
         assert getattr(conf, name) == default, name
     assert (conf.SHARDS, conf.HEARTBEAT_INTERVAL_SECS, conf.COMPACT_MAX_ROWS) == (16, 5.0, None)
-    assert "password" in conf.REDACT_PATTERNS
+    assert "*password" in conf.REDACT_PATTERNS
 
 
 def test_conf__no_backplane_setting_reads_defaults(settings):
