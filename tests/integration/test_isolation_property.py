@@ -47,7 +47,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from backplane import auth, directory, events, outbox, streams
+from backplane import directory, events, outbox, streams, tokens
 from backplane.consumers import GatewayConsumer
 from backplane.edge import EdgeRuntime
 from backplane.models import Stream, Tenant
@@ -379,7 +379,7 @@ class Isolation(RuleBasedStateMachine):
     # --- rules ----------------------------------------------------------------------------
 
     def make_token_for(self, tenant: Tenant, device: str, role: str) -> None:
-        row, token = auth.create_token(tenant, device, role)
+        row, token = tokens.create_token(tenant, device, role)
         self.tokens.append(Token(tenant, device, role, token, row.id))
 
     @rule(tenant=st.integers(0, TENANTS - 1), device=st.sampled_from(DEVICES), role=st.sampled_from(ROLES))
@@ -453,7 +453,7 @@ class Isolation(RuleBasedStateMachine):
     @rule(data=st.data())
     def revoke(self, data: st.DataObject) -> None:
         token = data.draw(st.sampled_from([t for t in self.tokens if not t.revoked]))
-        auth.revoke_token(str(token.row_id))
+        tokens.revoke_token(str(token.row_id))
         token.revoked = True
         self.settle()
         for peer in self.peers:
