@@ -32,7 +32,15 @@ def scratch_database(name: str, redis_url: str) -> str:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         conn.execute(f'CREATE DATABASE "{name}"')
     url = PG_ADMIN.rsplit("/", 1)[0] + f"/{name}"
-    env = {**os.environ, "DATABASE_URL": url, "REDIS_URL": redis_url}
+    from harness.env import RUN_REDIS_KEY
+
+    # As the cluster's processes will run (harness.env.service_env): keys on, checks pass.
+    env = {
+        **os.environ,
+        "DATABASE_URL": url,
+        "REDIS_URL": redis_url,
+        "BACKPLANE_REDIS_KEYS": os.environ.get("BACKPLANE_REDIS_KEYS", RUN_REDIS_KEY),
+    }
     subprocess.run([PYTHON, "manage.py", "migrate", "-v", "0"], cwd=ROOT, env=env, check=True, timeout=120)  # noqa: S603
     slow_ms = os.environ.get("BENCH_AUTO_EXPLAIN_MS")
     if slow_ms:
