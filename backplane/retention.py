@@ -31,7 +31,7 @@ from typing import Any
 from django.db import connection, transaction
 from django.utils import timezone
 
-from backplane import directory, streams
+from backplane import directory, metrics, streams
 from backplane.conf import conf
 from backplane.models import Connection, RelayLease
 from backplane.store import EVENTKEY, OUTBOX, STREAM, Store, get_store
@@ -149,6 +149,7 @@ def compact(
         result.keys_expired = _expire_keys(store, retention, batch, max_batches)
         _sweep(result)
         _reclaim(store, result)
+    metrics.record_compaction(result)
     logger.info("compaction: %s", result.summary(), extra={"action": "compact"})
     return result
 

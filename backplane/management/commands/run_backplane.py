@@ -24,6 +24,9 @@ class Command(BaseCommand):
             "--poll-interval", type=float, default=None, help="seconds between polls without a doorbell"
         )
         parser.add_argument("--once", action="store_true", help="forward what is waiting, then exit")
+        parser.add_argument(
+            "--http-port", type=int, default=None, help="answer /metrics, /livez and /readyz on this port"
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         if conf.embedded_layer:
@@ -47,6 +50,7 @@ class Command(BaseCommand):
                 batch_size=options["batch_size"],
                 poll_interval=options["poll_interval"],
                 once=options["once"],
+                http_port=options["http_port"],
             )
         )
         self.stdout.write(f"forwarded {done.forwarded_total} (assigned {done.assigned_total})")
