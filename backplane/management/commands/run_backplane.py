@@ -1,11 +1,12 @@
 import asyncio
+import logging
 from typing import Any
 
 from channels.layers import get_channel_layer
 from django.core.exceptions import ImproperlyConfigured
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from backplane import relay, streams
+from backplane import logs, relay, streams
 from backplane.asgi import refuse_unsafe_start
 from backplane.conf import conf
 from backplane.process import freeze_startup_objects
@@ -53,4 +54,5 @@ class Command(BaseCommand):
                 http_port=options["http_port"],
             )
         )
-        self.stdout.write(f"forwarded {done.forwarded_total} (assigned {done.assigned_total})")
+        text = f"forwarded {done.forwarded_total} (assigned {done.assigned_total})"
+        logs.report(self.stdout, text, "relay_summary", logging.getLogger("backplane.relay"))
