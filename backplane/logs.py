@@ -80,3 +80,54 @@ def report(stream: Writer, text: str, action: str, logger: logging.Logger) -> No
         logger.info("%s", text, extra={"action": action})
     else:
         stream.write(text + "\n")
+
+
+class ProgressLine(logging.Filter):
+    """A progress line on a terminal (rate and time left) that log records do not run into:
+    as a filter of the handlers writing to the same terminal, it clears itself before each
+    record, and the next update draws it again below."""
+
+    WIDTH = 30
+
+    def __init__(self, stream: Any, now: Any = None) -> None:
+        super().__init__()
+        import time
+
+        self.stream = stream
+        self.clock = now or time.monotonic
+        self.started = self.clock()
+        self.shown = False
+
+    def update(self, done: int, total: int) -> None:
+        elapsed = max(self.clock() - self.started, 1e-6)
+        rate = done / elapsed
+        filled = int(self.WIDTH * done / total) if total else self.WIDTH
+        left = f"{(total - done) / rate:.0f}s left" if rate > 0 and total >= done else "?s left"
+        bar = "#" * filled + "." * (self.WIDTH - filled)
+        self.stream.write(f"\r\x1b[K[{bar}] {done}/{total} rows  {rate:.0f} rows/s  {left}")
+        self.stream.flush()
+        self.shown = True
+
+    def clear(self) -> None:
+        if self.shown:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+            self.shown = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.clear()
+        return True
+
+    def __enter__(self) -> ProgressLine:
+        for handler in logging.getLogger().handlers:
+            if getattr(handler, "stream", None) is self.stream:
+                handler.addFilter(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handler in logging.getLogger().handlers:
+            handler.removeFilter(self)
+        if self.shown:
+            self.stream.write("\n")
+            self.stream.flush()
+            self.shown = False

@@ -277,6 +277,14 @@ def observe_latency(frame: str, now: float) -> None:
     edge.latency.observe(max(0.0, now - sent))
 
 
+def write_textfile(path: str) -> None:
+    """Write this process's metrics to ``path`` atomically (a one-shot command's, for
+    node_exporter's textfile collector)."""
+    from prometheus_client import write_to_textfile
+
+    write_to_textfile(path, registry)
+
+
 registry = CollectorRegistry(auto_describe=False)
 registry.register(Collector())
 

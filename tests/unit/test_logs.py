@@ -49,3 +49,42 @@ def test_logging_config__json_only_with_log_format_json(monkeypatch):
     assert logging_config("INFO", "WARNING")["handlers"]["console"]["formatter"] == "json"
     monkeypatch.setenv("LOG_FORMAT", "plain")
     assert logging_config("INFO", "WARNING")["handlers"]["console"]["formatter"] == "plain"
+
+
+class Terminal:
+    def __init__(self) -> None:
+        self.text = ""
+
+    def write(self, text: str) -> None:
+        self.text += text
+
+    def flush(self) -> None:
+        pass
+
+
+def test_progress_line__shows_rate_and_time_left_and_keeps_log_lines_off_it():
+    from backplane.logs import ProgressLine
+
+    terminal, now = Terminal(), [100.0]
+    line = ProgressLine(terminal, now=lambda: now[0])
+    handler = logging.StreamHandler(terminal)  # type: ignore[arg-type]
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        with line:
+            now[0] = 102.0
+            line.update(500, 2000)
+            assert terminal.text.endswith("500/2000 rows  250 rows/s  6s left")
+            logging.getLogger("backplane.retention").warning("a log line")
+            now[0] = 104.0
+            line.update(1000, 2000)
+    finally:
+        root.removeHandler(handler)
+    screen = terminal.text.replace("\r\x1b[K", "\n").splitlines()
+    assert [s for s in screen if s] == [
+        "[#######.......................] 500/2000 rows  250 rows/s  6s left",
+        "a log line",
+        "[###############...............] 1000/2000 rows  250 rows/s  4s left",
+    ]
+    assert terminal.text.endswith("\n")
