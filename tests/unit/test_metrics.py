@@ -78,3 +78,36 @@ def test_lag_histogram__one_observation_per_socket_and_stream():
     assert histogram.counts[0] == 1  # lag 0
     assert histogram.counts[metrics.LAG_BUCKETS_EVENTS.index(100)] == 1  # lag 50: in (10, 100]
     assert sum(histogram.counts) == 2 and histogram.sum == 50
+
+
+def exposed_names(monkeypatch) -> set[str]:
+    """Every sample name of an edge, a relay and a compactor in one exposition."""
+    from collections import Counter
+
+    socket = SimpleNamespace(principal=SimpleNamespace(role="client"), proto=None)
+    runtime = SimpleNamespace(draining=False, consumers={"c1": socket})
+    relay = SimpleNamespace(assigned_total=1, forwarded_total=1, cycle_seconds=metrics.Histogram((1,)), wakes=0,
+                            polls=0, errors=Counter({"send": 1}), leases=SimpleNamespace(owned={0}),
+                            backlog={"unassigned": 0, "unforwarded": 0, "oldest_pending_age_secs": 0.0})
+    monkeypatch.setattr(metrics, "_runtimes", lambda: [runtime])
+    monkeypatch.setattr(metrics, "relays", [relay])
+    monkeypatch.setattr(metrics.compaction, "runs", 1)
+    monkeypatch.setattr(metrics.compaction, "rows_removed", Counter({"age": 1}))
+    monkeypatch.setattr(metrics.edge, "closes", Counter({4001: 1}))
+    monkeypatch.setattr(metrics.edge, "resumes", Counter({"recovered": 1}))
+    monkeypatch.delenv(metrics.METRICS_TOKEN_ENV, raising=False)
+    body = metrics.exposition(None)[2].decode()
+    return {s.name for f in text_string_to_metric_families(body) for s in f.samples}
+
+
+def test_docs__every_metric_the_dashboard_and_the_runbook_name_is_exposed(monkeypatch):
+    import re
+    from pathlib import Path
+
+    docs = Path(__file__).resolve().parents[2] / "docs"
+    named = set()
+    for doc in ("grafana-backplane.json", "operations.md"):
+        named |= set(re.findall(r"tyrum_backplane_[a-z_]+", (docs / doc).read_text()))
+    exposed = exposed_names(monkeypatch)
+    assert len(named) > 10
+    assert named <= exposed, sorted(named - exposed)
