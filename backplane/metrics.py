@@ -20,6 +20,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from datetime import datetime
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -269,8 +270,6 @@ def observe_latency(frame: str, now: float) -> None:
     start = at + 15
     end = frame.find('"', start)
     try:
-        from datetime import datetime
-
         sent = datetime.fromisoformat(frame[start:end]).timestamp()
     except ValueError:
         return
