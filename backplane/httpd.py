@@ -83,7 +83,7 @@ async def readiness(relay: Any) -> tuple[int, str, bytes]:
     except Exception as exc:
         failing["database"] = f"unreachable ({type(exc).__name__})"
     try:
-        await asyncio.to_thread(status._redis_ping)
+        await asyncio.to_thread(status.redis_ping)
     except Exception as exc:
         failing["redis"] = f"unreachable ({type(exc).__name__})"
     if failing:

@@ -159,13 +159,13 @@ def _grade(value: float, limits: tuple[float, float]) -> int:
     return CRITICAL if value >= limits[1] else WARNING if value >= limits[0] else OK
 
 
-def check(limits: Thresholds, redis_ping: Any = None) -> Verdict:
+def check(limits: Thresholds, ping: Any = None) -> Verdict:
     """Judge the backplane's state against ``limits``. A database or Redis outage is one
-    critical line, never an exception. ``redis_ping()`` raises when Redis is unreachable
+    critical line, never an exception. ``ping()`` raises when Redis is unreachable
     (default: ping ``REDIS_URL`` when one is set)."""
     verdict = Verdict()
     try:
-        (redis_ping or _redis_ping)()
+        (ping or redis_ping)()
     except Exception as exc:
         verdict.add(CRITICAL, f"redis unreachable ({type(exc).__name__})")
     try:
@@ -213,7 +213,8 @@ def _ranges(shards: list[int]) -> str:
     return ",".join(f"{p[0]}-{p[-1]}" if len(p) > 1 else str(p[0]) for p in parts)
 
 
-def _redis_ping() -> None:
+def redis_ping() -> None:
+    """Raise when Redis (``REDIS_URL``) does not answer a PING within 2 s; nothing without one."""
     url = conf.redis_url
     if not url:
         return  # the embedded mode has no Redis

@@ -37,17 +37,17 @@ def run_check(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
 
 def test_check__ok_when_every_shard_has_a_live_relay_and_nothing_waits(services):
     lease_all()
-    verdict = status.check(QUIET, redis_ping=healthy)
+    verdict = status.check(QUIET, ping=healthy)
     assert (verdict.level, verdict.problems) == (status.OK, [])
 
 
 def test_check__lag_past_the_critical_threshold_is_critical(services, tenant_factory):
     lease_all()
     publish_many(tenant_factory(), events(3, "check.lag"))
-    verdict = status.check(status.Thresholds(lag_rows=(2, 3), pending_age_secs=(600, 1200)), redis_ping=healthy)
+    verdict = status.check(status.Thresholds(lag_rows=(2, 3), pending_age_secs=(600, 1200)), ping=healthy)
     assert verdict.level == status.CRITICAL
     assert verdict.problems == ["CRITICAL: outbox lag 3 rows (warning 2, critical 3)"]
-    verdict = status.check(status.Thresholds(lag_rows=(2, 30), pending_age_secs=(600, 1200)), redis_ping=healthy)
+    verdict = status.check(status.Thresholds(lag_rows=(2, 30), pending_age_secs=(600, 1200)), ping=healthy)
     assert (verdict.level, len(verdict.problems)) == (status.WARNING, 1)
 
 
@@ -55,7 +55,7 @@ def test_check__stale_and_released_leases_count_as_shards_without_a_relay(servic
     lease_all()
     RelayLease.objects.filter(shard__in=[2, 3, 4]).update(heartbeat_at=timezone.now() - timedelta(seconds=60))
     RelayLease.objects.filter(shard=9).update(holder="")  # released by a relay that stopped
-    verdict = status.check(QUIET, redis_ping=healthy)
+    verdict = status.check(QUIET, ping=healthy)
     assert verdict.level == status.CRITICAL
     assert verdict.problems == [f"CRITICAL: 4 of {conf.SHARDS} shards without a live relay: 2-4,9"]
 
@@ -65,7 +65,7 @@ def test_check__a_silent_edge_is_a_warning(services):
     Edge.objects.create(edge_id="edge-gone")
     Edge.objects.filter(edge_id="edge-gone").update(heartbeat_at=timezone.now() - timedelta(seconds=120))
     Edge.objects.create(edge_id="edge-live")
-    verdict = status.check(QUIET, redis_ping=healthy)
+    verdict = status.check(QUIET, ping=healthy)
     assert (verdict.level, verdict.problems) == (status.WARNING, ["WARNING: 1 edges silent for 30s or more: edge-gone"])
 
 
@@ -75,7 +75,7 @@ def test_check__redis_down_is_one_critical_line(services):
     def down() -> None:
         raise ConnectionError("refused")
 
-    verdict = status.check(QUIET, redis_ping=down)
+    verdict = status.check(QUIET, ping=down)
     assert (verdict.level, verdict.problems) == (status.CRITICAL, ["CRITICAL: redis unreachable (ConnectionError)"])
 
 
