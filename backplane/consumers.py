@@ -81,21 +81,21 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         now = time.monotonic()
         if auth.url_has_credential(self.scope.get("query_string", b"")):
             refusals.log(logger, logging.WARNING, "refused_url_credential", "refused: credential in URL")
-            metrics.edge.refused["url_credential"] += 1
+            counts.refused["url_credential"] += 1
             await self.close()
             return
         if protocol.PROTOCOL not in (self.scope.get("subprotocols") or []):
             refusals.log(
                 logger, logging.INFO, "refused_protocol", "refused: subprotocol %s not offered", protocol.PROTOCOL
             )
-            metrics.edge.refused["protocol"] += 1
+            counts.refused["protocol"] += 1
             await self.close()
             return
         address = limits.client_address(self.scope)
         throttle = limits.throttle()
         if throttle.blocked(address, now):  # before any database query
             refusals.log(logger, logging.WARNING, "refused_throttled", "refused: too many failed authentications")
-            metrics.edge.refused["throttled"] += 1
+            counts.refused["throttled"] += 1
             await self._deny(429)
             return
         try:
@@ -106,12 +106,12 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         except auth.AuthRefused as exc:
             throttle.failed(address, time.monotonic())
             refusals.log(logger, logging.INFO, "refused_auth", "refused: %s", exc)
-            metrics.edge.refused["auth"] += 1
+            counts.refused["auth"] += 1
             await self.close()
             return
         except exceptions.StoreUnavailable:
             logger.warning("credential check unavailable: answering 503", extra={"action": "refused_unavailable"})
-            metrics.edge.refused["unavailable"] += 1
+            counts.refused["unavailable"] += 1
             await self._deny(503)
             return
         server = self.scope.get("server") or (None, None)
@@ -119,7 +119,7 @@ class GatewayConsumer(AsyncWebsocketConsumer):
             self.runtime = await EdgeRuntime.get(server[1])
             if self.runtime.draining:
                 self.runtime = None
-                metrics.edge.refused["draining"] += 1
+                counts.refused["draining"] += 1
                 await self._deny(503)
                 return
             p = self.principal
@@ -133,7 +133,7 @@ class GatewayConsumer(AsyncWebsocketConsumer):
             if self.runtime is not None:
                 self.runtime.unsubscribe(self)
             refusals.log(logger, logging.INFO, "refused_cap", "refused: %s connection cap reached", exc)
-            metrics.edge.refused["cap"] += 1
+            counts.refused["cap"] += 1
             await self._deny(429)
             return
         except _Gone:
@@ -143,7 +143,7 @@ class GatewayConsumer(AsyncWebsocketConsumer):
             return
         except Exception as exc:
             logger.warning("connect failed: %s", type(exc).__name__, extra={"action": "connect_error"})
-            metrics.edge.refused["error"] += 1
+            counts.refused["error"] += 1
             self.closed = True
             if self.runtime is not None:
                 self.runtime.unsubscribe(self)
@@ -167,7 +167,7 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         await self.send(text_data=protocol.hello_frame(self.connection_id, self.runtime.edge_id, hello))
         self.runtime.add(self)
         self.hold_task = asyncio.create_task(self._hold_timer())
-        metrics.edge.accepted += 1
+        counts.accepted += 1
         logger.info("connected %s", self.connection_id, extra={"action": "connected"})
 
     def _direct_writes(self) -> None:
@@ -269,7 +269,7 @@ class GatewayConsumer(AsyncWebsocketConsumer):
             delivery = getattr(self, "delivery", None)
             if delivery is not None:
                 delivery.backlog.clear()  # nothing more goes to this socket
-            metrics.edge.closes[int(code)] += 1
+            counts.closes[int(code)] += 1
             await self.close(code=int(code))
 
     async def dispatch(self, message: dict[str, Any]) -> None:
@@ -330,7 +330,7 @@ class GatewayConsumer(AsyncWebsocketConsumer):
                     result[name] = refused or protocol.recovered(plan.count)
                 else:
                     result[name] = plan
-                metrics.edge.resumes["recovered" if result[name]["recovered"] else result[name]["reason"]] += 1
+                counts.resumes["recovered" if result[name]["recovered"] else result[name]["reason"]] += 1
             await self._send_frame(protocol.resumed_frame(result))
 
     async def _replay(self, name: str, plan: Fill) -> dict[str, Any] | None:
@@ -353,7 +353,7 @@ class GatewayConsumer(AsyncWebsocketConsumer):
             try:
                 for item in items:
                     await self._send_text(streams.event_frame(name, plan.epoch, item))
-                metrics.edge.replayed += len(items)
+                counts.replayed += len(items)
             except _Closed:
                 return None
             if vendor_daphne.closing(self.proto):  # a slow consumer's 4013 is on its way
@@ -465,11 +465,11 @@ class GatewayConsumer(AsyncWebsocketConsumer):
                 raise _Closed
             for item in items:
                 await self._send_text(streams.event_frame(fill.stream, fill.epoch, item))
-            metrics.edge.gap_filled_events += len(items)
+            counts.gap_filled_events += len(items)
             if vendor_daphne.closing(self.proto):  # a slow consumer's 4013 is on its way
                 self.closed = True
                 raise _Closed
-        metrics.edge.gap_fills += 1
+        counts.gap_fills += 1
         logger.info("filled %d missed events from the outbox", fill.count, extra={"action": "gap_filled"})
 
     async def _send_text(self, text: str) -> None:

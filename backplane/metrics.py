@@ -171,6 +171,11 @@ def edge_metrics(counts: EdgeCounts, runtimes: Sequence[Any]) -> Iterator[Metric
         connections.add_metric([role], n)
     yield connections
     yield GaugeMetricFamily(f"{PREFIX}_edge_draining", "1 while this edge drains.", value=draining)
+    yield CounterMetricFamily(
+        f"{PREFIX}_edge_redis_messages_rejected",
+        "Messages from Redis dropped unread (forged, another key, too old, another edge's).",
+        value=sum(int(getattr(runtime, "rejected", 0)) for runtime in runtimes),
+    )
     yield GaugeMetricFamily(
         f"{PREFIX}_edge_outbound_buffer_bytes", "Bytes written to sockets, not yet sent.", value=buffered
     )
