@@ -102,7 +102,9 @@ async def test_metrics__edge_and_relay_count_the_traffic_sent(own_cluster) -> No
     assert (await asyncio.to_thread(get, relay_base + "/metrics"))[0] == 401  # the token is required
     got = await scrape(relay_base + "/metrics", SCRAPE_TOKEN)
     assert got[("tyrum_backplane_events_forwarded_total", ())] >= sent
-    assert got[("tyrum_backplane_events_assigned_total", ())] >= sent
+    # The module's database starts empty: this relay assigned exactly what was published (a
+    # row may be sent twice, by a resend sweep, so forwarded is at least that).
+    assert got[("tyrum_backplane_events_assigned_total", ())] == sent
     assert got[("tyrum_backplane_relay_shards_held", ())] == 16
     assert got[("tyrum_backplane_relay_cycle_seconds_count", ())] >= 1
     assert got[("tyrum_backplane_relay_wakeups_total", (("reason", "doorbell"),))] >= 1
