@@ -417,11 +417,12 @@ async def run_until_signal(layer: Any, **kwargs: Any) -> Relay:
     ``http_port``, answer /metrics, /livez and /readyz on it meanwhile (``httpd``)."""
     once = kwargs.pop("once", False)
     http_port = kwargs.pop("http_port", None)
+    http_host = kwargs.pop("http_host", "0.0.0.0")  # noqa: S104  (scraped from other hosts)
     stop = asyncio.Event()
     install_signal_handlers(stop)
     relay = Relay(layer, **kwargs)
     started = time.monotonic()
-    server = await httpd.serve(relay, http_port) if http_port is not None else None
+    server = await httpd.serve(relay, http_port, http_host) if http_port is not None else None
     try:
         await relay.run(stop, once=once)
     finally:

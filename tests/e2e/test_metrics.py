@@ -50,7 +50,7 @@ async def scrape(url: str, token: str | None = None) -> dict[tuple[str, tuple[tu
 async def test_metrics__edge_and_relay_count_the_traffic_sent(own_cluster) -> None:
     own_cluster.start_edges(["e2e-metrics-a"], BACKPLANE_HEARTBEAT_INTERVAL_SECS=str(HEARTBEAT_SECS))
     http = waits.free_port()
-    relay = own_cluster.start_relay("e2e-metrics-relay", "--http-port", str(http),
+    relay = own_cluster.start_relay("e2e-metrics-relay", "--http-port", str(http), "--http-host", "127.0.0.1",
                                     METRICS_TOKEN=SCRAPE_TOKEN)
     (url,) = own_cluster.urls
     edge_metrics = url.replace("ws://", "http://").replace("/ws", "/metrics")

@@ -28,6 +28,7 @@ class Command(BaseCommand):
         parser.add_argument(
             "--http-port", type=int, default=None, help="answer /metrics, /livez and /readyz on this port"
         )
+        parser.add_argument("--http-host", default="0.0.0.0", help="address of the HTTP port (default: all)")  # noqa: S104
 
     def handle(self, *args: Any, **options: Any) -> None:
         if conf.embedded_layer:
@@ -52,6 +53,7 @@ class Command(BaseCommand):
                 poll_interval=options["poll_interval"],
                 once=options["once"],
                 http_port=options["http_port"],
+                http_host=options["http_host"],
             )
         )
         text = f"forwarded {done.forwarded_total} (assigned {done.assigned_total})"
