@@ -9,15 +9,20 @@ revocation are fixed once it exists, and revoking (an action, audited) is never 
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlencode
 
 from django.contrib import admin, messages
 from django.contrib.admin import helpers
+from django.core.paginator import Paginator
 from django.db.models import QuerySet
 from django.db.models.constants import LOOKUP_SEP
 from django.http import HttpRequest
 from django.template.response import TemplateResponse
+from django.urls import reverse
+from django.utils.functional import cached_property
+from django.utils.html import format_html
 
-from backplane import live, tokens
+from backplane import cockpit, live, tokens
 from backplane.models import (
     AccessToken,
     Connection,
@@ -29,6 +34,26 @@ from backplane.models import (
     Tenant,
     TokenAudit,
 )
+
+# The admin index shows the cockpit (the status page, the live view) above the models.
+admin.site.index_template = "admin/backplane/index.html"
+
+# An outbox list counts at most this many rows; past it, pages say "more than".
+OUTBOX_COUNT_CAP = 10_000
+
+
+def _second(value: Any) -> str:
+    return value.strftime("%Y-%m-%d %H:%M:%S") if value else "—"
+
+
+class CappedCountPaginator(Paginator):
+    """Count a page's queryset up to ``OUTBOX_COUNT_CAP`` rows only: a full ``count(*)`` of
+    the outbox on every page is a scan of every partition."""
+
+    @cached_property
+    def count(self) -> int:
+        rows: Any = self.object_list  # a QuerySet: the admin's changelist
+        return int(rows.order_by().values("pk")[: OUTBOX_COUNT_CAP + 1].count())
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
@@ -102,6 +127,51 @@ class TokenAuditAdmin(ReadOnlyAdmin):
     search_fields = ("=token_id", "device_id", "actor")
 
 
+class PendingFilter(admin.SimpleListFilter):
+    """Rows by relay state, each through its partial index (no scan of forwarded rows)."""
+
+    title = "state"
+    parameter_name = "pending"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        return [
+            ("waiting", "waiting (not forwarded)"),
+            ("unassigned", "unassigned"),
+            ("unforwarded", "assigned, not forwarded"),
+            ("forwarded", "forwarded"),
+        ]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
+        value = self.value()
+        if value == "waiting":
+            return queryset.filter(forwarded_at__isnull=True)
+        if value == "unassigned":
+            return queryset.filter(stream_offset__isnull=True)
+        if value == "unforwarded":
+            return queryset.filter(stream_offset__isnull=False, forwarded_at__isnull=True)
+        if value == "forwarded":
+            return queryset.filter(forwarded_at__isnull=False)
+        return queryset
+
+
+class TypeFilter(admin.SimpleListFilter):
+    """Event types offered from the newest rows only (a distinct over the outbox is a scan)."""
+
+    title = "type"
+    parameter_name = "type"
+    SAMPLE_ROWS = 2000
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        newest: set[str] = set(OutboxItem.objects.order_by("-id").values_list("type", flat=True)[: self.SAMPLE_ROWS])
+        value = self.value()
+        if value:
+            newest.add(value)
+        return [(t, t) for t in sorted(newest)]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
+        return queryset.filter(type=self.value()) if self.value() else queryset
+
+
 @admin.register(OutboxItem)
 class OutboxItemAdmin(ReadOnlyAdmin):
     list_display = (
@@ -110,16 +180,30 @@ class OutboxItemAdmin(ReadOnlyAdmin):
         "kind",
         "type",
         "event_id",
-        "stream",
+        "stream_link",
         "stream_offset",
-        "created_at",
-        "forwarded_at",
+        "created",
+        "forwarded",
         "payload_bytes",
         "undeliverable_reason",
     )
-    list_filter = ("kind", "tenant")
+    list_filter = (PendingFilter, TypeFilter, "kind", "tenant")
     search_fields = ("event_id", "type")  # never the payload
     show_full_result_count = False
+    paginator = CappedCountPaginator
+
+    @admin.display(description="created", ordering="created_at")
+    def created(self, obj: OutboxItem) -> str:
+        return _second(obj.created_at)
+
+    @admin.display(description="forwarded", ordering="forwarded_at")
+    def forwarded(self, obj: OutboxItem) -> str:
+        return _second(obj.forwarded_at)
+
+    @admin.display(description="stream", ordering="stream")
+    def stream_link(self, obj: OutboxItem) -> str:
+        url = reverse("admin:backplane_outboxitem_changelist") + "?" + urlencode({"stream": obj.stream})
+        return format_html('<a href="{}">{}</a>', url, obj.stream)
 
     def get_fields(self, request: HttpRequest, obj: OutboxItem | None = None) -> tuple[str, ...]:
         fields = [f.name for f in OutboxItem._meta.fields]
@@ -142,13 +226,26 @@ class OutboxItemAdmin(ReadOnlyAdmin):
 
 @admin.register(Stream)
 class StreamAdmin(ReadOnlyAdmin):
-    list_display = ("key", "tenant", "audience", "epoch", "last_offset", "first_retained_offset", "updated_at")
+    list_display = ("key", "tenant", "audience", "epoch", "last_offset", "first_retained_offset", "updated_at", "items")
     list_filter = ("audience",)
+
+    @admin.display(description="items")
+    def items(self, obj: Stream) -> str:
+        url = reverse("admin:backplane_outboxitem_changelist") + "?" + urlencode({"stream": obj.key})
+        return format_html('<a href="{}">items</a>', url)
 
 
 @admin.register(Edge)
 class EdgeAdmin(ReadOnlyAdmin):
-    list_display = ("edge_id", "host", "started_at", "heartbeat_at")
+    list_display = ("edge_id", "host", "started_at", "heartbeat_at", "connections_link")
+
+    def get_urls(self) -> list[Any]:
+        return cockpit.urls(self.admin_site) + super().get_urls()  # the cockpit: admin/backplane/edge/status/
+
+    @admin.display(description="connections")
+    def connections_link(self, obj: Edge) -> str:
+        url = reverse("admin:backplane_connection_changelist") + "?" + urlencode({"edge__edge_id__exact": obj.edge_id})
+        return format_html('<a href="{}">connections</a>', url)
 
 
 @admin.register(Connection)

@@ -45,7 +45,9 @@ def application_for(http_app: Any) -> Any:
     vendor_daphne.install_denial_response()
     vendor_daphne.install_access_log_without_query_strings()
     vendor_daphne.install_limits(conf.MAX_INBOUND_FRAME_BYTES, conf.REQUEST_HEADER_TIMEOUT_SECS)
-    app = ProtocolTypeRouter({"http": http_app, "websocket": websocket_application()})
+    from backplane.metrics import MetricsEndpoint
+
+    app = ProtocolTypeRouter({"http": MetricsEndpoint(http_app), "websocket": websocket_application()})
     _start_edge_eagerly()
     freeze_startup_objects()
     return app

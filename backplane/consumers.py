@@ -23,7 +23,7 @@ from typing import Any
 from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncWebsocketConsumer
 
-from backplane import auth, directory, edge_db, exceptions, limits, protocol, refusals, streams
+from backplane import auth, directory, edge_db, exceptions, limits, metrics, protocol, refusals, streams
 from backplane.conf import conf
 from backplane.delivery import Batch, CloseWith, Delivery, Fill, Lag, Release, Reply, Resume, TokenBucket
 from backplane.edge import EdgeRuntime
@@ -33,6 +33,7 @@ from backplane.vendor import channels as vendor_channels
 from backplane.vendor import daphne as vendor_daphne
 
 logger = logging.getLogger(__name__)
+counts = metrics.edge  # a module global: the fan-out reads it without an attribute lookup on metrics
 
 # The live hold (LIVE_HOLD_MS) goes on while the peer's first frame is on its way in, polled
 # this often, for at most this much longer (docs/decisions/0022-live-hold-until-first-frame.md).
@@ -80,18 +81,21 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         now = time.monotonic()
         if auth.url_has_credential(self.scope.get("query_string", b"")):
             refusals.log(logger, logging.WARNING, "refused_url_credential", "refused: credential in URL")
+            counts.refused["url_credential"] += 1
             await self.close()
             return
         if protocol.PROTOCOL not in (self.scope.get("subprotocols") or []):
             refusals.log(
                 logger, logging.INFO, "refused_protocol", "refused: subprotocol %s not offered", protocol.PROTOCOL
             )
+            counts.refused["protocol"] += 1
             await self.close()
             return
         address = limits.client_address(self.scope)
         throttle = limits.throttle()
         if throttle.blocked(address, now):  # before any database query
             refusals.log(logger, logging.WARNING, "refused_throttled", "refused: too many failed authentications")
+            counts.refused["throttled"] += 1
             await self._deny(429)
             return
         try:
@@ -102,10 +106,12 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         except auth.AuthRefused as exc:
             throttle.failed(address, time.monotonic())
             refusals.log(logger, logging.INFO, "refused_auth", "refused: %s", exc)
+            counts.refused["auth"] += 1
             await self.close()
             return
         except exceptions.StoreUnavailable:
             logger.warning("credential check unavailable: answering 503", extra={"action": "refused_unavailable"})
+            counts.refused["unavailable"] += 1
             await self._deny(503)
             return
         server = self.scope.get("server") or (None, None)
@@ -113,6 +119,7 @@ class GatewayConsumer(AsyncWebsocketConsumer):
             self.runtime = await EdgeRuntime.get(server[1])
             if self.runtime.draining:
                 self.runtime = None
+                counts.refused["draining"] += 1
                 await self._deny(503)
                 return
             p = self.principal
@@ -126,6 +133,7 @@ class GatewayConsumer(AsyncWebsocketConsumer):
             if self.runtime is not None:
                 self.runtime.unsubscribe(self)
             refusals.log(logger, logging.INFO, "refused_cap", "refused: %s connection cap reached", exc)
+            counts.refused["cap"] += 1
             await self._deny(429)
             return
         except _Gone:
@@ -135,6 +143,7 @@ class GatewayConsumer(AsyncWebsocketConsumer):
             return
         except Exception as exc:
             logger.warning("connect failed: %s", type(exc).__name__, extra={"action": "connect_error"})
+            counts.refused["error"] += 1
             self.closed = True
             if self.runtime is not None:
                 self.runtime.unsubscribe(self)
@@ -158,6 +167,7 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         await self.send(text_data=protocol.hello_frame(self.connection_id, self.runtime.edge_id, hello))
         self.runtime.add(self)
         self.hold_task = asyncio.create_task(self._hold_timer())
+        counts.accepted += 1
         logger.info("connected %s", self.connection_id, extra={"action": "connected"})
 
     def _direct_writes(self) -> None:
@@ -242,12 +252,24 @@ class GatewayConsumer(AsyncWebsocketConsumer):
             "channel_name": self.runtime.stream_channel if self.runtime else "",
         }
 
+    def positions(self, heads: dict[str, Any]) -> dict[str, tuple[int, int]]:
+        delivery = getattr(self, "delivery", None)
+        if delivery is None or self.closed:
+            return {}
+        out: dict[str, tuple[int, int]] = {}
+        for name, key in self.keys.items():
+            head, cursor = heads.get(key), delivery.cursors.get(name)
+            if head is not None and cursor is not None:
+                out[name] = (cursor.next - 1, max(0, head.offset - cursor.next + 1))
+        return out
+
     async def close_with(self, code: int) -> None:
         if not self.closed:
             self.closed = True
             delivery = getattr(self, "delivery", None)
             if delivery is not None:
                 delivery.backlog.clear()  # nothing more goes to this socket
+            counts.closes[int(code)] += 1
             await self.close(code=int(code))
 
     async def dispatch(self, message: dict[str, Any]) -> None:
@@ -308,6 +330,7 @@ class GatewayConsumer(AsyncWebsocketConsumer):
                     result[name] = refused or protocol.recovered(plan.count)
                 else:
                     result[name] = plan
+                counts.resumes["recovered" if result[name]["recovered"] else result[name]["reason"]] += 1
             await self._send_frame(protocol.resumed_frame(result))
 
     async def _replay(self, name: str, plan: Fill) -> dict[str, Any] | None:
@@ -330,6 +353,7 @@ class GatewayConsumer(AsyncWebsocketConsumer):
             try:
                 for item in items:
                     await self._send_text(streams.event_frame(name, plan.epoch, item))
+                counts.replayed += len(items)
             except _Closed:
                 return None
             if vendor_daphne.closing(self.proto):  # a slow consumer's 4013 is on its way
@@ -382,7 +406,9 @@ class GatewayConsumer(AsyncWebsocketConsumer):
             return
         try:
             proto = self.wire
-            for n in delivery.offer(name, epoch, items, offsets, self.lock.locked()):
+            send = delivery.offer(name, epoch, items, offsets, self.lock.locked())
+            counts.frames_sent += len(send)
+            for n in send:
                 if self.closed:  # closed under an earlier frame's send
                     return  # type: ignore[unreachable]  # mypy keeps the narrowing across awaits
                 if proto is None or not vendor_daphne.write_direct(proto, wire[n], self.coalescer):
@@ -412,6 +438,7 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         for step in self.delivery.plan(batch):
             if isinstance(step, str):
                 await self._send_text(step)
+                counts.frames_sent += 1
             elif isinstance(step, Fill):
                 await self._fill(step)
             else:
@@ -438,9 +465,11 @@ class GatewayConsumer(AsyncWebsocketConsumer):
                 raise _Closed
             for item in items:
                 await self._send_text(streams.event_frame(fill.stream, fill.epoch, item))
+            counts.gap_filled_events += len(items)
             if vendor_daphne.closing(self.proto):  # a slow consumer's 4013 is on its way
                 self.closed = True
                 raise _Closed
+        counts.gap_fills += 1
         logger.info("filled %d missed events from the outbox", fill.count, extra={"action": "gap_filled"})
 
     async def _send_text(self, text: str) -> None:

@@ -26,7 +26,7 @@ from typing import Any, Protocol
 from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 
-from backplane import auth, directory, streams
+from backplane import auth, directory, metrics, streams
 from backplane.conf import conf, edge_id
 from backplane.protocol import Close
 from backplane.store import Head, Store, get_store
@@ -54,6 +54,9 @@ class Subscriber(Protocol):
 
     def directory_row(self) -> dict[str, Any]:
         """Its ``Connection`` row's fields."""
+
+    def positions(self, heads: dict[str, Any]) -> dict[str, tuple[int, int]]:
+        """Per stream name: the last offset its peer got, and how far behind ``heads`` that is."""
 
 
 logger = logging.getLogger(__name__)
@@ -85,6 +88,9 @@ class EdgeRuntime:
         self.joins: dict[str, asyncio.Future[None]] = {}
         self.leaving: dict[str, asyncio.Future[None]] = {}
         self.draining = False
+        # The heads read by the last head check (by stream key): the heartbeat measures each
+        # socket's lag against them, with no query of its own.
+        self.last_heads: dict[str, Head] = {}
         # Messages from Redis dropped unread (forged, another deployment's key, too old),
         # for a metrics exporter; and the rate limit of their log line.
         self.rejected = 0
@@ -128,6 +134,7 @@ class EdgeRuntime:
             asyncio.create_task(self._head_check()),
         ]
         _install_sigterm(self)
+        metrics.install()
         logger.info("edge %s started", self.edge_id, extra={"action": "edge_start"})
 
     async def drain(self, code: int = Close.RECONNECT) -> int:
@@ -252,6 +259,7 @@ class EdgeRuntime:
         # The frames' bytes are the same for every socket: built once, written to each; the
         # same for the stream's audience and the offsets as integers.
         wire = [vendor_daphne.ws_text_frame(frame) for _, frame in items]
+        metrics.observe_latency(items[-1][1], time.time())  # once per batch, not per socket
         offsets = [int(offset) for offset, _ in items]
         name = streams.audience_of(key)
         for consumer in list(sockets):
@@ -347,6 +355,7 @@ class EdgeRuntime:
                 token_ids = {c.principal.token_id for c in consumers if c.principal.token_id}
                 operators = {c.principal.recheck_key for c in consumers if c.principal.user_id}
                 rows = [c.directory_row() for c in consumers]
+                metrics.edge.peer_lag = _lag_histogram(consumers, self.last_heads)
                 bad = await database_sync_to_async(_beat)(self.edge_id, rows, token_ids, operators)
                 for c in consumers:
                     if c.principal.recheck_key in bad:
@@ -384,8 +393,18 @@ class EdgeRuntime:
         for start in range(0, len(keys), HEAD_QUERY_CHUNK):
             chunk = keys[start : start + HEAD_QUERY_CHUNK]
             heads.update(await database_sync_to_async(self.store.stream_heads)(chunk))
+        self.last_heads = heads
         for c in consumers:
             await c.observe_heads(heads)
+
+
+def _lag_histogram(consumers: Sequence[Subscriber], heads: dict[str, Head]) -> metrics.Histogram:
+    """Each socket's lag per stream behind the heads of the last head check."""
+    histogram = metrics.Histogram(metrics.LAG_BUCKETS_EVENTS)
+    for c in consumers:
+        for _delivered, lag in c.positions(heads).values():
+            histogram.observe(lag)
+    return histogram
 
 
 def _joins_expire(layer: Any) -> bool:

@@ -10,6 +10,7 @@ edges drop the repeats by offset, peers by event id.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
@@ -24,7 +25,7 @@ from channels.db import database_sync_to_async
 from django.db import DatabaseError
 
 from backplane import commands as command_routing
-from backplane import streams
+from backplane import httpd, metrics, streams
 from backplane.conf import conf
 from backplane.doorbell import Listener
 from backplane.leases import Leases
@@ -96,6 +97,12 @@ class Relay:
         self._publisher: PubSubPublisher | bool | None = None
         # Rows sent but not yet marked forwarded (see MARK_LINGER_SECS).
         self.unmarked: list[Pending] = []
+        # For /metrics, in plain numbers (metrics.py reads them when scraped).
+        self.cycle_seconds = metrics.Histogram(metrics.CYCLE_BUCKETS_SECS)
+        self.wakes = 0
+        self.polls = 0
+        self.errors: collections.Counter[str] = collections.Counter()
+        self.backlog: dict[str, Any] | None = None  # read by the HTTP port before a scrape
 
     async def aclose(self) -> None:
         """Record what was sent, release the shards and close this relay's connections."""
@@ -131,6 +138,7 @@ class Relay:
             self.unmarked = []
             assigned = len(fresh)
         except (DatabaseError, psycopg.Error) as exc:
+            self.errors["assign"] += 1
             if self.store.is_dead(self.leases.conn):
                 await self._lose(exc)
                 return 0, 0
@@ -219,6 +227,7 @@ class Relay:
                     await self._lose(exc)  # the session, not the tenant: stop here
                     break
                 self.quarantine[tenant_id] = time.monotonic() + QUARANTINE_SECS
+                self.errors["tenant_quarantined"] += 1
                 logger.error(
                     "relay sets tenant %s aside for %ss: %s",
                     tenant_id,
@@ -276,6 +285,7 @@ class Relay:
         for (_key, rows), exc in zip(by_stream.items(), outcomes, strict=True):
             if exc is not None:
                 failed.update(p.id for p in rows)
+                self.errors["send"] += 1
                 logger.error(
                     "relay could not send stream of tenant %s: %s",
                     rows[0].tenant_id,
@@ -295,6 +305,8 @@ class Relay:
         logger.info(
             "relay %s starting for %d shards", self.holder, len(self.leases.wanted), extra={"action": "relay_start"}
         )
+        metrics.install()
+        metrics.relays.append(self)
         async with Listener() as bell:
             next_partition_check = 0.0
             try:
@@ -303,9 +315,12 @@ class Relay:
                         if time.monotonic() >= next_partition_check and self.leases.owned:
                             next_partition_check = time.monotonic() + PARTITION_CHECK_SECS
                             await database_sync_to_async(self.store.ensure_partitions)()
+                        began = time.perf_counter()
                         assigned, forwarded = await self.cycle()
+                        self.cycle_seconds.observe(time.perf_counter() - began)
                         backoff = ERROR_BACKOFF_SECS
                     except Exception as exc:
+                        self.errors[type(exc).__name__] += 1
                         logger.error(
                             "relay cycle failed: %s: %s",
                             type(exc).__name__,
@@ -326,13 +341,19 @@ class Relay:
                         try:
                             await self.flush_marks()
                         except Exception as exc:
+                            self.errors["mark"] += 1
                             logger.error(
                                 "relay could not mark rows forwarded: %s",
                                 type(exc).__name__,
                                 extra={"action": "relay_error"},
                             )
-                    await _rang_or_stopped(bell, stop, self.poll_interval)
+                    if await _rang_or_stopped(bell, stop, self.poll_interval):
+                        self.wakes += 1
+                    else:
+                        self.polls += 1
             finally:
+                with contextlib.suppress(ValueError):
+                    metrics.relays.remove(self)
                 await self.aclose()
                 logger.info(
                     "relay %s stopped after forwarding %d",
@@ -392,12 +413,20 @@ def install_signal_handlers(stop: asyncio.Event) -> None:
 
 
 async def run_until_signal(layer: Any, **kwargs: Any) -> Relay:
-    """Run a relay until SIGTERM/SIGINT (or ``once``); return it for its counters."""
+    """Run a relay until SIGTERM/SIGINT (or ``once``); return it for its counters. With
+    ``http_port``, answer /metrics, /livez and /readyz on it meanwhile (``httpd``)."""
     once = kwargs.pop("once", False)
+    http_port = kwargs.pop("http_port", None)
+    http_host = kwargs.pop("http_host", "0.0.0.0")  # noqa: S104  (scraped from other hosts)
     stop = asyncio.Event()
     install_signal_handlers(stop)
     relay = Relay(layer, **kwargs)
     started = time.monotonic()
-    await relay.run(stop, once=once)
+    server = await httpd.serve(relay, http_port, http_host) if http_port is not None else None
+    try:
+        await relay.run(stop, once=once)
+    finally:
+        if server is not None:
+            server.close()
     logger.info("relay ran %.1fs", time.monotonic() - started, extra={"action": "relay_exit"})
     return relay

@@ -31,7 +31,7 @@ from typing import Any
 from django.db import connection, transaction
 from django.utils import timezone
 
-from backplane import directory, streams
+from backplane import directory, metrics, streams
 from backplane.conf import conf
 from backplane.models import Connection, RelayLease
 from backplane.store import EVENTKEY, OUTBOX, STREAM, Store, get_store
@@ -149,6 +149,7 @@ def compact(
         result.keys_expired = _expire_keys(store, retention, batch, max_batches)
         _sweep(result)
         _reclaim(store, result)
+    metrics.record_compaction(result)
     logger.info("compaction: %s", result.summary(), extra={"action": "compact"})
     return result
 
@@ -201,21 +202,33 @@ def _plan(retention: float, max_rows: int | None, max_bytes: int | None) -> tupl
     over_rows = max_rows is not None and rows > max_rows
     over_bytes = max_bytes is not None and nbytes > max_bytes
     if over_rows or over_bytes:
+        # What the budgets take: the oldest forwarded rows that the age rule leaves, counted
+        # and summed in the database (not one size per row into Python).
+        kept = f"FROM {OUTBOX} WHERE forwarded_at IS NOT NULL AND NOT (created_at < {_cutoff_sql()})"
+        skipped_bytes = 0
         with connection.cursor() as cur:
-            # What the budgets take: the oldest forwarded rows that the age rule leaves.
-            cur.execute(
-                f"SELECT payload_bytes FROM {OUTBOX} WHERE forwarded_at IS NOT NULL "
-                f"AND NOT (created_at < {_cutoff_sql()}) ORDER BY id",
-                [retention],
-            )
-            sizes = [int(size) for (size,) in cur.fetchall()]
-        i = 0
-        while max_rows is not None and rows > max_rows and i < len(sizes):
-            rows, nbytes, planned, i = rows - 1, nbytes - sizes[i], planned + sizes[i], i + 1
-            plan["rows"] += 1
-        while max_bytes is not None and nbytes > max_bytes and i < len(sizes):
-            nbytes, planned, i = nbytes - sizes[i], planned + sizes[i], i + 1
-            plan["bytes"] += 1
+            if max_rows is not None and rows > max_rows:
+                cur.execute(
+                    f"SELECT count(*), coalesce(sum(payload_bytes), 0) FROM "
+                    f"(SELECT payload_bytes {kept} ORDER BY id LIMIT %s) t",
+                    [retention, rows - max_rows],
+                )
+                taken, skipped_bytes = (int(x) for x in cur.fetchone())
+                plan["rows"] = taken
+                rows, nbytes, planned = rows - taken, nbytes - skipped_bytes, planned + skipped_bytes
+            if max_bytes is not None and nbytes > max_bytes:
+                # The next rows in id order, each taken while the bytes taken before it fall
+                # short of the excess.
+                cur.execute(
+                    f"SELECT count(*), coalesce(sum(size), 0) FROM (SELECT payload_bytes AS size, "
+                    f"row_number() OVER w AS n, sum(payload_bytes) OVER w AS running {kept} "
+                    f"WINDOW w AS (ORDER BY id ROWS UNBOUNDED PRECEDING)) t "
+                    f"WHERE n > %s AND running - size - %s < %s",
+                    [retention, plan["rows"], skipped_bytes, nbytes - max_bytes],
+                )
+                taken, taken_bytes = (int(x) for x in cur.fetchone())
+                plan["bytes"] = taken
+                planned += taken_bytes
     return plan, planned
 
 

@@ -20,7 +20,10 @@ def livez(request: HttpRequest) -> JsonResponse:
 
 
 def readyz(request: HttpRequest) -> JsonResponse:
-    """Answer 200 when the database answers and no edge of this process drains, 503 otherwise."""
+    """Answer 200 when the database and Redis answer and no edge of this process drains, 503
+    naming the failing part otherwise."""
+    from backplane import status
+
     if _draining():
         return JsonResponse({"ok": False, "edge": "draining"}, status=503)
     try:
@@ -28,6 +31,10 @@ def readyz(request: HttpRequest) -> JsonResponse:
             cur.execute("SELECT 1")
     except DatabaseError:
         return JsonResponse({"ok": False, "database": "unreachable"}, status=503)
+    try:
+        status.redis_ping()  # 2 s at most; nothing in the embedded mode
+    except Exception as exc:
+        return JsonResponse({"ok": False, "redis": f"unreachable ({type(exc).__name__})"}, status=503)
     return JsonResponse({"ok": True})
 
 

@@ -16,6 +16,7 @@ Everything that differs between deployments comes from the environment:
 - ``BACKPLANE_<KEY>``: any key of ``backplane/conf.py`` (``backplane.conf.from_environment``),
   e.g. ``BACKPLANE_SHARDS=16``, ``BACKPLANE_ALLOWED_ORIGINS=https://a,https://b``.
 - ``DEBUG``, ``ALLOWED_HOSTS`` (comma-separated, also checked on ``/ws`` upgrades), ``LOG_LEVEL``.
+- ``LOG_FORMAT=json``: every process writes one JSON object per line (``backplane/logs.py``).
 - Behind TLS: ``SESSION_COOKIE_SECURE``, ``CSRF_COOKIE_SECURE``, ``SECURE_SSL_REDIRECT`` (1/0),
   ``SECURE_HSTS_SECONDS`` (with ``SECURE_HSTS_INCLUDE_SUBDOMAINS``, ``SECURE_HSTS_PRELOAD``),
   ``SECURE_PROXY_SSL_HEADER`` (``HEADER,value``, e.g. ``HTTP_X_FORWARDED_PROTO,https``: only
@@ -33,6 +34,7 @@ from pathlib import Path
 import dj_database_url
 
 from backplane.conf import channel_layers, from_environment, redis_keys
+from backplane.logs import logging_config
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -166,17 +168,5 @@ STATIC_ROOT = BASE_DIR / "var" / "static"
 STATIC_ROOT.mkdir(parents=True, exist_ok=True)
 WHITENOISE_USE_FINDERS = True
 
-LOGGING = {
-    "version": 1,
-    "disable_existing_loggers": False,
-    "formatters": {
-        "plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
-    },
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
-    "root": {"handlers": ["console"], "level": os.environ.get("LOG_LEVEL", "INFO")},
-    "loggers": {
-        # daphne's access log prints paths only (never query strings or headers).
-        "daphne": {"level": os.environ.get("DAPHNE_LOG_LEVEL", "WARNING")},
-        "django.channels.server": {"level": "WARNING"},
-    },
-}
+# Plain text, or one JSON object per line with LOG_FORMAT=json (backplane/logs.py).
+LOGGING = logging_config(os.environ.get("LOG_LEVEL", "INFO"), os.environ.get("DAPHNE_LOG_LEVEL", "WARNING"))

@@ -1,10 +1,12 @@
+import contextlib
+import logging
 import sys
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import DatabaseError
 
-from backplane import retention
+from backplane import logs, metrics, retention
 
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -34,6 +36,11 @@ class Command(BaseCommand):
         parser.add_argument("--batch-size", type=int, default=None, help="rows per delete transaction")
         parser.add_argument("--max-batches", type=int, default=2000, help="per-run cap on delete batches")
         parser.add_argument("--dry-run", action="store_true", help="print what would be removed; change nothing")
+        parser.add_argument(
+            "--metrics-file",
+            default=None,
+            help="write the compaction metrics here (node_exporter's textfile collector), atomically",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         secs = parse_duration(options["retention"]) if options["retention"] else None
@@ -41,25 +48,20 @@ class Command(BaseCommand):
             if options[key] is not None and options[key] <= 0:
                 raise CommandError(f"--{key.replace('_', '-')} must be positive")
         tty = sys.stderr.isatty()
-
-        def progress(done: int, total: int) -> None:
-            width = 30
-            filled = int(width * done / total) if total else width
-            sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} rows")
-            sys.stderr.flush()
-
+        line = logs.ProgressLine(sys.stderr)
         try:
-            result = retention.compact(
-                secs,
-                max_rows=options["max_rows"],
-                max_bytes=options["max_bytes"],
-                batch_size=options["batch_size"],
-                max_batches=options["max_batches"],
-                dry_run=options["dry_run"],
-                progress=progress if tty else None,
-            )
+            with line if tty else contextlib.nullcontext():
+                result = retention.compact(
+                    secs,
+                    max_rows=options["max_rows"],
+                    max_bytes=options["max_bytes"],
+                    batch_size=options["batch_size"],
+                    max_batches=options["max_batches"],
+                    dry_run=options["dry_run"],
+                    progress=line.update if tty else None,
+                )
         except DatabaseError as exc:
             raise CommandError(f"compaction failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
-        if tty:
-            sys.stderr.write("\n")
-        self.stdout.write(result.summary())
+        if options["metrics_file"]:
+            metrics.write_textfile(options["metrics_file"])
+        logs.report(self.stdout, result.summary(), "compact_summary", logging.getLogger("backplane.retention"))

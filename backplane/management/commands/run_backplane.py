@@ -1,11 +1,12 @@
 import asyncio
+import logging
 from typing import Any
 
 from channels.layers import get_channel_layer
 from django.core.exceptions import ImproperlyConfigured
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from backplane import relay, streams
+from backplane import logs, relay, streams
 from backplane.asgi import refuse_unsafe_start
 from backplane.conf import conf
 from backplane.process import freeze_startup_objects
@@ -24,6 +25,10 @@ class Command(BaseCommand):
             "--poll-interval", type=float, default=None, help="seconds between polls without a doorbell"
         )
         parser.add_argument("--once", action="store_true", help="forward what is waiting, then exit")
+        parser.add_argument(
+            "--http-port", type=int, default=None, help="answer /metrics, /livez and /readyz on this port"
+        )
+        parser.add_argument("--http-host", default="0.0.0.0", help="address of the HTTP port (default: all)")  # noqa: S104
 
     def handle(self, *args: Any, **options: Any) -> None:
         if conf.embedded_layer:
@@ -47,6 +52,9 @@ class Command(BaseCommand):
                 batch_size=options["batch_size"],
                 poll_interval=options["poll_interval"],
                 once=options["once"],
+                http_port=options["http_port"],
+                http_host=options["http_host"],
             )
         )
-        self.stdout.write(f"forwarded {done.forwarded_total} (assigned {done.assigned_total})")
+        text = f"forwarded {done.forwarded_total} (assigned {done.assigned_total})"
+        logs.report(self.stdout, text, "relay_summary", logging.getLogger("backplane.relay"))

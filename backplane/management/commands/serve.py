@@ -26,7 +26,7 @@ class Command(BaseCommand):
         from daphne.server import Server
         from twisted.internet import reactor
 
-        from backplane import relay, retention
+        from backplane import logs, relay, retention
         from backplane.conf import conf
 
         stop = asyncio.Event()
@@ -58,10 +58,11 @@ class Command(BaseCommand):
         reactor.callWhenRunning(start_background)
         # twisted's interfaces declare their methods without self: mypy reads the arguments one off.
         reactor.addSystemEventTrigger("before", "shutdown", stop_background)  # type: ignore[arg-type]
-        self.stdout.write(
+        text = (
             f"Tyrum gateway on ws://{options['host']}:{options['port']}/ws "
             f"(embedded: {conf.embedded_layer}); Ctrl-C stops it."
         )
+        logs.report(self.stdout, text, "serve_start", logger)
         self.stdout.flush()
         Server(
             application=get_default_application(),  # the project's ASGI_APPLICATION
