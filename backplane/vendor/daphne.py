@@ -366,7 +366,7 @@ def install_limits(max_message_bytes: int, header_timeout: float) -> None:
                 # A request came in meanwhile (its response may be slow, or the socket is a
                 # WebSocket now) or a response is still going out: not a slow client.
                 return
-            logger.warning("request headers too slow: connection cut", extra={"action": "request_timeout"})
+            logger.warning("request too slow to arrive: connection cut", extra={"action": "request_timeout"})
             transport.abortConnection()
 
         channel._tyrum_deadline = reactor.callLater(header_timeout, cut)  # type: ignore[arg-type]  # twisted's interface
