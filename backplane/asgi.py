@@ -37,6 +37,7 @@ def application_for(http_app: Any) -> Any:
     """The project's ASGI application: ``http_app`` for HTTP, the backplane for WebSockets."""
     from channels.routing import ProtocolTypeRouter
 
+    from backplane import logs
     from backplane.conf import conf
     from backplane.process import freeze_startup_objects
     from backplane.vendor import daphne as vendor_daphne
@@ -44,6 +45,8 @@ def application_for(http_app: Any) -> Any:
     refuse_unsafe_start("an edge")
     vendor_daphne.install_denial_response()
     vendor_daphne.install_access_log_without_query_strings()
+    if logs.json_format():  # every line one JSON object, daphne's access log included
+        vendor_daphne.install_access_log_as_records()
     vendor_daphne.install_limits(conf.MAX_INBOUND_FRAME_BYTES, conf.REQUEST_HEADER_TIMEOUT_SECS)
     from backplane.metrics import MetricsEndpoint
 

@@ -51,6 +51,7 @@ RELIED_ON = (
     ("twisted.internet.abstract", "FileDescriptor", "offset"),
     ("daphne.server", "Server", "protocol_disconnected"),
     ("daphne.access", "AccessLogGenerator", "__call__"),
+    ("daphne.access", "AccessLogGenerator", "write_entry"),
     ("daphne.ws_protocol", "WebSocketProtocol", "onPing"),
     ("daphne.ws_protocol", "WebSocketProtocol", "_max_message_size_exceeded"),
     ("daphne.ws_protocol", "WebSocketProtocol", "_fail_connection"),
@@ -423,6 +424,40 @@ def install_access_log_without_query_strings() -> None:
 
     AccessLogGenerator.__call__ = __call__
     AccessLogGenerator._tyrum_paths_only = True
+
+
+def install_access_log_as_records() -> None:
+    """Send daphne's access log through logging (logger ``backplane.access``, ``action``
+    ``access``) instead of daphne's own stream writes: with ``LOG_FORMAT=json`` every line a
+    process writes is then one JSON object. Paths only (``install_access_log_without_query_strings``)."""
+    try:
+        from daphne.access import AccessLogGenerator
+    except ImportError:  # not running under daphne
+        return
+    if getattr(AccessLogGenerator, "_tyrum_records", False):
+        return
+    access = logging.getLogger("backplane.access")
+
+    def write_entry(
+        self: Any,
+        host: str,
+        date: Any,
+        request: str,
+        status: Any = None,
+        length: Any = None,
+        ident: Any = None,
+        user: Any = None,
+    ) -> None:
+        access.info(
+            "%s %s %s",
+            host,
+            request,
+            status or "-",
+            extra={"action": "access", "client": host, "request": request, "status": status, "length": length},
+        )
+
+    AccessLogGenerator.write_entry = write_entry
+    AccessLogGenerator._tyrum_records = True
 
 
 def _phrase(status: int) -> str:
