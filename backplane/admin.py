@@ -250,8 +250,14 @@ class EdgeAdmin(ReadOnlyAdmin):
 
 @admin.register(Connection)
 class ConnectionAdmin(ReadOnlyAdmin):
-    list_display = ("connection_id", "tenant", "device_id", "role", "edge", "connected_at", "expires_at")
+    list_display = ("connection_id", "tenant", "device_id", "role", "edge", "where", "connected_at", "expires_at")
     list_filter = ("role", "edge")
+
+    @admin.display(description="delivered / lag (at the last heartbeat)")
+    def where(self, obj: Connection) -> str:
+        """Where the peer stands per stream: the last offset delivered and how far behind."""
+        positions = obj.positions or {}
+        return ", ".join(f"{name} {p[0]} / {p[1]}" for name, p in sorted(positions.items())) or "–"
 
 
 @admin.register(RelayLease)

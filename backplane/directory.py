@@ -9,13 +9,14 @@ it). Readers: ``presence``, directed-command routing, status pages.
 
 from __future__ import annotations
 
+import json
 import socket
 import uuid
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
 from backplane.conf import conf
@@ -78,12 +79,15 @@ def close_connection(connection_id: str) -> None:
     Connection.objects.filter(connection_id=connection_id).delete()
 
 
-def beat(edge_id: str, rows: Iterable[Mapping[str, Any]]) -> None:
+def beat(
+    edge_id: str, rows: Iterable[Mapping[str, Any]], positions: Mapping[str, Mapping[str, Any]] | None = None
+) -> None:
     """Refresh this edge's row and its sockets' rows; repair and sweep.
 
     ``rows`` are the rows of the sockets the edge holds now. Rows of sockets it no longer
     holds (a failed delete at disconnect) go; rows of live sockets that were swept (a
-    heartbeat stall past the TTL) come back."""
+    heartbeat stall past the TTL) come back. ``positions``: where the peers whose position
+    changed since the last beat stand now, by connection id (``write_positions``)."""
     now = timezone.now()
     ttl = timedelta(seconds=conf.CONNECTION_TTL_SECS)
     live = list(rows)
@@ -106,7 +110,23 @@ def beat(edge_id: str, rows: Iterable[Mapping[str, Any]]) -> None:
             ],
             ignore_conflicts=True,
         )
+    if positions:
+        write_positions(positions)
     sweep(now, keep=edge_id)
+
+
+def write_positions(positions: Mapping[str, Mapping[str, Any]]) -> None:
+    """Write each connection's ``positions`` (by connection id) in one statement per beat."""
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cur:
+            cur.execute(
+                "UPDATE backplane_connection c SET positions = v.value FROM jsonb_each(%s::jsonb) v "
+                "WHERE c.connection_id = v.key",
+                [json.dumps(positions)],
+            )
+        return
+    rows = [Connection(connection_id=cid, positions=dict(p)) for cid, p in positions.items()]
+    Connection.objects.bulk_update(rows, ["positions"], batch_size=500)
 
 
 def sweep(now: datetime | None = None, keep: str | None = None) -> tuple[int, int]:

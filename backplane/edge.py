@@ -91,6 +91,7 @@ class EdgeRuntime:
         # The heads read by the last head check (by stream key): the heartbeat measures each
         # socket's lag against them, with no query of its own.
         self.last_heads: dict[str, Head] = {}
+        self.last_positions: dict[str, dict[str, list[int]]] = {}  # as the last beat wrote them
         # Messages from Redis dropped unread (forged, another deployment's key, too old),
         # for a metrics exporter; and the rate limit of their log line.
         self.rejected = 0
@@ -356,7 +357,8 @@ class EdgeRuntime:
                 operators = {c.principal.recheck_key for c in consumers if c.principal.user_id}
                 rows = [c.directory_row() for c in consumers]
                 metrics.edge.peer_lag = _lag_histogram(consumers, self.last_heads)
-                bad = await database_sync_to_async(_beat)(self.edge_id, rows, token_ids, operators)
+                moved = self._moved_positions(consumers)
+                bad = await database_sync_to_async(_beat)(self.edge_id, rows, token_ids, operators, moved)
                 for c in consumers:
                     if c.principal.recheck_key in bad:
                         await c.close_with(bad[c.principal.recheck_key])
@@ -373,6 +375,20 @@ class EdgeRuntime:
         await self.layer.group_add(streams.edge_group(prefix, self.edge_id), self.channel)
         for key in [k for k, joined in self.joins.items() if joined.done()]:
             await self.layer.group_add(streams.group_name(prefix, key), self.stream_channel)
+
+    def _moved_positions(self, consumers: Sequence[Subscriber]) -> dict[str, dict[str, list[int]]]:
+        """Where each peer stands ({stream: [delivered, lag]}, from the heads the last head
+        check read), for the peers whose position changed since the last beat: an idle peer
+        costs the heartbeat nothing."""
+        moved: dict[str, dict[str, list[int]]] = {}
+        now: dict[str, dict[str, list[int]]] = {}
+        for c in consumers:
+            where = {name: list(pos) for name, pos in c.positions(self.last_heads).items()}
+            now[c.connection_id] = where
+            if self.last_positions.get(c.connection_id) != where:
+                moved[c.connection_id] = where
+        self.last_positions = now
+        return moved
 
     # --- head check: find and fill trailing loss ------------------------------------
 
@@ -425,9 +441,14 @@ def _install_sigterm(runtime: EdgeRuntime) -> None:
 
 
 def _beat(
-    eid: str, rows: list[dict[str, Any]], token_ids: set[Any], operators: set[tuple[Any, Any, Any]]
+    eid: str,
+    rows: list[dict[str, Any]],
+    token_ids: set[Any],
+    operators: set[tuple[Any, Any, Any]],
+    positions: dict[str, dict[str, list[int]]] | None = None,
 ) -> dict[Any, Close]:
-    """(Worker thread) one heartbeat's database work in one thread hop: the directory's rows,
-    then the live sockets' credentials; return the sockets to close and their codes."""
-    directory.beat(eid, rows)
+    """(Worker thread) one heartbeat's database work in one thread hop: the directory's rows
+    (and the positions of the peers that moved), then the live sockets' credentials; return
+    the sockets to close and their codes."""
+    directory.beat(eid, rows, positions)
     return auth.recheck(token_ids, operators)

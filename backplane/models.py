@@ -193,6 +193,10 @@ class Connection(models.Model):
     connected_at = models.DateTimeField(db_default=Now())
     last_seen_at = models.DateTimeField(db_default=Now())
     expires_at = models.DateTimeField()
+    # Where the peer stands, by stream: {"device": [last offset delivered, lag behind the head]},
+    # written by its edge's heartbeat (never per event). Nullable: edges of the previous
+    # version insert rows without it during an online upgrade.
+    positions = models.JSONField(default=dict, blank=True, null=True)
 
     class Meta:
         indexes = [

@@ -1,0 +1,76 @@
+"""Where each peer stands (issue 16, point 6): the edge's heartbeat writes each connection's
+last delivered offset and lag per stream into its directory row — from the heads the head
+check already read, only for the peers that moved, never per event."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from harness.data import events, make_tenant, make_token, orm, publish_many
+from harness.inprocess import InProcessEdge
+
+
+@pytest.fixture
+def fast_beat(settings: Any) -> Iterator[None]:
+    """A heartbeat of 0.3 s (the runtime reads the interval at each beat: set before it starts)."""
+    settings.BACKPLANE = {
+        **getattr(settings, "BACKPLANE", {}),
+        "HEARTBEAT_INTERVAL_SECS": 0.3,
+        "HEAD_CHECK_INTERVAL_SECS": 0.1,
+        "CONNECTION_TTL_SECS": 5.0,
+    }
+    yield
+
+
+def positions_of(connection_id: str) -> Any:
+    from backplane.models import Connection
+
+    row = Connection.objects.filter(connection_id=connection_id).first()
+    return row.positions if row is not None else None
+
+
+async def wait_positions(connection_id: str, want: dict[str, list[int]], timeout: float = 10.0) -> Any:
+    deadline = asyncio.get_running_loop().time() + timeout
+    got = None
+    while asyncio.get_running_loop().time() < deadline:
+        got = await orm(positions_of, connection_id)
+        if got and all(got.get(name) == where for name, where in want.items()):
+            return got
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"positions are {got}, not {want}")
+
+
+async def test_positions__the_heartbeat_writes_where_each_peer_stands(fast_beat: None, edge: InProcessEdge) -> None:
+    tenant = await orm(make_tenant)
+    peer = await edge.connect(await orm(make_token, tenant, "dev-pos"))
+    await peer.ping()
+    connection_id = peer.hello["connection_id"]
+    await wait_positions(connection_id, {"device": [0, 0], "tenant": [0, 0]})
+
+    await orm(publish_many, tenant, events(3, "seen", device="dev-pos") + events(2, "all"))
+    await edge.forward()
+    await peer.until_events(5)
+    await wait_positions(connection_id, {"device": [3, 0], "tenant": [2, 0]})
+
+
+def test_moved_positions__only_peers_whose_position_changed_are_written() -> None:
+    from backplane.edge import EdgeRuntime
+
+    class Peer:
+        def __init__(self, cid: str, where: dict[str, tuple[int, int]]) -> None:
+            self.connection_id, self.where = cid, where
+
+        def positions(self, heads: Any) -> dict[str, tuple[int, int]]:
+            return self.where
+
+    runtime = EdgeRuntime.__new__(EdgeRuntime)
+    runtime.last_heads, runtime.last_positions = {}, {}
+    a, b = Peer("a", {"device": (3, 0)}), Peer("b", {"device": (1, 2)})
+    assert runtime._moved_positions([a, b]) == {"a": {"device": [3, 0]}, "b": {"device": [1, 2]}}
+    assert runtime._moved_positions([a, b]) == {}  # nothing moved: nothing to write
+    b.where = {"device": (3, 0)}
+    assert runtime._moved_positions([a, b]) == {"b": {"device": [3, 0]}}
