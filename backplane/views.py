@@ -1,8 +1,8 @@
 """HTTP endpoints beside the WebSocket: the probes of load balancers and kubelets.
 
-``/livez`` answers 200 while the process serves HTTP (liveness: restart it when it does
-not). ``/readyz`` answers 200 when the database answers and this edge is not draining
-(readiness: send it traffic); ``/healthz`` is the same, its older name. ``ProbeMiddleware``
+``/livez`` (and ``/healthz``) answer 200 while the process serves HTTP (liveness: restart it
+when it does not). ``/readyz`` answers 200 when the database and Redis answer and this edge
+is not draining (readiness: send it traffic), 503 naming the failing part. ``ProbeMiddleware``
 answers them before Django validates the ``Host`` header, since probes come by IP address.
 """
 
@@ -38,7 +38,7 @@ def readyz(request: HttpRequest) -> JsonResponse:
     return JsonResponse({"ok": True})
 
 
-healthz = readyz
+healthz = livez  # liveness: the process serves (readiness is /readyz)
 
 PROBES: dict[str, Callable[[HttpRequest], JsonResponse]] = {"/livez": livez, "/readyz": readyz, "/healthz": healthz}
 
