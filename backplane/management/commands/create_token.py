@@ -1,20 +1,11 @@
-from datetime import timedelta
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
-from django.utils import timezone
 
 from backplane import exceptions, tokens
-from backplane.conf import conf
+from backplane.management.commands import _lifetime as lifetime
 from backplane.outbox import resolve_tenant
 from backplane.streams import ROLES
-
-
-def positive_seconds(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise ValueError(text)
-    return value
 
 
 class Command(BaseCommand):
@@ -29,22 +20,10 @@ class Command(BaseCommand):
         parser.add_argument("--device", required=True, help="device id")
         parser.add_argument("--role", required=True, choices=ROLES)
         parser.add_argument("--label", default="")
-        lifetime = parser.add_mutually_exclusive_group()
-        lifetime.add_argument(
-            "--expires-in",
-            type=positive_seconds,
-            default=None,
-            metavar="SECONDS",
-            help=f"token lifetime in seconds (default: {conf.TOKEN_LIFETIME_SECS:g})",
-        )
-        lifetime.add_argument("--no-expiry", action="store_true", help="a token that never expires (revoke it)")
+        lifetime.add_arguments(parser, "the token's")
 
     def handle(self, *args: Any, **options: Any) -> None:
-        expires: Any = tokens.Lifetime.DEFAULT
-        if options["no_expiry"]:
-            expires = None
-        elif options["expires_in"]:
-            expires = timezone.now() + timedelta(seconds=options["expires_in"])
+        expires = lifetime.expires_at(options)
         try:
             tenant = resolve_tenant(options["tenant"])
             row, token = tokens.create_token(

@@ -1,20 +1,11 @@
 import sys
-from datetime import timedelta
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
-from django.utils import timezone
 
 from backplane import exceptions, tokens
 from backplane.conf import conf
-from backplane.management.commands.create_token import positive_seconds
-
-
-def seconds(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise ValueError(text)
-    return value
+from backplane.management.commands import _lifetime as lifetime
 
 
 class Command(BaseCommand):
@@ -29,27 +20,15 @@ class Command(BaseCommand):
         parser.add_argument("token_id", help="the old token's id, or '-' to read the old token from standard input")
         parser.add_argument(
             "--grace",
-            type=seconds,
+            type=lifetime.seconds,
             default=None,
             metavar="SECONDS",
             help=f"how long the old token stays valid (default: {conf.TOKEN_ROTATION_GRACE_SECS:g})",
         )
-        lifetime = parser.add_mutually_exclusive_group()
-        lifetime.add_argument(
-            "--expires-in",
-            type=positive_seconds,
-            default=None,
-            metavar="SECONDS",
-            help=f"the new token's lifetime in seconds (default: {conf.TOKEN_LIFETIME_SECS:g})",
-        )
-        lifetime.add_argument("--no-expiry", action="store_true", help="a new token that never expires")
+        lifetime.add_arguments(parser, "the new token's")
 
     def handle(self, *args: Any, **options: Any) -> None:
-        expires: Any = tokens.Lifetime.DEFAULT
-        if options["no_expiry"]:
-            expires = None
-        elif options["expires_in"]:
-            expires = timezone.now() + timedelta(seconds=options["expires_in"])
+        expires = lifetime.expires_at(options)
         try:
             ref = tokens.token_argument(options["token_id"], options.get("stdin") or sys.stdin)
             old, new, token = tokens.rotate_token(ref, grace_secs=options["grace"], expires_at=expires, actor="cli")
