@@ -191,7 +191,7 @@ class PostgreSQLStore:
                     keys,
                     list(tenants.values()),
                     [streams.audience_of(k) for k in keys],
-                    [streams.new_epoch() for _ in keys],
+                    streams.new_epochs(len(keys)),
                 ],
             )
         return self.stream_heads(keys)

@@ -188,7 +188,10 @@ class SQLiteStore:
         return self.open_streams(dict.fromkeys(keys, tenant_id))
 
     def open_streams(self, tenants: Mapping[str, uuid.UUID]) -> dict[str, Head]:
-        new = [[key, tenant.hex, streams.audience_of(key), streams.new_epoch()] for key, tenant in tenants.items()]
+        epochs = streams.new_epochs(len(tenants))
+        new = [
+            [key, tenant.hex, streams.audience_of(key), epochs[n]] for n, (key, tenant) in enumerate(tenants.items())
+        ]
         with connection.cursor() as cur:
             cur.execute(SQL["ensure_streams"], [json.dumps(new)])
         return self.stream_heads(list(tenants))
