@@ -141,10 +141,12 @@ async def test_batches__the_store_failing_answers_503_to_the_whole_batch(
     tenant = await orm(make_tenant)
     tokens = [await orm(make_token, tenant, f"dev-{n}") for n in range(3)]
 
-    class Down:
+    class Down:  # the token lookup's query fails as it is made
         @staticmethod
-        def select_related(*_: Any) -> Any:
+        def filter(*_: Any, **__: Any) -> Any:
             raise OperationalError("the database went away")
+
+        select_related = filter
 
     class Tokens:
         objects = Down
