@@ -406,6 +406,29 @@ def install_limits(max_message_bytes: int, header_timeout: float) -> None:
     http.HTTPChannel.requestDone = requestDone  # type: ignore[method-assign]
 
 
+# The edge's listen queue: connections the kernel holds until the edge accepts them. twisted's
+# default of 50 overflows in a reconnect storm (thousands of peers at once): the kernel drops
+# their SYNs and each peer waits out TCP's retransmission back-off (1, 3, 7, 15 s …) —
+# docs/decisions/0026. The kernel caps it at net.core.somaxconn.
+LISTEN_BACKLOG = 4096
+
+
+def install_listen_backlog(minimum: int = LISTEN_BACKLOG) -> None:
+    """Listen with a queue of at least ``minimum`` connections (daphne's endpoints pass
+    twisted's default of 50 to ``reactor.listenTCP``)."""
+    from twisted.internet import reactor
+
+    listen: Any = getattr(reactor, "listenTCP", None)
+    if listen is None or getattr(listen, "_tyrum_backlog", False):
+        return
+
+    def listenTCP(port: int, factory: Any, backlog: int = 50, interface: str = "") -> Any:
+        return listen(port, factory, max(minimum, backlog), interface)
+
+    listenTCP._tyrum_backlog = True  # type: ignore[attr-defined]
+    setattr(reactor, "listenTCP", listenTCP)  # noqa: B010  # the installed reactor, daphne's
+
+
 class _LazyFormat:
     """``pformat(value)`` done only when a log line is really written."""
 
