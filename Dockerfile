@@ -39,4 +39,5 @@ HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 \
 # Migrate:    docker run … IMAGE python manage.py migrate --no-input
 # Embedded:   docker run -p 8000:8000 IMAGE sh -c "python manage.py migrate && python manage.py serve --host 0.0.0.0"
 # --proxy-headers only behind a proxy that sets X-Forwarded-For (deploy/compose.yaml does).
-CMD ["daphne", "-b", "0.0.0.0", "-p", "8000", "tyrum.asgi:application"]
+# Edges run daphne on uvloop (backplane/run_edge.py takes daphne's arguments; BACKPLANE_EVENT_LOOP=asyncio opts out).
+CMD ["python", "-m", "backplane.run_edge", "-b", "0.0.0.0", "-p", "8000", "tyrum.asgi:application"]

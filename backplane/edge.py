@@ -139,7 +139,8 @@ class EdgeRuntime:
         ]
         _install_sigterm(self)
         metrics.install()
-        logger.info("edge %s started", self.edge_id, extra={"action": "edge_start"})
+        loop = type(asyncio.get_running_loop()).__module__.split(".")[0]  # uvloop or asyncio
+        logger.info("edge %s started on %s", self.edge_id, loop, extra={"action": "edge_start", "loop": loop})
 
     async def drain(self, code: int = Close.RECONNECT) -> int:
         """Stop accepting, close every socket with ``code``, remove this edge's directory rows."""

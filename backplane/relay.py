@@ -314,8 +314,13 @@ class Relay:
         """Forward until ``stop`` is set (or one pass when ``once``)."""
         stop = stop or asyncio.Event()
         backoff = ERROR_BACKOFF_SECS
+        loop = type(asyncio.get_running_loop()).__module__.split(".")[0]  # uvloop or asyncio
         logger.info(
-            "relay %s starting for %d shards", self.holder, len(self.leases.wanted), extra={"action": "relay_start"}
+            "relay %s starting for %d shards on %s",
+            self.holder,
+            len(self.leases.wanted),
+            loop,
+            extra={"action": "relay_start", "loop": loop},
         )
         metrics.install()
         metrics.relays.append(self)

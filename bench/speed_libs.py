@@ -61,7 +61,10 @@ FRAME_ARGS = (
     "run.updated",
     "2026-01-01T00:00:00Z",
 )
-INBOUND = '{"type":"resume","streams":{"tenant":{"epoch":"abcd1234","offset":12},"role":{"epoch":"abcd1234","offset":3},"device":{"epoch":"abcd1234","offset":99}}}'
+INBOUND = (
+    '{"type":"resume","streams":{"tenant":{"epoch":"abcd1234","offset":12},'
+    '"role":{"epoch":"abcd1234","offset":3},"device":{"epoch":"abcd1234","offset":99}}}'
+)
 # What the protocol refuses with 4400, and a frame it takes.
 PARSE_CASES = {
     "NaN": '{"type":"ping","x":NaN}',
