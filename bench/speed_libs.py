@@ -20,7 +20,11 @@ Event loops (``--loops``): for asyncio and uvloop, each in a fresh process, alte
   it (pipelined publish of a sealed 1-event batch → received and decoded by the pub/sub layer);
 - ``edge_max_rate``: sealed messages the pub/sub layer receives and decodes per second.
 
-    .venv/bin/python bench/speed_libs.py [--repeat 5] [--loops-repeat 3]
+With ``--e2e``, also the whole cluster on each loop: ``bench/e2e_latency.py --only e2e`` with
+``BACKPLANE_EVENT_LOOP=asyncio`` and ``uvloop`` (relay and edges), alternating ``--e2e-repeat``
+times; its own result files are left as they were.
+
+    .venv/bin/python bench/speed_libs.py [--repeat 5] [--loops-repeat 3] [--e2e [--rates 500,2000]]
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ import argparse
 import asyncio
 import json
 import math
+import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -302,18 +308,74 @@ def compare_loops(repeat: int, samples: int, burst: int) -> list[dict[str, Any]]
     return rows
 
 
+def report_e2e(rows: list[dict[str, Any]], repeat: int) -> None:
+    common.report(
+        f"e2e (bench/e2e_latency.py --only e2e) per event loop, alternating, {repeat} rounds",
+        rows,
+        ["loop", "round", "rate", "p50_ms", "p99_ms", "p50_assigned_to_peer_ms", "cpu_edges", "cpu_relay", "lost"],
+    )
+
+
+def e2e(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """e2e_latency.py's e2e phase on asyncio's loop and on uvloop, alternating; its result
+    files are restored."""
+    saved = common.RESULTS / "e2e_latency.json"
+    aside = common.RESULTS / "e2e_latency.json.speed-libs-aside"
+    if saved.exists():
+        shutil.move(saved, aside)
+    rows = []
+    try:
+        for i in range(args.e2e_repeat):
+            for loop in ("asyncio", "uvloop"):
+                argv = [sys.executable, str(Path(__file__).with_name("e2e_latency.py")), "--only", "e2e"]
+                argv += ["--peers", str(args.peers), "--rates", args.rates, "--escalate", "0"]
+                argv += ["--seconds", str(args.seconds)]
+                env = {**os.environ, "BACKPLANE_EVENT_LOOP": loop}
+                subprocess.run(argv, env=env, check=True, timeout=1800)  # noqa: S603 - our own script
+                for r in json.loads(saved.read_text())["rows"]:
+                    rows.append(
+                        {
+                            "loop": loop,
+                            "round": i + 1,
+                            "rate": r["rate"],
+                            "p50_ms": r["p50_ms"],
+                            "p99_ms": r["p99_ms"],
+                            "p50_assigned_to_peer_ms": r.get("p50_assigned_to_peer_ms"),
+                            "cpu_edges": r.get("cpu_edges"),
+                            "cpu_relay": r.get("cpu_relay"),
+                            "lost": r["lost"],
+                        }
+                    )
+    finally:
+        saved.unlink(missing_ok=True)
+        if aside.exists():
+            shutil.move(aside, saved)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--loops-repeat", type=int, default=3, help="0: no event-loop comparison")
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--burst", type=int, default=20000)
+    parser.add_argument("--e2e", action="store_true", help="also e2e_latency.py's e2e phase on each loop")
+    parser.add_argument("--e2e-repeat", type=int, default=2)
+    parser.add_argument("--peers", type=int, default=1000)
+    parser.add_argument("--rates", default="500,2000")
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--only-e2e", action="store_true", help="skip the micro-benchmarks")
     parser.add_argument("--loop-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.loop_child:
         loop_child(args.loop_child, args.samples, args.burst)
         return
     print(common.machine_line(), flush=True)
+    if args.only_e2e:
+        rows = e2e(args)
+        report_e2e(rows, args.e2e_repeat)
+        print(f"wrote {common.write('speed_libs_e2e', rows)}")
+        return
     rows = compare("payload", payload_candidates(), 20000, args.repeat)
     rows += compare("frame", frame_candidates(), 20000, args.repeat)
     inbound = {name: (lambda p=p: p(INBOUND)) for name, p in parsers().items()}
@@ -339,6 +401,9 @@ def main() -> None:
             extra["loops"],
             ["loop", "turn_us", "hop_p50_ms", "hop_p99_ms", "edge_max_rate"],
         )
+    if args.e2e:
+        extra["e2e"] = e2e(args)
+        report_e2e(extra["e2e"], args.e2e_repeat)
     assert not math.isnan(rows[0]["us_per_call"])
     print(f"wrote {common.write('speed_libs', rows, extra)}")
 
