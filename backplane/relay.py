@@ -125,6 +125,7 @@ class Relay:
         began = time.time() if hoptrace.ON else 0.0
         # The last ring before this cycle began (bench/hop_trace.py: the relay's wake-up).
         woken = self.bell.rang_at if hoptrace.ON and self.bell is not None else 0.0
+        marks = len(self.unmarked)  # rows whose forwarded marks this cycle's assignment carries
         owned = await self.leases.maintain()
         if not owned:
             self.unmarked = []  # the shards' next owner sends them again
@@ -192,7 +193,7 @@ class Relay:
         # Bounded, but by size too: a big batch of big payloads must not time out every cycle.
         timeout = SEND_TIMEOUT_SECS + sum(len(p.item.payload_json) for p in to_send) / SEND_BYTES_PER_SEC
         if hoptrace.ON:
-            self.trace = {"woken": woken, "cycle": began, "assigned": time.time()}
+            self.trace = {"woken": woken, "cycle": began, "assigned": time.time(), "marks": marks}
         failed = await asyncio.wait_for(self._send(to_send), timeout)
         if hoptrace.ON:
             self.trace["published"] = time.time()

@@ -104,7 +104,20 @@ def main() -> None:
         cols,
     )
     common.report(
-        "per rate", rows, ["rate", "received", "traced", "p50_ms", "p99_ms", "decode_us_p50", "items_per_publish"]
+        "per rate",
+        rows,
+        [
+            "rate",
+            "received",
+            "traced",
+            "p50_ms",
+            "p99_ms",
+            "decode_us_p50",
+            "items_per_publish",
+            "assign_ms_with_marks_p50",
+            "assign_ms_without_marks_p50",
+            "events_without_marks",
+        ],
     )
     print(f"wrote {common.write(args.name, rows, {'steps': [s[0] for s in STEPS], 'table': table})}")
     print(common.machine_line())
@@ -146,8 +159,10 @@ def summarize(
         if not t.get("woken") or not t["sent"] <= t["woken"] <= t["cycle"]:
             t.pop("woken", None)  # this cycle did not start on this event's ring
         ms = {name: (t[b] - t[a]) * 1000 for name, a, b in STEPS if a in t and b in t}
+        ms["marks"] = r.get("marks", 0)
         for name, v in ms.items():
-            per_step[name].append(v)
+            if name in per_step:
+                per_step[name].append(v)
         per_event.append(ms)
         decode.append(e["decode_s"] * 1e6)
     connections.close_all()
@@ -163,8 +178,14 @@ def summarize(
         }
         for name, v in per_step.items()
     }
+    # The assignment's round trip with and without forwarded marks riding in it (0013).
+    with_marks = [e["assigned_to_rows"] for e in per_event if e["marks"] and "assigned_to_rows" in e]
+    without = [e["assigned_to_rows"] for e in per_event if not e["marks"] and "assigned_to_rows" in e]
     return {
         "rate": rate,
+        "assign_ms_with_marks_p50": common.percentile(with_marks, 50),
+        "assign_ms_without_marks_p50": common.percentile(without, 50),
+        "events_without_marks": len(without),
         "received": row["received"],
         "traced": traced,
         "p50_ms": row["p50_ms"],
