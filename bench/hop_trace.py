@@ -64,6 +64,11 @@ def main() -> None:
     parser.add_argument("--pools", type=int, default=2)
     parser.add_argument("--producers", type=int, default=2)
     parser.add_argument("--name", default="hop_trace", help="results file name (bench/results/<name>.json)")
+    parser.add_argument(
+        "--event-loops",
+        default="",
+        help="e.g. asyncio,uvloop: a cluster per BACKPLANE_EVENT_LOOP, one after the other (default: as configured)",
+    )
     args = parser.parse_args()
 
     trace_dir = common.LOGS / f"hop-trace-{os.getpid()}"
@@ -75,28 +80,38 @@ def main() -> None:
     from harness import data
 
     rows: list[dict[str, Any]] = []
+    loops = [x.strip() for x in args.event_loops.split(",") if x.strip()] or [""]
     try:
-        with BenchCluster("hop", peers=args.peers, tenants=args.tenants, pools=args.pools) as c:
-            tenants = data.make_tenants(args.tenants)
-            devices = [f"dev-{i}" for i in range(args.peers)]
-            pairs, peers_file = c.peer_set(tenants, devices, "main")
-            connect = c.pools.connect(pairs)
-            print(f"connected {connect['connected']} peers over {len(c.ports)} edges in {connect['secs']:.1f}s")
-            for rate in (float(r) for r in args.rates.split(",") if r):
-                for f in trace_dir.glob("*.jsonl"):
-                    f.unlink()
-                argvs = c.producer_argvs(rate, args.seconds, peers_file, args.producers, "device")
-                row, got, rep = c.phase("e2e", rate, "producer_proc.py", argvs, seconds=args.seconds, by_id=True)
-                time.sleep(1.0)  # the processes write their trace lines every 0.5 s
-                rows.append(summarize(rate, row, rep["sent"], got["arrivals"], trace_dir))
-                print(f"  {rate:g}/s: traced {rows[-1]['traced']} of {row['received']} events", flush=True)
+        for loop in loops:
+            if loop:
+                os.environ["BACKPLANE_EVENT_LOOP"] = loop
+            with BenchCluster("hop", peers=args.peers, tenants=args.tenants, pools=args.pools) as c:
+                tenants = data.make_tenants(args.tenants)
+                devices = [f"dev-{i}" for i in range(args.peers)]
+                pairs, peers_file = c.peer_set(tenants, devices, "main")
+                connect = c.pools.connect(pairs)
+                print(f"connected {connect['connected']} peers over {len(c.ports)} edges in {connect['secs']:.1f}s")
+                for rate in (float(r) for r in args.rates.split(",") if r):
+                    for f in trace_dir.glob("*.jsonl"):
+                        f.unlink()
+                    argvs = c.producer_argvs(rate, args.seconds, peers_file, args.producers, "device")
+                    row, got, rep = c.phase("e2e", rate, "producer_proc.py", argvs, seconds=args.seconds, by_id=True)
+                    time.sleep(1.0)  # the processes write their trace lines every 0.5 s
+                    rows.append(
+                        {"loop": loop or "default", **summarize(rate, row, rep["sent"], got["arrivals"], trace_dir)}
+                    )
+                    print(f"  {loop} {rate:g}/s: traced {rows[-1]['traced']} of {row['received']} events", flush=True)
     finally:
         shutil.rmtree(trace_dir, ignore_errors=True)
+
+    def col(r: dict[str, Any], q: str) -> str:
+        return f"{r['loop'] + ' ' if len(loops) > 1 else ''}{r['rate']:g}/s {q}"
+
     table = [
-        {"step": name, **{f"{r['rate']:g}/s {q}": r["steps"][name][q] for r in rows for q in ("p50", "p99", "tail")}}
+        {"step": name, **{col(r, q): r["steps"][name][q] for r in rows for q in ("p50", "p99", "tail")}}
         for name, _, _ in STEPS
     ]
-    cols = ["step", *[f"{r['rate']:g}/s {q}" for r in rows for q in ("p50", "p99", "tail")]]
+    cols = ["step", *[col(r, q) for r in rows for q in ("p50", "p99", "tail")]]
     common.report(
         f"hop trace — {args.peers} peers on 2 edges, device events, {args.seconds:g}s per rate: "
         "ms per step (median, p99 over events; tail: median over the slowest 1 % of events)",
@@ -107,6 +122,7 @@ def main() -> None:
         "per rate",
         rows,
         [
+            "loop",
             "rate",
             "received",
             "traced",
