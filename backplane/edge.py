@@ -129,7 +129,7 @@ class EdgeRuntime:
         await self.layer.group_add(streams.edge_group(conf.channel_prefix, self.edge_id), self.channel)
         self.stream_channel = await self.layer.new_channel()
         if hoptrace.ON:
-            hoptrace.install_layer_probes(self.layer)
+            hoptrace.install_layer_probes(self.layer, self.stream_channel)
             hoptrace.start_flusher("edge")
         self.tasks = [
             asyncio.create_task(self._batches()),

@@ -29,6 +29,7 @@ reads: dict[str, collections.deque[float]] = collections.defaultdict(collections
 # The time the last message's decryption and unpacking took (seconds).
 last_decode = 0.0
 _tasks: set[Any] = set()
+watched: set[str] = set()  # the channels whose reads are noted (not the commands')
 
 
 def record(role: str, steps: dict[str, float], rows: list[tuple[str, int]]) -> None:
@@ -63,32 +64,15 @@ def start_flusher(role: str) -> None:
     _tasks.add(asyncio.get_running_loop().create_task(flusher()))
 
 
-def install_layer_probes(layer: Any) -> None:
-    """Note when the pub/sub layer's reader task takes each message off Redis, and how long
-    each decode takes (wrapping two of the layer's methods; only when tracing)."""
+def install_layer_probes(layer: Any, channel: str) -> None:
+    """Note when the pub/sub layer's reader task takes each message for ``channel`` (the
+    edge's delivery channel) off Redis, and how long each decode takes (wrapping two of the
+    layer's methods; only when tracing)."""
+    watched.add(channel)
     from channels_redis.pubsub import RedisSingleShardConnection
 
-    if getattr(RedisSingleShardConnection, "_tyrum_traced", False):
-        return
-    original = RedisSingleShardConnection._receive_message
-
-    def _receive_message(self: Any, message: Any) -> None:
-        if message is not None:
-            now = time.time()
-            name = message["channel"]
-            if isinstance(name, bytes):
-                name = name.decode()
-            layer_channels = self.channel_layer.channels
-            if name in layer_channels:
-                reads[name].append(now)
-            else:
-                for channel in self.channel_layer.groups.get(name, ()):
-                    if channel in layer_channels:
-                        reads[channel].append(now)
-        original(self, message)
-
-    RedisSingleShardConnection._receive_message = _receive_message
-    RedisSingleShardConnection._tyrum_traced = True
+    if not getattr(RedisSingleShardConnection, "_tyrum_traced", False):
+        _probe_reads(RedisSingleShardConnection)
     deserialize = layer.deserialize
 
     def timed(message: bytes) -> Any:
@@ -106,3 +90,26 @@ def read_time(channel: str) -> float:
     """When the message just received on ``channel`` came off Redis (0.0 if unknown)."""
     pending = reads.get(channel)
     return pending.popleft() if pending else 0.0
+
+
+def _probe_reads(connection_class: Any) -> None:
+    original = connection_class._receive_message
+
+    def _receive_message(self: Any, message: Any) -> None:
+        if message is not None:
+            now = time.time()
+            name = message["channel"]
+            if isinstance(name, bytes):
+                name = name.decode()
+            layer_channels = self.channel_layer.channels
+            if name in layer_channels:
+                if name in watched:
+                    reads[name].append(now)
+            else:
+                for channel in self.channel_layer.groups.get(name, ()):
+                    if channel in layer_channels and channel in watched:
+                        reads[channel].append(now)
+        original(self, message)
+
+    connection_class._receive_message = _receive_message
+    connection_class._tyrum_traced = True

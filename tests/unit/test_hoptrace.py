@@ -62,3 +62,32 @@ def _clean() -> Any:
     yield
     hoptrace.reads.clear()
     hoptrace._lines.clear()
+    hoptrace.watched.clear()
+
+
+def test_layer_probes__note_reads_of_the_watched_channel_and_decode_times(monkeypatch: Any) -> None:
+    from channels_redis.pubsub import RedisPubSubChannelLayer, RedisSingleShardConnection
+
+    # The probe patches the class: put it back after this test.
+    monkeypatch.setattr(RedisSingleShardConnection, "_receive_message", RedisSingleShardConnection._receive_message)
+    monkeypatch.setattr(RedisSingleShardConnection, "_tyrum_traced", False, raising=False)
+
+    from backplane.conf import channel_layers
+
+    config = channel_layers("redis://127.0.0.1:6379", prefix="trace", keys=["trace-test-key-0123456789abcdefghijklmn"])
+    layer = RedisPubSubChannelLayer(**config["default"]["CONFIG"])
+    hoptrace.install_layer_probes(layer, "delivery")
+
+    class LoopLayer:
+        channels = {"delivery": asyncio.Queue(), "commands": asyncio.Queue()}  # type: ignore[var-annotated]
+        groups = {"trace:__group__stream": {"delivery"}, "trace:__group__edge": {"commands"}}
+
+    shard = RedisSingleShardConnection("redis://127.0.0.1:6379", LoopLayer())
+    shard._receive_message({"channel": b"trace:__group__stream", "data": b"sealed"})
+    shard._receive_message({"channel": b"trace:__group__edge", "data": b"command"})
+    assert len(hoptrace.reads["delivery"]) == 1 and "commands" not in hoptrace.reads  # commands are not noted
+    assert LoopLayer.channels["delivery"].get_nowait() == b"sealed"  # still queued as before
+    assert hoptrace.read_time("delivery") > 0 and hoptrace.read_time("delivery") == 0.0
+    message = {"type": "bp.batch", "items": []}
+    assert layer.deserialize(layer.serialize(message)) == message
+    assert hoptrace.last_decode > 0
