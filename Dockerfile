@@ -41,4 +41,5 @@ HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 \
 # --proxy-headers only behind a proxy that sets X-Forwarded-For (deploy/compose.yaml does).
 # --websocket_connect_timeout 30: in a reconnect storm a handshake waits its turn instead of
 # being dropped at 5 s and retried (docs/decisions/0026-handshakes-in-batches.md).
-CMD ["daphne", "-b", "0.0.0.0", "-p", "8000", "--websocket_connect_timeout", "30", "tyrum.asgi:application"]
+# Edges run daphne on uvloop (backplane/run_edge.py takes daphne's arguments; BACKPLANE_EVENT_LOOP=asyncio opts out).
+CMD ["python", "-m", "backplane.run_edge", "-b", "0.0.0.0", "-p", "8000", "--websocket_connect_timeout", "30", "tyrum.asgi:application"]

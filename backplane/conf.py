@@ -286,6 +286,7 @@ ENVIRONMENT_VARIABLES = frozenset(
         "BACKPLANE_LAYER_CAPACITY",  # tyrum/settings.py: the core layer's per-channel capacity
         "BACKPLANE_FAILPOINT",  # the fault-matrix tests' crash points (relay.py)
         "BACKPLANE_REDIS_KEYS",  # tyrum/settings.py: the keys encrypting every message on Redis
+        "BACKPLANE_EVENT_LOOP",  # backplane/process.py: uvloop or asyncio under relays and edges
     }
 )
 

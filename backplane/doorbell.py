@@ -26,6 +26,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
+from backplane import hoptrace
 from backplane.conf import conf
 
 if TYPE_CHECKING:
@@ -306,6 +307,7 @@ class Listener:
         self._event = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._key: tuple[asyncio.AbstractEventLoop, asyncio.Event] | None = None
+        self.rang_at = 0.0  # when the last ring came in (only noted when tracing: bench/hop_trace.py)
 
     async def __aenter__(self) -> Listener:
         self._key = (asyncio.get_running_loop(), self._event)
@@ -336,6 +338,8 @@ class Listener:
                     async for message in pubsub.listen():
                         if message.get("type") == "message":
                             self._event.set()
+                            if hoptrace.ON:
+                                self.rang_at = time.time()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

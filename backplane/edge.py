@@ -26,7 +26,7 @@ from typing import Any, Protocol
 from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 
-from backplane import auth, directory, metrics, streams
+from backplane import auth, directory, hoptrace, metrics, streams
 from backplane.conf import conf, edge_id
 from backplane.protocol import Close
 from backplane.store import Head, Store, get_store
@@ -128,6 +128,9 @@ class EdgeRuntime:
         self.channel = await self.layer.new_channel()
         await self.layer.group_add(streams.edge_group(conf.channel_prefix, self.edge_id), self.channel)
         self.stream_channel = await self.layer.new_channel()
+        if hoptrace.ON:
+            hoptrace.install_layer_probes(self.layer, self.stream_channel)
+            hoptrace.start_flusher("edge")
         self.tasks = [
             asyncio.create_task(self._batches()),
             asyncio.create_task(self._commands()),
@@ -136,7 +139,8 @@ class EdgeRuntime:
         ]
         _install_sigterm(self)
         metrics.install()
-        logger.info("edge %s started", self.edge_id, extra={"action": "edge_start"})
+        loop = type(asyncio.get_running_loop()).__module__.split(".")[0]  # uvloop or asyncio
+        logger.info("edge %s started on %s", self.edge_id, loop, extra={"action": "edge_start", "loop": loop})
 
     async def drain(self, code: int = Close.RECONNECT) -> int:
         """Stop accepting, close every socket with ``code``, remove this edge's directory rows."""
@@ -238,6 +242,8 @@ class EdgeRuntime:
             except asyncio.CancelledError:
                 raise
             except vendor_redis.UNREADABLE as exc:  # dropped before it reaches a socket or a cursor
+                if hoptrace.ON:
+                    hoptrace.read_time(self.stream_channel)
                 self.reject(type(exc).__name__)
                 continue
             except Exception as exc:  # a lost message is filled by the sockets' gap fill / head check
@@ -245,11 +251,31 @@ class EdgeRuntime:
                 await asyncio.sleep(0.5)
                 continue
             try:
+                if hoptrace.ON:
+                    await self._traced(message)
+                    continue
                 await self.deliver(message)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # a malformed batch is dropped (the sockets' head check fills it)
                 logger.warning("edge dropped a batch: %s", type(exc).__name__, extra={"action": "delivery_error"})
+
+    async def _traced(self, message: dict[str, Any]) -> None:
+        """``deliver`` with the times of its steps noted (bench/hop_trace.py)."""
+        steps = {
+            "read": hoptrace.read_time(self.stream_channel),
+            "received": time.time(),
+            "decode_s": hoptrace.last_decode,
+        }
+        await self.deliver(message)
+        steps["offered"] = time.time()
+        rows = [(message.get("stream", ""), int(offset)) for offset, _ in message.get("items", ())]
+
+        def written() -> None:  # after the coalescer's flush, queued before this in the same turn
+            steps["written"] = time.time()
+            hoptrace.record("edge", steps, rows)
+
+        asyncio.get_running_loop().call_soon(written)
 
     async def deliver(self, message: dict[str, Any]) -> None:
         """Hand one relay batch to every socket of its stream on this edge."""

@@ -2,7 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
+import os
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+# ``uvloop`` (the default when it is installed) or ``asyncio``: the event loop under relays and
+# edges (docs/decisions/0031-speed-libraries.md). Read from the environment, not from Django's
+# settings: an edge must choose before daphne makes twisted's loop, before settings load.
+EVENT_LOOP_VARIABLE = "BACKPLANE_EVENT_LOOP"
+EVENT_LOOPS = ("uvloop", "asyncio")
 
 
 def freeze_startup_objects() -> None:
@@ -14,3 +26,36 @@ def freeze_startup_objects() -> None:
     """
     gc.collect()
     gc.freeze()
+
+
+def event_loop() -> str:
+    """The event loop this process runs on: ``BACKPLANE_EVENT_LOOP`` (default ``uvloop``),
+    ``asyncio`` when uvloop is not installed."""
+    wanted = os.environ.get(EVENT_LOOP_VARIABLE, "").strip().lower() or "uvloop"
+    if wanted not in EVENT_LOOPS:
+        raise ValueError(f"{EVENT_LOOP_VARIABLE} must be one of {', '.join(EVENT_LOOPS)}, not {wanted!r}")
+    if wanted == "uvloop":
+        try:
+            import uvloop  # noqa: F401
+        except ImportError:
+            return "asyncio"
+    return wanted
+
+
+def install_event_loop_policy() -> str:
+    """Make the loops this process creates from now on ``event_loop()``'s; return its name."""
+    chosen = event_loop()
+    if chosen == "uvloop":
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return chosen
+
+
+def run(main: Coroutine[Any, Any, T]) -> T:
+    """``asyncio.run`` on ``event_loop()``'s loop."""
+    if event_loop() == "uvloop":
+        import uvloop
+
+        return uvloop.run(main)
+    return asyncio.run(main)

@@ -1,8 +1,10 @@
 """The wire protocol ``tyrum-v1`` (docs/protocol.md): names, close codes, frames.
 
 Shared by the server (``consumers.py``, ``edge.py``) and the Python peer SDK (``client.py``),
-so it imports nothing from Django and nothing but the standard library: the SDK installs
-without Django.
+so it imports nothing from Django and needs nothing but the standard library: the SDK installs
+without Django. With orjson installed (the server pins it), frames are rendered and parsed with
+it, 3–5× faster (docs/decisions/0031-speed-libraries.md); without it, with ``json``, to the
+same bytes and the same refusals.
 """
 
 from __future__ import annotations
@@ -12,6 +14,11 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+try:
+    import orjson
+except ImportError:  # the SDK without the server's dependencies
+    orjson = None  # type: ignore[assignment]
 
 PROTOCOL = "tyrum-v1"
 # A browser cannot set headers on a WebSocket upgrade: the token travels as a subprotocol,
@@ -100,17 +107,26 @@ def parse_frame(text: str | None) -> dict[str, Any]:
     """Return an inbound text frame as a JSON object with a string ``type``.
 
     Raises ``FrameRejected`` (4400) otherwise: binary (``None``), not JSON (``NaN`` and
-    ``Infinity`` are not; nor is nesting deeper than the parser goes), not an object, or no
-    string ``type``."""
+    ``Infinity`` are not; nor is nesting deeper than the parser goes — 1 024 levels for orjson,
+    the interpreter's recursion limit for ``json``; orjson also refuses integers past 64 bits
+    and lone surrogates), not an object, or no string ``type``."""
     if text is None:
         raise FrameRejected(Close.MALFORMED_FRAME)
     try:
-        frame = json.loads(text, parse_constant=_no_constant)
-    except (ValueError, RecursionError):
+        frame = _loads(text)
+    except (ValueError, RecursionError):  # orjson.JSONDecodeError is a ValueError
         raise FrameRejected(Close.MALFORMED_FRAME) from None
     if not isinstance(frame, dict) or not isinstance(frame.get("type"), str):
         raise FrameRejected(Close.MALFORMED_FRAME)
     return frame
+
+
+def _json_loads(text: str) -> Any:
+    return json.loads(text, parse_constant=_no_constant)
+
+
+# orjson refuses NaN and Infinity itself (they are not JSON).
+_loads = orjson.loads if orjson is not None else _json_loads
 
 
 def resume_positions(frame: Mapping[str, Any]) -> dict[str, Position] | None:
@@ -130,8 +146,16 @@ def resume_positions(frame: Mapping[str, Any]) -> dict[str, Position] | None:
     return out
 
 
-def _compact(obj: Any) -> str:
+def _json_compact(obj: Any) -> str:
     return json.dumps(obj, separators=(",", ":"), allow_nan=False)
+
+
+def _orjson_compact(obj: Any) -> str:
+    # The server's frames hold no floats (orjson would write NaN as null where json refuses it).
+    return orjson.dumps(obj).decode()
+
+
+_compact = _orjson_compact if orjson is not None else _json_compact
 
 
 def hello_frame(connection_id: str, edge_id: str, heads: Mapping[str, Position]) -> str:
@@ -171,6 +195,12 @@ def event_frame(
 ) -> str:
     """Render an ``event`` frame; the payload JSON is spliced in as stored, not re-encoded
     (the relay renders each event once for every peer)."""
+    return _event_frame(stream_name, epoch, offset, event_id, type, occurred_at, payload_json)
+
+
+def _json_event_frame(
+    stream_name: str, epoch: str, offset: int, event_id: str, type: str, occurred_at: str, payload_json: str
+) -> str:
     return (
         '{"type":"event","stream":'
         + json.dumps(stream_name)
@@ -188,3 +218,27 @@ def event_frame(
         + payload_json
         + "}}"
     )
+
+
+def _orjson_event_frame(
+    stream_name: str, epoch: str, offset: int, event_id: str, type: str, occurred_at: str, payload_json: str
+) -> str:
+    # The same bytes as _json_event_frame for the ASCII fields the backplane validates (a
+    # non-ASCII one would be written as UTF-8 rather than \u-escaped: the same JSON).
+    return orjson.dumps(
+        {
+            "type": "event",
+            "stream": stream_name,
+            "epoch": epoch,
+            "offset": int(offset),
+            "event": {
+                "event_id": event_id,
+                "type": type,
+                "occurred_at": occurred_at,
+                "payload": orjson.Fragment(payload_json),
+            },
+        }
+    ).decode()
+
+
+_event_frame = _orjson_event_frame if orjson is not None else _json_event_frame

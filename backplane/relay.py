@@ -25,7 +25,7 @@ from channels.db import database_sync_to_async
 from django.db import DatabaseError
 
 from backplane import commands as command_routing
-from backplane import httpd, metrics, streams
+from backplane import hoptrace, httpd, metrics, streams
 from backplane.conf import conf
 from backplane.doorbell import Listener
 from backplane.leases import Leases
@@ -103,6 +103,9 @@ class Relay:
         self.polls = 0
         self.errors: collections.Counter[str] = collections.Counter()
         self.backlog: dict[str, Any] | None = None  # read by the HTTP port before a scrape
+        # bench/hop_trace.py: the step times of the cycle in progress, and the last doorbell ring.
+        self.trace: dict[str, float] = {}
+        self.bell: Listener | None = None
 
     async def aclose(self) -> None:
         """Record what was sent, release the shards and close this relay's connections."""
@@ -119,6 +122,10 @@ class Relay:
         # The assignment runs on the lease session itself: if that session died, the statement
         # fails and the relay drops its shards before sending anything, so it stops before
         # another relay can take them over.
+        began = time.time() if hoptrace.ON else 0.0
+        # The last ring before this cycle began (bench/hop_trace.py: the relay's wake-up).
+        woken = self.bell.rang_at if hoptrace.ON and self.bell is not None else 0.0
+        marks = len(self.unmarked)  # rows whose forwarded marks this cycle's assignment carries
         owned = await self.leases.maintain()
         if not owned:
             self.unmarked = []  # the shards' next owner sends them again
@@ -185,7 +192,13 @@ class Relay:
         to_send = [p for p in pending if p.id not in not_sent]
         # Bounded, but by size too: a big batch of big payloads must not time out every cycle.
         timeout = SEND_TIMEOUT_SECS + sum(len(p.item.payload_json) for p in to_send) / SEND_BYTES_PER_SEC
+        if hoptrace.ON:
+            self.trace = {"woken": woken, "cycle": began, "assigned": time.time(), "marks": marks}
         failed = await asyncio.wait_for(self._send(to_send), timeout)
+        if hoptrace.ON:
+            self.trace["published"] = time.time()
+            rows = [(p.stream, p.item.offset) for p in to_send if p.kind != "command"]
+            hoptrace.record("relay", self.trace, rows)
         _failpoint("before_mark")
         done = [p for p in pending if p.id not in failed]
         self.unmarked += done  # marked with the next assignment, or by flush_marks()
@@ -261,6 +274,8 @@ class Relay:
                 for group, message in _messages(prefix, key, rows):
                     messages.append((group, message))
                     owners.append(rows if message["type"] == "bp.command" else [])
+            if hoptrace.ON:
+                self.trace["rendered"] = time.time()
             receivers = await self._publisher.publish_all(messages)
             unheard: set[int] = set()
             for rows, count in zip(owners, receivers, strict=True):
@@ -302,12 +317,20 @@ class Relay:
         """Forward until ``stop`` is set (or one pass when ``once``)."""
         stop = stop or asyncio.Event()
         backoff = ERROR_BACKOFF_SECS
+        loop = type(asyncio.get_running_loop()).__module__.split(".")[0]  # uvloop or asyncio
         logger.info(
-            "relay %s starting for %d shards", self.holder, len(self.leases.wanted), extra={"action": "relay_start"}
+            "relay %s starting for %d shards on %s",
+            self.holder,
+            len(self.leases.wanted),
+            loop,
+            extra={"action": "relay_start", "loop": loop},
         )
         metrics.install()
         metrics.relays.append(self)
         async with Listener() as bell:
+            if hoptrace.ON:
+                self.bell = bell
+                hoptrace.start_flusher("relay")
             next_partition_check = 0.0
             try:
                 while not stop.is_set():

@@ -1,5 +1,6 @@
-"""What encrypting Redis costs (issue 13): the relay → edge hop with and without
-``BACKPLANE_REDIS_KEYS``, both in one run, on the real Redis.
+"""What encrypting Redis costs (issues 13 and 17): the relay → edge hop without keys, with
+channels-redis's Fernet, and with the backplane's AES-GCM sealing (``backplane.sealing``,
+what the layers use), in one run, on the real Redis.
 
 Each configuration builds the layers ``backplane.conf.channel_layers`` makes: a relay-side
 layer whose pipelined publisher (``vendor.channels_redis.PubSubPublisher``, what the relay
@@ -74,10 +75,18 @@ def per_call_us(fn: Any, arg: Any, calls: int) -> float:
     return (time.perf_counter() - started) / calls * 1e6
 
 
-async def measure(keys: list[str], prefix: str, samples: int, burst: int) -> dict[str, Any]:
+# Configurations compared: no keys; channels-redis's own Fernet (what 0024 used); the
+# backplane's AES-GCM sealing (backplane.sealing, what channel_layers builds).
+CONFIGS = {"no keys": [], "Fernet": KEYS, "AES-GCM": KEYS}
+
+
+async def measure(config_name: str, prefix: str, samples: int, burst: int) -> dict[str, Any]:
     from channels_redis.pubsub import RedisPubSubChannelLayer
 
+    keys = CONFIGS[config_name]
     config = channel_layers(common.REDIS_URL, prefix=prefix, keys=keys)["default"]["CONFIG"]
+    if config_name == "Fernet":
+        config["serializer_format"] = "msgpack"  # channels-redis's serializer: Fernet, no age limit
     relay, edge = RedisPubSubChannelLayer(**config), RedisPubSubChannelLayer(**config)
     channel = await edge.new_channel()
     await edge.group_add(GROUP, channel)
@@ -163,24 +172,24 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=6.0)
     args = parser.parse_args()
     print(common.machine_line(), flush=True)
-    runs: dict[int, list[dict[str, Any]]] = {0: [], 2: []}
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in CONFIGS}
     for i in range(args.repeat):
-        for keys in ([], KEYS):
-            runs[len(keys)].append(asyncio.run(measure(keys, common.prefix(f"enc{i}"), args.samples, args.burst)))
+        for name in CONFIGS:
+            runs[name].append(asyncio.run(measure(name, common.prefix(f"enc{i}"), args.samples, args.burst)))
     rows = []
-    for n, measured in runs.items():
-        row: dict[str, Any] = {"config": "no keys" if n == 0 else f"{n} keys (Fernet)"}
+    for name, measured in runs.items():
+        row: dict[str, Any] = {"config": name if name == "no keys" else f"{len(KEYS)} keys ({name})"}
         for col in measured[0]:
             if col != "keys":
                 row[col] = statistics.median(r[col] for r in measured)
         rows.append(row)
-    plain, keyed = rows
-    rows.append(
-        {
-            "config": "keys / no keys",
-            **{col: keyed[col] / plain[col] for col in plain if col != "config" and plain[col]},
-        }
-    )
+    plain, fernet, sealed = rows
+    for label, keyed, base in (
+        ("Fernet / no keys", fernet, plain),
+        ("AES-GCM / no keys", sealed, plain),
+        ("AES-GCM / Fernet", sealed, fernet),
+    ):
+        rows.append({"config": label, **{col: keyed[col] / base[col] for col in base if col != "config" and base[col]}})
     columns = [
         "config",
         "encode_us_1",
@@ -193,7 +202,7 @@ def main() -> None:
         "hop_p99_ms",
         "edge_max_rate",
     ]
-    common.report(f"the relay → edge hop with and without keys (median of {args.repeat})", rows, columns)
+    common.report(f"the relay → edge hop without keys, Fernet, AES-GCM (median of {args.repeat})", rows, columns)
     extra: dict[str, Any] = {}
     if args.e2e:
         extra["e2e"] = e2e(args)

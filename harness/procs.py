@@ -104,11 +104,11 @@ def raise_nofile() -> None:
 
 
 def daphne_args(port: int, ping_interval: int = 20) -> list[str]:
-    """One edge, as the Dockerfile runs it (20 s is daphne's default ping interval)."""
+    """One edge, as the Dockerfile runs it: daphne on uvloop (20 s is daphne's default ping interval)."""
     return [
         PYTHON,
         "-m",
-        "daphne",
+        "backplane.run_edge",
         "-b",
         "127.0.0.1",
         "-p",

@@ -2,9 +2,10 @@
 
 - The relay publishes many group messages of the pub/sub layer in one pipelined round trip
   (docs/decisions/0014-relay-pipelined-group-sends.md).
-- Encryption: the pub/sub layer's serializer takes ``symmetric_encryption_keys`` (Fernet,
-  ``MultiFernet``: the first key encrypts, all decrypt) but no ``expiry``, so it would accept
-  a recorded message forever; ``register_serializer`` registers one that refuses old ones.
+- Encryption: the pub/sub layer hands ``symmetric_encryption_keys`` to its serializer (its
+  own, Fernet, has no ``expiry`` there, so it would accept a recorded message forever);
+  ``register_serializer`` registers one that seals with AES-GCM (``backplane.sealing``) and
+  refuses old messages.
   The pub/sub layer deserializes in ``receive`` (its reader task only queues raw bytes), so a
   message it cannot decrypt raises one of ``UNREADABLE`` there, in the receiver, and the
   reader and the next messages are unaffected.
@@ -44,16 +45,38 @@ SERIALIZER_FORMAT = "tyrum-msgpack"
 
 
 def register_serializer(max_age_secs: int) -> str:
-    """Register the pub/sub layer's serializer that refuses messages older than
-    ``max_age_secs`` (plus channels-redis's 10 s); return its format name for the layer's
-    ``serializer_format``."""
+    """Register the pub/sub layer's serializer: msgpack sealed with AES-256-GCM
+    (``backplane.sealing``; docs/decisions/0029-relay-to-peer-hop.md), refusing messages sealed
+    more than ``max_age_secs`` ago. It still opens Fernet tokens (channels-redis's own
+    encryption, with the same keys, refused past ``max_age_secs`` plus channels-redis's 10 s),
+    so the edges of a cluster being upgraded read the relays not upgraded yet. Return its
+    format name for the layer's ``serializer_format``."""
+    import msgpack
     from channels_redis.serializers import MsgPackSerializer, registry
 
-    class BoundedAgeSerializer(MsgPackSerializer):  # type: ignore[misc]
-        def __init__(self, *args: Any, expiry: int | None = None, **kwargs: Any) -> None:
-            super().__init__(*args, expiry=max_age_secs if expiry is None else expiry, **kwargs)
+    from backplane.sealing import Sealer, is_sealed
 
-    registry.register_serializer(SERIALIZER_FORMAT, BoundedAgeSerializer)
+    packb, unpackb = msgpack.packb, msgpack.unpackb
+
+    class SealedSerializer(MsgPackSerializer):  # type: ignore[misc]
+        def __init__(
+            self, *args: Any, expiry: int | None = None, symmetric_encryption_keys: Any = None, **kwargs: Any
+        ) -> None:
+            expiry = max_age_secs if expiry is None else expiry
+            super().__init__(*args, expiry=expiry, symmetric_encryption_keys=symmetric_encryption_keys, **kwargs)
+            self.sealer = Sealer(symmetric_encryption_keys, expiry) if symmetric_encryption_keys else None
+
+        def serialize(self, message: Any) -> bytes:
+            if self.sealer is None:
+                return bytes(packb(message))
+            return self.sealer.seal(packb(message))
+
+        def deserialize(self, message: bytes) -> Any:
+            if self.sealer is not None and is_sealed(message):
+                return unpackb(self.sealer.open(message))
+            return super().deserialize(message)  # Fernet (or, without keys, plain msgpack)
+
+    registry.register_serializer(SERIALIZER_FORMAT, SealedSerializer)
     return SERIALIZER_FORMAT
 
 

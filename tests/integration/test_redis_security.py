@@ -27,10 +27,11 @@ from django.conf import settings
 from django.test import override_settings
 
 from backplane import auth, checks, outbox, streams
-from backplane.conf import channel_layers, conf
+from backplane.conf import MESSAGE_MAX_AGE_SECS, channel_layers, conf
 from backplane.edge import EdgeRuntime
 from backplane.protocol import Close
 from backplane.relay import Relay
+from backplane.sealing import Sealer, is_sealed
 
 from .helpers import TIMEOUT, eventually, orm
 
@@ -44,6 +45,11 @@ KEY_OTHER = "someone-elses-key-0123456789abcdefghijklmn"
 def make_layer(keys: Sequence[str]) -> Any:
     config = channel_layers(settings.REDIS_URL, prefix=conf.channel_prefix, keys=keys)["default"]["CONFIG"]
     return RedisPubSubChannelLayer(**config)
+
+
+def sealed_token(message: dict[str, Any], key: str, *, at: float | None = None) -> bytes:
+    """``message`` as the backplane's layers seal it (AES-GCM) with ``key`` at ``at``."""
+    return Sealer([key], MESSAGE_MAX_AGE_SECS).seal(msgpack.packb(message), now=at)
 
 
 def fernet_token(message: dict[str, Any], key: str, *, at: float | None = None) -> bytes:
@@ -163,6 +169,8 @@ async def test_edge__forged_batches_reach_no_socket_and_the_real_event_at_their_
     await raw_redis.publish(channel, fernet_token(forged, KEY_OTHER))  # another deployment's key
     await raw_redis.publish(channel, fernet_token(forged, KEY_A, at=time.time() - 600))  # a late replay
     await raw_redis.publish(channel, b"\x00not a message at all")
+    await raw_redis.publish(channel, sealed_token(forged, KEY_OTHER))  # sealed, another deployment's key
+    await raw_redis.publish(channel, sealed_token(forged, KEY_A, at=time.time() - 600))  # sealed, replayed late
 
     relay = relay_of([KEY_A])
     await orm(lambda: outbox.publish(tenant, "run.updated", {"n": 1}, device="dev-1"))
@@ -170,8 +178,8 @@ async def test_edge__forged_batches_reach_no_socket_and_the_real_event_at_their_
     await eventually(lambda: asyncio.sleep(0, any(1 in ns for _, _, ns in sock.offered)))
     assert sock.offered == [(key, [1], [1])]  # the genuine event at offset 1, and nothing forged
     rejected = [r for r in caplog.records if getattr(r, "action", "") == "redis_message_rejected"]
-    assert len(rejected) == 1  # four rejections, one log line (rate-limited)
-    assert runtime.rejected == 4
+    assert len(rejected) == 1  # six rejections, one log line (rate-limited)
+    assert runtime.rejected == 6
 
 
 async def test_edge__forged_drain_leaves_the_edge_serving_and_a_genuine_command_still_works(
@@ -269,6 +277,7 @@ async def test_relay__pipelined_sends_and_commands_are_encrypted_on_the_wire(ten
     assert set(seen) == {device_channel, edge_channel}
     for data in seen.values():
         assert b"plain-text-marker" not in data and b"drain" not in data and b"bp." not in data
+        assert is_sealed(data)  # AES-GCM, not Fernet (docs/decisions/0029-relay-to-peer-hop.md)
         assert make_layer([KEY_A]).deserialize(data)["type"] in ("bp.batch", "bp.command")
 
 

@@ -60,7 +60,8 @@ def test_compose__services_and_their_commands():
     assert services["migrate"]["command"] == ["python", "manage.py", "migrate", "--no-input"]
     assert services["migrate"]["restart"] == "no"
     for edge in ("edge-a", "edge-b"):
-        assert services[edge]["command"][0] == "daphne" and "tyrum.asgi:application" in services[edge]["command"]
+        assert services[edge]["command"][:3] == ["python", "-m", "backplane.run_edge"]  # daphne on uvloop
+        assert "tyrum.asgi:application" in services[edge]["command"]
         assert services[edge]["environment"]["EDGE_ID"] == edge
     for relay in ("relay-a", "relay-b"):
         assert services[relay]["command"] == ["python", "manage.py", "run_backplane"]

@@ -1,4 +1,3 @@
-import asyncio
 import logging
 from typing import Any
 
@@ -6,7 +5,7 @@ from channels.layers import get_channel_layer
 from django.core.exceptions import ImproperlyConfigured
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from backplane import logs, relay, streams
+from backplane import logs, process, relay, streams
 from backplane.asgi import refuse_unsafe_start
 from backplane.conf import conf
 from backplane.process import freeze_startup_objects
@@ -45,7 +44,7 @@ class Command(BaseCommand):
         except ValueError as exc:
             raise CommandError(f"--shards: {exc}") from None
         freeze_startup_objects()
-        done = asyncio.run(
+        done = process.run(  # on uvloop unless BACKPLANE_EVENT_LOOP=asyncio
             relay.run_until_signal(
                 get_channel_layer(),
                 shards=shards,
