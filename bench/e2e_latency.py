@@ -89,7 +89,7 @@ def main() -> None:
         help="rates tried after --rates while all pass (then once between the first failure and the last pass)",
     )
     parser.add_argument(
-        "--search-secs", type=float, default=100.0, help="seconds each rate search (e2e, floor) may take"
+        "--search-secs", type=float, default=90.0, help="seconds each rate search (e2e, floor) may take"
     )
     parser.add_argument("--seconds", type=float, default=6.0, help="sending time per rate")
     parser.add_argument("--pools", type=int, default=2, help="load-client processes")
