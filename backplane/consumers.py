@@ -421,7 +421,8 @@ class GatewayConsumer(AsyncWebsocketConsumer):
                         return self._offer_asgi(items, wire, send[i:])
         except Exception as exc:
             return self._failed(exc)
-        self._drain_later(delivery)
+        if delivery.backlog:
+            self._drain_later(delivery)
         return None
 
     async def _offer_asgi(self, items: list[list[Any]], wire: list[bytes], send: range) -> None:

@@ -156,7 +156,12 @@ def write_direct(proto: Any, data: bytes, coalescer: Coalescer) -> bool:
     pending = coalescer.pending
     key = id(proto)
     entry = pending.get(key)
-    if outbound_buffered(proto.transport) + (entry[2] if entry is not None else 0) > outbound_limit():
+    t = proto.transport
+    if isinstance(t, _FileDescriptor):  # plain TCP: outbound_buffered's answer, without the call
+        buffered = len(t.dataBuffer) - t.offset + t._tempDataLen
+    else:
+        buffered = outbound_buffered(t)
+    if buffered + (entry[2] if entry is not None else 0) > outbound_limit():
         return False
     if entry is None:
         pending[key] = [proto, [data], len(data)]
