@@ -76,6 +76,7 @@ def main() -> None:
         kill = next((r.get("kill") for r in data["results"] if r.get("kill")), None)
         versions = data.get("versions")
     ceiling = fanout_ceiling(args, rows)
+    versions = versions or ceiling.get("versions")
     common.report(
         "Socket.IO 4 + @socket.io/postgres-adapter (emitter with nsp shim) — same workload; "
         "CPU in % of one core (their harness)",
@@ -167,6 +168,7 @@ def fanout_ceiling(args: Any, rows: list[dict[str, Any]]) -> dict[str, Any]:
     if not steps:
         return {}
     found: list[dict[str, Any]] = [r for r in rows if r["phase"] == "fanout"]
+    versions: dict[str, Any] = {}
     begun = time.monotonic()
 
     def run(rate: float) -> bool:
@@ -181,6 +183,7 @@ def fanout_ceiling(args: Any, rows: list[dict[str, Any]]) -> dict[str, Any]:
             BUDGET_S="60",
         )
         data = harness_run(knobs, f"socketio-fanout-{rate:g}.log")
+        versions.update(data.get("versions") or {})
         fan = [flatten(r) for r in data["results"] if r["phase"].startswith("fanout")]
         if not fan:
             return False
@@ -200,7 +203,7 @@ def fanout_ceiling(args: Any, rows: list[dict[str, Any]]) -> dict[str, Any]:
     )
     passing = [r for r in found if r["ok"]]
     if not passing:
-        return {"max_rate": None, "first_failing": first_fail, "tried": _tried(found)}
+        return {"max_rate": None, "first_failing": first_fail, "tried": _tried(found), "versions": versions}
     top = max(passing, key=lambda r: r["rate"])
     return {
         "max_rate": top["rate"],
@@ -209,6 +212,7 @@ def fanout_ceiling(args: Any, rows: list[dict[str, Any]]) -> dict[str, Any]:
         "p50_ms": top["p50_ms"],
         "p99_ms": top["p99_ms"],
         "tried": _tried(found),
+        "versions": versions,
     }
 
 
