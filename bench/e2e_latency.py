@@ -602,6 +602,12 @@ def fanout_rate(
     delivered = max(1, row["received"])
     row["edge_us_per_delivery"] = row["cpu"]["edges"] / delivered * 1e6
     row["peers_us_per_delivery"] = row["cpu"]["peers"] / delivered * 1e6
+    # The load clients share the two cores with the edges: say what share of the machine they took.
+    busy = max(0.01, row["cpu"]["machine"])
+    row["notes"].append(
+        f"fanout {rate:g}/s: load clients {row['cpu']['peers'] / busy:.0%} of the machine's busy CPU, "
+        f"edges {row['cpu']['edges'] / busy:.0%}"
+    )
     print(
         f"  fanout {rate:g}/s: {row['received']} of {row['expected']} delivered, {row['deliveries_per_s']:.0f}/s, "
         f"p50 {row['p50_ms']:.1f} p99 {row['p99_ms']:.1f} ms; CPU-s edges {row['cpu_edges']:.2f} "
