@@ -188,14 +188,15 @@ def search(c: BenchCluster, args: Any, kind: str, peers_file: Path, started: flo
 
 
 def ladder(
-    run: Any, fixed: list[float], escalate: list[float], over: Any, grain: float
+    run: Any, fixed: list[float], escalate: list[float], over: Any, grain: float, passed_before: float | None = None
 ) -> tuple[float | None, float | None]:
     """Run the ``fixed`` rates in ascending order, trying once between the first failing rate
     and the last passing one right after that failure; past them, ``escalate`` while
     everything passes, then try once between the first failure and the last pass (rounded
-    to ``grain``). ``run(rate)`` says whether the rate passed; no new rate starts once
-    ``over()``. Return (highest passing rate, lowest failing rate above it)."""
-    passed: list[float] = []
+    to ``grain``; ``passed_before``: a rate that passed before the ladder, e.g. the fan-out's
+    own). ``run(rate)`` says whether the rate passed; no new rate starts once ``over()``.
+    Return (highest passing rate, lowest failing rate above it)."""
+    passed: list[float] = [] if passed_before is None else [passed_before]
     failed: list[float] = []
 
     def go(rate: float) -> bool:
@@ -551,7 +552,7 @@ def run_fanout(c: BenchCluster, args: Any, fan_file: Path, connect: dict[str, An
             ceiling_rows.append(row)
             return bool(row["ok"])
 
-        best, first_fail = ladder(run, [], steps, lambda: False, grain=50)
+        best, first_fail = ladder(run, [], steps, lambda: False, grain=50, passed_before=args.fanout_rate)
         rows += ceiling_rows
         top = max((r for r in rows if r["ok"]), key=lambda r: r["rate"])
         ceiling = {
