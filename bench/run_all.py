@@ -31,7 +31,7 @@ STEPS: list[tuple[str, str, list[str], float, float]] = [
     # e2e: the device-rate ladders go up to failure and the fan-out searches its ceiling.
     ("e2e", "e2e_latency.py", [], 420, 120),
     # socketio: its fan-out ceiling is several short harness runs after the main one.
-    ("socketio", "socketio_peer.py", [], 290, 60),
+    ("socketio", "socketio_peer.py", [], 260, 60),
     ("producer", "producer.py", [], 60, 20),
     ("relay_throughput", "relay_throughput.py", [], 90, 30),
     ("connections", "connections.py", [], 220, 60),
