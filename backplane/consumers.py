@@ -17,7 +17,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from channels.exceptions import StopConsumer
@@ -377,32 +377,58 @@ class GatewayConsumer(AsyncWebsocketConsumer):
             if self.delivery.release():
                 await self._drain_locked()
 
-    async def offer(
+    def offer(
         self, key: str, name: str, epoch: str, items: list[list[Any]], offsets: Sequence[int], wire: list[bytes]
-    ) -> None:
+    ) -> Coroutine[Any, Any, None] | None:
         """A relay batch for one of this socket's streams, from the edge runtime (which built
         ``offsets`` and the frame bytes ``wire`` once for all the stream's sockets).
 
         What continues the cursor is written at once, with no task or lock; the rest queues
-        for the drain task, which may read the outbox — the runtime never waits for it."""
+        for the drain task, which may read the outbox — the runtime never waits for it.
+        Synchronous on that path (a fan-out calls it once per socket: no coroutine each);
+        returns a coroutine for the runtime to await only when a frame must go the ASGI way
+        or the socket failed."""
         if self.closed or self.keys.get(name) != key:
-            return
+            return None
         delivery = getattr(self, "delivery", None)
         if delivery is None:  # still connecting: kept for the Delivery about to be made
             self.early.append((name, epoch, items))
-            return
+            return None
         try:
-            proto = self.wire
             send = delivery.offer(name, epoch, items, offsets, self.lock.locked())
             counts.frames_sent += len(send)
+            proto = self.wire
+            if send:
+                if proto is None:
+                    return self._offer_asgi(items, wire, send)
+                coalescer = self.coalescer
+                write = vendor_daphne.write_direct
+                for i, n in enumerate(send):
+                    if not write(proto, wire[n], coalescer):
+                        return self._offer_asgi(items, wire, send[i:])
+        except Exception as exc:
+            return self._failed(exc)
+        if delivery.backlog:
+            self._drain_later(delivery)
+        return None
+
+    async def _offer_asgi(self, items: list[list[Any]], wire: list[bytes], send: range) -> None:
+        """The rest of ``offer`` once a frame could not be written directly: that one the ASGI
+        way (a slow consumer's 4013 starts there), the others directly again if they can."""
+        proto = self.wire
+        try:
             for n in send:
                 if self.closed:  # closed under an earlier frame's send
-                    return  # type: ignore[unreachable]  # mypy keeps the narrowing across awaits
+                    return
                 if proto is None or not vendor_daphne.write_direct(proto, wire[n], self.coalescer):
                     await self._asgi({"type": "websocket.send", "text": items[n][1]})
         except Exception as exc:
             await self._failed(exc)
             return
+        self._drain_later(self.delivery)
+
+    def _drain_later(self, delivery: Delivery) -> None:
+        """Start the drain task when batches wait for the slow path and none is running."""
         if delivery.backlog and not delivery.holding and (self.drainer is None or self.drainer.done()):
             self.drainer = asyncio.create_task(self._drain())
 

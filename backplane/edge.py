@@ -20,7 +20,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Any, Protocol
 
 from channels.db import database_sync_to_async
@@ -41,10 +41,12 @@ class Subscriber(Protocol):
     principal: auth.Principal
     keys: dict[str, str]  # stream name on the wire -> stream key
 
-    async def offer(
+    def offer(
         self, key: str, name: str, epoch: str, items: list[list[Any]], offsets: Sequence[int], wire: list[bytes]
-    ) -> None:
-        """Take a relay batch of one of its streams (frames and offsets built once per batch)."""
+    ) -> Awaitable[None] | None:
+        """Take a relay batch of one of its streams (frames and offsets built once per batch);
+        return what is left to await, if anything (the fast path returns None: a fan-out
+        makes no coroutine per socket)."""
 
     async def observe_heads(self, heads: dict[str, Any]) -> None:
         """Compare the heads of its streams (by key) with what its peer got."""
@@ -294,7 +296,9 @@ class EdgeRuntime:
         name = streams.audience_of(key)
         for consumer in list(sockets):
             try:
-                await consumer.offer(key, name, epoch, items, offsets, wire)
+                rest = consumer.offer(key, name, epoch, items, offsets, wire)
+                if rest is not None:
+                    await rest
             except Exception as exc:  # one socket's failure must not keep the batch from the rest
                 logger.warning("socket dropped a batch: %s", type(exc).__name__, extra={"action": "delivery_error"})
 

@@ -10,12 +10,17 @@ this order:
 - ``e2e``: device-targeted events through the outbox at 500, 2000 and 5000 events/s, commit →
   frame at the peer (p50/p90/p99/max, lost), with the median time commit → assigned → at
   the peer; the search for the maximum sustainable rate adds a rate
-  between the first failure and the last pass, or escalates (7500, 10000) while all pass;
+  between the first failure and the last pass, or escalates (7500, 10 000, 12 500, … up to
+  40 000) while all pass, then tries once between the first failure and the last pass —
+  each search bounded by ``--search-secs`` and the session's ``--budget``;
 - ``floor``: the raw Channels floor on the same edges and peers — pre-rendered frames
   ``group_send`` straight to the device groups (no outbox, no relay), send → frame, at the
   same rates and the same search;
 - ``resume``: a peer that missed 10 000 events reconnects and resumes — time to ``resumed``;
-- ``fanout``: 1000 peers of one tenant, tenant-wide events at 100/s (deliveries/s, latency).
+- ``fanout``: 1000 peers of one tenant, tenant-wide events at 100/s (deliveries/s, latency);
+  then the ceiling: the rate raised step by step (``--fanout-ceiling``) until one fails (p99 >
+  1 s, or fewer than 95 % of the deliveries counted, or any lost), once between the last pass
+  and that failure — the highest passing rate, as deliveries/s, with its p50/p99.
 
 "Lost" is what had not arrived 10 s after sending ended (20 s for fan-out; for the kill, up to
 60 s, until every failed-over peer has resumed and nothing arrived for 3 s); a rate
@@ -25,6 +30,7 @@ Each prints a table and writes ``bench/results/<name>.json`` (e2e_latency, max_r
 fanout, edge_kill), with the CPU seconds of every process involved per phase.
 
     .venv/bin/python bench/e2e_latency.py [--peers 1000] [--seconds 6] [--only e2e,floor,...]
+    .venv/bin/python bench/e2e_latency.py --only fanout [--fanout-ceiling 200,300,...|0]
 """
 
 from __future__ import annotations
@@ -46,6 +52,10 @@ from cluster import BenchCluster  # noqa: E402
 from harness import data  # noqa: E402
 
 PHASES = ("e2e", "floor", "resume", "fanout", "kill")
+# The device-rate ladder past --rates: up while every rate passes (bounded by --search-secs).
+ESCALATE = (7500, 10000, 12500, 15000, 17500, 20000, 25000, 30000, 40000)
+# The fan-out ceiling's ladder (tenant-wide events/s to 1000 peers; × 1000 = deliveries/s).
+FANOUT_CEILING = (200, 300, 400, 600, 800, 1000, 1500)
 COLS = [
     "phase",
     "rate",
@@ -73,11 +83,24 @@ def main() -> None:
     parser.add_argument("--peers", type=int, default=1000)
     parser.add_argument("--tenants", type=int, default=10)
     parser.add_argument("--rates", default="500,2000,5000")
-    parser.add_argument("--escalate", default="7500,10000", help="rates tried after --rates while all pass")
+    parser.add_argument(
+        "--escalate",
+        default=",".join(str(r) for r in ESCALATE),
+        help="rates tried after --rates while all pass (then once between the first failure and the last pass)",
+    )
+    parser.add_argument(
+        "--search-secs", type=float, default=90.0, help="seconds each rate search (e2e, floor) may take"
+    )
     parser.add_argument("--seconds", type=float, default=6.0, help="sending time per rate")
     parser.add_argument("--pools", type=int, default=2, help="load-client processes")
     parser.add_argument("--producers", type=int, default=2, help="producer (and floor sender) processes")
     parser.add_argument("--fanout-rate", type=float, default=100.0)
+    parser.add_argument(
+        "--fanout-ceiling",
+        default=",".join(str(r) for r in FANOUT_CEILING),
+        help="tenant-wide event rates tried after --fanout-rate while all pass ('0': no ceiling search)",
+    )
+    parser.add_argument("--fanout-ceiling-seconds", type=float, default=4.0, help="sending time per ceiling rate")
     parser.add_argument("--resume-events", type=int, default=10_000)
     parser.add_argument("--resume-runs", type=int, default=3)
     parser.add_argument("--kill-rate", type=float, default=1000.0)
@@ -146,37 +169,70 @@ def main() -> None:
 
 
 def search(c: BenchCluster, args: Any, kind: str, peers_file: Path, started: float) -> list[dict[str, Any]]:
-    """Run the fixed rates in ascending order, trying once between the first failing rate and
-    the last passing one right after that failure; past the fixed rates, escalate while
-    everything passes, then try once between the first failure and the last pass."""
+    """The device-rate search (``ladder``) for ``kind`` (e2e or floor): --rates, then
+    --escalate while all pass; bounded by --search-secs and the session's --budget."""
     targets = floor_targets(c, peers_file) if kind == "floor" else None
     rows: list[dict[str, Any]] = []
+    begun = time.monotonic()
 
     def run(rate: float) -> bool:
         rows.append(run_rate(c, args, kind, rate, peers_file, targets))
         return bool(rows[-1]["ok"])
 
+    def over() -> bool:
+        now = time.monotonic()
+        return now - started > args.budget or now - begun > args.search_secs
+
+    ladder(run, _rates(args.rates), _rates(args.escalate), over, grain=500)
+    return rows
+
+
+def ladder(
+    run: Any, fixed: list[float], escalate: list[float], over: Any, grain: float, passed_before: float | None = None
+) -> tuple[float | None, float | None]:
+    """Run the ``fixed`` rates in ascending order, trying once between the first failing rate
+    and the last passing one right after that failure; past them, ``escalate`` while
+    everything passes, then try once between the first failure and the last pass (rounded
+    to ``grain``; ``passed_before``: a rate that passed before the ladder, e.g. the fan-out's
+    own). ``run(rate)`` says whether the rate passed; no new rate starts once ``over()``.
+    Return (highest passing rate, lowest failing rate above it)."""
+    passed: list[float] = [] if passed_before is None else [passed_before]
+    failed: list[float] = []
+
+    def go(rate: float) -> bool:
+        ok = bool(run(rate))
+        (passed if ok else failed).append(rate)
+        return ok
+
     def bisect(high: float) -> None:
-        passed = [r["rate"] for r in rows if r["ok"] and r["rate"] < high]
-        if not passed or time.monotonic() - started > args.budget:
+        below = [r for r in passed if r < high]
+        if not below or over():
             return
-        mid = round((max(passed) + high) / 2 / 500) * 500
-        if max(passed) < mid < high:
-            run(mid)
+        mid = round((max(below) + high) / 2 / grain) * grain
+        if max(below) < mid < high:
+            go(mid)
 
     bisected = False
-    for rate in sorted(float(r) for r in args.rates.split(",") if r):
-        if not run(rate) and not bisected:
+    for rate in sorted(fixed):
+        if over() and passed:
+            break
+        if not go(rate) and not bisected:
             bisect(rate)
             bisected = True
-    if all(r["ok"] for r in rows):
-        for rate in (float(r) for r in args.escalate.split(",") if r and float(r) > 0):
-            if time.monotonic() - started > args.budget:
+    if not failed:
+        for rate in sorted(escalate):
+            if over():
                 break
-            if not run(rate):
+            if not go(rate):
                 bisect(rate)
                 break
-    return rows
+    best = max(passed) if passed else None
+    above = [r for r in failed if best is None or r > best]
+    return best, (min(above) if above else None)
+
+
+def _rates(spec: str) -> list[float]:
+    return [float(r) for r in spec.split(",") if r.strip() and float(r) > 0]
 
 
 def floor_targets(c: BenchCluster, peers_file: Path) -> dict[str, list[Any]]:
@@ -457,46 +513,109 @@ def load_client() -> str:
     return load.client_argv()[2]
 
 
+FANOUT_COLS = [
+    "rate",
+    "recipients",
+    "sent",
+    "expected",
+    "received",
+    "lost",
+    "deliveries_per_s",
+    "p50_ms",
+    "p90_ms",
+    "p99_ms",
+    "max_ms",
+    "ok",
+    "cpu_edges",
+    "cpu_relay",
+    "cpu_peers",
+    "cpu_redis",
+    "cpu_postgres",
+    "cpu_other",
+    "edge_us_per_delivery",
+    "peers_us_per_delivery",
+]
+
+
 def run_fanout(c: BenchCluster, args: Any, fan_file: Path, connect: dict[str, Any]) -> None:
+    """Tenant-wide events to every peer at --fanout-rate; then the ceiling search."""
     recipients = connect["connected"]
-    argvs = c.producer_argvs(args.fanout_rate, args.seconds, fan_file, 1, "tenant")
+    rows = [fanout_rate(c, args, fan_file, recipients, args.fanout_rate, args.seconds, drain_secs=20)]
+    ceiling: dict[str, Any] = {}
+    steps = [r for r in _rates(args.fanout_ceiling) if r > args.fanout_rate]
+    if steps and rows[0]["ok"]:
+        ceiling_rows: list[dict[str, Any]] = []
+
+        def run(rate: float) -> bool:
+            # A rate whose backlog takes longer than 10 s to arrive has failed on p99 anyway.
+            row = fanout_rate(c, args, fan_file, recipients, rate, args.fanout_ceiling_seconds, drain_secs=10)
+            ceiling_rows.append(row)
+            return bool(row["ok"])
+
+        best, first_fail = ladder(run, [], steps, lambda: False, grain=50, passed_before=args.fanout_rate)
+        rows += ceiling_rows
+        top = max((r for r in rows if r["ok"]), key=lambda r: r["rate"])
+        ceiling = {
+            "max_rate": best or args.fanout_rate,
+            "first_failing": first_fail,
+            "deliveries_per_s": top["deliveries_per_s"],
+            "p50_ms": top["p50_ms"],
+            "p99_ms": top["p99_ms"],
+            "tried": ",".join(f"{r['rate']:g}{'' if r['ok'] else '✗'}" for r in rows),
+        }
+    notes = [n for r in rows for n in r["notes"]]
+    common.report(
+        f"fan-out — tenant-wide events to {recipients} peers of one tenant on 2 edges, {args.seconds:g}s "
+        f"(ceiling steps {args.fanout_ceiling_seconds:g}s; µs per delivery: CPU of the edges, of the load clients)",
+        rows,
+        FANOUT_COLS,
+        notes,
+    )
+    if ceiling:
+        print(
+            f"fan-out ceiling: {ceiling['deliveries_per_s']:.0f} deliveries/s at {ceiling['max_rate']:g} events/s "
+            f"(p50 {ceiling['p50_ms']:.1f} ms, p99 {ceiling['p99_ms']:.1f} ms; first failing "
+            f"{ceiling['first_failing']}; tried {ceiling['tried']})"
+        )
+    print(
+        "wrote",
+        common.write(
+            "fanout", rows, {"args": vars(args), "connect": connect, "client": load_client(), "ceiling": ceiling}
+        ),
+    )
+
+
+def fanout_rate(
+    c: BenchCluster, args: Any, fan_file: Path, recipients: int, rate: float, seconds: float, drain_secs: float
+) -> dict[str, Any]:
+    argvs = c.producer_argvs(rate, seconds, fan_file, 1, "tenant")
     row, _, _ = c.phase(
         "fanout",
-        args.fanout_rate,
+        rate,
         "producer_proc.py",
         argvs,
         recipients=recipients,
-        seconds=args.seconds,
-        drain_secs=20,
+        seconds=seconds,
+        drain_secs=drain_secs,
     )
     row["recipients"] = recipients
     row["deliveries_per_s"] = row["recv_rate"]
-    common.report(
-        f"fan-out — tenant-wide events to {recipients} peers of one tenant on 2 edges, {args.seconds:g}s",
-        [row],
-        [
-            "rate",
-            "recipients",
-            "sent",
-            "expected",
-            "received",
-            "lost",
-            "deliveries_per_s",
-            "p50_ms",
-            "p90_ms",
-            "p99_ms",
-            "max_ms",
-            "ok",
-            "cpu_edges",
-            "cpu_relay",
-            "cpu_peers",
-            "cpu_redis",
-            "cpu_postgres",
-            "cpu_other",
-        ],
-        row["notes"],
+    delivered = max(1, row["received"])
+    row["edge_us_per_delivery"] = row["cpu"]["edges"] / delivered * 1e6
+    row["peers_us_per_delivery"] = row["cpu"]["peers"] / delivered * 1e6
+    # The load clients share the two cores with the edges: say what share of the machine they took.
+    busy = max(0.01, row["cpu"]["machine"])
+    row["notes"].append(
+        f"fanout {rate:g}/s: load clients {row['cpu']['peers'] / busy:.0%} of the machine's busy CPU, "
+        f"edges {row['cpu']['edges'] / busy:.0%}"
     )
-    print("wrote", common.write("fanout", [row], {"args": vars(args), "connect": connect, "client": load_client()}))
+    print(
+        f"  fanout {rate:g}/s: {row['received']} of {row['expected']} delivered, {row['deliveries_per_s']:.0f}/s, "
+        f"p50 {row['p50_ms']:.1f} p99 {row['p99_ms']:.1f} ms; CPU-s edges {row['cpu_edges']:.2f} "
+        f"load clients {row['cpu_peers']:.2f} {'PASS' if row['ok'] else 'FAIL'}",
+        flush=True,
+    )
+    return row
 
 
 def run_kill(c: BenchCluster, args: Any, peers_file: Path) -> None:

@@ -25,8 +25,18 @@ const now = () => (performance.timeOrigin + performance.now()) / 1000;
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 const uniform = (lo, hi) => lo + Math.random() * (hi - lo);
 
-function parseEvent(raw) {
+// An event frame starts {"type":"event",… and everything up to its event id is ASCII
+// (streams.event_frame: json.dumps escapes): parsed from the first HEAD_BYTES bytes as
+// latin1, without decoding the payload.
+const HEAD_BYTES = 256;
+const isEvent = (buf) => buf[9] === 0x65 && buf[10] === 0x76 && buf[0] === 0x7b; // {"type":"ev
+const latin1 = (buf, a, b) => (buf.latin1Slice ? buf.latin1Slice(a, b) : buf.toString("latin1", a, b));
+
+function parseEvent(buf) {
   // [stream name, epoch, offset, event id]; the frame layout is fixed by streams.event_frame.
+  // The event id is copied out of the buffer (a slice of the head string would keep the
+  // whole head alive for as long as the arrival is kept).
+  const raw = latin1(buf, 0, Math.min(buf.length, HEAD_BYTES));
   try {
     const s0 = EVENT_PREFIX.length;
     const s1 = raw.indexOf('"', s0);
@@ -37,9 +47,9 @@ function parseEvent(raw) {
     const i0 = raw.indexOf('"event_id":"', o1) + 12;
     const i1 = raw.indexOf('"', i0);
     if (s1 < 0 || e0 < 9 || o0 < 9 || i0 < 12 || i1 < 0) throw new Error("layout");
-    return [raw.slice(s0, s1), raw.slice(e0, e1), parseInt(raw.slice(o0, o1), 10), raw.slice(i0, i1)];
+    return [raw.slice(s0, s1), raw.slice(e0, e1), parseInt(raw.slice(o0, o1), 10), latin1(buf, i0, i1)];
   } catch (_) {
-    const f = JSON.parse(raw);
+    const f = JSON.parse(buf.toString());
     return [f.stream, f.epoch, f.offset, f.event.event_id];
   }
 }
@@ -49,13 +59,49 @@ class Peer {
     this.url = url;
     this.token = token;
     this.ws = null;
-    this.got = new Map(); // event id -> first arrival (epoch seconds)
+    // Arrivals in order: the pool's index of each event id and its first-arrival time (epoch
+    // seconds), in typed arrays. A Map of id -> time per peer held a string and an entry per
+    // delivery on the heap: in a fan-out, a third of the load clients' time went to hashing,
+    // growing and collecting them, and major collections stalled whole batches.
+    this.idx = new Int32Array(256);
+    this.times = new Float64Array(256);
+    this.n = 0;
+    // The indexes already seen, built only when a frame at or below the stream's last offset
+    // comes (a replay after a failover): then kept up to date.
+    this.seen = null;
     this.pos = new Map(); // stream name -> [epoch, last offset processed]
     this.dupes = 0;
     this.reordered = 0;
     this.droppedAt = 0;
     this.resumedAt = 0;
     this.resumed = null;
+  }
+
+  arrived(k, t) {
+    if (this.n === this.idx.length) {
+      const idx = new Int32Array(this.n * 2);
+      idx.set(this.idx);
+      this.idx = idx;
+      const times = new Float64Array(this.n * 2);
+      times.set(this.times);
+      this.times = times;
+    }
+    this.idx[this.n] = k;
+    this.times[this.n] = t;
+    this.n += 1;
+    if (this.seen !== null) this.seen.add(k);
+  }
+
+  has(k) {
+    if (this.seen === null) this.seen = new Set(this.idx.subarray(0, this.n));
+    return this.seen.has(k);
+  }
+
+  reset() {
+    this.idx = new Int32Array(256);
+    this.times = new Float64Array(256);
+    this.n = 0;
+    this.seen = null;
   }
 }
 
@@ -68,6 +114,20 @@ class Pool {
     this.reconnects = 0;
     this.reconnectFailures = 0;
     this.odd = [];
+    // Event ids interned once per pool (a tenant-wide event reaches every peer of it): id ->
+    // index, and index -> id for the collect.
+    this.eventIndex = new Map();
+    this.eventIds = [];
+  }
+
+  intern(eid) {
+    let k = this.eventIndex.get(eid);
+    if (k === undefined) {
+      k = this.eventIds.length;
+      this.eventIds.push(eid);
+      this.eventIndex.set(eid, k);
+    }
+    return k;
   }
 
   open(peer, resume) {
@@ -76,6 +136,7 @@ class Pool {
         headers: { Authorization: `Bearer ${peer.token}` },
         perMessageDeflate: false,
         maxPayload: MAX_FRAME_BYTES,
+        skipUTF8Validation: true, // a load client: the edges' frames are not what is tested here
         handshakeTimeout: OPEN_TIMEOUT_MS,
       });
       let hello = false;
@@ -100,11 +161,10 @@ class Pool {
         }
       });
       ws.on("message", (data) => {
-        const raw = data.toString();
         if (!hello) {
           hello = true;
           clearTimeout(timer);
-          const h = JSON.parse(raw);
+          const h = JSON.parse(data.toString());
           if (resume && peer.pos.size) {
             const streams = {};
             for (const [name, [epoch, offset]] of peer.pos) streams[name] = { epoch, offset };
@@ -117,32 +177,42 @@ class Pool {
           resolve();
           return;
         }
-        this.frame(peer, raw);
+        this.frame(peer, data);
       });
     });
   }
 
-  frame(peer, raw) {
-    if (raw.startsWith(EVENT_PREFIX)) {
+  frame(peer, buf) {
+    if (isEvent(buf)) {
       const t = now();
-      const [name, epoch, offset, eid] = parseEvent(raw);
+      const [name, epoch, offset, eid] = parseEvent(buf);
+      const k = this.intern(eid);
       const pos = peer.pos.get(name);
-      if (pos !== undefined && pos[0] === epoch && offset <= pos[1]) {
-        if (peer.got.has(eid)) {
-          peer.dupes += 1;
+      if (pos !== undefined && pos[0] === epoch) {
+        if (offset <= pos[1]) {
+          if (peer.has(k)) {
+            peer.dupes += 1;
+            return;
+          }
+          // A new event below what this peer processed (a late resume's replay): kept, counted.
+          peer.reordered += 1;
+          if (this.odd.length < 50) this.odd.push([name, epoch, offset, pos[1], eid, now()]);
+          peer.arrived(k, t);
           return;
         }
-        // A new event below what this peer processed (a late resume's replay): kept, counted.
-        peer.reordered += 1;
-        if (this.odd.length < 50) this.odd.push([name, epoch, offset, pos[1], eid, now()]);
-        peer.got.set(eid, t);
-        return;
+        pos[1] = offset;
+      } else {
+        peer.pos.set(name, [epoch, offset]);
+        // A stream (or epoch) new to this peer: its events may repeat ones already kept.
+        if (peer.has(k)) return;
       }
-      peer.pos.set(name, [epoch, offset]);
-      if (!peer.got.has(eid)) peer.got.set(eid, t);
-    } else if (raw.startsWith(RESUMED_PREFIX)) {
-      peer.resumedAt = now();
-      peer.resumed = JSON.parse(raw).streams;
+      peer.arrived(k, t);
+    } else {
+      const raw = buf.toString();
+      if (raw.startsWith(RESUMED_PREFIX)) {
+        peer.resumedAt = now();
+        peer.resumed = JSON.parse(raw).streams;
+      }
     }
   }
 
@@ -221,7 +291,7 @@ class Pool {
     let dropped = 0;
     let open = 0;
     for (const p of this.peers) {
-      received += p.got.size;
+      received += p.n; // each event once: repeats are counted as dupes, not kept
       if (p.resumedAt) resumed += 1;
       if (p.droppedAt) dropped += 1;
       if (p.ws && p.ws.readyState === WebSocket.OPEN) open += 1;
@@ -244,7 +314,11 @@ class Pool {
     let dupes = 0;
     let reordered = 0;
     for (const p of this.peers) {
-      for (const [eid, t] of p.got) {
+      const { idx, times, n } = p;
+      const ids = this.eventIds;
+      for (let i = 0; i < n; i++) {
+        const eid = ids[idx[i]];
+        const t = times[i];
         const t0 = sent[eid];
         if (t0 === undefined) {
           stray += 1;
@@ -254,11 +328,13 @@ class Pool {
         if (byId) arrivals[eid] = t;
         if (t > last) last = t;
       }
-      p.got = new Map();
+      p.reset();
       dupes += p.dupes;
       reordered += p.reordered;
       p.dupes = p.reordered = 0;
     }
+    this.eventIndex = new Map();
+    this.eventIds = [];
     const odd = this.odd;
     this.odd = [];
     const failovers = this.peers

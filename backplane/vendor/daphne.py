@@ -147,14 +147,34 @@ def share_inbound_bucket(proto: Any, bucket: Any) -> None:
 def write_direct(proto: Any, data: bytes, coalescer: Coalescer) -> bool:
     """Write a prepared frame to daphne's transport. Return False when it must go the
     ASGI way instead: the socket is not plainly open, a frame is half sent, or the peer's
-    unread bytes are past the slow-consumer bound (the ASGI path closes 4013)."""
+    unread bytes are past the slow-consumer bound (the ASGI path closes 4013).
+
+    Called once per socket per frame of a fan-out: one look-up of the socket's held frames,
+    no method calls but the buffer probe (docs/decisions/0028-fan-out-per-socket-cost.md)."""
     if proto.state != proto.STATE_OPEN or proto.send_state != proto.SEND_STATE_GROUND:
         return False
     if getattr(proto, "_tyrum_slow", False):
         return True  # closing with 4013: further frames are dropped
-    if outbound_buffered(proto.transport) + coalescer.held(proto) > outbound_limit():
+    pending = coalescer.pending
+    key = id(proto)
+    entry = pending.get(key)
+    t = proto.transport
+    if isinstance(t, _FileDescriptor):  # plain TCP: outbound_buffered's answer, without the call
+        buffered = len(t.dataBuffer) - t.offset + t._tempDataLen
+    else:
+        buffered = outbound_buffered(t)
+    if buffered + (entry[2] if entry is not None else 0) > outbound_limit():
         return False
-    coalescer.write(proto, data)
+    if entry is None:
+        pending[key] = [proto, [data], len(data)]
+        if not coalescer.scheduled:
+            coalescer.scheduled = True
+            coalescer.loop.call_soon(coalescer.flush_all)
+        return True
+    entry[1].append(data)
+    entry[2] += len(data)
+    if entry[2] >= coalescer.FLUSH_BYTES:
+        coalescer.flush(proto)
     return True
 
 
@@ -162,42 +182,44 @@ class Coalescer:
     """The frames written directly to each socket in one loop turn, sent together at the
     end of the turn: one ``send()`` per socket per turn (docs/decisions/0018-coalesced-frames-per-loop-turn.md).
     A socket's held frames are at most FLUSH_BYTES (a long replay goes out as it goes), and
-    count towards the slow-consumer bound (``held``)."""
+    count towards the slow-consumer bound (``held``). Held frames are keyed by the protocol's
+    ``id()``: daphne's protocol hashes in Python, twice per frame of a fan-out otherwise (the
+    entry keeps the protocol alive, so its id is not reused while it waits)."""
 
     FLUSH_BYTES = 64 * 1024
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self.pending: dict[Any, list[Any]] = {}  # proto -> [frames, bytes]
+        self.pending: dict[int, list[Any]] = {}  # id(proto) -> [proto, frames, bytes]
         self.scheduled = False
 
     def held(self, proto: Any) -> int:
-        entry = self.pending.get(proto)
-        return entry[1] if entry is not None else 0
+        entry = self.pending.get(id(proto))
+        return entry[2] if entry is not None else 0
 
     def write(self, proto: Any, data: bytes) -> None:
-        entry = self.pending.get(proto)
+        entry = self.pending.get(id(proto))
         if entry is not None:
-            entry[0].append(data)
-            entry[1] += len(data)
-            if entry[1] >= self.FLUSH_BYTES:
+            entry[1].append(data)
+            entry[2] += len(data)
+            if entry[2] >= self.FLUSH_BYTES:
                 self.flush(proto)
             return
-        self.pending[proto] = [[data], len(data)]
+        self.pending[id(proto)] = [proto, [data], len(data)]
         if not self.scheduled:
             self.scheduled = True
             self.loop.call_soon(self.flush_all)
 
     def flush(self, proto: Any) -> None:
-        entry = self.pending.pop(proto, None)
+        entry = self.pending.pop(id(proto), None)
         if entry is not None:
-            _send_frames(proto, entry[0])
+            _send_frames(proto, entry[1])
 
     def flush_all(self) -> None:
         self.scheduled = False
         pending, self.pending = self.pending, {}
-        for proto, entry in pending.items():
-            _send_frames(proto, entry[0])
+        for proto, frames, _ in pending.values():
+            _send_frames(proto, frames)
 
 
 def _send_frames(proto: Any, frames: list[bytes]) -> None:
