@@ -3,7 +3,8 @@
 One daphne edge, one relay, a scratch database and Redis; peers (one device each, 10 tenants)
 connect from load-client processes. At each size, in order:
 
-- ``idle``: nothing is sent for ``--idle-secs``; the edge's CPU (% of a core) is what its
+- ``idle``: after ``--settle-secs`` (the first heartbeat after the connect writes the new
+  peers' rows and positions), nothing is sent for ``--idle-secs``; the edge's CPU (% of a core) is what its
   connected peers cost it with no work (pings, heartbeats, head checks);
 - ``work``: device events through the outbox (producers → relay → edge) at
   ``--per-peer-rate`` events/s per receiving peer, to the first 10 % of the devices
@@ -73,6 +74,9 @@ def main() -> None:
     parser.add_argument("--per-peer-rate", type=float, default=0.5, help="events/s per receiving peer")
     parser.add_argument("--seconds", type=float, default=5.0, help="sending time per work phase")
     parser.add_argument("--idle-secs", type=float, default=10.0)
+    parser.add_argument(
+        "--settle-secs", type=float, default=6.0, help="after connecting: one heartbeat writes the new rows"
+    )
     parser.add_argument("--pools", type=int, default=4, help="load-client processes")
     parser.add_argument("--producers", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=50, help="handshakes in flight per load client")
@@ -100,7 +104,7 @@ def main() -> None:
             if storm["connected"] < size - connected:
                 notes.append(f"{size}: only {storm['connected']} of {size - connected} new peers connected")
             connected = size
-            time.sleep(2.0)  # the storm's last hellos and the first heartbeat after it
+            time.sleep(args.settle_secs)  # the storm's last hellos and the first heartbeat after it
             rows.append(idle(c, size, args.idle_secs))
             if args.profile and size == sizes[-1]:
                 profile_text = profile_edge(edge_pid, args.profile)
