@@ -456,7 +456,11 @@ class EdgeRuntime:
         heads = self.last_heads
         if sweep:  # all of them, afresh: also what the feed could have missed
             consumers: Iterable[Subscriber] = list(self.consumers.values())  # added once their hello went out
-            heads = self.last_heads = await self._read_heads({k for c in consumers for k in c.keys.values()})
+            heads = await self._read_heads({k for c in consumers for k in c.keys.values()})
+            for key, head in heads.items():
+                if self.last_heads.get(key) != head:  # missed by the feed: their positions moved
+                    self.stirred.update(self.members.get(key, {}))
+            self.last_heads = heads
             self.next_sweep = time.monotonic() + conf.HEAD_SWEEP_INTERVAL_SECS
         else:
             # The new sockets' streams no socket of this edge had yet: read by key once.
