@@ -72,12 +72,13 @@ RELIED_ON = (
     ("daphne.ws_protocol", "WebSocketProtocol", "duration"),
     ("daphne.ws_protocol", "WebSocketProtocol", "serverClose"),
     ("daphne.ws_protocol", "WebSocketProtocol", "_sendAutoPing"),
+    ("daphne.ws_protocol", "WebSocketProtocol", "sendData"),  # what sendFrame writes through
 )
 # Set on instances: daphne's protocol (state, send_state, data, transport, server,
 # application_queue, handshake_deferred, _perMessageCompress, closeHandshakeTimeout), twisted's
 # TCP transport (socket, _tempDataLen, disconnected, disconnecting), daphne's server
 # (connections: protocol -> {"disconnected": ..., "application_instance": ...}, ping_interval,
-# websocket_timeout), daphne's WebSocket protocol's last_ping.
+# websocket_timeout), daphne's WebSocket protocol's last_ping and autobahn's send_queue.
 
 
 def protocol_of(send: Any) -> Any:
@@ -589,12 +590,27 @@ def _ping_due(proto: Any) -> None:
         return
     now = time.time()
     if now - proto.last_ping >= server.ping_interval:
-        proto._sendAutoPing()
+        send_auto_ping(proto)
         proto.last_ping = now
     due = proto.last_ping + server.ping_interval - now
     if server.websocket_timeout >= 0:
         due = min(due, server.websocket_timeout - proto.duration() + 0.01)
     _ping_later(proto, due)
+
+
+def send_auto_ping(proto: Any) -> None:
+    """autobahn's auto-ping (its payload, the pong timeout), the frame written with one
+    ``send()`` (``send_now``) rather than through twisted's writer registration — two epoll
+    changes and a loop turn per ping, most of what an idle peer costs the edge. When a
+    message is half sent or autobahn queues frames, its own path keeps the order."""
+    if proto.send_state != proto.SEND_STATE_GROUND or proto.send_queue:
+        proto._sendAutoPing()
+        return
+    proto.sendData = lambda data, sync=False, chopsize=None: send_now(proto.transport, data)
+    try:
+        proto._sendAutoPing()
+    finally:
+        del proto.sendData
 
 
 def stop_reactor() -> bool:

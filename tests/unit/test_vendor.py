@@ -307,3 +307,17 @@ def test_vendor__lean_checkers_visit_only_the_connections_with_something_to_do(m
     idle.last_ping = time.time() - 21
     vendor_daphne._ping_due(idle)
     assert pings == [True] and 19 < later[-1][0] <= 20
+
+
+def test_vendor__auto_ping_goes_out_in_one_write_with_autobahns_pong_timeout() -> None:
+    proto = daphne_protocol()
+    proto.state = proto.STATE_OPEN
+    assert "send_queue" in vars(proto)
+    proto.autoPingTimeout = 30  # daphne's --ping-timeout
+    proto.transport.clear()
+    vendor_daphne.send_auto_ping(proto)
+    wire = proto.transport.value()
+    assert wire[:1] == b"\x89" and wire[2:] == proto.autoPingPending  # one unmasked ping frame
+    assert proto.autoPingTimeoutCall is not None  # autobahn still expects the pong
+    assert "sendData" not in vars(proto)  # the class's own again
+    proto.autoPingTimeoutCall.cancel()
