@@ -39,4 +39,6 @@ HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 \
 # Migrate:    docker run … IMAGE python manage.py migrate --no-input
 # Embedded:   docker run -p 8000:8000 IMAGE sh -c "python manage.py migrate && python manage.py serve --host 0.0.0.0"
 # --proxy-headers only behind a proxy that sets X-Forwarded-For (deploy/compose.yaml does).
-CMD ["daphne", "-b", "0.0.0.0", "-p", "8000", "tyrum.asgi:application"]
+# --websocket_connect_timeout 30: in a reconnect storm a handshake waits its turn instead of
+# being dropped at 5 s and retried (docs/decisions/0026-handshakes-in-batches.md).
+CMD ["daphne", "-b", "0.0.0.0", "-p", "8000", "--websocket_connect_timeout", "30", "tyrum.asgi:application"]

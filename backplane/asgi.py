@@ -46,6 +46,8 @@ def application_for(http_app: Any) -> Any:
     vendor_daphne.install_denial_response()
     vendor_daphne.install_lean_checkers()
     vendor_daphne.install_access_log_without_query_strings()
+    vendor_daphne.install_lazy_handshake_debug()
+    vendor_daphne.install_listen_backlog()
     if logs.json_format():  # every line one JSON object, daphne's access log included
         vendor_daphne.install_access_log_as_records()
     vendor_daphne.install_limits(conf.MAX_INBOUND_FRAME_BYTES, conf.REQUEST_HEADER_TIMEOUT_SECS)

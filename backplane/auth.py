@@ -16,7 +16,7 @@ import binascii
 import json
 import logging
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from http.cookies import SimpleCookie
@@ -94,37 +94,85 @@ def subprotocol_token(subprotocols: list[str]) -> str | None:
 
 def authenticate(scope: dict[str, Any]) -> Principal:
     """Return the principal of an upgrade request, or raise AuthRefused / StoreUnavailable."""
-    headers = _headers(scope)
+    result = authenticate_many([scope])[0]
+    if isinstance(result, BaseException):
+        raise result
+    return result
+
+
+def authenticate_many(scopes: Sequence[dict[str, Any]]) -> list[Principal | AuthRefused]:
+    """The principal of each upgrade request, or its AuthRefused, in order: the tokens of all
+    of them looked up in one query (a connect storm's handshakes arrive together). Raises
+    StoreUnavailable for them all when the database fails."""
+    out: list[Principal | AuthRefused | None] = [None] * len(scopes)
+    wanted: dict[int, str] = {}  # position -> token hash
     try:
-        auth = headers.get(b"authorization")
-        if auth is not None:
-            scheme, _, token = auth.decode("latin1").partition(" ")
-            if scheme.lower() != "bearer" or not token.strip():
-                raise AuthRefused("unsupported Authorization scheme")
-            return _by_token(token.strip())
-        offered = subprotocol_token(list(scope.get("subprotocols") or []))
-        if offered is not None:
-            return _by_token(offered)
-        if b"cookie" in headers:
-            return _by_session(scope, headers)
+        for n, scope in enumerate(scopes):
+            try:
+                headers = _headers(scope)
+                token = _token_of(scope, headers)
+                if token is not None:
+                    wanted[n] = hash_token(token)
+                elif b"cookie" in headers:
+                    out[n] = _by_session(scope, headers)
+                else:
+                    raise AuthRefused("no credential")
+            except AuthRefused as exc:
+                out[n] = exc
+        if wanted:
+            found = AccessToken.objects.filter(token_hash__in=set(wanted.values())).values_list(*_TOKEN_FIELDS)
+            rows = {row[0]: _TokenRow(*row[1:]) for row in found}  # plain rows: no model per socket
+            now = timezone.now()
+            expired: dict[uuid.UUID, tuple[uuid.UUID, uuid.UUID, str, datetime | None]] = {}
+            for n, digest in wanted.items():
+                out[n] = _check_token(rows.get(digest), now, expired)
+            if expired:
+                record_expired(list(expired.values()))  # audited once per token, however many sockets
     except DatabaseError as exc:
         raise exceptions.StoreUnavailable(type(exc).__name__) from exc
-    raise AuthRefused("no credential")
+    return [r if r is not None else AuthRefused("no credential") for r in out]
 
 
-def _by_token(token: str) -> Principal:
-    try:
-        row = AccessToken.objects.select_related("tenant").get(token_hash=hash_token(token))
-    except AccessToken.DoesNotExist:
-        raise AuthRefused("unknown token") from None
-    now = timezone.now()
+def _token_of(scope: dict[str, Any], headers: dict[bytes, bytes]) -> str | None:
+    """The token an upgrade request offers (``Authorization: Bearer``, then the auth
+    subprotocol), or None; AuthRefused when the offer is malformed."""
+    value = headers.get(b"authorization")
+    if value is not None:
+        scheme, _, token = value.decode("latin1").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise AuthRefused("unsupported Authorization scheme")
+        return token.strip()
+    return subprotocol_token(list(scope.get("subprotocols") or []))
+
+
+_TOKEN_FIELDS = ("token_hash", "id", "tenant_id", "device_id", "role", "revoked_at", "expires_at", "tenant__is_active")
+
+
+@dataclass(frozen=True)
+class _TokenRow:
+    id: uuid.UUID
+    tenant_id: uuid.UUID
+    device_id: str
+    role: str
+    revoked_at: datetime | None
+    expires_at: datetime | None
+    tenant_active: bool
+
+
+def _check_token(
+    row: _TokenRow | None,
+    now: datetime,
+    expired: dict[uuid.UUID, tuple[uuid.UUID, uuid.UUID, str, datetime | None]],
+) -> Principal | AuthRefused:
+    if row is None:
+        return AuthRefused("unknown token")
     if row.revoked_at is not None:
-        raise AuthRefused("revoked token")
+        return AuthRefused("revoked token")
     if row.expires_at is not None and row.expires_at <= now:
-        record_expired([(row.id, row.tenant_id, row.device_id, row.expires_at)])
-        raise AuthRefused("expired token")
-    if not row.tenant.is_active:
-        raise AuthRefused("inactive tenant")
+        expired[row.id] = (row.id, row.tenant_id, row.device_id, row.expires_at)
+        return AuthRefused("expired token")
+    if not row.tenant_active:
+        return AuthRefused("inactive tenant")
     return Principal(row.tenant_id, row.device_id, row.role, row.id, row.expires_at)
 
 

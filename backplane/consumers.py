@@ -23,7 +23,7 @@ from typing import Any
 from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncWebsocketConsumer
 
-from backplane import auth, directory, edge_db, exceptions, limits, metrics, protocol, refusals, streams
+from backplane import auth, directory, edge_db, exceptions, handshakes, limits, metrics, protocol, refusals, streams
 from backplane.conf import conf
 from backplane.delivery import Batch, CloseWith, Delivery, Fill, Lag, Release, Reply, Resume, TokenBucket
 from backplane.edge import EdgeRuntime
@@ -98,8 +98,9 @@ class GatewayConsumer(AsyncWebsocketConsumer):
             counts.refused["throttled"] += 1
             await self._deny(429)
             return
+        batches = handshakes.for_loop(_handshakes)
         try:
-            self.principal = await edge_db.call(self._unless_gone)(auth.authenticate, self.scope)
+            self.principal = await batches.authenticate.submit(self)
         except _Gone:
             self.closed = True
             return  # daphne dropped the handshake while it waited (a connect storm): nothing to do
@@ -127,7 +128,7 @@ class GatewayConsumer(AsyncWebsocketConsumer):
             # Subscribed before the heads are read: nothing after the hello's heads is missed
             # (batches arriving meanwhile are held, and repeats dropped by the cursors).
             await self.runtime.subscribe(self)
-            heads = await edge_db.call(self._unless_gone)(self._open, self.runtime.edge_id)
+            heads = await batches.open.submit(self)
         except _OverCap as exc:
             self.closed = True
             if self.runtime is not None:
@@ -186,20 +187,6 @@ class GatewayConsumer(AsyncWebsocketConsumer):
             await asgi_send(message)
 
         self.base_send = ordered_send
-
-    def _open(self, edge_id: str) -> dict[str, Any]:
-        """(Worker thread) read the connection's heads, after it joined its groups, and add
-        its directory row."""
-        p = self.principal
-        over = directory.over_cap(
-            p.tenant_id, p.token_id, conf.MAX_CONNECTIONS_PER_TOKEN, conf.MAX_CONNECTIONS_PER_TENANT
-        )
-        if over is not None:
-            raise _OverCap(over)
-        heads = self.store.ensure_streams(p.tenant_id, list(self.keys.values()))
-        self.row_written = True  # from here on, disconnect() removes the row
-        directory.open_connection(edge_id, self.directory_row())
-        return heads
 
     def _unless_gone(self, fn: Callable[..., Any], *args: Any) -> Any:
         """(Worker thread) run ``fn(*args)`` unless daphne dropped the peer meanwhile: in a
@@ -517,3 +504,56 @@ class GatewayConsumer(AsyncWebsocketConsumer):
             return
         except Exception as exc:
             await self._failed(exc)
+
+
+# --- handshakes in batches (handshakes.py) ---------------------------------------------------
+
+
+def _handshakes() -> handshakes.Handshakes:
+    return handshakes.Handshakes(_authenticate_batch, _open_batch)
+
+
+def _authenticate_batch(sockets: Sequence[GatewayConsumer]) -> list[Any]:
+    """(Worker thread) the credential checks of sockets arriving together; a socket daphne
+    dropped meanwhile (a storm's handshakes can wait past its connect timeout) is skipped."""
+    live = [not vendor_daphne.gone(c.proto) for c in sockets]
+    scopes: list[Any] = [c.scope for c, ok in zip(sockets, live, strict=True) if ok]
+    found = iter(auth.authenticate_many(scopes))
+    return [next(found) if ok else _Gone() for ok in live]
+
+
+def _open_batch(sockets: Sequence[GatewayConsumer]) -> list[Any]:
+    """(Worker thread) open sockets that joined their streams' groups: refuse those past a
+    cap (each one let in counts against the next), then read their streams' heads (creating
+    new streams) and add their directory rows, with a statement each for the whole batch."""
+    answers: list[Any] = [None] * len(sockets)
+    live = []
+    for n, c in enumerate(sockets):
+        if vendor_daphne.gone(c.proto):
+            answers[n] = _Gone()
+        else:
+            live.append(n)
+    caps = directory.over_caps(
+        [(sockets[n].principal.tenant_id, sockets[n].principal.token_id) for n in live],
+        conf.MAX_CONNECTIONS_PER_TOKEN,
+        conf.MAX_CONNECTIONS_PER_TENANT,
+    )
+    by_edge: dict[tuple[str, int], list[int]] = {}  # one edge runtime per loop, but keyed to be sure
+    for n, over in zip(live, caps, strict=True):
+        if over is not None:
+            answers[n] = _OverCap(over)
+            continue
+        runtime = sockets[n].runtime
+        assert runtime is not None  # subscribed before opening
+        by_edge.setdefault((runtime.edge_id, id(runtime.store)), []).append(n)
+    for (edge_id, _), group in by_edge.items():
+        store = sockets[group[0]].store
+        heads = store.open_streams(
+            {key: sockets[n].principal.tenant_id for n in group for key in sockets[n].keys.values()}
+        )
+        for n in group:
+            sockets[n].row_written = True  # from here on, disconnect() removes the row
+        directory.open_connections(edge_id, [sockets[n].directory_row() for n in group])
+        for n in group:
+            answers[n] = heads
+    return answers

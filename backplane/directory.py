@@ -12,11 +12,12 @@ from __future__ import annotations
 import json
 import socket
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 from django.db import IntegrityError, connection, transaction
+from django.db.models import Count
 from django.utils import timezone
 
 from backplane.conf import conf
@@ -52,34 +53,81 @@ def unregister_edge(edge_id: str) -> None:
     Edge.objects.filter(edge_id=edge_id).delete()
 
 
-def open_connection(edge_id: str, row: Mapping[str, Any]) -> None:
-    """Add a socket's row. If this edge's row was swept meanwhile (a heartbeat stalled past
-    the TTL), the edge registers again first."""
+def open_connections(edge_id: str, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Add the rows of sockets opening together, in one statement. If this edge's row was
+    swept meanwhile (a heartbeat stalled past the TTL), the edge registers again first."""
+    if not rows:
+        return
     expires = timezone.now() + timedelta(seconds=conf.CONNECTION_TTL_SECS)
-    try:
+
+    def insert() -> None:
+        if connection.vendor == "postgresql":  # one statement of arrays: no per-row SQL to build
+            with connection.cursor() as cur:
+                cur.execute(
+                    "INSERT INTO backplane_connection (connection_id, tenant_id, device_id, role, token_id, edge_id,"
+                    " channel_name, expires_at, positions) SELECT c, t, d, r, k, %s, h, %s, '{}'::jsonb"
+                    " FROM unnest(%s::text[], %s::uuid[], %s::text[], %s::text[], %s::uuid[], %s::text[])"
+                    " AS v(c, t, d, r, k, h)",
+                    [edge_id, expires, *(list(col) for col in zip(*(_columns(row) for row in rows), strict=True))],
+                )
+            return
         with transaction.atomic():
-            Connection.objects.create(edge_id=edge_id, expires_at=expires, **row)
+            Connection.objects.bulk_create([Connection(edge_id=edge_id, expires_at=expires, **row) for row in rows])
+
+    try:
+        insert()
     except IntegrityError:
         register_edge(edge_id)
-        Connection.objects.create(edge_id=edge_id, expires_at=expires, **row)
+        insert()
 
 
-def over_cap(
-    tenant_id: uuid.UUID, token_id: uuid.UUID | None, per_token: int | None, per_tenant: int | None
-) -> str | None:
-    """Which cap (``"token"``, ``"tenant"``) one more connection would pass, or None: live
-    rows counted cluster-wide, before the new one is added (racing handshakes may pass a
-    cap by a few). Live: written or refreshed within the last two heartbeats — the rows of an
-    edge that died (its peers reconnecting elsewhere) do not count while they wait for the
-    sweep."""
+def _columns(row: Mapping[str, Any]) -> tuple[Any, ...]:
+    return (
+        row["connection_id"],
+        row["tenant_id"],
+        row["device_id"],
+        row["role"],
+        row["token_id"],
+        row["channel_name"],
+    )
+
+
+def over_caps(
+    principals: Sequence[tuple[uuid.UUID, uuid.UUID | None]], per_token: int | None, per_tenant: int | None
+) -> list[str | None]:
+    """For connections opening together, as (tenant id, token id) in order: which cap
+    (``"token"``, ``"tenant"``) each would pass, or None. Live rows are counted cluster-wide
+    (one query per cap for them all), and each one let in counts against the ones after it,
+    so a batch never lets more than the cap in; racing handshakes on other edges may pass
+    a cap by a few. Live: written or refreshed within the last two heartbeats — the rows of
+    an edge that died (its peers reconnecting elsewhere) do not count while they wait for
+    the sweep."""
     fresh = timezone.now() + timedelta(seconds=conf.CONNECTION_TTL_SECS - 2 * conf.HEARTBEAT_INTERVAL_SECS)
-    if per_token is not None and token_id is not None:
-        if Connection.objects.filter(token_id=token_id, expires_at__gt=fresh).count() >= per_token:
-            return "token"
+    live = Connection.objects.filter(expires_at__gt=fresh)
+    by_token: dict[Any, int] = {}
+    by_tenant: dict[Any, int] = {}
+    if per_token is not None:
+        wanted = {token for _, token in principals if token is not None}
+        if wanted:
+            counted = live.filter(token_id__in=wanted).values("token_id").annotate(n=Count("*"))
+            by_token = {token: n for token, n in counted.values_list("token_id", "n")}
     if per_tenant is not None:
-        if Connection.objects.filter(tenant_id=tenant_id, expires_at__gt=fresh).count() >= per_tenant:
-            return "tenant"
-    return None
+        counted = (
+            live.filter(tenant_id__in={tenant for tenant, _ in principals}).values("tenant_id").annotate(n=Count("*"))
+        )
+        by_tenant = {tenant: n for tenant, n in counted.values_list("tenant_id", "n")}
+    out: list[str | None] = []
+    for tenant, token in principals:
+        if per_token is not None and token is not None and by_token.get(token, 0) >= per_token:
+            out.append("token")
+        elif per_tenant is not None and by_tenant.get(tenant, 0) >= per_tenant:
+            out.append("tenant")
+        else:
+            out.append(None)
+            if token is not None:
+                by_token[token] = by_token.get(token, 0) + 1
+            by_tenant[tenant] = by_tenant.get(tenant, 0) + 1
+    return out
 
 
 def close_connection(connection_id: str) -> None:

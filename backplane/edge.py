@@ -212,6 +212,9 @@ class EdgeRuntime:
                     self.last_heads.pop(key, None)  # not kept up to date once no socket needs it
 
     async def _join(self, key: str) -> None:
+        joined = self.joins.get(key)
+        if joined is not None and joined.done() and not joined.cancelled() and joined.exception() is None:
+            return  # joined already (no leave in flight: a leave drops the join first): most sockets
         leaving = self.leaving.get(key)
         if leaving is not None:  # never let a late group_discard undo this join
             await asyncio.shield(leaving)

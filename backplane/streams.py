@@ -93,6 +93,15 @@ def new_epoch() -> str:
     return secrets.token_hex(4)
 
 
+def new_epochs(n: int) -> list[str]:
+    """``n`` new epochs from one read of the system's random source (a handshake batch offers
+    one for each of its streams, most of which exist already)."""
+    import secrets
+
+    pool = secrets.token_hex(4 * n)
+    return [pool[i : i + 8] for i in range(0, 8 * n, 8)]
+
+
 @dataclass(frozen=True)
 class Item:
     """One event as stored: what the frame builder needs."""

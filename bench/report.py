@@ -75,17 +75,22 @@ def figures(folder: Path) -> dict[str, Any]:
         f["resume.ms"] = statistics.median(r["connect_to_resumed_ms"] for r in res["rows"])
         f["resume.recovered"] = all(r["recovered"] for r in res["rows"])
     if conn := _load(folder, "connections"):
-        r = conn["rows"][0]
-        f.update(
-            {
-                "conn.peers": r["peers"],
-                "conn.connected": r["connected"],
-                "conn.kb_per_conn": r["kb_per_conn"],
-                "conn.storm_s": r["storm_s"],
-                "conn.connects_per_s": r["connects_per_s"],
-                "conn.idle_cpu_pct": r["edge_idle_cpu_pct"],
-            }
-        )
+        for r in conn["rows"]:
+            if r.get("phase", "one edge") == "one edge":
+                f.update(
+                    {
+                        "conn.peers": r["peers"],
+                        "conn.connected": r["connected"],
+                        "conn.kb_per_conn": r["kb_per_conn"],
+                        "conn.storm_s": r["storm_s"],
+                        "conn.connects_per_s": r["connects_per_s"],
+                        "conn.idle_cpu_pct": r["edge_idle_cpu_pct"],
+                    }
+                )
+            elif r["phase"] == "after a kill":
+                f["conn.kill.back_s"] = r["kill_to_all_back_s"]
+                f["conn.kill.back_within_15s"] = r["back_within_target"]
+                f["conn.kill.lost"] = r["lost"]
     if scale := _load(folder, "scale"):
         for r in scale["rows"]:
             k = f"scale.{r['peers']}.{r['phase'].replace(' ', '_')}"
@@ -161,6 +166,17 @@ TARGETS = [
         "KB",
     ),
     Target("idle peers on one edge: count", "conn.connected", "10 000", lambda v: v >= 10_000, 10_000, False, "peers"),
+    Target("connect storm, 10 000 peers onto one edge", "conn.storm_s", "≤ 10 s", lambda v: v <= 10, 10, True, "s"),
+    Target(
+        "storm after an edge kill: kill → 20 000 peers back",
+        "conn.kill.back_s",
+        "≤ 15 s",
+        lambda v: v <= 15,
+        15,
+        True,
+        "s",
+    ),
+    Target("storm after an edge kill: events lost", "conn.kill.lost", "0", lambda v: v == 0, 0, True, "events"),
     Target("idle peers on one edge: edge CPU", "conn.idle_cpu_pct", "≤ 3 % of a core", lambda v: v <= 3, 3, True, "%"),
 ]
 
@@ -279,6 +295,8 @@ def render(latest: dict[str, Any], med: dict[str, tuple[float, int]], runs: list
         ("resume.recovered", "resume recovered every time", ""),
         ("conn.storm_s", "connect storm, time to all connected", "s"),
         ("conn.connects_per_s", "connect storm, handshakes/s", "/s"),
+        ("conn.kill.back_s", "storm after an edge kill, kill → every peer back", "s"),
+        ("conn.kill.back_within_15s", "storm after an edge kill, peers back within 15 s", "peers"),
         ("e2e.connect_s", "1000 peers connecting to 2 edges", "s"),
         ("fanout.p99_ms", "fan-out p99", "ms"),
     ):
@@ -372,8 +390,10 @@ def details(folder: Path) -> str:
                 f"{fmt(r.get('cpu_relays'))} | {fmt(r.get('cpu_postgres'))} | {fmt(r.get('cpu_redis'))} | "
                 f"{fmt(r.get('cpu_other'))} |"
             )
-    if (conn := _load(folder, "connections")) is not None:
-        r = conn["rows"][0]
+    conn = _load(folder, "connections")
+    one = [r for r in conn["rows"] if r.get("phase", "one edge") == "one edge"] if conn else []
+    if one:
+        r = one[0]
         L.append("\n#### Connections (one edge)\n")
         L.append(
             "| peers | connected | retried handshakes | storm s | handshakes/s | edge RSS before → after MB | "

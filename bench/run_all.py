@@ -33,7 +33,8 @@ STEPS: list[tuple[str, str, list[str], float, float]] = [
     ("socketio", "socketio_peer.py", [], 200, 60),
     ("producer", "producer.py", [], 60, 20),
     ("relay_throughput", "relay_throughput.py", [], 90, 30),
-    ("connections", "connections.py", [], 220, 60),
+    # Two phases: one edge's storm, and the storm after an edge SIGKILL (2 × 10 000 peers).
+    ("connections", "connections.py", [], 300, 90),
     # Redis encryption's cost (issue 13): the relay → edge hop, and the e2e phase without and
     # with BACKPLANE_REDIS_KEYS, in one run.
     ("encryption", "encryption_cost.py", ["--e2e"], 240, 90),

@@ -115,6 +115,10 @@ def daphne_args(port: int, ping_interval: int = 20) -> list[str]:
         str(port),
         "--ping-interval",
         str(ping_interval),
+        # A handshake may wait its turn in a reconnect storm: dropped at daphne's default
+        # of 5 s, its peer retries and the edge does the work again (docs/decisions/0026).
+        "--websocket_connect_timeout",
+        "30",
         "tyrum.asgi:application",
     ]
 

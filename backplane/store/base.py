@@ -139,6 +139,11 @@ class Store(Protocol):
         """Return the heads of ``keys``, creating never-seen streams at offset 0 with an epoch."""
         ...
 
+    def open_streams(self, tenants: Mapping[str, uuid.UUID]) -> dict[str, Head]:
+        """``ensure_streams`` for streams of any tenants at once (``tenants``: each key's
+        tenant), in one statement and one head query: a batch of handshakes."""
+        ...
+
     def stream_heads(self, keys: Sequence[str]) -> dict[str, Head]:
         """Return the current heads of the given streams (missing streams are left out)."""
         ...

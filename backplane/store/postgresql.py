@@ -181,10 +181,19 @@ class PostgreSQLStore:
     # --- edge side ---------------------------------------------------------------------------
 
     def ensure_streams(self, tenant_id: uuid.UUID, keys: Sequence[str]) -> dict[str, Head]:
+        return self.open_streams(dict.fromkeys(keys, tenant_id))
+
+    def open_streams(self, tenants: Mapping[str, uuid.UUID]) -> dict[str, Head]:
+        keys = list(tenants)
         with connection.cursor() as cur:
             cur.execute(
                 SQL["ensure_streams"],
-                [tenant_id, list(keys), [streams.audience_of(k) for k in keys], [streams.new_epoch() for _ in keys]],
+                [
+                    keys,
+                    list(tenants.values()),
+                    [streams.audience_of(k) for k in keys],
+                    streams.new_epochs(len(keys)),
+                ],
             )
         return self.stream_heads(keys)
 

@@ -186,10 +186,16 @@ class SQLiteStore:
     # --- edge side ---------------------------------------------------------------------------
 
     def ensure_streams(self, tenant_id: uuid.UUID, keys: Sequence[str]) -> dict[str, Head]:
-        new = [[key, streams.audience_of(key), streams.new_epoch()] for key in keys]
+        return self.open_streams(dict.fromkeys(keys, tenant_id))
+
+    def open_streams(self, tenants: Mapping[str, uuid.UUID]) -> dict[str, Head]:
+        epochs = streams.new_epochs(len(tenants))
+        new = [
+            [key, tenant.hex, streams.audience_of(key), epochs[n]] for n, (key, tenant) in enumerate(tenants.items())
+        ]
         with connection.cursor() as cur:
-            cur.execute(SQL["ensure_streams"], [tenant_id.hex, json.dumps(new)])
-        return self.stream_heads(keys)
+            cur.execute(SQL["ensure_streams"], [json.dumps(new)])
+        return self.stream_heads(list(tenants))
 
     def stream_heads(self, keys: Sequence[str]) -> dict[str, Head]:
         if not keys:

@@ -73,6 +73,8 @@ RELIED_ON = (
     ("daphne.ws_protocol", "WebSocketProtocol", "serverClose"),
     ("daphne.ws_protocol", "WebSocketProtocol", "_sendAutoPing"),
     ("daphne.ws_protocol", "WebSocketProtocol", "sendData"),  # what sendFrame writes through
+    ("autobahn.websocket.protocol", "WebSocketProtocol", "_connectionMade"),  # calls the module's pformat
+    ("autobahn.websocket.protocol", "Timings", "__str__"),
 )
 # Set on instances: daphne's protocol (state, send_state, data, transport, server,
 # application_queue, handshake_deferred, _perMessageCompress, closeHandshakeTimeout), twisted's
@@ -416,6 +418,64 @@ def install_limits(max_message_bytes: int, header_timeout: float) -> None:
     HTTPFactory.buildProtocol = buildProtocol
     WebRequest.process = process_request
     http.HTTPChannel.requestDone = requestDone  # type: ignore[method-assign]
+
+
+# The edge's listen queue: connections the kernel holds until the edge accepts them. twisted's
+# default of 50 overflows in a reconnect storm (thousands of peers at once): the kernel drops
+# their SYNs and each peer waits out TCP's retransmission back-off (1, 3, 7, 15 s …) —
+# docs/decisions/0026. The kernel caps it at net.core.somaxconn.
+LISTEN_BACKLOG = 4096
+
+
+def install_listen_backlog(minimum: int = LISTEN_BACKLOG) -> None:
+    """Listen with a queue of at least ``minimum`` connections (daphne's endpoints pass
+    twisted's default of 50 to ``reactor.listenTCP``)."""
+    from twisted.internet import reactor
+
+    listen: Any = getattr(reactor, "listenTCP", None)
+    if listen is None or getattr(listen, "_tyrum_backlog", False):
+        return
+
+    def listenTCP(port: int, factory: Any, backlog: int = 50, interface: str = "") -> Any:
+        return listen(port, factory, max(minimum, backlog), interface)
+
+    listenTCP._tyrum_backlog = True  # type: ignore[attr-defined]
+    setattr(reactor, "listenTCP", listenTCP)  # noqa: B010  # the installed reactor, daphne's
+
+
+class _LazyFormat:
+    """``pformat(value)`` done only when a log line is really written."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __str__(self) -> str:
+        import pprint
+
+        return pprint.pformat(self.value)
+
+    __format__ = lambda self, spec: format(str(self), spec)  # noqa: E731  # txaio formats with str.format
+
+
+def install_lazy_handshake_debug() -> None:
+    """autobahn pretty-prints every new socket's configuration for a debug line (``pformat``
+    in ``WebSocketProtocol._connectionMade``) whether debug logging is on or not: in a
+    connect storm a tenth of the edge's event loop (docs/decisions/0026). The formatting now
+    happens only when that line is written."""
+    try:
+        from autobahn.websocket import protocol
+    except ImportError:  # not running under daphne
+        return
+    if getattr(protocol, "_tyrum_lazy_pformat", False):
+        return
+    import pprint
+
+    setattr(protocol, "pformat", _LazyFormat)  # noqa: B010  # a module global autobahn calls
+    # Its one use that must be a str at once: timings (off unless trackTimings).
+    protocol.Timings.__str__ = lambda self: pprint.pformat(self._timings)  # type: ignore[method-assign]
+    setattr(protocol, "_tyrum_lazy_pformat", True)  # noqa: B010
 
 
 def install_access_log_without_query_strings() -> None:

@@ -50,7 +50,7 @@ STATEMENTS: dict[str, tuple[list[Any], tuple[str, ...] | None]] = {
     "mark_forwarded": ([[1, 2]], None),
     "unforwarded": ([[0, 1], [TENANT], 10], rows.PENDING_COLUMNS),
     "pending_tenants": ([[0, 1]], ("tenant_id",)),
-    "ensure_streams": ([TENANT, ["t:x"], ["tenant"], ["abcd1234"]], None),
+    "ensure_streams": ([["t:x"], [TENANT], ["tenant"], ["abcd1234"]], None),
     "stream_heads": ([json.dumps(["t:x"])], rows.HEAD_COLUMNS),
     "heads_moved_since": ([NOW], ("now", *rows.HEAD_COLUMNS)),
     "read_range": (["t:x", 0, 10], rows.ITEM_COLUMNS),

@@ -321,3 +321,36 @@ def test_vendor__auto_ping_goes_out_in_one_write_with_autobahns_pong_timeout() -
     assert proto.autoPingTimeoutCall is not None  # autobahn still expects the pong
     assert "sendData" not in vars(proto)  # the class's own again
     proto.autoPingTimeoutCall.cancel()
+
+
+def test_vendor__the_edge_listens_with_a_queue_for_a_reconnect_storm() -> None:
+    from twisted.internet import protocol, reactor
+    from twisted.internet.endpoints import serverFromString
+
+    vendor_daphne.install_listen_backlog()
+    vendor_daphne.install_listen_backlog()  # once is enough: not wrapped twice
+    ports: list[Any] = []
+    # As daphne listens: an endpoint string, twisted's default backlog of 50.
+    serverFromString(reactor, "tcp:port=0:interface=127.0.0.1").listen(protocol.Factory()).addCallback(ports.append)
+    try:
+        assert ports and ports[0].backlog == vendor_daphne.LISTEN_BACKLOG
+    finally:
+        for port in ports:
+            port.stopListening()
+
+
+def test_vendor__autobahns_per_socket_debug_formatting_waits_for_a_log_line() -> None:
+    from autobahn.websocket import protocol
+
+    vendor_daphne.install_lazy_handshake_debug()
+    formatted: list[int] = []
+
+    class Counted:
+        def __repr__(self) -> str:
+            formatted.append(1)
+            return "counted"
+
+    lazy = protocol.pformat([Counted()])  # what _connectionMade passes to its debug line
+    assert formatted == []
+    assert f"{lazy}" == "[counted]" and formatted == [1]  # txaio formats with str.format
+    assert str(protocol.Timings()) == "{}"  # its one str-typed use still a str

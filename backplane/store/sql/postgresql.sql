@@ -58,11 +58,11 @@ ORDER BY o.stream, o.stream_offset LIMIT %s
 SELECT DISTINCT tenant_id FROM backplane_outboxitem WHERE shard = ANY(%s::int[]) AND forwarded_at IS NULL
 
 -- name: ensure_streams
--- Streams never seen start at offset 0 with the epoch given. Parameters: tenant, keys,
--- audiences, epochs.
+-- Streams never seen start at offset 0 with the epoch given (the streams of every socket of a
+-- handshake batch, of any tenants). Parameters: keys, tenants, audiences, epochs.
 INSERT INTO backplane_stream (key, tenant_id, audience, epoch, last_offset, first_retained_offset, updated_at)
-SELECT v.key, %s::uuid, v.audience, v.epoch, 0, 1, now()
-FROM unnest(%s::text[], %s::text[], %s::text[]) AS v(key, audience, epoch)
+SELECT v.key, v.tenant, v.audience, v.epoch, 0, 1, now()
+FROM unnest(%s::text[], %s::uuid[], %s::text[], %s::text[]) AS v(key, tenant, audience, epoch)
 ON CONFLICT (key) DO NOTHING
 
 -- name: stream_heads

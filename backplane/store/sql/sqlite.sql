@@ -63,10 +63,10 @@ SELECT DISTINCT tenant_id FROM backplane_outboxitem
 WHERE shard IN (SELECT value FROM json_each(%s)) AND forwarded_at IS NULL
 
 -- name: ensure_streams
--- Parameters: tenant, [[key, audience, epoch], ...] (JSON).
+-- Parameters: [[key, tenant, audience, epoch], ...] (JSON).
 INSERT INTO backplane_stream (key, tenant_id, audience, epoch, last_offset, first_retained_offset, updated_at)
-SELECT json_extract(j.value, '$[0]'), %s, json_extract(j.value, '$[1]'), json_extract(j.value, '$[2]'), 0, 1,
-       CURRENT_TIMESTAMP
+SELECT json_extract(j.value, '$[0]'), json_extract(j.value, '$[1]'), json_extract(j.value, '$[2]'),
+       json_extract(j.value, '$[3]'), 0, 1, CURRENT_TIMESTAMP
 FROM json_each(%s) AS j WHERE true
 ON CONFLICT (key) DO NOTHING
 

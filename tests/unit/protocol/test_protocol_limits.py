@@ -73,8 +73,8 @@ async def test_throttle__past_the_burst_an_address_gets_429_before_any_credentia
     for n in range(3):
         assert await edge.refused_status(f"tyr_not-a-token-{n}") == 403
     checks: list[Any] = []
-    real = auth.authenticate
-    monkeypatch.setattr(auth, "authenticate", lambda scope: checks.append(scope) or real(scope))
+    real = auth.authenticate_many  # what the edge's handshake batches call
+    monkeypatch.setattr(auth, "authenticate_many", lambda scopes: checks.extend(scopes) or real(scopes))
     assert await edge.refused_status(good) == 429  # even a good token: the address is throttled
     assert await edge.refused_status("tyr_another-guess") == 429
     assert checks == []  # refused before the credential was even looked up
