@@ -21,7 +21,8 @@ handshakes run at ≥ 1 000/s (the connect time is reported).
     .venv/bin/python bench/scale.py [--sizes 5000,20000] [--receiving 0.1] [--per-peer-rate 0.5]
         [--seconds 5] [--idle-secs 10] [--profile SECS]
 
-``--profile SECS``: py-spy on the edge for SECS seconds of the last idle phase (summary
+``--ping-interval S``: the edge's daphne ``--ping-interval`` (20 s, as deployed; a long one
+shows what the pings cost). ``--profile SECS``: py-spy on the edge for SECS seconds of the last idle phase (summary
 printed, raw profile in bench/logs/).
 """
 
@@ -82,6 +83,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=50, help="handshakes in flight per load client")
     parser.add_argument("--budget", type=float, default=150.0, help="no handshake starts after this many seconds")
     parser.add_argument("--profile", type=float, default=0.0, help="py-spy the edge this many idle seconds")
+    parser.add_argument("--ping-interval", type=int, default=20, help="the edge's daphne --ping-interval")
     args = parser.parse_args()
     sizes = sorted(int(s) for s in args.sizes.split(",") if s.strip())
 
@@ -90,7 +92,9 @@ def main() -> None:
     notes: list[str] = []
     connects: list[dict[str, Any]] = []
     profile_text = ""
-    with BenchCluster("scale", peers=sizes[-1], tenants=args.tenants, edges=1, pools=args.pools) as c:
+    with BenchCluster(
+        "scale", peers=sizes[-1], tenants=args.tenants, edges=1, pools=args.pools, ping_interval=args.ping_interval
+    ) as c:
         assert c.pools is not None and c.cluster is not None
         tenants = data.make_tenants(args.tenants)
         devices = [f"dev-{i}" for i in range(sizes[-1])]
