@@ -44,6 +44,7 @@ def application_for(http_app: Any) -> Any:
 
     refuse_unsafe_start("an edge")
     vendor_daphne.install_denial_response()
+    vendor_daphne.install_lean_checkers()
     vendor_daphne.install_access_log_without_query_strings()
     vendor_daphne.install_lazy_handshake_debug()
     vendor_daphne.install_listen_backlog()

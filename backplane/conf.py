@@ -141,6 +141,12 @@ class Settings:
     # How often an edge compares its streams' heads with what its peers got. A lag seen
     # on two checks in a row is filled from the outbox, so trailing loss heals in ~1 s.
     HEAD_CHECK_INTERVAL_SECS: Setting[float] = Setting(0.5)
+    # Each check reads only the streams whose head moved since the last one, by the database's
+    # clock less this margin (a relay's transaction in flight commits a head stamped earlier);
+    # every HEAD_SWEEP_INTERVAL_SECS it reads every connected stream's head
+    # (docs/decisions/0027-head-check-change-feed.md).
+    HEAD_CHECK_MARGIN_SECS: Setting[float] = Setting(2.0)
+    HEAD_SWEEP_INTERVAL_SECS: Setting[float] = Setting(30.0)
     # PROTOCOL.md: hold live events for a new connection until its first frame or this.
     LIVE_HOLD_MS: Setting[int] = Setting(300)
     # Slow consumers: a socket whose unsent bytes pass this is closed with 4013; the peer

@@ -498,18 +498,23 @@ class GatewayConsumer(AsyncWebsocketConsumer):
 
     # --- head checks --------------------------------------------------------------------
 
-    async def observe_heads(self, heads: dict[str, Any]) -> None:
+    async def observe_heads(self, heads: dict[str, Any]) -> bool:
         """Fill a lag that persists across two head checks (the relay was not just slow:
         the transport lost the tail). The fill runs on a task of this socket's: the head
-        check goes on to the other sockets without waiting for its lock or its reads."""
-        if self.closed or getattr(self, "delivery", None) is None:
-            return
+        check goes on to the other sockets without waiting for its lock or its reads.
+        True when the next check must look again whether or not a head moves: a lag seen
+        once, live events held, or no cursors yet."""
+        if self.closed:
+            return False
+        if getattr(self, "delivery", None) is None:
+            return True
         seen = self.delivery.observe(heads)
         if isinstance(seen, CloseWith):
             await self.close_with(seen.code)
-            return
+            return False
         if seen and (self.catching_up is None or self.catching_up.done()):
             self.catching_up = asyncio.create_task(self._catch_up(seen))
+        return bool(self.delivery.holding or self.delivery.lag_seen)
 
     async def _catch_up(self, lags: list[Lag]) -> None:
         try:

@@ -12,9 +12,9 @@ from __future__ import annotations
 import json
 import socket
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 from django.db import IntegrityError, connection, transaction
 from django.db.models import Count
@@ -22,6 +22,14 @@ from django.utils import timezone
 
 from backplane.conf import conf
 from backplane.models import Connection, Edge, Tenant
+
+
+class Rows(Protocol):
+    """An edge's sockets' rows: counted without building them (``beat``)."""
+
+    def __len__(self) -> int: ...
+
+    def __iter__(self) -> Iterator[Mapping[str, Any]]: ...
 
 
 def start_edge(edge_id: str) -> None:
@@ -127,22 +135,21 @@ def close_connection(connection_id: str) -> None:
     Connection.objects.filter(connection_id=connection_id).delete()
 
 
-def beat(
-    edge_id: str, rows: Iterable[Mapping[str, Any]], positions: Mapping[str, Mapping[str, Any]] | None = None
-) -> None:
+def beat(edge_id: str, rows: Rows, positions: Mapping[str, Mapping[str, Any]] | None = None) -> None:
     """Refresh this edge's row and its sockets' rows; repair and sweep.
 
     ``rows`` are the rows of the sockets the edge holds now. Rows of sockets it no longer
     holds (a failed delete at disconnect) go; rows of live sockets that were swept (a
     heartbeat stall past the TTL) come back. ``positions``: where the peers whose position
-    changed since the last beat stand now, by connection id (``write_positions``)."""
+    changed since the last beat stand now, by connection id (``write_positions``). ``rows``
+    is iterated only when the counts differ (the edge builds its rows lazily)."""
     now = timezone.now()
     ttl = timedelta(seconds=conf.CONNECTION_TTL_SECS)
-    live = list(rows)
     if not Edge.objects.filter(edge_id=edge_id).update(heartbeat_at=now):
         register_edge(edge_id)
     refreshed = Connection.objects.filter(edge_id=edge_id).update(expires_at=now + ttl, last_seen_at=now)
-    if refreshed != len(live):
+    if refreshed != len(rows):
+        live = list(rows)
         # Only rows older than a beat go: an opening socket has its row before its edge lists it.
         settled = now - timedelta(seconds=conf.HEARTBEAT_INTERVAL_SECS)
         live_ids = [row["connection_id"] for row in live]

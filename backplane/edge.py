@@ -20,7 +20,8 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Iterable, Iterator, Sequence
+from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 from channels.db import database_sync_to_async
@@ -48,8 +49,10 @@ class Subscriber(Protocol):
         return what is left to await, if anything (the fast path returns None: a fan-out
         makes no coroutine per socket)."""
 
-    async def observe_heads(self, heads: dict[str, Any]) -> None:
-        """Compare the heads of its streams (by key) with what its peer got."""
+    async def observe_heads(self, heads: dict[str, Any]) -> bool | None:
+        """Compare the heads of its streams (by key) with what its peer got; true when the
+        next head check must look at it again, whether or not a head moves (a lag seen once,
+        live events held, no cursors yet)."""
 
     async def close_with(self, code: int) -> None:
         """Close the socket with ``code`` (idempotent)."""
@@ -90,10 +93,22 @@ class EdgeRuntime:
         self.joins: dict[str, asyncio.Future[None]] = {}
         self.leaving: dict[str, asyncio.Future[None]] = {}
         self.draining = False
-        # The heads read by the last head check (by stream key): the heartbeat measures each
-        # socket's lag against them, with no query of its own.
+        # The heads of the streams its sockets belong to (by stream key), as the head checks
+        # read them: the heartbeat measures each socket's lag against them, with no query of
+        # its own. A check reads only the heads that moved since the last one (by the
+        # database's clock, ``feed_since``), every HEAD_SWEEP_INTERVAL_SECS all of them.
         self.last_heads: dict[str, Head] = {}
-        self.last_positions: dict[str, dict[str, list[int]]] = {}  # as the last beat wrote them
+        self.feed_since: datetime | None = None
+        self.next_sweep = float("-inf")
+        self.unseen: dict[Subscriber, None] = {}  # added since the last check
+        self.watch: dict[Subscriber, None] = {}  # to observe again at the next check
+        # The heartbeat's positions: as the last beat wrote them; the sockets that may have
+        # moved since (a batch, a head that moved, a lag, just added); the lag histogram kept
+        # up to date with them.
+        self.last_positions: dict[str, dict[str, list[int]]] = {}
+        self.stirred: dict[Subscriber, None] = {}
+        self.lagging: dict[Subscriber, None] = {}  # behind (or with no position) at the last beat
+        self.lag = metrics.Histogram(metrics.LAG_BUCKETS_EVENTS)
         # Messages from Redis dropped unread (forged, another deployment's key, too old),
         # for a metrics exporter; and the rate limit of their log line.
         self.rejected = 0
@@ -168,9 +183,17 @@ class EdgeRuntime:
 
     def add(self, consumer: Subscriber) -> None:
         self.consumers[consumer.connection_id] = consumer
+        self.unseen[consumer] = None
+        self.stirred[consumer] = None
 
     def remove(self, consumer: Subscriber) -> None:
         self.consumers.pop(consumer.connection_id, None)
+        self.unseen.pop(consumer, None)
+        self.watch.pop(consumer, None)
+        self.stirred.pop(consumer, None)
+        self.lagging.pop(consumer, None)
+        for lags in self.last_positions.pop(consumer.connection_id, {}).values():
+            self.lag.forget(lags[1])
 
     # --- fan-out: one subscription per stream, batches handed to every socket of it ------
 
@@ -192,6 +215,7 @@ class EdgeRuntime:
                 sockets.pop(consumer, None)
                 if not sockets:
                     del self.members[key]
+                    self.last_heads.pop(key, None)  # not kept up to date once no socket needs it
 
     async def _join(self, key: str) -> None:
         joined = self.joins.get(key)
@@ -294,6 +318,7 @@ class EdgeRuntime:
         metrics.observe_latency(items[-1][1], time.time())  # once per batch, not per socket
         offsets = [int(offset) for offset, _ in items]
         name = streams.audience_of(key)
+        self.stirred.update(sockets)  # their positions moved
         for consumer in list(sockets):
             try:
                 rest = consumer.offer(key, name, epoch, items, offsets, wire)
@@ -388,9 +413,11 @@ class EdgeRuntime:
                 consumers = list(self.consumers.values())
                 token_ids = {c.principal.token_id for c in consumers if c.principal.token_id}
                 operators = {c.principal.recheck_key for c in consumers if c.principal.user_id}
-                rows = [c.directory_row() for c in consumers]
-                metrics.edge.peer_lag = _lag_histogram(consumers, self.last_heads)
-                moved = self._moved_positions(consumers)
+                moved = self._moved_positions(self._stirred())
+                metrics.edge.peer_lag = self.lag
+                # The rows are built only when the directory misses some (a row per socket
+                # every beat would be most of an idle edge's heartbeat).
+                rows = _Rows(consumers)
                 bad = await database_sync_to_async(_beat)(self.edge_id, rows, token_ids, operators, moved)
                 for c in consumers:
                     if c.principal.recheck_key in bad:
@@ -409,18 +436,33 @@ class EdgeRuntime:
         for key in [k for k, joined in self.joins.items() if joined.done()]:
             await self.layer.group_add(streams.group_name(prefix, key), self.stream_channel)
 
-    def _moved_positions(self, consumers: Sequence[Subscriber]) -> dict[str, dict[str, list[int]]]:
-        """Where each peer stands ({stream: [delivered, lag]}, from the heads the last head
-        check read), for the peers whose position changed since the last beat: an idle peer
-        costs the heartbeat nothing."""
+    def _stirred(self) -> list[Subscriber]:
+        """The sockets whose position may have moved since the last beat: a batch of theirs
+        arrived, a head of theirs moved, they were just added, or they lagged at the last beat
+        (a fill or a replay may have caught them up since)."""
+        stirred = {**self.stirred, **self.lagging}
+        self.stirred.clear()
+        return [c for c in stirred if self.consumers.get(c.connection_id) is c]
+
+    def _moved_positions(self, consumers: Iterable[Subscriber]) -> dict[str, dict[str, list[int]]]:
+        """Where each peer stands ({stream: [delivered, lag]}, from the heads the head checks
+        read), for the given peers whose position changed since the last beat; the lag
+        histogram follows. An idle peer costs the heartbeat nothing."""
         moved: dict[str, dict[str, list[int]]] = {}
-        now: dict[str, dict[str, list[int]]] = {}
         for c in consumers:
             where = {name: list(pos) for name, pos in c.positions(self.last_heads).items()}
-            now[c.connection_id] = where
-            if self.last_positions.get(c.connection_id) != where:
+            was = self.last_positions.get(c.connection_id)
+            if was != where:
                 moved[c.connection_id] = where
-        self.last_positions = now
+                self.last_positions[c.connection_id] = where
+                for _, lag in (was or {}).values():
+                    self.lag.forget(lag)
+                for _, lag in where.values():
+                    self.lag.observe(lag)
+            if not where or any(lag for _, lag in where.values()):
+                self.lagging[c] = None
+            else:
+                self.lagging.pop(c, None)
         return moved
 
     # --- head check: find and fill trailing loss ------------------------------------
@@ -436,15 +478,68 @@ class EdgeRuntime:
                 logger.warning("edge head check failed: %s", type(exc).__name__, extra={"action": "head_check_error"})
 
     async def check_heads(self) -> None:
-        consumers = list(self.consumers.values())  # added once their hello went out
-        keys = sorted({k for c in consumers for k in c.keys.values()})
-        heads: dict[str, Head] = {}
-        for start in range(0, len(keys), HEAD_QUERY_CHUNK):
-            chunk = keys[start : start + HEAD_QUERY_CHUNK]
-            heads.update(await database_sync_to_async(self.store.stream_heads)(chunk))
-        self.last_heads = heads
+        """Read the heads that moved since the last check and show them to the sockets of
+        their streams (with the sockets added since, and those to look at again); every
+        HEAD_SWEEP_INTERVAL_SECS read every connected stream's head and show all of them to
+        every socket. An idle socket costs the check nothing between sweeps."""
+        sweep = time.monotonic() >= self.next_sweep
+        fresh = list(self.unseen)
+        self.unseen.clear()
+        clock, feed = await database_sync_to_async(self.store.heads_moved_since)(self.feed_since)
+        heads = self.last_heads
+        if sweep:  # all of them, afresh: also what the feed could have missed
+            consumers: Iterable[Subscriber] = list(self.consumers.values())  # added once their hello went out
+            heads = await self._read_heads({k for c in consumers for k in c.keys.values()})
+            for key, head in heads.items():
+                if self.last_heads.get(key) != head:  # missed by the feed: their positions moved
+                    self.stirred.update(self.members.get(key, {}))
+            self.last_heads = heads
+            self.next_sweep = time.monotonic() + conf.HEAD_SWEEP_INTERVAL_SECS
+        else:
+            # The new sockets' streams no socket of this edge had yet: read by key once.
+            new = {k for c in fresh for k in c.keys.values() if k not in heads}
+            if new:
+                heads.update(await self._read_heads(new))
+            targets = dict.fromkeys(fresh)
+            targets.update(self.watch)
+            for key, head in feed.items():
+                sockets = self.members.get(key)
+                if sockets and heads.get(key) != head:
+                    heads[key] = head
+                    targets.update(sockets)
+                    self.stirred.update(sockets)
+            consumers = targets
+        # Since the clock before this read, less the margin: a relay's transaction in flight
+        # now stamps the heads it moves with its start, and commits later.
+        self.feed_since = clock - timedelta(seconds=conf.HEAD_CHECK_MARGIN_SECS)
+        self.watch = {}
         for c in consumers:
-            await c.observe_heads(heads)
+            if self.consumers.get(c.connection_id) is not c:  # gone, or still connecting
+                continue
+            if await c.observe_heads(heads):
+                self.watch[c] = None
+                self.stirred[c] = None
+
+    async def _read_heads(self, keys: Iterable[str]) -> dict[str, Head]:
+        ordered = sorted(keys)
+        heads: dict[str, Head] = {}
+        for start in range(0, len(ordered), HEAD_QUERY_CHUNK):
+            chunk = ordered[start : start + HEAD_QUERY_CHUNK]
+            heads.update(await database_sync_to_async(self.store.stream_heads)(chunk))
+        return heads
+
+
+class _Rows:
+    """The directory rows of ``consumers``, built when ``directory.beat`` asks for them."""
+
+    def __init__(self, consumers: Sequence[Subscriber]) -> None:
+        self.consumers = consumers
+
+    def __len__(self) -> int:
+        return len(self.consumers)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return (c.directory_row() for c in self.consumers)
 
 
 def _lag_histogram(consumers: Sequence[Subscriber], heads: dict[str, Head]) -> metrics.Histogram:
@@ -475,7 +570,7 @@ def _install_sigterm(runtime: EdgeRuntime) -> None:
 
 def _beat(
     eid: str,
-    rows: list[dict[str, Any]],
+    rows: directory.Rows,
     token_ids: set[Any],
     operators: set[tuple[Any, Any, Any]],
     positions: dict[str, dict[str, list[int]]] | None = None,

@@ -53,6 +53,11 @@ class Histogram:
         self.counts[bisect.bisect_left(self.bounds, value)] += 1
         self.sum += value
 
+    def forget(self, value: float) -> None:
+        """Take back one ``observe(value)`` (a histogram of current values, kept up to date)."""
+        self.counts[bisect.bisect_left(self.bounds, value)] -= 1
+        self.sum -= value
+
     def family(self, name: str, doc: str) -> HistogramMetricFamily:
         buckets: list[tuple[str, float]] = []
         running = 0

@@ -164,7 +164,12 @@ class Stream(models.Model):
     updated_at = models.DateTimeField(db_default=Now())
 
     class Meta:
-        indexes = [models.Index(fields=["tenant", "audience"], name="bp_stream_tenant")]
+        indexes = [
+            models.Index(fields=["tenant", "audience"], name="bp_stream_tenant"),
+            # The edges' head check asks for the streams whose head moved since its last check
+            # (docs/decisions/0027-head-check-change-feed.md).
+            models.Index(fields=["updated_at"], name="bp_stream_updated"),
+        ]
 
     def __str__(self) -> str:
         return self.key

@@ -33,6 +33,7 @@ class BenchCluster:
         edges: int = 2,
         pools: int = 2,
         analyze: bool = True,
+        ping_interval: int = 20,
     ) -> None:
         self.tag = tag
         self.n_peers = peers
@@ -43,6 +44,7 @@ class BenchCluster:
         self.cluster: Cluster | None = None
         self.pools: load.Pools | None = None
         self.analyze = analyze
+        self.ping_interval = ping_interval  # daphne's --ping-interval
 
     # --- set-up -------------------------------------------------------------------------
 
@@ -55,7 +57,7 @@ class BenchCluster:
         # Edges as the Dockerfile runs them, with a raised open-files limit; logs afresh each run.
         cluster = self.cluster = Cluster(log_dir=common.LOGS, env=self.env, append_logs=False, raise_nofile=True)
         try:
-            cluster.start_edges([f"{self.tag}-edge-{i}" for i in range(self.n_edges)], wait=False)
+            cluster.start_edges([f"{self.tag}-edge-{i}" for i in range(self.n_edges)], self.ping_interval, wait=False)
             cluster.start_relay(f"{self.tag}-relay", wait=False)
             for proc, port in zip(cluster.edges, cluster.ports, strict=True):
                 cluster.wait_edge(proc, port)

@@ -87,12 +87,20 @@ def figures(folder: Path) -> dict[str, Any]:
                         "conn.kb_per_conn": r["kb_per_conn"],
                         "conn.storm_s": r["storm_s"],
                         "conn.connects_per_s": r["connects_per_s"],
+                        "conn.idle_cpu_pct": r["edge_idle_cpu_pct"],
                     }
                 )
             elif r["phase"] == "after a kill":
                 f["conn.kill.back_s"] = r["kill_to_all_back_s"]
                 f["conn.kill.back_within_15s"] = r["back_within_target"]
                 f["conn.kill.lost"] = r["lost"]
+    if scale := _load(folder, "scale"):
+        for r in scale["rows"]:
+            k = f"scale.{r['peers']}.{r['phase'].replace(' ', '_')}"
+            f[f"{k}.edge_cpu_pct"] = r["edge_cpu_pct"]
+            if r["phase"] != "idle":
+                f[f"{k}.us_per_frame"] = r["edge_us_per_frame"]
+                f[f"{k}.p99_ms"] = r["p99_ms"]
     if sio := _load(folder, "socketio"):
         for r in sio["rows"]:
             if r["phase"] == "device":
@@ -175,6 +183,7 @@ TARGETS = [
         "s",
     ),
     Target("storm after an edge kill: events lost", "conn.kill.lost", "0", lambda v: v == 0, 0, True, "events"),
+    Target("idle peers on one edge: edge CPU", "conn.idle_cpu_pct", "≤ 3 % of a core", lambda v: v <= 3, 3, True, "%"),
 ]
 
 
@@ -415,6 +424,16 @@ def details(folder: Path) -> str:
             f"{fmt(r['kb_per_conn'])} | {fmt(r['redis_kb_per_conn'])} | {fmt(r['edge_idle_cpu_pct'])} % | "
             f"{fmt(sc.get('edge'))} | {fmt(sc.get('postgres'))} | {fmt(sc.get('peers'))} |"
         )
+    if (scale := _load(folder, "scale")) is not None:
+        L.append("\n#### Scale by size (one edge, 10 % of the peers receiving)\n")
+        L.append("| peers | phase | receivers | ev/s | lost | p50 ms | p99 ms | edge CPU % | edge µs per frame | ok |")
+        L.append("| ---: | --- |" + " ---: |" * 8)
+        for r in scale["rows"]:
+            L.append(
+                f"| {fmt(r['peers'])} | {r['phase']} | {fmt(r.get('receivers'))} | {fmt(r.get('rate'))} | "
+                f"{fmt(r.get('lost'))} | {fmt(r.get('p50_ms'))} | {fmt(r.get('p99_ms'))} | {fmt(r['edge_cpu_pct'])} | "
+                f"{fmt(r.get('edge_us_per_frame'))} | {fmt(r['ok'])} |"
+            )
     if (sio := _load(folder, "socketio")) is not None:
         L.append("\n#### Socket.IO 4 + PostgreSQL adapter (same run; CPU in % of one core, its harness)\n")
         L.append(

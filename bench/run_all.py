@@ -3,7 +3,8 @@
 Runs each benchmark as its own process, in this order, each bounded in time and the whole
 run bounded by ``--budget``: the end-to-end session (latency, raw Channels floor, maximum
 rate, edge kill, resume, fan-out), the Socket.IO + PostgreSQL peer right after it (same
-session, same workload), producer cost, relay throughput, idle connections. Then it copies
+session, same workload), producer cost, relay throughput, idle connections, Redis encryption's
+cost, scale by size (5 000 and 20 000 peers on one edge). Then it copies
 the results into ``bench/results/history/<time>/`` and prints the summary (``report.py``):
 targets met or missed, ratios against the raw floor and the peer, medians over past runs.
 
@@ -39,6 +40,8 @@ STEPS: list[tuple[str, str, list[str], float, float]] = [
     # Redis encryption's cost (issue 13): the relay → edge hop, and the e2e phase without and
     # with BACKPLANE_REDIS_KEYS, in one run.
     ("encryption", "encryption_cost.py", ["--e2e"], 240, 90),
+    # Scale by size (issue 17, 5): 5 000 and 20 000 peers on one edge, 10 % receiving.
+    ("scale", "scale.py", [], 200, 90),
 ]
 OUTPUTS = {
     "e2e": ["e2e_latency", "max_rate", "edge_kill", "resume", "fanout"],
@@ -47,6 +50,7 @@ OUTPUTS = {
     "relay_throughput": ["relay_throughput"],
     "connections": ["connections"],
     "encryption": ["encryption_cost"],
+    "scale": ["scale"],
 }
 
 
@@ -78,6 +82,8 @@ def main() -> None:
             argv += ["--budget", f"{max(60.0, timeout - 100):.0f}"]
         if name == "connections":
             argv += ["--budget", f"{max(30.0, timeout - 60):.0f}"]
+        if name == "scale":
+            argv += ["--budget", f"{max(30.0, timeout - 90):.0f}"]
         for stale in OUTPUTS[name]:  # a failed step must not leave last run's figures as this run's
             with contextlib.suppress(FileNotFoundError):
                 (common.RESULTS / f"{stale}.json").unlink()

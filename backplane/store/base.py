@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from datetime import datetime
 from typing import Any, Protocol
 
 from backplane.events import EventRow
@@ -145,6 +146,12 @@ class Store(Protocol):
 
     def stream_heads(self, keys: Sequence[str]) -> dict[str, Head]:
         """Return the current heads of the given streams (missing streams are left out)."""
+        ...
+
+    def heads_moved_since(self, since: datetime | None) -> tuple[datetime, dict[str, Head]]:
+        """Return the database's clock now and the heads of every stream whose head moved after
+        ``since`` (by ``updated_at``; none when ``since`` is None): the edges' head check
+        (docs/decisions/0027-head-check-change-feed.md)."""
         ...
 
     def read_range(self, stream_key: str, after: int, upto: int) -> list[Item]:

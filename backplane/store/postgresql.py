@@ -14,6 +14,7 @@ import json
 import logging
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from datetime import datetime
 from typing import Any
 
 import psycopg
@@ -206,6 +207,16 @@ class PostgreSQLStore:
                 return dict(rows.head(r) for r in cur.fetchall())
         finally:
             cur.close()
+
+    def heads_moved_since(self, since: datetime | None) -> tuple[datetime, dict[str, Head]]:
+        cur = _statement_cursor()
+        try:
+            with connection.wrap_database_errors:
+                cur.execute(SQL["heads_moved_since"], [since], prepare=conf.PREPARED_STATEMENTS)
+                found = cur.fetchall()
+        finally:
+            cur.close()
+        return found[0][0], dict(rows.head(r[1:]) for r in found if r[1] is not None)
 
     def read_range(self, stream_key: str, after: int, upto: int) -> list[Item]:
         if upto <= after:

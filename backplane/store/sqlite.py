@@ -11,6 +11,7 @@ import contextlib
 import json
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 from channels.db import database_sync_to_async
@@ -202,6 +203,14 @@ class SQLiteStore:
         with connection.cursor() as cur:
             cur.execute(SQL["stream_heads"], [json.dumps(list(keys))])
             return dict(rows.head(r) for r in cur.fetchall())
+
+    def heads_moved_since(self, since: datetime | None) -> tuple[datetime, dict[str, Head]]:
+        text = None if since is None else since.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+        with connection.cursor() as cur:
+            cur.execute(SQL["heads_moved_since"], [text])
+            found = cur.fetchall()
+        now = datetime.fromisoformat(found[0][0]).replace(tzinfo=UTC)
+        return now, dict(rows.head(r[1:]) for r in found if r[1] is not None)
 
     def read_range(self, stream_key: str, after: int, upto: int) -> list[Item]:
         if upto <= after:

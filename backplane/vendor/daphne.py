@@ -9,6 +9,9 @@ Versions are pinned in requirements.txt.
 - The denial response and the slow-consumer bound, patched into daphne's ``handle_reply``.
 - Probes: has daphne dropped a handshake (``gone``); is a peer's first frame on its way in
   (``frame_pending``); how many bytes twisted holds unsent (``outbound_buffered``).
+- Lean sweeps (``install_lean_checkers``): daphne's periodic checks visit only the connections
+  that need them; an open WebSocket's pings run on a timer of its own
+  (docs/decisions/0027-head-check-change-feed.md).
 - Limits (``install_limits``): autobahn's own inbound cap (close 4009), pings spending the
   inbound bucket (4029), a deadline for request headers; and an access log without query
   strings (``install_access_log_without_query_strings``).
@@ -21,6 +24,7 @@ import contextlib
 import functools
 import logging
 import socket
+import time
 import weakref
 from typing import Any
 
@@ -60,13 +64,23 @@ RELIED_ON = (
     ("daphne.http_protocol", "WebRequest", "process"),
     ("twisted.web.http", "HTTPChannel", "requestDone"),
     ("twisted.protocols.policies", "ProtocolWrapper", "transport"),
+    ("daphne.server", "Server", "protocol_connected"),
+    ("daphne.server", "Server", "create_application"),
+    ("daphne.server", "Server", "application_checker"),
+    ("daphne.server", "Server", "timeout_checker"),
+    ("daphne.ws_protocol", "WebSocketProtocol", "onOpen"),
+    ("daphne.ws_protocol", "WebSocketProtocol", "duration"),
+    ("daphne.ws_protocol", "WebSocketProtocol", "serverClose"),
+    ("daphne.ws_protocol", "WebSocketProtocol", "_sendAutoPing"),
+    ("daphne.ws_protocol", "WebSocketProtocol", "sendData"),  # what sendFrame writes through
     ("autobahn.websocket.protocol", "WebSocketProtocol", "_connectionMade"),  # calls the module's pformat
     ("autobahn.websocket.protocol", "Timings", "__str__"),
 )
 # Set on instances: daphne's protocol (state, send_state, data, transport, server,
 # application_queue, handshake_deferred, _perMessageCompress, closeHandshakeTimeout), twisted's
 # TCP transport (socket, _tempDataLen, disconnected, disconnecting), daphne's server
-# (connections: protocol -> {"disconnected": ...}).
+# (connections: protocol -> {"disconnected": ..., "application_instance": ...}, ping_interval,
+# websocket_timeout), daphne's WebSocket protocol's last_ping and autobahn's send_queue.
 
 
 def protocol_of(send: Any) -> Any:
@@ -549,6 +563,136 @@ def _phrase(status: int) -> str:
         return http.HTTPStatus(status).phrase
     except ValueError:
         return "Refused"
+
+
+def install_lean_checkers() -> None:
+    """daphne's two sweeps visit every connection: ``application_checker`` each second (reaps
+    finished applications), ``timeout_checker`` every 2 s (timeouts and each WebSocket's ping
+    when due) — with 10 000 idle peers most of an edge's idle CPU. Here each visits only the
+    connections it has something to do for, marked when it happens: the reaper those that
+    disconnected or whose application finished; the timeouts those not (yet, or no longer) an
+    open WebSocket (HTTP requests, handshakes). An open WebSocket pings on a timer of its own
+    when ``ping_interval`` has passed since its last ping or inbound message, and is closed
+    after ``websocket_timeout``, as daphne's sweep would (to the second, not to 2 s)."""
+    from daphne.server import Server
+    from daphne.ws_protocol import WebSocketProtocol
+
+    if getattr(Server, "_tyrum_lean_checkers", False):
+        return
+    Server._tyrum_lean_checkers = True
+    connected, disconnected = Server.protocol_connected, Server.protocol_disconnected
+    create, reap, timeouts, on_open = (
+        Server.create_application,
+        Server.application_checker,
+        Server.timeout_checker,
+        WebSocketProtocol.onOpen,
+    )
+
+    def protocol_connected(self: Any, protocol: Any) -> None:
+        connected(self, protocol)
+        _marks(self)[1][protocol] = None
+
+    def protocol_disconnected(self: Any, protocol: Any) -> None:
+        disconnected(self, protocol)
+        _marks(self)[0][protocol] = None
+
+    def create_application(self: Any, protocol: Any, scope: Any) -> Any:
+        queue = create(self, protocol, scope)
+        instance = self.connections.get(protocol, {}).get("application_instance")
+        if instance is not None:
+            marked = _marks(self)[0]
+            instance.add_done_callback(lambda _: marked.__setitem__(protocol, None))
+        return queue
+
+    def application_checker(self: Any) -> None:
+        # Kept: the disconnected whose application still runs (its close timeout runs on).
+        _visit(self, reap, _marks(self)[0], lambda p, d: "disconnected" in d)
+
+    def timeout_checker(self: Any) -> None:
+        _visit(self, timeouts, _marks(self)[1], lambda p, d: not _open_websocket(p))
+
+    def onOpen(self: Any) -> None:  # noqa: N802  (autobahn's name)
+        on_open(self)
+        _marks(self.server)[1].pop(self, None)
+        _ping_later(self, self.server.ping_interval)
+
+    Server.protocol_connected = protocol_connected
+    Server.protocol_disconnected = protocol_disconnected
+    Server.create_application = create_application
+    Server.application_checker = application_checker
+    Server.timeout_checker = timeout_checker
+    WebSocketProtocol.onOpen = onOpen
+
+
+def _marks(server: Any) -> tuple[dict[Any, None], dict[Any, None]]:
+    """(to reap, to check for timeouts): the connections each sweep visits next."""
+    marks = server.__dict__.get("_tyrum_marks")
+    if marks is None:
+        marks = server._tyrum_marks = ({}, {})
+    return marks  # type: ignore[no-any-return]
+
+
+def _visit(server: Any, sweep: Any, marked: dict[Any, None], keep: Any) -> None:
+    """Run daphne's ``sweep`` over the ``marked`` connections only (it reads and deletes in
+    ``server.connections``; one synchronous call, so nothing else sees the swap)."""
+    everything = server.connections
+    some = {p: everything[p] for p in marked if p in everything}
+    marked.clear()
+    visited = dict(some)
+    server.connections = some
+    try:
+        sweep(server)
+    finally:
+        server.connections = everything
+    for protocol, details in visited.items():
+        if protocol not in some:  # reaped
+            everything.pop(protocol, None)
+        elif keep(protocol, details):
+            marked[protocol] = None
+
+
+def _open_websocket(protocol: Any) -> bool:
+    return getattr(protocol, "state", None) == getattr(protocol, "STATE_OPEN", object())
+
+
+def _ping_later(proto: Any, delay: float) -> None:
+    from twisted.internet import reactor
+
+    reactor.callLater(max(0.05, delay), _ping_due, proto)  # type: ignore[arg-type]  # twisted's interface
+
+
+def _ping_due(proto: Any) -> None:
+    """One open WebSocket's share of daphne's timeout sweep: close after ``websocket_timeout``,
+    ping when ``ping_interval`` passed since the last ping or inbound message."""
+    if not _open_websocket(proto):
+        return
+    server = proto.server
+    if 0 <= server.websocket_timeout < proto.duration():
+        proto.serverClose()
+        return
+    now = time.time()
+    if now - proto.last_ping >= server.ping_interval:
+        send_auto_ping(proto)
+        proto.last_ping = now
+    due = proto.last_ping + server.ping_interval - now
+    if server.websocket_timeout >= 0:
+        due = min(due, server.websocket_timeout - proto.duration() + 0.01)
+    _ping_later(proto, due)
+
+
+def send_auto_ping(proto: Any) -> None:
+    """autobahn's auto-ping (its payload, the pong timeout), the frame written with one
+    ``send()`` (``send_now``) rather than through twisted's writer registration — two epoll
+    changes and a loop turn per ping, most of what an idle peer costs the edge. When a
+    message is half sent or autobahn queues frames, its own path keeps the order."""
+    if proto.send_state != proto.SEND_STATE_GROUND or proto.send_queue:
+        proto._sendAutoPing()
+        return
+    proto.sendData = lambda data, sync=False, chopsize=None: send_now(proto.transport, data)
+    try:
+        proto._sendAutoPing()
+    finally:
+        del proto.sendData
 
 
 def stop_reactor() -> bool:

@@ -52,6 +52,7 @@ STATEMENTS: dict[str, tuple[list[Any], tuple[str, ...] | None]] = {
     "pending_tenants": ([[0, 1]], ("tenant_id",)),
     "ensure_streams": ([["t:x"], [TENANT], ["tenant"], ["abcd1234"]], None),
     "stream_heads": ([json.dumps(["t:x"])], rows.HEAD_COLUMNS),
+    "heads_moved_since": ([NOW], ("now", *rows.HEAD_COLUMNS)),
     "read_range": (["t:x", 0, 10], rows.ITEM_COLUMNS),
     "take_shards": ([0x7479, [0, 1]], None),
     "expire_keys": ([3600.0, 10], None),

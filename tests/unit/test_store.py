@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from asgiref.sync import sync_to_async
@@ -147,6 +147,22 @@ def test_store__ensure_streams_creates_at_zero_once_and_reads_ranges(store, tena
     assert store.stream_heads([device])[device].epoch == heads[device].epoch
     assert [i.event_id for i in store.read_range(device, 1, 3)] == ["e2", "e3"]
     assert store.read_range(device, 3, 3) == [] and store.stream_heads([]) == {}
+
+
+def test_store__heads_moved_since_names_only_the_streams_whose_head_moved_after_the_time(store, tenant) -> None:
+    keys = list(streams.connection_streams(tenant.id, "client", "dev-1").values())
+    store.ensure_streams(tenant.id, keys)
+    clock, none = store.heads_moved_since(None)
+    assert none == {} and clock.tzinfo is not None  # the database's clock only
+
+    publish(tenant, "e1", "e2", device="dev-1")
+    store.assign(ALL, 10)
+    device = streams.device_stream(tenant.id, "dev-1")
+    later, moved = store.heads_moved_since(clock - timedelta(seconds=2))  # SQLite stamps whole seconds
+    assert later >= clock
+    assert moved[device] == store.stream_heads([device])[device] and moved[device].offset == 2
+    _, after = store.heads_moved_since(later + timedelta(seconds=2))
+    assert after == {}  # nothing moved since
 
 
 def test_store__both_implementations_have_every_member_of_the_interface_with_its_signature() -> None:

@@ -260,6 +260,69 @@ def test_vendor__outbound_buffered_sees_through_a_tls_wrapper() -> None:
         peer.close()
 
 
+def test_vendor__lean_checkers_visit_only_the_connections_with_something_to_do(monkeypatch: Any) -> None:
+    """daphne's sweeps skip idle open WebSockets (docs/decisions/0027): the timeout sweep
+    visits handshakes and HTTP requests, the reaper the disconnected; an open WebSocket pings
+    on its own timer when ping_interval has passed."""
+    import time
+    from types import SimpleNamespace
+
+    from daphne.server import Server
+    from twisted.internet import reactor
+
+    vendor_daphne.install_lean_checkers()
+    later: list[tuple[float, Any]] = []
+    monkeypatch.setattr(reactor, "callLater", lambda delay, f, *a: later.append((delay, f)))
+    server = Server.__new__(Server)
+    server.connections, server.action_logger, server.application_close_timeout = {}, None, 10
+    server.ping_interval, server.websocket_timeout = 20, 86400
+    visited: list[Any] = []
+
+    class Request:
+        def check_timeouts(self) -> None:
+            visited.append(self)
+
+    idle = daphne_protocol()
+    idle.server, idle.request, idle.client_addr = server, SimpleNamespace(path="/ws"), None
+    idle.socket_opened = time.time()  # set by daphne's onConnect
+    idle.check_timeouts = lambda: visited.append(idle)
+    leaving, opening = Request(), Request()
+    for p in (idle, leaving, opening):
+        server.protocol_connected(p)
+    idle.state = idle.STATE_OPEN
+    idle.onOpen()
+    assert later[-1] == (20, vendor_daphne._ping_due)  # its own ping timer
+
+    server.timeout_checker()
+    assert visited == [leaving, opening]  # not the open WebSocket
+    server.protocol_disconnected(leaving)
+    server.application_checker()
+    assert list(server.connections) == [idle, opening]  # the disconnected one reaped
+
+    pings: list[bool] = []
+    idle._sendAutoPing = lambda: pings.append(True)
+    idle.last_ping = time.time() - 5
+    vendor_daphne._ping_due(idle)
+    assert pings == [] and 14 < later[-1][0] <= 15  # next when 20 s have passed since the last
+    idle.last_ping = time.time() - 21
+    vendor_daphne._ping_due(idle)
+    assert pings == [True] and 19 < later[-1][0] <= 20
+
+
+def test_vendor__auto_ping_goes_out_in_one_write_with_autobahns_pong_timeout() -> None:
+    proto = daphne_protocol()
+    proto.state = proto.STATE_OPEN
+    assert "send_queue" in vars(proto)
+    proto.autoPingTimeout = 30  # daphne's --ping-timeout
+    proto.transport.clear()
+    vendor_daphne.send_auto_ping(proto)
+    wire = proto.transport.value()
+    assert wire[:1] == b"\x89" and wire[2:] == proto.autoPingPending  # one unmasked ping frame
+    assert proto.autoPingTimeoutCall is not None  # autobahn still expects the pong
+    assert "sendData" not in vars(proto)  # the class's own again
+    proto.autoPingTimeoutCall.cancel()
+
+
 def test_vendor__the_edge_listens_with_a_queue_for_a_reconnect_storm() -> None:
     from twisted.internet import protocol, reactor
     from twisted.internet.endpoints import serverFromString

@@ -72,6 +72,13 @@ ON CONFLICT (key) DO NOTHING
 SELECT key, epoch, last_offset, first_retained_offset FROM backplane_stream
 WHERE key IN (SELECT jsonb_array_elements_text(%s::jsonb))
 
+-- name: heads_moved_since
+-- The edges' head check: the clock now, and the heads of the streams whose head moved after the
+-- time given (none when it is NULL), by bp_stream_updated; one row with a NULL key when none
+-- moved (docs/decisions/0027-head-check-change-feed.md). Parameters: since (or NULL).
+SELECT n.now, s.key, s.epoch, s.last_offset, s.first_retained_offset
+FROM (SELECT statement_timestamp() AS now) n LEFT JOIN backplane_stream s ON s.updated_at > %s::timestamptz
+
 -- name: read_range
 -- Parameters: stream, after, up to (inclusive).
 SELECT stream_offset, event_id, type, occurred_at, payload::text AS payload FROM backplane_outboxitem

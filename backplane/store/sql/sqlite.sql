@@ -75,6 +75,14 @@ ON CONFLICT (key) DO NOTHING
 SELECT key, epoch, last_offset, first_retained_offset FROM backplane_stream
 WHERE key IN (SELECT value FROM json_each(%s))
 
+-- name: heads_moved_since
+-- The edges' head check: the clock now (UTC text, as updated_at is stored), and the heads of the
+-- streams whose head moved after the time given (none when it is NULL); one row with a NULL key
+-- when none moved. updated_at has whole seconds (CURRENT_TIMESTAMP): the caller's margin covers
+-- them. Parameters: since (text or NULL).
+SELECT strftime('%%Y-%%m-%%d %%H:%%M:%%f', 'now'), s.key, s.epoch, s.last_offset, s.first_retained_offset
+FROM (SELECT 1) n LEFT JOIN backplane_stream s ON s.updated_at > %s
+
 -- name: read_range
 -- Parameters: stream, after, up to (inclusive).
 SELECT stream_offset, event_id, type, occurred_at, payload FROM backplane_outboxitem

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from backplane import metrics
 from harness.data import events, make_tenant, make_token, orm, publish_many
 from harness.inprocess import InProcessEdge
 
@@ -68,9 +69,42 @@ def test_moved_positions__only_peers_whose_position_changed_are_written() -> Non
             return self.where
 
     runtime = EdgeRuntime.__new__(EdgeRuntime)
-    runtime.last_heads, runtime.last_positions = {}, {}
+    runtime.last_heads, runtime.last_positions, runtime.lagging = {}, {}, {}
+    runtime.lag = metrics.Histogram(metrics.LAG_BUCKETS_EVENTS)
     a, b = Peer("a", {"device": (3, 0)}), Peer("b", {"device": (1, 2)})
     assert runtime._moved_positions([a, b]) == {"a": {"device": [3, 0]}, "b": {"device": [1, 2]}}
+    assert list(runtime.lagging) == [b]  # looked at again at every beat until it caught up
     assert runtime._moved_positions([a, b]) == {}  # nothing moved: nothing to write
     b.where = {"device": (3, 0)}
     assert runtime._moved_positions([a, b]) == {"b": {"device": [3, 0]}}
+    assert runtime.lagging == {}
+    # The lag histogram follows the positions: one observation per socket and stream, now.
+    assert runtime.lag.counts[0] == 2 and sum(runtime.lag.counts) == 2 and runtime.lag.sum == 0
+
+
+def test_heartbeat__looks_only_at_sockets_that_were_stirred_or_lag() -> None:
+    """An idle socket costs the beat nothing: only the sockets a batch, a head check, an
+    add or a lag stirred have their positions computed."""
+    from backplane.edge import EdgeRuntime
+
+    class Peer:
+        def __init__(self, cid: str) -> None:
+            self.connection_id, self.asked = cid, 0
+
+        def positions(self, heads: Any) -> dict[str, tuple[int, int]]:
+            self.asked += 1
+            return {"device": (1, 0)}
+
+    runtime = EdgeRuntime.__new__(EdgeRuntime)
+    runtime.last_heads, runtime.last_positions, runtime.lagging, runtime.stirred = {}, {}, {}, {}
+    runtime.lag = metrics.Histogram(metrics.LAG_BUCKETS_EVENTS)
+    peers = [Peer(f"p{i}") for i in range(3)]
+    runtime.consumers = {p.connection_id: p for p in peers}
+    runtime.stirred = dict.fromkeys(peers)  # as add() leaves them
+    runtime._moved_positions(runtime._stirred())
+    assert [p.asked for p in peers] == [1, 1, 1]
+    runtime._moved_positions(runtime._stirred())
+    assert [p.asked for p in peers] == [1, 1, 1]  # idle: not looked at
+    runtime.stirred[peers[1]] = None  # a batch of its stream arrived
+    runtime._moved_positions(runtime._stirred())
+    assert [p.asked for p in peers] == [1, 2, 1]
