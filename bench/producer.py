@@ -59,6 +59,7 @@ def main() -> None:
 ARMS = {
     "base": "state txn alone",
     "publish": "state txn + publish()",
+    "publish_now": "state txn + publish(), PUBLISH_AT_COMMIT off",
     "statement": "floor: + one more statement (SELECT 1)",
     "inline": "floor: + smallest append, inside the COMMIT message",
 }
@@ -80,14 +81,20 @@ def measure(args: Any, db: str) -> tuple[list[dict[str, Any]], float]:
     connection.ensure_connection()
     raw = connection.connection
 
+    from django.conf import settings
+
+    at_commit = {**(getattr(settings, "BACKPLANE", {}) or {}), "PUBLISH_AT_COMMIT": True}
+    now = {**at_commit, "PUBLISH_AT_COMMIT": False}
+
     def txn(arm: str, i: int) -> float:
+        settings.BACKPLANE = now if arm == "publish_now" else at_commit
         t0 = time.perf_counter()
         with transaction.atomic():
             with connection.cursor() as cur:
                 cur.execute("UPDATE bench_state SET n = n + 1 WHERE id = 1")
                 if arm == "statement":
                     cur.execute("SELECT 1")
-            if arm == "publish":
+            if arm in ("publish", "publish_now"):
                 outbox.publish(tenant, "run.updated", {"run_id": i, "status": "running"}, device=f"dev-{i % 100}")
             elif arm == "inline":
                 # One simple-protocol message: no round trip, parse or plan beyond the row itself.
