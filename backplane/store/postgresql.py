@@ -18,7 +18,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import psycopg
-from django.db import DatabaseError, OperationalError, connection, connections, transaction
+from django.db import DEFAULT_DB_ALIAS, DatabaseError, OperationalError, connection, connections, transaction
 from django.db.models.signals import post_delete, post_save
 
 from backplane import exceptions, partitions, streams
@@ -64,8 +64,9 @@ class PostgreSQLStore:
         if count > PIPELINE_SLICE:
             return _append_pipelined(tenant_id, shard, rows, count)
         built = list(rows)  # all validated before anything is written
-        if len(built) == 1 and _at_commit_ok(tenant_id):
-            _append_at_commit(tenant_id, shard, built[0])
+        db = connections[DEFAULT_DB_ALIAS]
+        if len(built) == 1 and _at_commit_ok(db, tenant_id):
+            _append_at_commit(db, shard, tenant_id, built[0])
         elif built:
             _insert(tenant_id, shard, first_of_each(built, set()))
         return [row[1] for row in built]
@@ -464,14 +465,15 @@ post_save.connect(_forget_tenant, sender="backplane.Tenant", weak=False)
 post_delete.connect(_forget_tenant, sender="backplane.Tenant", weak=False)
 
 
-def _at_commit_ok(tenant_id: uuid.UUID) -> bool:
+def _at_commit_ok(db: Any, tenant_id: uuid.UUID) -> bool:
     """Whether this publish can wait for the commit: inside a transaction, the tenant found
-    active lately, string literals read as written (standard_conforming_strings)."""
-    if not (connection.in_atomic_block and conf.PUBLISH_AT_COMMIT):
+    active lately, string literals read as written (standard_conforming_strings). ``db``: the
+    connection wrapper itself (each look-up through ``django.db.connection`` costs ~1.5 µs)."""
+    if not (db.in_atomic_block and conf.PUBLISH_AT_COMMIT):
         return False
-    if _active_until.get(tenant_id, 0.0) < time.monotonic() or connection.needs_rollback:
+    if _active_until.get(tenant_id, 0.0) < time.monotonic() or db.needs_rollback:
         return False
-    raw = connection.connection
+    raw = db.connection
     return raw is not None and raw.info.parameter_status("standard_conforming_strings") == "on"
 
 
@@ -481,13 +483,12 @@ def _lit(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def _append_at_commit(tenant_id: uuid.UUID, shard: int, row: EventRow) -> None:
+def _append_at_commit(db: Any, shard: int, tenant_id: uuid.UUID, row: EventRow) -> None:
     stream, event_id, etype, at, text, size = row
     sql = (
         f"SELECT bp_publish_v1('{tenant_id}',{_lit(event_id)},{_lit(stream)},{_lit(etype)},"
         f"'{at.isoformat()}',{_lit(text)},{size},{shard})"
     )
-    db: Any = connections[connection.alias]
     db.on_commit(_AtCommit(sql))
     if not getattr(db, "_bp_at_commit", False):
         _hook(db)
