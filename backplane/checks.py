@@ -117,14 +117,12 @@ def check_backplane_settings(app_configs: Any = None, **kwargs: Any) -> list[Che
                     id="backplane.E008",
                 )
             )
-    if not isinstance(conf._get("PREPARED_STATEMENTS"), bool):
-        errors.append(
-            Error(
-                "BACKPLANE['PREPARED_STATEMENTS'] must be True or False.",
-                hint="False only behind a pooler that cannot carry prepared statements.",
-                id="backplane.E011",
-            )
-        )
+    for key, hint in (
+        ("PREPARED_STATEMENTS", "False only behind a pooler that cannot carry prepared statements."),
+        ("PUBLISH_AT_COMMIT", "False sends each publish() at once, as its own statement."),
+    ):
+        if not isinstance(conf._get(key), bool):
+            errors.append(Error(f"BACKPLANE['{key}'] must be True or False.", hint=hint, id="backplane.E011"))
     layer = getattr(settings, "BACKPLANE_LAYER", "pubsub")
     if layer not in ("pubsub", "core"):
         errors.append(

@@ -185,6 +185,10 @@ class Settings:
     # (docs/decisions/0009-prepared-publish-statements.md). Set False behind a pooler that
     # cannot carry prepared statements (PgBouncer in transaction mode before 1.21).
     PREPARED_STATEMENTS: Setting[bool] = Setting(True)
+    # PostgreSQL: publish() inside a transaction is sent with the transaction's COMMIT (or
+    # before its next statement), not as a statement of its own
+    # (docs/decisions/0030-publish-rides-the-commit.md). False: at once, as before.
+    PUBLISH_AT_COMMIT: Setting[bool] = Setting(True)
     # Redis carries every payload and the directed commands, encrypted and authenticated with
     # the keys of channel_layers(); a cluster without keys must say its Redis network is
     # trusted (backplane.E030), so a missing key is never silent.

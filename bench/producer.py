@@ -7,6 +7,9 @@ one more statement (``SELECT 1``), and with the smallest possible append (one un
 integer row) sent inside the COMMIT's own message — what adding anything to the transaction
 costs on this stack before a single byte of an event is validated or stored.
 
+Each arm's CPU per transaction (this process and its PostgreSQL backend) is measured block by
+block beside the wall-clock times: it moves less when other work shares the machine.
+
 No relay runs: this is the producer's side alone (this process and PostgreSQL; the doorbell's
 Redis PUBLISH happens on a background thread after commit, and Redis's CPU is counted).
 
@@ -46,7 +49,8 @@ def main() -> None:
         f"producer cost — {args.txns} transactions per arm in shuffled blocks of {args.block}; publish() "
         f"overhead {overhead * 100:.1f}% (mean); CPU in CPU-seconds",
         rows,
-        ["figure", "p50_ms", "p99_ms", "mean_ms", "overhead_pct", "events_per_sec"]
+        ["figure", "p50_ms", "p99_ms", "mean_ms", "overhead_pct", "cpu_python_us", "cpu_backend_us"]
+        + ["cpu_overhead_pct", "events_per_sec"]
         + ["cpu_bench", "cpu_postgres", "cpu_redis"],
         notes,
     )
@@ -59,6 +63,7 @@ def main() -> None:
 ARMS = {
     "base": "state txn alone",
     "publish": "state txn + publish()",
+    "publish_now": "state txn + publish(), PUBLISH_AT_COMMIT off",
     "statement": "floor: + one more statement (SELECT 1)",
     "inline": "floor: + smallest append, inside the COMMIT message",
 }
@@ -80,14 +85,20 @@ def measure(args: Any, db: str) -> tuple[list[dict[str, Any]], float]:
     connection.ensure_connection()
     raw = connection.connection
 
+    from django.conf import settings
+
+    at_commit = {**(getattr(settings, "BACKPLANE", {}) or {}), "PUBLISH_AT_COMMIT": True}
+    now = {**at_commit, "PUBLISH_AT_COMMIT": False}
+
     def txn(arm: str, i: int) -> float:
+        settings.BACKPLANE = now if arm == "publish_now" else at_commit
         t0 = time.perf_counter()
         with transaction.atomic():
             with connection.cursor() as cur:
                 cur.execute("UPDATE bench_state SET n = n + 1 WHERE id = 1")
                 if arm == "statement":
                     cur.execute("SELECT 1")
-            if arm == "publish":
+            if arm in ("publish", "publish_now"):
                 outbox.publish(tenant, "run.updated", {"run_id": i, "status": "running"}, device=f"dev-{i % 100}")
             elif arm == "inline":
                 # One simple-protocol message: no round trip, parse or plan beyond the row itself.
@@ -107,10 +118,19 @@ def measure(args: Any, db: str) -> tuple[list[dict[str, Any]], float]:
             txn(arm, i * args.block + j)
     meter = common.CpuMeter(db, {})
     samples: dict[str, list[float]] = {arm: [] for arm in ARMS}
+    # CPU per arm, block by block: this process (process_time) and its PostgreSQL backend
+    # (/proc, in clock ticks: summed over many blocks the rounding evens out). Less moved by
+    # other work on the machine than wall-clock times.
+    backend = raw.info.backend_pid
+    cpu_py: dict[str, float] = dict.fromkeys(ARMS, 0.0)
+    cpu_pg: dict[str, float] = dict.fromkeys(ARMS, 0.0)
     a = meter.snap()
     for i, arm in enumerate(blocks):
+        py0, pg0 = time.process_time(), common.cpu_seconds(backend)
         for j in range(args.block):
             samples[arm].append(txn(arm, i * args.block + j))
+        cpu_py[arm] += time.process_time() - py0
+        cpu_pg[arm] += common.cpu_seconds(backend) - pg0
     cpu_txn = meter.delta(a, meter.snap())
 
     def ms(v: list[float], q: float) -> float:
@@ -128,6 +148,10 @@ def measure(args: Any, db: str) -> tuple[list[dict[str, Any]], float]:
             "p99_ms": ms(samples[arm], 99),
             "mean_ms": mean(arm) * 1000,
             "overhead_pct": (mean(arm) / mean("base") - 1) * 100,
+            "cpu_us_per_txn": (cpu_py[arm] + cpu_pg[arm]) / len(samples[arm]) * 1e6,
+            "cpu_python_us": cpu_py[arm] / len(samples[arm]) * 1e6,
+            "cpu_backend_us": cpu_pg[arm] / len(samples[arm]) * 1e6,
+            "cpu_overhead_pct": ((cpu_py[arm] + cpu_pg[arm]) / (cpu_py["base"] + cpu_pg["base"]) - 1) * 100,
         }
         if arm == "publish":
             row.update(

@@ -12,13 +12,15 @@ import contextlib
 import itertools
 import json
 import logging
+import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
 import psycopg
-from django.db import DatabaseError, OperationalError, connection, transaction
+from django.db import DEFAULT_DB_ALIAS, DatabaseError, OperationalError, connection, connections, transaction
+from django.db.models.signals import post_delete, post_save
 
 from backplane import exceptions, partitions, streams
 from backplane.conf import conf
@@ -63,7 +65,10 @@ class PostgreSQLStore:
         if count > PIPELINE_SLICE:
             return _append_pipelined(tenant_id, shard, rows, count)
         built = list(rows)  # all validated before anything is written
-        if built:
+        db = connections[DEFAULT_DB_ALIAS]
+        if len(built) == 1 and _at_commit_ok(db, tenant_id):
+            _append_at_commit(db, shard, tenant_id, built[0])
+        elif built:
             _insert(tenant_id, shard, first_of_each(built, set()))
         return [row[1] for row in built]
 
@@ -344,6 +349,7 @@ def _insert(tenant_id: uuid.UUID, shard: int, rows: list[EventRow]) -> None:
             assert state is not None  # the statement always returns its one row
             _tenant_state_ok(state[0], tenant_id)
             raw.close()
+    _active_until[tenant_id] = time.monotonic() + TENANT_ACTIVE_SECS
 
 
 def _append_pipelined(tenant_id: uuid.UUID, shard: int, rows: Iterable[EventRow], count: int) -> list[str]:
@@ -376,8 +382,10 @@ def _append_pipelined(tenant_id: uuid.UUID, shard: int, rows: Iterable[EventRow]
 
 
 def _statement_cursor() -> psycopg.Cursor[Any]:
-    """A server-side-binding psycopg cursor on Django's connection (in its transaction)."""
+    """A server-side-binding psycopg cursor on Django's connection (in its transaction),
+    after any event waiting for the commit (so statements see it and ids keep their order)."""
     connection.ensure_connection()
+    _flush(connections[connection.alias])
     conn = connection.connection
     if conf.PREPARED_STATEMENTS and conn.prepare_threshold is None:
         conn.prepare_threshold = _PREPARE_ONLY_WHEN_ASKED
@@ -433,4 +441,140 @@ def _driver_errors() -> Iterator[None]:
     except OperationalError as exc:
         raise exceptions.StoreUnavailable(type(exc).__name__) from None
     except DatabaseError as exc:
+        raise exceptions.PublishError(f"the database refused the events ({type(exc).__name__})") from None
+
+
+# --- publish() with the commit -----------------------------------------------------------------
+#
+# publish() of one event inside a transaction does not send a statement of its own: the event
+# waits (an on_commit entry of Django's, so a rolled-back transaction or savepoint drops it as
+# it drops the entry) and goes as `SELECT bp_publish_v1(...)` in the COMMIT's own message, one
+# simple query — or, if the transaction runs another statement first, just before that
+# statement, so the transaction sees its events and their ids keep the order of the calls
+# (docs/decisions/0030-publish-rides-the-commit.md). bp_publish_v1 checks the tenant again and
+# raises if it is unknown or inactive: then the transaction rolls back whole.
+
+# A tenant a publish statement found active is taken for active this long without asking (the
+# call at commit still checks it): its first publish in a while goes at once, and raises there.
+TENANT_ACTIVE_SECS = 1.0
+_active_until: dict[uuid.UUID, float] = {}
+# Django's savepoint statements: an event waiting for the commit need not go before them (a
+# rolled-back savepoint drops its on_commit entries, the waiting events among them).
+_SAVEPOINT_SQL = ("SAVEPOINT ", "RELEASE SAVEPOINT ", "ROLLBACK TO SAVEPOINT ")
+# SQLSTATEs raised by bp_publish_v1.
+_UNKNOWN_TENANT, _INACTIVE_TENANT = "BP001", "BP002"
+
+
+class _AtCommit:
+    """An event waiting for its transaction's commit: its call, as SQL with literals."""
+
+    __slots__ = ("sql",)
+
+    def __init__(self, sql: str) -> None:
+        self.sql: str | None = sql
+
+    def __call__(self) -> None:  # an on_commit entry: nothing left to do after the commit
+        pass
+
+
+def _forget_tenant(sender: Any, instance: Any, **kwargs: Any) -> None:
+    _active_until.pop(instance.pk, None)
+
+
+post_save.connect(_forget_tenant, sender="backplane.Tenant", weak=False)
+post_delete.connect(_forget_tenant, sender="backplane.Tenant", weak=False)
+
+
+def _at_commit_ok(db: Any, tenant_id: uuid.UUID) -> bool:
+    """Whether this publish can wait for the commit: inside a transaction, the tenant found
+    active lately, string literals read as written (standard_conforming_strings). ``db``: the
+    connection wrapper itself (each look-up through ``django.db.connection`` costs ~1.5 µs)."""
+    if not (db.in_atomic_block and conf.PUBLISH_AT_COMMIT):
+        return False
+    if _active_until.get(tenant_id, 0.0) < time.monotonic() or db.needs_rollback:
+        return False
+    raw = db.connection
+    return raw is not None and raw.info.parameter_status("standard_conforming_strings") == "on"
+
+
+def _lit(text: str) -> str:
+    # standard_conforming_strings is on (_at_commit_ok): only the quote is special. A NUL
+    # cannot occur (events.encode refuses it; ids, types and streams are checked patterns).
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _append_at_commit(db: Any, shard: int, tenant_id: uuid.UUID, row: EventRow) -> None:
+    stream, event_id, etype, at, text, size = row
+    sql = (
+        f"SELECT bp_publish_v1('{tenant_id}',{_lit(event_id)},{_lit(stream)},{_lit(etype)},"
+        f"'{at.isoformat()}',{_lit(text)},{size},{shard})"
+    )
+    db.on_commit(_AtCommit(sql))
+    if not getattr(db, "_bp_at_commit", False):
+        _hook(db)
+    if _flush_before not in db.execute_wrappers:
+        db.execute_wrappers.append(_flush_before)
+
+
+def _hook(db: Any) -> None:
+    """Send waiting events with the COMMIT: the wrapper's commit, once per wrapper."""
+    plain = db._commit
+    db._commit = lambda: _commit_with_events(db, plain)
+    db._bp_at_commit = True
+
+
+def _waiting(db: Any) -> list[_AtCommit]:
+    return [f for _sids, f, _robust in db.run_on_commit if type(f) is _AtCommit and f.sql is not None]
+
+
+def _commit_with_events(db: Any, plain: Any) -> Any:
+    waiting = _waiting(db) if db.run_on_commit else []
+    if waiting and db.connection is not None:
+        if _flush_before in db.execute_wrappers:
+            db.execute_wrappers.remove(_flush_before)
+        try:
+            _send(db, waiting, "; COMMIT")
+        except BaseException:
+            # Nothing of the transaction is kept: roll it back here (Django's atomic rolls back
+            # only after a database error of its own) and drop its on_commit entries.
+            db.run_on_commit = []
+            with contextlib.suppress(Exception):
+                db.connection.rollback()
+            raise
+    return plain()  # psycopg sends no COMMIT when the transaction is over already
+
+
+def _flush_before(execute: Any, sql: Any, params: Any, many: bool, context: Any) -> Any:
+    """Django's execute wrapper while events wait: send them before the statement."""
+    if not (isinstance(sql, str) and sql.startswith(_SAVEPOINT_SQL)):
+        _flush(context["connection"])
+    return execute(sql, params, many, context)
+
+
+def _flush(db: Any) -> None:
+    """Send the events waiting for the commit now, in the transaction."""
+    if _flush_before in db.execute_wrappers:
+        db.execute_wrappers.remove(_flush_before)
+        waiting = _waiting(db)
+        if waiting:
+            _send(db, waiting, "")
+
+
+def _send(db: Any, waiting: list[_AtCommit], tail: str) -> None:
+    text = "; ".join(f.sql for f in waiting if f.sql is not None) + tail
+    for f in waiting:
+        f.sql = None
+    try:
+        with db.wrap_database_errors:
+            db.connection.execute(text)  # no parameters: one simple query, COMMIT included
+    except OperationalError as exc:
+        raise exceptions.StoreUnavailable(type(exc).__name__) from None
+    except DatabaseError as exc:
+        state = getattr(exc.__cause__, "sqlstate", None)
+        if state in (_UNKNOWN_TENANT, _INACTIVE_TENANT):
+            _active_until.clear()
+        if state == _UNKNOWN_TENANT:
+            raise exceptions.UnknownTenant("no such tenant (found at commit)") from None
+        if state == _INACTIVE_TENANT:
+            raise exceptions.InactiveTenant("the tenant is not active (found at commit)") from None
         raise exceptions.PublishError(f"the database refused the events ({type(exc).__name__})") from None

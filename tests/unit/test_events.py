@@ -54,6 +54,19 @@ def test_new_event_ids__time_ordered_version_7_uuids_in_canonical_text() -> None
     assert {text[15] for text in ids} == set("0123456789abcdef")
 
 
+def test_new_event_ids__one_at_a_time_is_the_same_kind_of_id() -> None:
+    before = time.time_ns() // 1_000_000
+    ids = [new_event_ids(1)[0] for _ in range(2000)]
+    after = time.time_ns() // 1_000_000
+    assert len(set(ids)) == 2000
+    for text in ids:
+        value = uuid.UUID(text)
+        assert value.version == 7 and value.variant == uuid.RFC_4122 and str(value) == text
+        assert before <= value.int >> 80 <= after
+    assert {text[-1] for text in ids} == set("0123456789abcdef")
+    assert {text[15] for text in ids} == set("0123456789abcdef")
+
+
 @settings(deadline=None, max_examples=50)
 @given(st.integers(min_value=0, max_value=300))
 def test_new_event_ids__any_count_gives_that_many_distinct_valid_event_ids(n: int) -> None:

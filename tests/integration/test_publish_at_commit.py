@@ -1,0 +1,126 @@
+"""publish() of one event inside a transaction goes with the COMMIT (PostgreSQL,
+``PUBLISH_AT_COMMIT``): same contract as a statement of its own — it commits or rolls back with
+the transaction (savepoints included), is idempotent by (tenant, event_id), a bad event raises
+before anything is written, and a tenant found inactive at commit fails the whole transaction."""
+
+from __future__ import annotations
+
+import pytest
+from django.db import connection, connections, transaction
+from django.test import override_settings
+
+from backplane import exceptions, outbox
+from backplane.models import EventKey, OutboxItem, Tenant
+from backplane.store import postgresql
+
+pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
+
+
+@pytest.fixture
+def tenant(tenant_factory):
+    t = tenant_factory("acme")
+    outbox.publish(t, "warm.up", {}, event_id="warm")  # at once: the tenant is now known active
+    return t
+
+
+def waiting() -> int:
+    return len(postgresql._waiting(connections[connection.alias]))
+
+
+def events() -> list[str]:
+    return list(OutboxItem.objects.exclude(event_id="warm").order_by("id").values_list("event_id", flat=True))
+
+
+def test_event_waits_for_the_commit_and_commits_with_it(tenant):
+    with transaction.atomic():
+        event_id = outbox.publish(tenant, "run.updated", {"n": 1})
+        assert waiting() == 1  # nothing sent yet: it goes with the COMMIT
+    assert waiting() == 0
+    assert events() == [event_id]
+    assert EventKey.objects.filter(tenant_id=tenant.id, event_id=event_id).exists()
+
+
+def test_rollback_leaves_nothing(tenant):
+    with pytest.raises(RuntimeError), transaction.atomic():
+        outbox.publish(tenant, "run.updated", {"n": 1}, event_id="gone")
+        raise RuntimeError
+    assert events() == []
+    assert not EventKey.objects.filter(event_id="gone").exists()
+    with transaction.atomic():  # the next transaction commits nothing of it either
+        pass
+    assert events() == []
+
+
+def test_a_rolled_back_savepoint_drops_its_events_only(tenant):
+    with transaction.atomic():
+        outbox.publish(tenant, "a.b", {}, event_id="kept")
+        with pytest.raises(RuntimeError), transaction.atomic():
+            outbox.publish(tenant, "a.b", {}, event_id="dropped")
+            raise RuntimeError
+        outbox.publish(tenant, "a.b", {}, event_id="after")
+    assert events() == ["kept", "after"]
+
+
+def test_the_next_statement_sees_the_event_and_ids_keep_call_order(tenant):
+    with transaction.atomic():
+        outbox.publish(tenant, "a.b", {}, event_id="first")
+        assert OutboxItem.objects.filter(event_id="first").exists()  # sent before this query
+        outbox.publish(tenant, "a.b", {}, event_id="second")
+        outbox.publish_many(tenant, [{"type": "a.b", "payload": {}, "event_id": "third"}])
+    assert events() == ["first", "second", "third"]
+
+
+def test_duplicate_event_id_in_the_same_and_another_transaction_is_one_event(tenant):
+    with transaction.atomic():
+        outbox.publish(tenant, "a.b", {"v": 1}, event_id="dup")
+        outbox.publish(tenant, "a.b", {"v": 2}, event_id="dup")
+    with transaction.atomic():
+        outbox.publish(tenant, "a.b", {"v": 3}, event_id="dup")
+    assert list(OutboxItem.objects.filter(event_id="dup").values_list("payload", flat=True)) == [{"v": 1}]
+
+
+def test_a_bad_event_raises_at_the_call_and_nothing_waits(tenant):
+    with transaction.atomic():
+        with pytest.raises(exceptions.InvalidPayload):
+            outbox.publish(tenant, "a.b", {"x": float("nan")})
+        with pytest.raises(exceptions.InvalidEventType):
+            outbox.publish(tenant, "Bad Type", {})
+        assert waiting() == 0
+    assert events() == []
+
+
+def test_quotes_and_backslashes_arrive_as_given(tenant):
+    payload = {"s": "it's \\'quoted\\' \"x\" '); DROP TABLE backplane_outboxitem; --", "u": "é\u2028"}
+    with transaction.atomic():
+        outbox.publish(tenant, "a.b", payload, event_id="q1")
+    assert OutboxItem.objects.get(event_id="q1").payload == payload
+
+
+def test_a_tenant_deactivated_meanwhile_fails_the_whole_transaction_at_commit(tenant, tenant_factory):
+    other = tenant_factory("other")
+    Tenant.objects.filter(pk=tenant.pk).update(is_active=False)  # as another process would: no signal
+    with pytest.raises(exceptions.InactiveTenant), transaction.atomic():
+        Tenant.objects.filter(pk=other.pk).update(name="changed")
+        outbox.publish(tenant, "a.b", {}, event_id="late")
+    assert Tenant.objects.get(pk=other.pk).name == "Other"  # rolled back with it
+    assert events() == []
+    with pytest.raises(exceptions.InactiveTenant):  # and the next publish asks at once
+        outbox.publish(tenant, "a.b", {})
+    with transaction.atomic():  # the connection is usable
+        outbox.publish(other, "a.b", {}, event_id="fine")
+    assert events() == ["fine"]
+
+
+def test_a_deactivation_through_the_orm_is_seen_at_the_call(tenant):
+    tenant.is_active = False
+    tenant.save()
+    with pytest.raises(exceptions.InactiveTenant), transaction.atomic():
+        outbox.publish(tenant, "a.b", {})
+
+
+@override_settings(BACKPLANE={"PUBLISH_AT_COMMIT": False})
+def test_off_sends_the_statement_at_once(tenant):
+    with transaction.atomic():
+        outbox.publish(tenant, "a.b", {}, event_id="now")
+        assert waiting() == 0
+    assert events() == ["now"]
