@@ -119,4 +119,3 @@ async def test_hoptrace__the_lag_probe_notes_a_blocked_loop_and_resets_when_take
     for task in list(hoptrace._tasks):
         task.cancel()
     hoptrace._tasks.clear()
-
