@@ -71,7 +71,7 @@ def ring(shard: int) -> None:
     if not conf.redis_url:
         return
     wire = _wire
-    if wire is not None and wire.publish(channel_name(), str(shard)):
+    if wire is not None and wire.publish(channel_name(), _message(str(shard))):
         return
     global _sender
     if _sender is None or not _sender.is_alive():
@@ -80,6 +80,22 @@ def ring(shard: int) -> None:
                 _sender = threading.Thread(target=_send_rings, name="tyrum-doorbell", daemon=True)
                 _sender.start()
     _queue.put(shard)
+
+
+def connect() -> None:
+    """Open the doorbell's own Redis connection now (waits up to about a second), so that even
+    a process's first ring leaves from the committing thread. Optional: without it the first
+    ring goes by the sender thread, which must import the client and connect first — tens of
+    milliseconds during which every ring waits (docs/decisions/0029-relay-to-peer-hop.md).
+    For a process about to publish a stream of events; nothing without ``REDIS_URL``."""
+    if conf.redis_url and _wire is None:
+        _Wire.connect()
+
+
+def _message(shards: str) -> str:
+    """A ring's message: the shards; when tracing, ``@`` and its send time (bench/hop_trace.py).
+    The listeners read no more of it than that (any message wakes them)."""
+    return f"{shards}@{time.time():.6f}" if hoptrace.ON else shards
 
 
 def _send_rings() -> None:
@@ -92,7 +108,7 @@ def _send_rings() -> None:
             except queue.Empty:
                 break
         try:
-            _redis().publish(channel_name(), ",".join(str(s) for s in sorted(shards)))
+            _redis().publish(channel_name(), _message(",".join(str(s) for s in sorted(shards))))
         except Exception as exc:  # the doorbell is an optimisation, not a dependency
             logger.warning("doorbell ring failed: %s", type(exc).__name__, extra={"action": "doorbell_failed"})
             continue
@@ -300,6 +316,14 @@ def _command(args: list[str]) -> bytes:
     return b"".join(out)
 
 
+def _sent_at(data: object) -> float:
+    """A traced ring's send time (0.0 if the message has none)."""
+    if isinstance(data, bytes) and b"@" in data:
+        with contextlib.suppress(ValueError):
+            return float(data.rsplit(b"@", 1)[1])
+    return 0.0
+
+
 class Listener:
     """Waits for rings. Use ``async with Listener() as bell: await bell.wait(timeout)``."""
 
@@ -307,7 +331,10 @@ class Listener:
         self._event = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._key: tuple[asyncio.AbstractEventLoop, asyncio.Event] | None = None
-        self.rang_at = 0.0  # when the last ring came in (only noted when tracing: bench/hop_trace.py)
+        # Only noted when tracing (bench/hop_trace.py): when the last ring came in, and when its
+        # producer sent it.
+        self.rang_at = 0.0
+        self.rung_at = 0.0
 
     async def __aenter__(self) -> Listener:
         self._key = (asyncio.get_running_loop(), self._event)
@@ -340,6 +367,8 @@ class Listener:
                             self._event.set()
                             if hoptrace.ON:
                                 self.rang_at = time.time()
+                                self.rung_at = _sent_at(message.get("data"))
+                                hoptrace.record("bell", {"rung": self.rung_at, "rang": self.rang_at}, [])
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

@@ -64,6 +64,43 @@ def start_flusher(role: str) -> None:
     _tasks.add(asyncio.get_running_loop().create_task(flusher()))
 
 
+# How often the loop-lag probe wakes; the worst lateness of its wake-ups since it was last taken.
+LAG_PROBE_SECS = 0.002
+_max_lag = 0.0
+
+
+def start_lag_probe() -> None:
+    """Measure how late the running loop runs its callbacks: a task sleeping LAG_PROBE_SECS
+    over and over notes how much later than asked it woke (the loop busy, or the process
+    off the CPU). ``take_lag`` returns the worst since the last call."""
+    import asyncio
+
+    async def probe() -> None:
+        global _max_lag
+        while True:
+            began = time.perf_counter()
+            await asyncio.sleep(LAG_PROBE_SECS)
+            _max_lag = max(_max_lag, time.perf_counter() - began - LAG_PROBE_SECS)
+
+    _tasks.add(asyncio.get_running_loop().create_task(probe()))
+
+
+def take_lag() -> float:
+    """The loop's worst lateness (seconds) since the last call."""
+    global _max_lag
+    lag, _max_lag = _max_lag, 0.0
+    return lag
+
+
+def runq_wait() -> float:
+    """Seconds this process's main thread has spent runnable but waiting for a CPU, so far
+    (the kernel's schedstat; 0.0 where there is none)."""
+    try:
+        return int(Path("/proc/thread-self/schedstat").read_text().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def install_layer_probes(layer: Any, channel: str) -> None:
     """Note when the pub/sub layer's reader task takes each message for ``channel`` (the
     edge's delivery channel) off Redis, and how long each decode takes (wrapping two of the

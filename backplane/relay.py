@@ -106,6 +106,7 @@ class Relay:
         # bench/hop_trace.py: the step times of the cycle in progress, and the last doorbell ring.
         self.trace: dict[str, float] = {}
         self.bell: Listener | None = None
+        self.runq_at = 0.0
 
     async def aclose(self) -> None:
         """Record what was sent, release the shards and close this relay's connections."""
@@ -125,6 +126,11 @@ class Relay:
         began = time.time() if hoptrace.ON else 0.0
         # The last ring before this cycle began (bench/hop_trace.py: the relay's wake-up).
         woken = self.bell.rang_at if hoptrace.ON and self.bell is not None else 0.0
+        rung = self.bell.rung_at if hoptrace.ON and self.bell is not None else 0.0
+        lag = runq_since = 0.0  # the loop's lateness and the time off the CPU since the last cycle
+        if hoptrace.ON:
+            runq = hoptrace.runq_wait()
+            lag, runq_since, self.runq_at = hoptrace.take_lag(), runq - self.runq_at, runq
         marks = len(self.unmarked)  # rows whose forwarded marks this cycle's assignment carries
         owned = await self.leases.maintain()
         if not owned:
@@ -193,7 +199,16 @@ class Relay:
         # Bounded, but by size too: a big batch of big payloads must not time out every cycle.
         timeout = SEND_TIMEOUT_SECS + sum(len(p.item.payload_json) for p in to_send) / SEND_BYTES_PER_SEC
         if hoptrace.ON:
-            self.trace = {"woken": woken, "cycle": began, "assigned": time.time(), "marks": marks}
+            self.trace = {
+                "rung": rung,
+                "woken": woken,
+                "cycle": began,
+                "assigned": time.time(),
+                "marks": marks,
+                "statements_done": getattr(self.store, "statements_done_at", 0.0),
+                "lag_ms": lag * 1000,
+                "runq_ms": runq_since * 1000,
+            }
         failed = await asyncio.wait_for(self._send(to_send), timeout)
         if hoptrace.ON:
             self.trace["published"] = time.time()
@@ -331,6 +346,8 @@ class Relay:
             if hoptrace.ON:
                 self.bell = bell
                 hoptrace.start_flusher("relay")
+                hoptrace.start_lag_probe()
+                self.runq_at = hoptrace.runq_wait()
             next_partition_check = 0.0
             try:
                 while not stop.is_set():

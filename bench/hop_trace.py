@@ -41,9 +41,12 @@ import common  # noqa: E402
 STEPS = [
     ("commit_to_cycle", "sent", "cycle"),
     ("commit_to_ring", "sent", "woken"),
+    ("ring_sent_to_ring", "rung", "woken"),
     ("ring_to_cycle", "woken", "cycle"),
     ("cycle_to_assigned", "cycle", "assigned_at"),
     ("assigned_to_rows", "assigned_at", "assigned"),
+    ("assign_statements", "assigned_at", "statements_done"),
+    ("assign_commit_and_reply", "statements_done", "assigned"),
     ("rows_to_rendered", "assigned", "rendered"),
     ("rendered_to_read", "rendered", "read"),
     ("read_to_received", "read", "received"),
@@ -53,6 +56,9 @@ STEPS = [
     ("assigned_to_peer", "assigned_at", "arrived"),
     ("commit_to_peer", "sent", "arrived"),
 ]
+# Per cycle, since the relay's previous cycle: its loop's worst lateness (a task sleeping 2 ms
+# notes how late it wakes) and the time its main thread waited for a CPU (schedstat).
+CYCLE_FIGURES = ["relay_loop_lag", "relay_runq_wait"]
 
 
 def main() -> None:
@@ -94,6 +100,7 @@ def main() -> None:
                 for rate in (float(r) for r in args.rates.split(",") if r):
                     for f in trace_dir.glob("*.jsonl"):
                         f.unlink()
+                    (trace_dir / "sent.json").unlink(missing_ok=True)
                     argvs = c.producer_argvs(rate, args.seconds, peers_file, args.producers, "device")
                     row, got, rep = c.phase("e2e", rate, "producer_proc.py", argvs, seconds=args.seconds, by_id=True)
                     time.sleep(1.0)  # the processes write their trace lines every 0.5 s
@@ -102,14 +109,15 @@ def main() -> None:
                     )
                     print(f"  {loop} {rate:g}/s: traced {rows[-1]['traced']} of {row['received']} events", flush=True)
     finally:
-        shutil.rmtree(trace_dir, ignore_errors=True)
+        if not os.environ.get("HOP_TRACE_KEEP"):
+            shutil.rmtree(trace_dir, ignore_errors=True)
 
     def col(r: dict[str, Any], q: str) -> str:
         return f"{r['loop'] + ' ' if len(loops) > 1 else ''}{r['rate']:g}/s {q}"
 
     table = [
         {"step": name, **{col(r, q): r["steps"][name][q] for r in rows for q in ("p50", "p99", "tail")}}
-        for name, _, _ in STEPS
+        for name in [s[0] for s in STEPS] + CYCLE_FIGURES
     ]
     cols = ["step", *[col(r, q) for r in rows for q in ("p50", "p99", "tail")]]
     common.report(
@@ -149,10 +157,14 @@ def summarize(
     relay: dict[tuple[str, int], dict[str, float]] = {}
     edge: dict[tuple[str, int], dict[str, float]] = {}
     batch_sizes: list[int] = []
+    if os.environ.get("HOP_TRACE_KEEP"):
+        (trace_dir / "sent.json").write_text(json.dumps(sent))
     for path in trace_dir.glob("*.jsonl"):
-        into = relay if path.name.startswith("relay") else edge
         for line in path.read_text().splitlines():
             rec = json.loads(line)
+            if rec["role"] == "bell":
+                continue  # every ring the relay's listener took (kept for a look by hand)
+            into = relay if rec["role"] == "relay" else edge
             if into is relay:
                 batch_sizes.append(len(rec["rows"]))
             for stream, offset in rec["rows"]:
@@ -160,7 +172,7 @@ def summarize(
     events = OutboxItem.objects.filter(event_id__in=list(sent)).values_list(
         "event_id", "stream", "stream_offset", "assigned_at"
     )
-    per_step: dict[str, list[float]] = {name: [] for name, _, _ in STEPS}
+    per_step: dict[str, list[float]] = {name: [] for name in [s[0] for s in STEPS] + CYCLE_FIGURES}
     per_event: list[dict[str, float]] = []
     decode: list[float] = []
     traced = 0
@@ -174,7 +186,13 @@ def summarize(
         t = {**r, **e, "sent": sent[eid], "arrived": arrivals[eid], "assigned_at": assigned_at.timestamp()}
         if not t.get("woken") or not t["sent"] <= t["woken"] <= t["cycle"]:
             t.pop("woken", None)  # this cycle did not start on this event's ring
+            t.pop("rung", None)
+        if not t.get("statements_done"):
+            t.pop("statements_done", None)
+        if not t.get("rung"):
+            t.pop("rung", None)  # a ring without its send time (not traced)
         ms = {name: (t[b] - t[a]) * 1000 for name, a, b in STEPS if a in t and b in t}
+        ms["relay_loop_lag"], ms["relay_runq_wait"] = r.get("lag_ms", 0.0), r.get("runq_ms", 0.0)
         ms["marks"] = r.get("marks", 0)
         for name, v in ms.items():
             if name in per_step:

@@ -22,7 +22,7 @@ import psycopg
 from django.db import DEFAULT_DB_ALIAS, DatabaseError, OperationalError, connection, connections, transaction
 from django.db.models.signals import post_delete, post_save
 
-from backplane import exceptions, partitions, streams
+from backplane import exceptions, hoptrace, partitions, streams
 from backplane.conf import conf
 from backplane.events import EventRow, first_of_each
 from backplane.store import common, queries, rows
@@ -58,6 +58,7 @@ class PostgreSQLStore:
 
     vendor = "postgresql"
     single_thread = False
+    statements_done_at = 0.0  # bench/hop_trace.py: the last assignment's statements' end
 
     # --- producer side -----------------------------------------------------------------------
 
@@ -121,6 +122,8 @@ class PostgreSQLStore:
                 cur = await session.execute(SQL["assign"], params)
                 for part, ids in _ids_by_part(forwarded).items():
                     await session.execute(SQL["mark_forwarded"].format(part=part), [ids])
+                # bench/hop_trace.py: when the statements were done, the COMMIT about to start.
+                done = await session.execute("SELECT clock_timestamp()") if hoptrace.ON else None
                 await session.execute("COMMIT")
         except BaseException:
             # A failed call leaves the transaction aborted (the COMMIT was skipped): end it, so
@@ -132,6 +135,9 @@ class PostgreSQLStore:
                 except psycopg.Error:
                     await session.close()
             raise
+        if done is not None:
+            stamp = await done.fetchone()
+            self.statements_done_at = stamp[0].timestamp() if stamp else 0.0
         return rows.in_send_order([rows.pending(r) for r in await cur.fetchall()])
 
     async def amark_forwarded(self, session: Any, pending: Sequence[Pending]) -> None:

@@ -137,6 +137,22 @@ def test_doorbell__rings_leave_from_the_committing_thread(bell, tenant_factory, 
     assert f"tyrum-doorbell-{os.getpid()}" in names
 
 
+def test_doorbell__connect_opens_the_direct_way_before_the_first_ring(bell, tenant_factory, monkeypatch):
+    tenant = tenant_factory("acme")
+    assert doorbell._wire is None
+    queued: list[int] = []
+    monkeypatch.setattr(doorbell, "_queue", SimpleNamespace(put=queued.append))
+
+    doorbell.connect()
+    outbox.publish(tenant, "run.updated", {})
+
+    assert rings(bell, 5) == [str(streams.shard_of(tenant.id, conf.SHARDS)).encode()]
+    assert queued == []  # the very first ring did not wait for the sender thread
+    wire = doorbell._wire
+    doorbell.connect()  # open already: the same connection
+    assert doorbell._wire is wire
+
+
 def test_doorbell__a_lost_connection_costs_no_ring(bell, tenant_factory):
     tenant = tenant_factory("acme")
     wire = wire_up(bell, tenant)

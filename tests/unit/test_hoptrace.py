@@ -91,3 +91,31 @@ def test_layer_probes__note_reads_of_the_watched_channel_and_decode_times(monkey
     message = {"type": "bp.batch", "items": []}
     assert layer.deserialize(layer.serialize(message)) == message
     assert hoptrace.last_decode > 0
+
+
+def test_hoptrace__a_traced_ring_carries_its_send_time_and_a_plain_one_only_shards(monkeypatch):
+    from backplane import doorbell
+
+    monkeypatch.setattr(hoptrace, "ON", False)
+    assert doorbell._message("3") == "3"
+    assert doorbell._sent_at(b"3") == 0.0
+    monkeypatch.setattr(hoptrace, "ON", True)
+    message = doorbell._message("3,5")
+    assert message.startswith("3,5@")
+    assert abs(doorbell._sent_at(message.encode()) - float(message.split("@")[1])) < 1e-9
+    assert doorbell._sent_at(b"3@garbage") == 0.0 and doorbell._sent_at(None) == 0.0
+
+
+async def test_hoptrace__the_lag_probe_notes_a_blocked_loop_and_resets_when_taken():
+    import time
+
+    hoptrace.take_lag()
+    hoptrace.start_lag_probe()
+    await asyncio.sleep(0.01)
+    time.sleep(0.05)  # the loop blocked: the probe wakes late by about as much
+    await asyncio.sleep(0.01)
+    assert hoptrace.take_lag() >= 0.04
+    assert hoptrace.take_lag() == 0.0
+    for task in list(hoptrace._tasks):
+        task.cancel()
+    hoptrace._tasks.clear()

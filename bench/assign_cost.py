@@ -1,0 +1,132 @@
+"""What the relay's assignment transaction spends its time on (issue 17, point 3).
+
+On a scratch database, one committed device event at a time, the relay's assignment
+(``PostgreSQLStore.aassign``: BEGIN, ``SET LOCAL synchronous_commit = on``, the call of
+``bp_assign_v2``, COMMIT, pipelined in one round trip) against variants, alternating:
+
+    assign            as the relay runs it (the COMMIT waits for the WAL flush)
+    assign, async     the same with ``synchronous_commit = off``: NOT durable, only to show the
+                      flush's share (never a candidate: offsets must be durable before sending)
+    one-row commit    BEGIN; UPDATE of one stream head; COMMIT with the flush (the floor of any
+                      durable transaction on this server)
+    one-row, async    the same without the flush
+    round trip        SELECT 1 (the client ↔ server floor)
+
+Per variant the median and p90 (ms) of the client's wall time, and for the assignment the
+server's split: statements (``now()`` → ``clock_timestamp()`` before the COMMIT) and the rest
+(COMMIT, its flush and the reply). Table and ``bench/results/assign_cost.json``.
+
+    .venv/bin/python bench/assign_cost.py [--samples 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+from harness import data, scratch  # noqa: E402
+
+DB = scratch.scratch_name("tyrum_bench_assign")
+
+
+async def measure(samples: int, tenant: Any) -> dict[str, list[float]]:
+    from channels.db import database_sync_to_async
+
+    from backplane import outbox
+    from backplane.conf import conf
+    from backplane.store import get_store
+    from backplane.store.postgresql import SQL
+
+    store = get_store()
+    session = await store.aopen_session()
+    shards = list(range(conf.SHARDS))
+    params = [shards, 100, None, []]
+    variants = (
+        "assign",
+        "assign, async",
+        "statements",
+        "commit+reply",
+        "one-row commit",
+        "one-row, async",
+        "round trip",
+    )
+    out: dict[str, list[float]] = {k: [] for k in variants}
+    publish = database_sync_to_async(lambda: outbox.publish(tenant, "bench.tick", {"n": 1}, device="dev-0"))
+
+    async def assign(sync: str) -> tuple[float, float, float]:
+        await publish()
+        began, wall = time.perf_counter(), time.time()
+        async with session.pipeline():
+            await session.execute("BEGIN")
+            await session.execute(f"SET LOCAL synchronous_commit = {sync}")
+            cur = await session.execute(SQL["assign"], params)
+            stamps = await session.execute("SELECT extract(epoch FROM now()), extract(epoch FROM clock_timestamp())")
+            await session.execute("COMMIT")
+        took = time.perf_counter() - began
+        got = await cur.fetchall()
+        start, done = await stamps.fetchone()
+        assert len(got) == 1, got
+        return took, float(done - start), wall + took - float(done)
+
+    async def one_row(sync: str) -> float:
+        began = time.perf_counter()
+        async with session.pipeline():
+            await session.execute("BEGIN")
+            await session.execute(f"SET LOCAL synchronous_commit = {sync}")
+            await session.execute("UPDATE backplane_stream SET updated_at = now() WHERE key = %s", [key])
+            await session.execute("COMMIT")
+        return time.perf_counter() - began
+
+    for _ in range(20):  # warm: plans made, caches filled
+        await assign("on")
+    cur = await session.execute("SELECT key FROM backplane_stream LIMIT 1")
+    (key,) = await cur.fetchone()
+    for _ in range(samples):
+        took, statements, rest = await assign("on")
+        out["assign"].append(took * 1000)
+        out["statements"].append(statements * 1000)
+        out["commit+reply"].append(rest * 1000)
+        out["assign, async"].append((await assign("off"))[0] * 1000)
+        out["one-row commit"].append(await one_row("on") * 1000)
+        out["one-row, async"].append(await one_row("off") * 1000)
+        began = time.perf_counter()
+        await session.execute("SELECT 1")
+        out["round trip"].append((time.perf_counter() - began) * 1000)
+    await store.aclose_session(session)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--samples", type=int, default=300)
+    args = parser.parse_args()
+    url = scratch.scratch_database(DB, common.REDIS_URL)
+    try:
+        common.setup_django(url, f"benchassign{DB[-6:]}")
+        (tenant,) = data.make_tenants(1)
+        out = asyncio.run(measure(args.samples, tenant))
+    finally:
+        scratch.drop_database(DB)
+    rows = [
+        {"variant": k, "p50_ms": common.percentile(v, 50), "p90_ms": common.percentile(v, 90), "n": len(v)}
+        for k, v in out.items()
+    ]
+    common.report(
+        "the relay's assignment of one committed event, and its floors (client wall time; statements and "
+        "commit+reply: the assignment's server-side split)",
+        rows,
+        ["variant", "p50_ms", "p90_ms", "n"],
+    )
+    print(f"wrote {common.write('assign_cost', rows, {'samples': args.samples})}")
+    print(common.machine_line())
+
+
+if __name__ == "__main__":
+    main()
