@@ -1,14 +1,15 @@
-"""The whole benchmark suite (``make bench``), in under 12 minutes on the 2-core machine.
+"""The whole benchmark suite (``make bench``), in about 15–20 minutes on the 2-core machine.
 
 Runs each benchmark as its own process, in this order, each bounded in time and the whole
 run bounded by ``--budget``: the end-to-end session (latency, raw Channels floor, maximum
 rate, edge kill, resume, fan-out), the Socket.IO + PostgreSQL peer right after it (same
-session, same workload), producer cost, relay throughput, idle connections, Redis encryption's
-cost, scale by size (5 000 and 20 000 peers on one edge). Then it copies
+session, same workload), producer cost, relay throughput, connect storms and idle connections,
+scale by size (5 000 and 20 000 peers on one edge), the relay → peer hop step by step, the
+speed libraries (orjson, uvloop) against the standard ones, Redis sealing's cost. Then it copies
 the results into ``bench/results/history/<time>/`` and prints the summary (``report.py``):
 targets met or missed, ratios against the raw floor and the peer, medians over past runs.
 
-    .venv/bin/python bench/run_all.py [--budget 690] [--skip socketio,connections]
+    .venv/bin/python bench/run_all.py [--budget 1200] [--skip socketio,connections]
 """
 
 from __future__ import annotations
@@ -37,11 +38,15 @@ STEPS: list[tuple[str, str, list[str], float, float]] = [
     ("relay_throughput", "relay_throughput.py", [], 90, 30),
     # Two phases: one edge's storm, and the storm after an edge SIGKILL (2 × 10 000 peers).
     ("connections", "connections.py", [], 300, 90),
-    # Redis encryption's cost (issue 13): the relay → edge hop, and the e2e phase without and
-    # with BACKPLANE_REDIS_KEYS, in one run.
-    ("encryption", "encryption_cost.py", ["--e2e"], 240, 90),
     # Scale by size (issue 17, 5): 5 000 and 20 000 peers on one edge, 10 % receiving.
     ("scale", "scale.py", [], 200, 90),
+    # The relay → peer hop step by step (issue 17, 3): where the e2e latency is spent.
+    ("hop_trace", "hop_trace.py", [], 150, 60),
+    # Libraries made for speed (issue 17, 6): json/orjson/msgspec, asyncio/uvloop, same run.
+    ("speed_libs", "speed_libs.py", ["--repeat", "3", "--loops-repeat", "2"], 150, 40),
+    # Redis sealing's cost (issues 13, 17): no keys, Fernet and AES-GCM on the relay → edge hop
+    # (its --e2e adds the cluster without and with keys, outside the suite for time).
+    ("encryption", "encryption_cost.py", [], 120, 30),
 ]
 OUTPUTS = {
     "e2e": ["e2e_latency", "max_rate", "edge_kill", "resume", "fanout"],
@@ -49,14 +54,16 @@ OUTPUTS = {
     "producer": ["producer"],
     "relay_throughput": ["relay_throughput"],
     "connections": ["connections"],
-    "encryption": ["encryption_cost"],
     "scale": ["scale"],
+    "hop_trace": ["hop_trace"],
+    "speed_libs": ["speed_libs"],
+    "encryption": ["encryption_cost"],
 }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--budget", type=float, default=690.0, help="seconds for the whole suite")
+    parser.add_argument("--budget", type=float, default=1200.0, help="seconds for the whole suite")
     parser.add_argument("--skip", default="", help="comma-separated steps to leave out")
     args = parser.parse_args()
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
