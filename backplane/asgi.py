@@ -17,6 +17,7 @@ gateway consumer behind a ``Host`` check against ``ALLOWED_HOSTS``, anything els
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -102,10 +103,21 @@ class AllowedHosts:
 
 
 def host_allowed(scope: Scope) -> bool:
-    host = next((value.decode("latin1") for name, value in scope.get("headers", []) if name.lower() == b"host"), "")
-    domain, _port = split_domain_port(host)
-    allowed = list(settings.ALLOWED_HOSTS)
-    if settings.DEBUG and not allowed:  # Django's own default for a development machine
+    host = b""
+    for name, value in scope.get("headers", ()):
+        if name.lower() == b"host":
+            host = value
+            break
+    return _host_ok(host, tuple(settings.ALLOWED_HOSTS), settings.DEBUG)
+
+
+@functools.lru_cache(maxsize=256)
+def _host_ok(host: bytes, allowed_hosts: tuple[str, ...], debug: bool) -> bool:
+    """Django's host check, remembered per (Host, settings): a connect storm sends the same
+    few Host values thousands of times. Bounded: unknown Hosts only push older ones out."""
+    domain, _port = split_domain_port(host.decode("latin1"))
+    allowed = list(allowed_hosts)
+    if debug and not allowed:  # Django's own default for a development machine
         allowed = [".localhost", "127.0.0.1", "[::1]"]
     return bool(domain) and validate_host(domain, allowed)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
 import logging
 import uuid
@@ -120,7 +121,7 @@ def authenticate_many(scopes: Sequence[dict[str, Any]]) -> list[Principal | Auth
             except AuthRefused as exc:
                 out[n] = exc
         if wanted:
-            found = AccessToken.objects.filter(token_hash__in=set(wanted.values())).values_list(*_TOKEN_FIELDS)
+            found = _token_rows().filter(token_hash__in=set(wanted.values()))
             rows = {row[0]: _TokenRow(*row[1:]) for row in found}  # plain rows: no model per socket
             now = timezone.now()
             expired: dict[uuid.UUID, tuple[uuid.UUID, uuid.UUID, str, datetime | None]] = {}
@@ -146,6 +147,14 @@ def _token_of(scope: dict[str, Any], headers: dict[bytes, bytes]) -> str | None:
 
 
 _TOKEN_FIELDS = ("token_hash", "id", "tenant_id", "device_id", "role", "revoked_at", "expires_at", "tenant__is_active")
+
+
+@functools.cache
+def _token_rows() -> Any:
+    """The token rows' query with its columns and join resolved once per process (never
+    evaluated itself: each batch filters a copy). Resolving ``values_list`` with the join
+    was most of a credential batch's Python time in a connect storm (docs/decisions/0026)."""
+    return AccessToken.objects.values_list(*_TOKEN_FIELDS)
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ from backplane import auth, directory, hoptrace, metrics, streams
 from backplane.conf import conf, edge_id
 from backplane.protocol import Close
 from backplane.store import Head, Store, get_store
+from backplane.vendor import channels as vendor_channels
 from backplane.vendor import channels_redis as vendor_redis
 from backplane.vendor import daphne as vendor_daphne
 
@@ -92,6 +93,7 @@ class EdgeRuntime:
         self.members: dict[str, dict[Subscriber, None]] = {}
         self.joins: dict[str, asyncio.Future[None]] = {}
         self.leaving: dict[str, asyncio.Future[None]] = {}
+        self._to_join: list[tuple[str, asyncio.Future[None]]] = []  # groups to join this loop turn
         self.draining = False
         # The heads of the streams its sockets belong to (by stream key), as the head checks
         # read them: the heartbeat measures each socket's lag against them, with no query of
@@ -227,7 +229,7 @@ class EdgeRuntime:
         joined = self.joins.get(key)
         if joined is None:
             group = streams.group_name(conf.channel_prefix, key)
-            joined = self.joins[key] = asyncio.ensure_future(self.layer.group_add(group, self.stream_channel))
+            joined = self.joins[key] = self._group_add_soon(group)
         try:
             await asyncio.shield(joined)
         except asyncio.CancelledError:
@@ -236,6 +238,36 @@ class EdgeRuntime:
             if self.joins.get(key) is joined:  # the next socket of this stream tries again
                 del self.joins[key]
             raise
+
+    def _group_add_soon(self, group: str) -> asyncio.Future[None]:
+        """Join ``group`` with the others asked for in this loop turn, in one call
+        (``vendor.channels.group_add_many``: one SUBSCRIBE on the pub/sub layer)."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        if not self._to_join:
+            loop.call_soon(self._join_batch)
+        self._to_join.append((group, done))
+        return done
+
+    def _join_batch(self) -> None:
+        batch, self._to_join = self._to_join, []
+        task = asyncio.ensure_future(
+            vendor_channels.group_add_many(self.layer, [group for group, _ in batch], self.stream_channel)
+        )
+
+        def answer(task: asyncio.Future[None]) -> None:
+            exc = None if task.cancelled() else task.exception()
+            for _, done in batch:
+                if done.done():
+                    continue
+                if task.cancelled():
+                    done.cancel()
+                elif exc is not None:
+                    done.set_exception(exc)
+                else:
+                    done.set_result(None)
+
+        task.add_done_callback(answer)
 
     async def leave_idle_groups(self) -> int:
         """Leave the groups of streams no socket of this edge belongs to any more."""

@@ -138,6 +138,9 @@ def main() -> None:
     parser.add_argument("--match", action="append", help="repeat: all must match")
     parser.add_argument("--pg", default=None, help="sample PostgreSQL statements of databases with this prefix")
     parser.add_argument("--idle", action="store_true", help="count waiting threads too (wall-clock view)")
+    parser.add_argument(
+        "--gil", action="store_true", help="only the thread holding the GIL: the process's Python CPU, no GIL waits"
+    )
     parser.add_argument("--secs", type=float, default=5.0)
     parser.add_argument("--wait", type=float, default=0.0, help="seconds to wait for the process to appear")
     parser.add_argument("--delay", type=float, default=0.0, help="seconds to wait before recording")
@@ -161,7 +164,8 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     subprocess.run(
         [str(PYSPY), "record", "-p", str(pid), "-d", str(int(args.secs)), "-f", "raw", "-o", str(out), "--nonblocking"]
-        + (["--idle"] if args.idle else []),
+        + (["--idle"] if args.idle else [])
+        + (["--gil"] if args.gil else []),
         check=True,
         timeout=args.secs + 60,
         stdout=subprocess.DEVNULL,

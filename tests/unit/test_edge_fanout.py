@@ -103,3 +103,44 @@ async def test_unsubscribe__is_idempotent_and_keeps_streams_other_sockets_share(
     runtime.unsubscribe(a)
     assert set(runtime.members) == {"t:1", "d:1:b"}
     assert list(runtime.members["t:1"]) == [b]
+
+
+async def test_subscribe__new_groups_of_one_loop_turn_are_joined_in_one_call(monkeypatch: Any) -> None:
+    from backplane.vendor import channels as vendor_channels
+
+    layer = GatedLayer()
+    runtime = runtime_with(layer)
+    batches: list[list[str]] = []
+    real = vendor_channels.group_add_many
+
+    async def recorded(layer: Any, groups: list[str], channel: str) -> None:
+        batches.append(list(groups))
+        await real(layer, groups, channel)
+
+    monkeypatch.setattr(vendor_channels, "group_add_many", recorded)
+    sockets = [Socket(tenant="t:1", device=f"d:1:{n}") for n in range(3)]
+    await asyncio.wait_for(asyncio.gather(*(runtime.subscribe(s) for s in sockets)), 1)
+    group = streams.group_name
+    # The tenant's stream first (each socket joins its streams in turn), then the three new
+    # device streams together, as a storm's sockets arrive with their tenant's stream joined.
+    assert batches == [[group(conf.channel_prefix, "t:1")], [group(conf.channel_prefix, f"d:1:{n}") for n in range(3)]]
+    assert all(subscribed(layer, k) for k in ("t:1", "d:1:0", "d:1:1", "d:1:2"))
+
+
+async def test_subscribe__a_failed_batch_join_fails_its_sockets_and_the_next_one_tries_again() -> None:
+    class FailOnce(GatedLayer):
+        failed = False
+
+        async def group_add(self, group: str, channel: str) -> None:
+            if not self.failed:
+                self.failed = True
+                raise ConnectionError("redis away")
+            await super().group_add(group, channel)
+
+    layer = FailOnce()
+    runtime = runtime_with(layer)
+    first = await asyncio.gather(runtime.subscribe(Socket(device="d:1:a")), return_exceptions=True)
+    assert isinstance(first[0], ConnectionError)
+    assert runtime.joins == {}
+    await asyncio.wait_for(runtime.subscribe(Socket(device="d:1:a")), 1)
+    assert subscribed(layer, "d:1:a")

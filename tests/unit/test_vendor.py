@@ -354,3 +354,51 @@ def test_vendor__autobahns_per_socket_debug_formatting_waits_for_a_log_line() ->
     assert formatted == []
     assert f"{lazy}" == "[counted]" and formatted == [1]  # txaio formats with str.format
     assert str(protocol.Timings()) == "{}"  # its one str-typed use still a str
+
+
+async def test_group_add_many__one_subscribe_for_the_groups_then_group_send_reaches_each(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import os
+    import uuid
+
+    from channels_redis.pubsub import RedisPubSubChannelLayer
+    from redis.asyncio.client import PubSub
+
+    subscribes: list[tuple[Any, ...]] = []
+    real = PubSub.subscribe
+
+    async def counted(self: Any, *args: Any, **kwargs: Any) -> Any:
+        subscribes.append(args)
+        return await real(self, *args, **kwargs)
+
+    monkeypatch.setattr(PubSub, "subscribe", counted)
+    url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379")
+    layer = RedisPubSubChannelLayer(hosts=[url], prefix=f"gam{uuid.uuid4().hex[:8]}")
+    try:
+        channel = await layer.new_channel()
+        subscribes.clear()
+        groups = ["g1", "g2", "g3", "g2"]
+        await vendor_channels.group_add_many(layer, groups, channel)
+        assert len(subscribes) == 1 and len(set(subscribes[0])) == 3  # one SUBSCRIBE, no repeat
+        await vendor_channels.group_add_many(layer, ["g1"], channel)
+        assert len(subscribes) == 1  # subscribed already: nothing written
+        await asyncio.sleep(0.05)  # the receiver reads the confirmations
+        for group in ("g1", "g2", "g3"):
+            await layer.group_send(group, {"type": "t", "group": group})
+            assert (await asyncio.wait_for(layer.receive(channel), 2))["group"] == group
+        with pytest.raises(RuntimeError):
+            await vendor_channels.group_add_many(layer, ["g4"], "not-a-channel-of-this-process")
+    finally:
+        await layer.flush()
+
+
+async def test_group_add_many__other_layers_get_one_group_add_each() -> None:
+    from channels.layers import InMemoryChannelLayer
+
+    layer = InMemoryChannelLayer()
+    channel = await layer.new_channel()
+    await vendor_channels.group_add_many(layer, ["a", "b"], channel)
+    await layer.group_send("b", {"type": "t"})
+    assert await asyncio.wait_for(layer.receive(channel), 1) == {"type": "t"}
+    assert vendor_channels._pubsub_loop_layer(layer) is None

@@ -146,12 +146,7 @@ async def test_batches__the_store_failing_answers_503_to_the_whole_batch(
         def filter(*_: Any, **__: Any) -> Any:
             raise OperationalError("the database went away")
 
-        select_related = filter
-
-    class Tokens:
-        objects = Down
-
-    monkeypatch.setattr(auth, "AccessToken", Tokens)
+    monkeypatch.setattr(auth, "_token_rows", lambda: Down)
     assert await together(edge, tokens) == [503, 503, 503]
     monkeypatch.undo()
     assert all(isinstance(g, AsgiPeer) for g in await together(edge, tokens))  # back once it is
@@ -174,3 +169,18 @@ async def test_batches__opening_failing_answers_503_and_leaves_no_row(
     monkeypatch.setattr(directory, "over_caps", down)
     assert await together(edge, tokens) == [503, 503, 503]
     assert await orm(lambda: Connection.objects.filter(device_id__startswith="dev-").count()) == 0
+
+
+async def test_batches__the_process_wide_token_query_is_never_evaluated_itself(edge: InProcessEdge) -> None:
+    """Each batch filters a copy of the one token query (``auth._token_rows``): rows read
+    for one batch must never be cached on it and answer the next."""
+    from backplane import auth
+
+    tenant = await orm(make_tenant)
+    first = await orm(make_token, tenant, "dev-a")
+    assert isinstance(await outcome(edge, first), AsgiPeer)
+    assert auth._token_rows()._result_cache is None
+    second = await orm(make_token, tenant, "dev-b")  # made after the first batch read its rows
+    assert isinstance(await outcome(edge, second), AsgiPeer)
+    assert await outcome(edge, "tyr_not-a-token") == 403
+    assert auth._token_rows()._result_cache is None
