@@ -29,6 +29,8 @@ def client_argv() -> tuple[list[str], dict[str, str], str]:
     ``ws`` package from the Socket.IO peer's dependencies (installed with ``npm ci`` on
     first use, like ``socketio_peer.py`` does): the Socket.IO side is driven by Node clients
     too, and a Python client tops out below what the edges send in the fan-out.
+    ``BENCH_PEERS_WS=raw`` (the default) speaks WebSocket over ``net.Socket`` by hand,
+    ``BENCH_PEERS_WS=ws`` through the ``ws`` package (0028).
     ``BENCH_CLIENT=python`` runs ``peers.py`` (the only choice without Node).
     """
     choice = os.environ.get("BENCH_CLIENT", "auto")
@@ -36,7 +38,9 @@ def client_argv() -> tuple[list[str], dict[str, str], str]:
     if choice != "python" and node:
         modules = node_modules()
         if modules is not None:
-            return [node, str(BENCH / "peers.js")], {"BENCH_NODE_MODULES": str(modules)}, "node (ws)"
+            impl = "ws" if os.environ.get("BENCH_PEERS_WS") == "ws" else "raw"
+            extra = {"BENCH_NODE_MODULES": str(modules), "BENCH_PEERS_WS": impl}
+            return [node, str(BENCH / "peers.js")], extra, f"node ({impl})"
     if choice == "node":
         raise SystemExit("BENCH_CLIENT=node: no node, or the Socket.IO peer's dependencies could not be installed")
     return [common.PY, str(BENCH / "peers.py")], {}, "python (websockets)"
