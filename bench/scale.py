@@ -4,7 +4,8 @@ One daphne edge, one relay, a scratch database and Redis; peers (one device each
 connect from load-client processes. At each size, in order:
 
 - ``idle``: after ``--settle-secs`` (the first heartbeat after the connect writes the new
-  peers' rows and positions), nothing is sent for ``--idle-secs``; the edge's CPU (% of a core) is what its
+  peers' rows and positions), nothing is sent for ``--idle-secs`` (one ping interval by default:
+  each idle peer is pinged exactly once in it); the edge's CPU (% of a core) is what its
   connected peers cost it with no work (pings, heartbeats, head checks);
 - ``work``: device events through the outbox (producers → relay → edge) at
   ``--per-peer-rate`` events/s per receiving peer, to the first 10 % of the devices
@@ -19,7 +20,7 @@ The sizes run in one session (the larger one adds peers to the smaller), in unde
 handshakes run at ≥ 1 000/s (the connect time is reported).
 
     .venv/bin/python bench/scale.py [--sizes 5000,20000] [--receiving 0.1] [--per-peer-rate 0.5]
-        [--seconds 5] [--idle-secs 10] [--profile SECS]
+        [--seconds 5] [--idle-secs <ping interval>] [--profile SECS]
 
 ``--ping-interval S``: the edge's daphne ``--ping-interval`` (20 s, as deployed; a long one
 shows what the pings cost). ``--profile SECS``: py-spy on the edge for SECS seconds of the last idle phase (summary
@@ -74,7 +75,8 @@ def main() -> None:
     parser.add_argument("--receiving", type=float, default=0.1, help="share of the peers that receive events")
     parser.add_argument("--per-peer-rate", type=float, default=0.5, help="events/s per receiving peer")
     parser.add_argument("--seconds", type=float, default=5.0, help="sending time per work phase")
-    parser.add_argument("--idle-secs", type=float, default=10.0)
+    # Default: one ping interval, so the window holds exactly one ping of each idle peer.
+    parser.add_argument("--idle-secs", type=float, default=None)
     parser.add_argument(
         "--settle-secs", type=float, default=6.0, help="after connecting: one heartbeat writes the new rows"
     )
@@ -85,6 +87,8 @@ def main() -> None:
     parser.add_argument("--profile", type=float, default=0.0, help="py-spy the edge this many idle seconds")
     parser.add_argument("--ping-interval", type=int, default=20, help="the edge's daphne --ping-interval")
     args = parser.parse_args()
+    if args.idle_secs is None:
+        args.idle_secs = float(args.ping_interval)
     sizes = sorted(int(s) for s in args.sizes.split(",") if s.strip())
 
     started = time.monotonic()
