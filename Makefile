@@ -49,7 +49,7 @@ lint: install
 	$(BIN)/ruff format --check backplane tyrum
 	$(BIN)/mypy
 
-# The benchmark suite (bench/run_all.py, 15–20 minutes): needs PostgreSQL and Redis on
+# The benchmark suite (bench/run_all.py, 11–15 minutes): needs PostgreSQL and Redis on
 # 127.0.0.1 and node/npm for the Socket.IO peer; figures in bench/results, docs/performance.md.
 bench: install
 	$(BIN)/python bench/run_all.py

@@ -1,4 +1,4 @@
-"""The whole benchmark suite (``make bench``), in about 15–20 minutes on the 2-core machine.
+"""The whole benchmark suite (``make bench``), in 11–15 minutes on the 2-core machine.
 
 Runs each benchmark as its own process, in this order, each bounded in time and the whole
 run bounded by ``--budget``: the end-to-end session (latency, raw Channels floor, maximum
