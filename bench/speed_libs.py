@@ -46,6 +46,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import common  # noqa: E402
+import encryption_cost  # noqa: E402  (the relay → edge hop, measured the same way)
 
 from backplane import protocol  # noqa: E402
 
@@ -249,28 +250,7 @@ async def loop_figures(samples: int, burst: int) -> dict[str, Any]:
     assert publisher is not None
     one = {"type": "bp.batch", "stream": "d:x:dev-1", "epoch": "abcd1234", "items": [[1, current_frame()]]}
     try:
-        while (await publisher.publish_all([(group, one)]))[0] == 0:
-            await asyncio.sleep(0.05)
-        await asyncio.wait_for(edge.receive(channel), 30)
-        hops = []
-        for _ in range(samples):
-            t = time.perf_counter()
-            await publisher.publish_all([(group, one)])
-            await asyncio.wait_for(edge.receive(channel), 30)
-            hops.append((time.perf_counter() - t) * 1000)
-        row["hop_p50_ms"] = common.percentile(hops, 50)
-        row["hop_p99_ms"] = common.percentile(hops, 99)
-        raw = relay._get_layer()._get_group_channel_name(group)
-        token = relay.serialize(one)
-        t = time.perf_counter()
-        for start in range(0, burst, 500):
-            pipe = publisher.client.pipeline(transaction=False)
-            for _ in range(min(500, burst - start)):
-                pipe.publish(raw, token)
-            await pipe.execute()
-        for _ in range(burst):
-            await asyncio.wait_for(edge.receive(channel), 30)
-        row["edge_max_rate"] = burst / (time.perf_counter() - t)
+        row.update(await encryption_cost.hop_and_max_rate(relay, edge, publisher, channel, group, one, samples, burst))
     finally:
         await publisher.aclose()
         await edge.flush()
