@@ -25,24 +25,25 @@ BENCH = Path(__file__).resolve().parent
 def client_argv() -> tuple[list[str], dict[str, str], str]:
     """The load client to run: (argv, extra env, its name).
 
-    ``BENCH_CLIENT=node`` (the default when Node is installed) runs ``peers.js`` on the
-    ``ws`` package from the Socket.IO peer's dependencies (installed with ``npm ci`` on
-    first use, like ``socketio_peer.py`` does): the Socket.IO side is driven by Node clients
-    too, and a Python client tops out below what the edges send in the fan-out.
-    ``BENCH_PEERS_WS=raw`` (the default) speaks WebSocket over ``net.Socket`` by hand,
-    ``BENCH_PEERS_WS=ws`` through the ``ws`` package (0028).
+    ``BENCH_CLIENT=node`` (the default when Node is installed) runs ``peers.js``: the
+    Socket.IO side is driven by Node clients too, and a Python client tops out below what the
+    edges send in the fan-out. ``BENCH_PEERS_WS=raw`` (the default) speaks WebSocket over
+    ``net.Socket`` by hand and needs nothing but Node; ``BENCH_PEERS_WS=ws`` goes through the
+    ``ws`` package from the Socket.IO peer's dependencies (installed with ``npm ci`` on first
+    use, like ``socketio_peer.py`` does; 0028).
     ``BENCH_CLIENT=python`` runs ``peers.py`` (the only choice without Node).
     """
     choice = os.environ.get("BENCH_CLIENT", "auto")
     node = shutil.which("node")
     if choice != "python" and node:
-        modules = node_modules()
-        if modules is not None:
-            impl = "ws" if os.environ.get("BENCH_PEERS_WS") == "ws" else "raw"
-            extra = {"BENCH_NODE_MODULES": str(modules), "BENCH_PEERS_WS": impl}
+        impl = "ws" if os.environ.get("BENCH_PEERS_WS") == "ws" else "raw"
+        # The raw client needs nothing but Node; only the `ws` variant needs the package.
+        modules = node_modules() if impl == "ws" else None
+        if impl == "raw" or modules is not None:
+            extra = {"BENCH_PEERS_WS": impl, **({"BENCH_NODE_MODULES": str(modules)} if modules else {})}
             return [node, str(BENCH / "peers.js")], extra, f"node ({impl})"
     if choice == "node":
-        raise SystemExit("BENCH_CLIENT=node: no node, or the Socket.IO peer's dependencies could not be installed")
+        raise SystemExit("BENCH_CLIENT=node: no node, or (BENCH_PEERS_WS=ws) the `ws` package could not be installed")
     return [common.PY, str(BENCH / "peers.py")], {}, "python (websockets)"
 
 

@@ -6,11 +6,13 @@
 //
 //   node bench/peers_cost.js [--peers 500] [--batches 300] [--rate 100] [--rounds 2]
 //   (the `ws` variant needs BENCH_NODE_MODULES, as peers.js does; without it: raw only)
+// Prints a table with the machine it ran on and writes bench/results/peers_cost.json.
 "use strict";
 
 const crypto = require("crypto");
 const fs = require("fs");
 const net = require("net");
+const os = require("os");
 const path = require("path");
 const readline = require("readline");
 const { spawn } = require("child_process");
@@ -114,16 +116,41 @@ async function run(impl) {
   return { impl, deliveries: received, expected: PEERS * BATCHES, cpu_s: cpu, us_per_delivery: (cpu * 1e6) / received };
 }
 
+// The machine, as bench/common.py's machine() states it for the Python benchmarks.
+function machine() {
+  const cpus = os.cpus();
+  return {
+    cpu: cpus.length ? cpus[0].model : "",
+    cores: cpus.length,
+    mem_gib: Math.round((os.totalmem() / 2 ** 30) * 10) / 10,
+    kernel: os.release(),
+    loadavg: os.loadavg(),
+    versions: { node: process.versions.node },
+  };
+}
+
 async function main() {
   const impls = process.env.BENCH_NODE_MODULES ? ["ws", "raw"] : ["raw"];
   const rows = [];
   for (let r = 0; r < ROUNDS; r++) for (const impl of impls) rows.push(await run(impl));
+  const m = machine();
+  const results = path.join(__dirname, "results");
+  fs.mkdirSync(results, { recursive: true });
+  const out = path.join(results, "peers_cost.json");
+  const when = new Date().toISOString().replace(/\.\d+Z$/, "Z");
+  const settings = { peers: PEERS, batches: BATCHES, rate: RATE, rounds: ROUNDS };
+  fs.writeFileSync(out, JSON.stringify({ benchmark: "peers_cost", when, machine: m, settings, rows }, null, 2));
+  process.stdout.write(
+    `machine: ${m.cpu} × ${m.cores} cores, ${m.mem_gib} GiB; Node ${m.versions.node}; ` +
+      `load average ${m.loadavg[0].toFixed(2)}\n`
+  );
   process.stdout.write(`peers.js CPU per delivery: ${PEERS} peers, ${BATCHES} batches at ${RATE}/s, one event each\n`);
   process.stdout.write("impl  deliveries  expected  cpu_s  us_per_delivery\n");
   for (const x of rows)
     process.stdout.write(
       `${x.impl.padEnd(4)}  ${String(x.deliveries).padStart(10)}  ${String(x.expected).padStart(8)}  ${x.cpu_s.toFixed(2).padStart(5)}  ${x.us_per_delivery.toFixed(2).padStart(15)}\n`
     );
+  process.stdout.write(`results: ${path.relative(process.cwd(), out) || out}\n`);
 }
 
 main().catch((err) => {
