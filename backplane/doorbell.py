@@ -196,7 +196,9 @@ class _Wire:
                 self._drain()
                 sent = self.sock.send(frame)
             except BlockingIOError:
-                return False  # full: Redis is not reading; the thread's ring waits for it
+                # Full: Redis is not reading. Given up like a lost one, or a ring that fits again
+                # a moment later would sit behind the unread ones; the thread's ring reconnects.
+                sent = -1
             except _Refused:
                 refused, sent = True, -1
             except OSError:  # closed, reset, or unanswered too long

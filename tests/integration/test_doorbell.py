@@ -177,7 +177,8 @@ def test_doorbell__a_lost_connection_costs_no_ring(bell, tenant_factory):
 
 def test_doorbell__a_redis_that_stops_reading_never_blocks_a_commit(bell, tenant_factory, monkeypatch):
     """A Redis that accepts the connection but never reads: once the socket's buffers are
-    full, rings stop going on it (no commit waits) and go by the sender thread."""
+    full, the connection is given up (no commit waits, no later ring goes on it) and rings go
+    by the sender thread."""
     tenant = tenant_factory("acme")
     server = socket.create_server(("127.0.0.1", 0))
     server.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -195,6 +196,7 @@ def test_doorbell__a_redis_that_stops_reading_never_blocks_a_commit(bell, tenant
         else:
             raise AssertionError("the never-read socket took every ring")
         assert sent_on_stuck > 0
+        assert doorbell._wire is not stuck  # given up once full: no later ring goes on it
 
         with transaction.atomic():
             outbox.publish(tenant, "run.updated", {})
