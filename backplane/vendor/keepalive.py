@@ -22,10 +22,14 @@ What changes is what a ping and its pong cost the edge:
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import struct
 import time
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 # The sweep's period: a ping goes out at most this late, a silent peer is closed at most this
 # late; pings due within one slot go out in one batch (0033's measurements).
@@ -84,6 +88,8 @@ class Keepalive:
     def _arm(self) -> None:
         from twisted.internet import reactor
 
+        if self.call is not None:  # one timer for the wheel, however many sockets wait
+            return
         # To the start of the next slot: a slot's sockets are visited once it has begun.
         delay = (self.slot + 1) * SWEEP_SECS - time.monotonic()
         self.call = reactor.callLater(max(0.0, delay) + 0.001, self.sweep)  # type: ignore[attr-defined]
@@ -101,15 +107,18 @@ class Keepalive:
             bucket = self.wheel.pop(slot, None)
             if bucket:
                 due.extend(bucket)
-        if due:
+        try:
             now = time.time()  # daphne's last_ping is wall-clock time
             for proto in due:
                 try:
                     self.visit(proto, now)
-                except Exception:  # one broken socket must not stop the others' pings
-                    proto.dropConnection(abort=True)
-        if self.wheel:
-            self._arm()
+                except Exception as exc:  # one broken socket must not stop the others' pings
+                    logger.warning("ping sweep: %s, connection dropped", type(exc).__name__)
+                    with contextlib.suppress(Exception):
+                        proto.dropConnection(abort=True)
+        finally:
+            if self.wheel:
+                self._arm()
 
     def visit(self, proto: Any, now: float) -> None:
         """daphne's ``check_timeouts`` for an open WebSocket and autobahn's pong timeout."""

@@ -141,6 +141,24 @@ def test_keepalive__one_sweep_visits_the_sockets_due_in_its_slots(proto: Any, mo
     assert visited == [a, b, c] and not sweep.wheel
 
 
+def test_keepalive__one_timer_for_the_wheel_however_many_sockets_are_visited(proto: Any, monkeypatch: Any) -> None:
+    from twisted.internet import reactor
+
+    armed: list[Any] = []
+    monkeypatch.setattr(reactor, "callLater", lambda delay, f, *a: armed.append(f) or SimpleNamespace())
+    sweep = keepalive.keepalive(proto.server)
+    others = [SimpleNamespace(state=0, STATE_OPEN=1) for _ in range(3)]  # closed: visited, dropped
+    for p in [proto, *others]:
+        sweep.watch(p, 0)
+    assert len(armed) == 1
+    for _ in range(3):
+        clock = time.monotonic() + keepalive.SWEEP_SECS
+        monkeypatch.setattr(keepalive.time, "monotonic", lambda clock=clock: clock)
+        fired, sweep.call = armed.pop(), None  # the reactor runs the timer
+        fired()
+        assert len(armed) == 1  # re-armed once: proto (open) waits in the wheel again
+
+
 def _next_visit(sweep: keepalive.Keepalive, proto: Any) -> float:
     """Seconds from now to the slot ``proto`` waits in (removing it from the wheel)."""
     for slot, bucket in sweep.wheel.items():
