@@ -107,8 +107,9 @@ class RawPeer:
     async def end(self, *, answering: bool = False) -> int:
         """Read until the connection ends (``answering`` each ping meanwhile): the close code
         the edge sent, 1006 for none."""
-        code = 1006
+        code, until = 1006, asyncio.get_running_loop().time() + WAIT
         while (got := await self.frame()) is not None:
+            assert asyncio.get_running_loop().time() < until, "still open"
             if got[0] == CLOSE:
                 code = struct.unpack(">H", got[1][:2])[0] if len(got[1]) >= 2 else 1005
             elif got[0] == PING and answering:
