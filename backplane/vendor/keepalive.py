@@ -92,7 +92,7 @@ class Keepalive:
             return
         # To the start of the next slot: a slot's sockets are visited once it has begun.
         delay = (self.slot + 1) * SWEEP_SECS - time.monotonic()
-        self.call = reactor.callLater(max(0.0, delay) + 0.001, self.sweep)  # type: ignore[attr-defined]
+        self.call = reactor.callLater(max(0.0, delay) + 0.001, self.sweep)  # type: ignore[arg-type]  # twisted's interface
 
     def sweep(self) -> None:
         self.call = None
