@@ -42,10 +42,12 @@ def application_for(http_app: Any) -> Any:
     from backplane.conf import conf
     from backplane.process import freeze_startup_objects
     from backplane.vendor import daphne as vendor_daphne
+    from backplane.vendor import keepalive
 
     refuse_unsafe_start("an edge")
     vendor_daphne.install_denial_response()
     vendor_daphne.install_lean_checkers()
+    keepalive.install_fast_pong()
     vendor_daphne.install_access_log_without_query_strings()
     vendor_daphne.install_lazy_handshake_debug()
     vendor_daphne.install_listen_backlog()

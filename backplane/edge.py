@@ -85,6 +85,9 @@ class EdgeRuntime:
         self.layer: Any = layer if layer is not None else get_channel_layer()  # channels-redis ships no types
         self.store = store if store is not None else get_store()
         self.consumers: dict[str, Subscriber] = {}
+        # The live sockets' credentials for the heartbeat's auth.recheck, kept until a socket
+        # comes or goes: the same frozensets, so recheck reuses their JSON text (0033).
+        self.credentials: tuple[frozenset[Any], frozenset[Any]] | None = None
         self.tasks: list[asyncio.Task[None]] = []
         self.channel: str | None = None
         # Fan-out: the runtime's delivery channel, the sockets of each stream, and the stream
@@ -185,11 +188,13 @@ class EdgeRuntime:
 
     def add(self, consumer: Subscriber) -> None:
         self.consumers[consumer.connection_id] = consumer
+        self.credentials = None
         self.unseen[consumer] = None
         self.stirred[consumer] = None
 
     def remove(self, consumer: Subscriber) -> None:
         self.consumers.pop(consumer.connection_id, None)
+        self.credentials = None
         self.unseen.pop(consumer, None)
         self.watch.pop(consumer, None)
         self.stirred.pop(consumer, None)
@@ -443,15 +448,19 @@ class EdgeRuntime:
                 if _joins_expire(self.layer):
                     await self._rejoin_groups()
                 consumers = list(self.consumers.values())
-                token_ids = {c.principal.token_id for c in consumers if c.principal.token_id}
-                operators = {c.principal.recheck_key for c in consumers if c.principal.user_id}
+                if self.credentials is None:
+                    self.credentials = (
+                        frozenset(c.principal.token_id for c in consumers if c.principal.token_id),
+                        frozenset(c.principal.recheck_key for c in consumers if c.principal.user_id),
+                    )
+                token_ids, operators = self.credentials
                 moved = self._moved_positions(self._stirred())
                 metrics.edge.peer_lag = self.lag
                 # The rows are built only when the directory misses some (a row per socket
                 # every beat would be most of an idle edge's heartbeat).
                 rows = _Rows(consumers)
                 bad = await database_sync_to_async(_beat)(self.edge_id, rows, token_ids, operators, moved)
-                for c in consumers:
+                for c in consumers if bad else ():
                     if c.principal.recheck_key in bad:
                         await c.close_with(bad[c.principal.recheck_key])
             except asyncio.CancelledError:
@@ -603,8 +612,8 @@ def _install_sigterm(runtime: EdgeRuntime) -> None:
 def _beat(
     eid: str,
     rows: directory.Rows,
-    token_ids: set[Any],
-    operators: set[tuple[Any, Any, Any]],
+    token_ids: frozenset[Any],
+    operators: frozenset[tuple[Any, Any, Any]],
     positions: dict[str, dict[str, list[int]]] | None = None,
 ) -> dict[Any, Close]:
     """(Worker thread) one heartbeat's database work in one thread hop: the directory's rows

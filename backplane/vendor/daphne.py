@@ -10,8 +10,8 @@ Versions are pinned in requirements.txt.
 - Probes: has daphne dropped a handshake (``gone``); is a peer's first frame on its way in
   (``frame_pending``); how many bytes twisted holds unsent (``outbound_buffered``).
 - Lean sweeps (``install_lean_checkers``): daphne's periodic checks visit only the connections
-  that need them; an open WebSocket's pings run on a timer of its own
-  (docs/decisions/0027-head-check-change-feed.md).
+  that need them (docs/decisions/0027-head-check-change-feed.md); open WebSockets' pings run
+  from one sweep of their own (``keepalive``, docs/decisions/0033).
 - Limits (``install_limits``): autobahn's own inbound cap (close 4009), pings spending the
   inbound bucket (4029), a deadline for request headers; and an access log without query
   strings (``install_access_log_without_query_strings``).
@@ -24,7 +24,6 @@ import contextlib
 import functools
 import logging
 import socket
-import time
 import weakref
 from typing import Any
 
@@ -71,7 +70,9 @@ RELIED_ON = (
     ("daphne.ws_protocol", "WebSocketProtocol", "onOpen"),
     ("daphne.ws_protocol", "WebSocketProtocol", "duration"),
     ("daphne.ws_protocol", "WebSocketProtocol", "serverClose"),
-    ("daphne.ws_protocol", "WebSocketProtocol", "_sendAutoPing"),
+    ("daphne.ws_protocol", "WebSocketProtocol", "sendPing"),  # keepalive: a ping behind queued frames
+    ("daphne.ws_protocol", "WebSocketProtocol", "onAutoPingTimeout"),  # keepalive: no pong in time
+    ("daphne.ws_protocol", "WebSocketProtocol", "dataReceived"),  # keepalive: the fast pong
     ("daphne.ws_protocol", "WebSocketProtocol", "sendData"),  # what sendFrame writes through
     ("autobahn.websocket.protocol", "WebSocketProtocol", "_connectionMade"),  # calls the module's pformat
     ("autobahn.websocket.protocol", "Timings", "__str__"),
@@ -571,9 +572,9 @@ def install_lean_checkers() -> None:
     when due) — with 10 000 idle peers most of an edge's idle CPU. Here each visits only the
     connections it has something to do for, marked when it happens: the reaper those that
     disconnected or whose application finished; the timeouts those not (yet, or no longer) an
-    open WebSocket (HTTP requests, handshakes). An open WebSocket pings on a timer of its own
-    when ``ping_interval`` has passed since its last ping or inbound message, and is closed
-    after ``websocket_timeout``, as daphne's sweep would (to the second, not to 2 s)."""
+    open WebSocket (HTTP requests, handshakes). An open WebSocket is pinged (``keepalive``'s
+    sweep) when ``ping_interval`` has passed since its last ping or inbound message, and is
+    closed after ``websocket_timeout``, as daphne's sweep would (to the sweep, not to 2 s)."""
     from daphne.server import Server
     from daphne.ws_protocol import WebSocketProtocol
 
@@ -656,43 +657,11 @@ def _open_websocket(protocol: Any) -> bool:
 
 
 def _ping_later(proto: Any, delay: float) -> None:
-    from twisted.internet import reactor
+    """The open WebSocket's pings and pong timeout, from ``delay`` seconds on: one sweep for
+    all sockets, the pong on a fast path (``keepalive``, docs/decisions/0033)."""
+    from backplane.vendor import keepalive
 
-    reactor.callLater(max(0.05, delay), _ping_due, proto)  # type: ignore[arg-type]  # twisted's interface
-
-
-def _ping_due(proto: Any) -> None:
-    """One open WebSocket's share of daphne's timeout sweep: close after ``websocket_timeout``,
-    ping when ``ping_interval`` passed since the last ping or inbound message."""
-    if not _open_websocket(proto):
-        return
-    server = proto.server
-    if 0 <= server.websocket_timeout < proto.duration():
-        proto.serverClose()
-        return
-    now = time.time()
-    if now - proto.last_ping >= server.ping_interval:
-        send_auto_ping(proto)
-        proto.last_ping = now
-    due = proto.last_ping + server.ping_interval - now
-    if server.websocket_timeout >= 0:
-        due = min(due, server.websocket_timeout - proto.duration() + 0.01)
-    _ping_later(proto, due)
-
-
-def send_auto_ping(proto: Any) -> None:
-    """autobahn's auto-ping (its payload, the pong timeout), the frame written with one
-    ``send()`` (``send_now``) rather than through twisted's writer registration — two epoll
-    changes and a loop turn per ping, most of what an idle peer costs the edge. When a
-    message is half sent or autobahn queues frames, its own path keeps the order."""
-    if proto.send_state != proto.SEND_STATE_GROUND or proto.send_queue:
-        proto._sendAutoPing()
-        return
-    proto.sendData = lambda data, sync=False, chopsize=None: send_now(proto.transport, data)
-    try:
-        proto._sendAutoPing()
-    finally:
-        del proto.sendData
+    keepalive.keepalive(proto.server).watch(proto, delay)
 
 
 def stop_reactor() -> bool:

@@ -58,6 +58,11 @@ def test_vendor__daphne_protocol_instance_state_relied_on_exists() -> None:
     proto = daphne_protocol()
     for attr in ("state", "send_state", "data", "transport", "_perMessageCompress", "closeHandshakeTimeout"):
         assert hasattr(proto, attr), f"daphne's protocol object has no {attr}"
+    # backplane/vendor/keepalive.py: autobahn's auto-ping state (read by its pong path too).
+    pinging = ("autoPingPending", "autoPingPendingSent", "autoPingPendingSeq", "autoPingTimeoutCall", "autoPingTimeout")
+    for attr in pinging:
+        assert hasattr(proto, attr), f"daphne's protocol object has no {attr}"
+    assert proto.autoPingSize == 12  # its payload has no random part: keepalive's is the same
     assert proto.send_state == proto.SEND_STATE_GROUND
     assert proto.data == b""
     assert vendor_daphne.direct_wire(proto) is proto  # no compression negotiated
@@ -262,8 +267,8 @@ def test_vendor__outbound_buffered_sees_through_a_tls_wrapper() -> None:
 
 def test_vendor__lean_checkers_visit_only_the_connections_with_something_to_do(monkeypatch: Any) -> None:
     """daphne's sweeps skip idle open WebSockets (docs/decisions/0027): the timeout sweep
-    visits handshakes and HTTP requests, the reaper the disconnected; an open WebSocket pings
-    on its own timer when ping_interval has passed."""
+    visits handshakes and HTTP requests, the reaper the disconnected; an open WebSocket is
+    handed to the ping sweep (tests/unit/test_keepalive.py)."""
     import time
     from types import SimpleNamespace
 
@@ -291,36 +296,13 @@ def test_vendor__lean_checkers_visit_only_the_connections_with_something_to_do(m
         server.protocol_connected(p)
     idle.state = idle.STATE_OPEN
     idle.onOpen()
-    assert later[-1] == (20, vendor_daphne._ping_due)  # its own ping timer
+    assert idle in server._tyrum_keepalive.wheel[max(server._tyrum_keepalive.wheel)]  # the ping sweep's
 
     server.timeout_checker()
     assert visited == [leaving, opening]  # not the open WebSocket
     server.protocol_disconnected(leaving)
     server.application_checker()
     assert list(server.connections) == [idle, opening]  # the disconnected one reaped
-
-    pings: list[bool] = []
-    idle._sendAutoPing = lambda: pings.append(True)
-    idle.last_ping = time.time() - 5
-    vendor_daphne._ping_due(idle)
-    assert pings == [] and 14 < later[-1][0] <= 15  # next when 20 s have passed since the last
-    idle.last_ping = time.time() - 21
-    vendor_daphne._ping_due(idle)
-    assert pings == [True] and 19 < later[-1][0] <= 20
-
-
-def test_vendor__auto_ping_goes_out_in_one_write_with_autobahns_pong_timeout() -> None:
-    proto = daphne_protocol()
-    proto.state = proto.STATE_OPEN
-    assert "send_queue" in vars(proto)
-    proto.autoPingTimeout = 30  # daphne's --ping-timeout
-    proto.transport.clear()
-    vendor_daphne.send_auto_ping(proto)
-    wire = proto.transport.value()
-    assert wire[:1] == b"\x89" and wire[2:] == proto.autoPingPending  # one unmasked ping frame
-    assert proto.autoPingTimeoutCall is not None  # autobahn still expects the pong
-    assert "sendData" not in vars(proto)  # the class's own again
-    proto.autoPingTimeoutCall.cancel()
 
 
 def test_vendor__the_edge_listens_with_a_queue_for_a_reconnect_storm() -> None:
