@@ -192,7 +192,11 @@ class Relay:
         await self._collect()
         if self.resend_needed:
             # After a start, a take-over or a failure: everything assigned and not yet
-            # forwarded goes again, with the same offsets.
+            # forwarded goes again, with the same offsets. The rows sent since the last
+            # assignment are marked first: else the sweep would read them as left behind and,
+            # with the send overlapped, find its batch full of them every cycle
+            # (docs/decisions/0035).
+            await self.flush_marks()
             pending = await database_sync_to_async(self.store.unforwarded)(
                 owned, self.batch_size, skip_tenants=list(self.quarantine)
             )
