@@ -105,7 +105,7 @@ class Relay:
         self.backlog: dict[str, Any] | None = None  # read by the HTTP port before a scrape
         # bench/hop_trace.py: the step times of the cycle in progress, and the last doorbell ring.
         self.trace: dict[str, float] = {}
-        self.bell: Listener | None = None
+        self.bell: Listener | None = None  # the run loop's doorbell
         self.runq_at = 0.0
         # The run loop's send in flight: the next cycle's assignment runs meanwhile, and that
         # cycle waits for it before sending anything itself (docs/decisions/0035).
@@ -126,10 +126,11 @@ class Relay:
     async def cycle(self, *, overlap: bool = False) -> tuple[int, int]:
         """Run one cycle; return (rows assigned, rows forwarded).
 
-        With ``overlap`` (the run loop) the cycle's send is left running and the count is of
-        the rows handed to it: the next cycle's assignment goes to PostgreSQL meanwhile, and
-        that cycle waits for the send before it sends (or sweeps) anything, so each stream's
-        messages still leave in offset order, one send at a time (docs/decisions/0035)."""
+        With ``overlap`` (the run loop), when a next cycle is due (a ring is waiting or the
+        batch was full), the cycle's send is left running and the count is of the rows handed
+        to it: the next cycle's assignment goes to PostgreSQL meanwhile, and that cycle waits
+        for the send before it sends (or sweeps) anything, so each stream's messages still
+        leave in offset order, one send at a time (docs/decisions/0035)."""
         # The assignment runs on the lease session itself: if that session died, the statement
         # fails and the relay drops its shards before sending anything, so it stops before
         # another relay can take them over.
@@ -233,11 +234,14 @@ class Relay:
                 "runq_ms": runq_since * 1000,
             }
         self.assigned_total += assigned
-        self._sending = asyncio.ensure_future(self._send_and_record(pending, to_send, timeout, trace))
         self.resend_needed = more  # the send sets it again if it fails (collected before any sweep)
-        if overlap:
+        # Overlapped only when a next cycle is due (a ring came meanwhile, or the batch was
+        # full); else awaited here, without the loop turn a task's start takes.
+        bell = self.bell
+        if overlap and (assigned >= self.batch_size or (bell is not None and bell.waiting())):
+            self._sending = asyncio.ensure_future(self._send_and_record(pending, to_send, timeout, trace))
             return assigned, len(pending)
-        return assigned, await self._collect()
+        return assigned, await self._send_and_record(pending, to_send, timeout, trace)
 
     async def _send_and_record(
         self, pending: Sequence[Pending], to_send: Sequence[Pending], timeout: float, trace: dict[str, Any]
@@ -387,8 +391,8 @@ class Relay:
         metrics.install()
         metrics.relays.append(self)
         async with Listener() as bell:
+            self.bell = bell  # cycle() asks it whether a ring is waiting
             if hoptrace.ON:
-                self.bell = bell
                 hoptrace.start_flusher("relay")
                 hoptrace.start_lag_probe()
                 self.runq_at = hoptrace.runq_wait()
