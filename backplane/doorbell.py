@@ -380,6 +380,10 @@ class Listener:
             finally:
                 await client.aclose()
 
+    def waiting(self) -> bool:
+        """Whether a ring came that no ``wait`` has taken yet."""
+        return self._event.is_set()
+
     async def wait(self, timeout: float) -> bool:
         """Wait for a ring or ``timeout`` seconds; return True if it rang."""
         try:

@@ -105,12 +105,17 @@ class Relay:
         self.backlog: dict[str, Any] | None = None  # read by the HTTP port before a scrape
         # bench/hop_trace.py: the step times of the cycle in progress, and the last doorbell ring.
         self.trace: dict[str, float] = {}
-        self.bell: Listener | None = None
+        self.bell: Listener | None = None  # the run loop's doorbell
         self.runq_at = 0.0
+        # The run loop's send in flight: the next cycle's assignment runs meanwhile, and that
+        # cycle waits for it before sending anything itself (docs/decisions/0035).
+        self._sending: asyncio.Task[int] | None = None
 
     async def aclose(self) -> None:
         """Record what was sent, release the shards and close this relay's connections."""
         with contextlib.suppress(Exception):  # unmarked rows are sent again by the next owner
+            await self._collect()
+        with contextlib.suppress(Exception):
             await self.flush_marks()
         if isinstance(self._publisher, PubSubPublisher):
             with contextlib.suppress(Exception):
@@ -118,8 +123,14 @@ class Relay:
         self._publisher = None
         await self.leases.release()
 
-    async def cycle(self) -> tuple[int, int]:
-        """Run one cycle; return (rows assigned, rows forwarded)."""
+    async def cycle(self, *, overlap: bool = False) -> tuple[int, int]:
+        """Run one cycle; return (rows assigned, rows forwarded).
+
+        With ``overlap`` (the run loop), when a next cycle is due (a ring is waiting or the
+        batch was full), the cycle's send is left running and the count is of the rows handed
+        to it: the next cycle's assignment goes to PostgreSQL meanwhile, and that cycle waits
+        for the send before it sends (or sweeps) anything, so each stream's messages still
+        leave in offset order, one send at a time (docs/decisions/0035)."""
         # The assignment runs on the lease session itself: if that session died, the statement
         # fails and the relay drops its shards before sending anything, so it stops before
         # another relay can take them over.
@@ -131,9 +142,10 @@ class Relay:
         if hoptrace.ON:
             runq = hoptrace.runq_wait()
             lag, runq_since, self.runq_at = hoptrace.take_lag(), runq - self.runq_at, runq
-        marks = len(self.unmarked)  # rows whose forwarded marks this cycle's assignment carries
         owned = await self.leases.maintain()
         if not owned:
+            with contextlib.suppress(Exception):  # its rows are sent again by the shards' next owner
+                await self._collect()
             self.unmarked = []  # the shards' next owner sends them again
             return 0, 0
         now = time.monotonic()
@@ -144,14 +156,19 @@ class Relay:
             self.next_sweep = now + RESEND_SWEEP_SECS
         self.quarantine = {t: until for t, until in self.quarantine.items() if until > now}
         skip = list(self.quarantine)
+        # The marks go with this assignment; a send still in flight adds its rows for the next.
+        carried, self.unmarked = self.unmarked, []
+        marks = len(carried)  # rows whose forwarded marks this cycle's assignment carries
         try:
             fresh = await self.store.aassign(
-                self.leases.conn, owned, self.batch_size, skip_tenants=skip, forwarded=self.unmarked
+                self.leases.conn, owned, self.batch_size, skip_tenants=skip, forwarded=carried
             )
-            self.unmarked = []
             assigned = len(fresh)
         except (DatabaseError, psycopg.Error) as exc:
+            self.unmarked = carried + self.unmarked
             self.errors["assign"] += 1
+            with contextlib.suppress(Exception):  # a failed send is swept up below
+                await self._collect()
             if self.store.is_dead(self.leases.conn):
                 await self._lose(exc)
                 return 0, 0
@@ -172,9 +189,15 @@ class Relay:
                 return 0, 0  # the session died meanwhile: nothing is sent without it
         if assigned:
             _failpoint("after_assign")
+        # The previous cycle's send first: its failures are swept up with this cycle's rows.
+        await self._collect()
         if self.resend_needed:
             # After a start, a take-over or a failure: everything assigned and not yet
-            # forwarded goes again, with the same offsets.
+            # forwarded goes again, with the same offsets. The rows sent since the last
+            # assignment are marked first: else the sweep would read them as left behind and,
+            # with the send overlapped, find its batch full of them every cycle
+            # (docs/decisions/0035).
+            await self.flush_marks()
             pending = await database_sync_to_async(self.store.unforwarded)(
                 owned, self.batch_size, skip_tenants=list(self.quarantine)
             )
@@ -189,7 +212,7 @@ class Relay:
             self.resend_needed = more
             self.assigned_total += assigned
             return assigned, 0
-        self.resend_needed = True  # until this cycle's rows are marked: an exception leaves it set
+        self.resend_needed = True  # until the send is under way: an exception leaves it set
         commands = [p for p in pending if p.kind == "command"]
         not_sent: set[int] = set()
         if commands:  # a command for a dead edge is re-routed or recorded, never sent into the void
@@ -198,8 +221,9 @@ class Relay:
         to_send = [p for p in pending if p.id not in not_sent]
         # Bounded, but by size too: a big batch of big payloads must not time out every cycle.
         timeout = SEND_TIMEOUT_SECS + sum(len(p.item.payload_json) for p in to_send) / SEND_BYTES_PER_SEC
+        trace: dict[str, Any] = {}
         if hoptrace.ON:
-            self.trace = {
+            trace = self.trace = {
                 "rung": rung,
                 "woken": woken,
                 "cycle": began,
@@ -209,22 +233,46 @@ class Relay:
                 "lag_ms": lag * 1000,
                 "runq_ms": runq_since * 1000,
             }
-        failed = await asyncio.wait_for(self._send(to_send), timeout)
+        self.assigned_total += assigned
+        self.resend_needed = more  # the send sets it again if it fails (collected before any sweep)
+        # Overlapped only when a next cycle is due (a ring came meanwhile, or the batch was
+        # full); else awaited here, without the loop turn a task's start takes.
+        bell = self.bell
+        if overlap and (assigned >= self.batch_size or (bell is not None and bell.waiting())):
+            self._sending = asyncio.ensure_future(self._send_and_record(pending, to_send, timeout, trace))
+            return assigned, len(pending)
+        return assigned, await self._send_and_record(pending, to_send, timeout, trace)
+
+    async def _send_and_record(
+        self, pending: Sequence[Pending], to_send: Sequence[Pending], timeout: float, trace: dict[str, Any]
+    ) -> int:
+        """Send a cycle's rows; the ones that went are marked with a later assignment."""
+        try:
+            failed = await asyncio.wait_for(self._send(to_send, trace), timeout)
+        except BaseException:
+            self.resend_needed = True  # nothing of it is marked: the next sweep sends it all again
+            raise
         if hoptrace.ON:
-            self.trace["published"] = time.time()
+            trace["published"] = time.time()
             rows = [(p.stream, p.item.offset) for p in to_send if p.kind != "command"]
-            hoptrace.record("relay", self.trace, rows)
+            hoptrace.record("relay", trace, rows)
         _failpoint("before_mark")
         done = [p for p in pending if p.id not in failed]
         self.unmarked += done  # marked with the next assignment, or by flush_marks()
-        self.resend_needed = more or bool(failed)
+        if failed:
+            self.resend_needed = True
         per_shard: dict[int, int] = {}
         for p in done:
             per_shard[p.shard] = per_shard.get(p.shard, 0) + 1
         self.leases.count(per_shard)
-        self.assigned_total += assigned
         self.forwarded_total += len(done)
-        return assigned, len(done)
+        return len(done)
+
+    async def _collect(self) -> int:
+        """Wait for the send in flight, if any; return how many of its rows went (raises what
+        the send raised)."""
+        task, self._sending = self._sending, None
+        return 0 if task is None else await task
 
     async def flush_marks(self) -> None:
         """Mark the rows sent since the last assignment forwarded, now."""
@@ -265,7 +313,7 @@ class Relay:
                 )
         return total
 
-    async def _send(self, pending: Sequence[Pending]) -> set[int]:
+    async def _send(self, pending: Sequence[Pending], trace: dict[str, Any]) -> set[int]:
         """Send rows to their groups, streams side by side; return the ids that failed.
 
         Streams are independent, so their sends overlap (up to SEND_CONCURRENCY at once);
@@ -290,7 +338,7 @@ class Relay:
                     messages.append((group, message))
                     owners.append(rows if message["type"] == "bp.command" else [])
             if hoptrace.ON:
-                self.trace["rendered"] = time.time()
+                trace["rendered"] = time.time()
             receivers = await self._publisher.publish_all(messages)
             unheard: set[int] = set()
             for rows, count in zip(owners, receivers, strict=True):
@@ -343,8 +391,8 @@ class Relay:
         metrics.install()
         metrics.relays.append(self)
         async with Listener() as bell:
+            self.bell = bell  # cycle() asks it whether a ring is waiting
             if hoptrace.ON:
-                self.bell = bell
                 hoptrace.start_flusher("relay")
                 hoptrace.start_lag_probe()
                 self.runq_at = hoptrace.runq_wait()
@@ -356,7 +404,7 @@ class Relay:
                             next_partition_check = time.monotonic() + PARTITION_CHECK_SECS
                             await database_sync_to_async(self.store.ensure_partitions)()
                         began = time.perf_counter()
-                        assigned, forwarded = await self.cycle()
+                        assigned, forwarded = await self.cycle(overlap=True)
                         self.cycle_seconds.observe(time.perf_counter() - began)
                         backoff = ERROR_BACKOFF_SECS
                     except Exception as exc:
@@ -374,16 +422,17 @@ class Relay:
                         break
                     if assigned >= self.batch_size or forwarded >= self.batch_size:
                         continue  # more is waiting: no sleep
-                    if self.unmarked:
+                    if self.unmarked or self._sending is not None:
                         # The next assignment carries the marks if it comes soon; else now.
                         if await _rang_or_stopped(bell, stop, MARK_LINGER_SECS):
                             continue
                         try:
+                            await self._collect()
                             await self.flush_marks()
                         except Exception as exc:
                             self.errors["mark"] += 1
                             logger.error(
-                                "relay could not mark rows forwarded: %s",
+                                "relay could not send or mark rows: %s",
                                 type(exc).__name__,
                                 extra={"action": "relay_error"},
                             )

@@ -1,20 +1,22 @@
 """What the relay's assignment transaction spends its time on (issue 17, point 3).
 
 On a scratch database, one committed device event at a time, the relay's assignment
-(``PostgreSQLStore.aassign``: BEGIN, ``SET LOCAL synchronous_commit = on``, the call of
-``bp_assign_v2``, COMMIT, pipelined in one round trip) against variants, alternating:
+(``PostgreSQLStore.aassign``: the call of ``bp_assign_v3`` alone, in autocommit — its own
+transaction, which the function makes wait for the WAL flush) against variants, alternating:
 
-    assign            as the relay runs it (the COMMIT waits for the WAL flush)
-    assign, async     the same with ``synchronous_commit = off``: NOT durable, only to show the
-                      flush's share (never a candidate: offsets must be durable before sending)
+    assign            as the relay runs it: one statement, one round trip
+    assign, split     the same transaction with a clock reading after the call (the split below)
+    assign, async     the same with ``synchronous_commit`` set off after the call: NOT durable,
+                      only to show the flush's share (never a candidate: offsets must be
+                      durable before sending)
     one-row commit    BEGIN; UPDATE of one stream head; COMMIT with the flush (the floor of any
                       durable transaction on this server)
     one-row, async    the same without the flush
     round trip        SELECT 1 (the client ↔ server floor)
 
 Per variant the median and p90 (ms) of the client's wall time, and for the assignment the
-server's split: statements (``now()`` → ``clock_timestamp()`` before the COMMIT) and the rest
-(COMMIT, its flush and the reply). Table and ``bench/results/assign_cost.json``.
+server's split: statements (``now()`` → ``clock_timestamp()`` after the call, in its
+transaction) and the rest (the commit, its flush and the reply). Table and ``bench/results/assign_cost.json``.
 
     .venv/bin/python bench/assign_cost.py [--samples 300]
 """
@@ -50,6 +52,7 @@ async def measure(samples: int, tenant: Any) -> dict[str, list[float]]:
     params = [shards, 100, None, []]
     variants = (
         "assign",
+        "assign, split",
         "assign, async",
         "statements",
         "commit+reply",
@@ -60,15 +63,24 @@ async def measure(samples: int, tenant: Any) -> dict[str, list[float]]:
     out: dict[str, list[float]] = {k: [] for k in variants}
     publish = database_sync_to_async(lambda: outbox.publish(tenant, "bench.tick", {"n": 1}, device="dev-0"))
 
-    async def assign(sync: str) -> tuple[float, float, float]:
+    async def assign() -> float:
+        await publish()
+        began = time.perf_counter()
+        got = await store.aassign(session, shards, 100)
+        took = time.perf_counter() - began
+        assert len(got) == 1, got
+        return took
+
+    async def assign_split(sync: str) -> tuple[float, float, float]:
+        # In autocommit what precedes the sync is one implicit transaction: the call, a setting
+        # (bp_assign_v3 sets synchronous_commit on; "off" after it overrides that), the clock.
         await publish()
         began, wall = time.perf_counter(), time.time()
         async with session.pipeline():
-            await session.execute("BEGIN")
-            await session.execute(f"SET LOCAL synchronous_commit = {sync}")
             cur = await session.execute(SQL["assign"], params)
+            if sync == "off":
+                await session.execute("SELECT set_config('synchronous_commit', 'off', true)")
             stamps = await session.execute("SELECT extract(epoch FROM now()), extract(epoch FROM clock_timestamp())")
-            await session.execute("COMMIT")
         took = time.perf_counter() - began
         got = await cur.fetchall()
         start, done = await stamps.fetchone()
@@ -85,15 +97,17 @@ async def measure(samples: int, tenant: Any) -> dict[str, list[float]]:
         return time.perf_counter() - began
 
     for _ in range(20):  # warm: plans made, caches filled
-        await assign("on")
+        await assign()
+        await assign_split("on")
     cur = await session.execute("SELECT key FROM backplane_stream LIMIT 1")
     (key,) = await cur.fetchone()
     for _ in range(samples):
-        took, statements, rest = await assign("on")
-        out["assign"].append(took * 1000)
+        out["assign"].append(await assign() * 1000)
+        took, statements, rest = await assign_split("on")
+        out["assign, split"].append(took * 1000)
         out["statements"].append(statements * 1000)
         out["commit+reply"].append(rest * 1000)
-        out["assign, async"].append((await assign("off"))[0] * 1000)
+        out["assign, async"].append((await assign_split("off"))[0] * 1000)
         out["one-row commit"].append(await one_row("on") * 1000)
         out["one-row, async"].append(await one_row("off") * 1000)
         began = time.perf_counter()

@@ -1,6 +1,6 @@
 """The PostgreSQL store: the cluster's backend (statements in ``sql/postgresql.sql``).
 
-Offsets are assigned only by ``bp_assign_v2`` (``sql/bp_assign_v2.sql``), a PL/pgSQL function:
+Offsets are assigned only by ``bp_assign_v3`` (``sql/bp_assign_v3.sql``), a PL/pgSQL function:
 the relay calls it on its own lease session in one round trip; ``assign`` calls it on Django's
 connection. The outbox is partitioned by ``created_at`` (``backplane.partitions``); a row's
 partition (``Pending.part``) lets marks go to it directly by primary key.
@@ -38,8 +38,8 @@ COMPACTOR_LOCK = -1  # its second key for the one compactor
 # The relay's own session (its leases, assignment and marks) finds outbox rows by primary key
 # or partial index only: on a partition not analyzed yet (a fresh one) the planner would
 # otherwise scan it whole for each statement. Its commits do not wait for the WAL flush — a
-# lost mark only means rows go again — except the assignment's, which sets it back (offsets
-# must be durable before they are sent).
+# lost mark only means rows go again — except the assignment's: bp_assign_v3 sets it on for its
+# own transaction (offsets must be durable before they are sent).
 SESSION_SETTINGS = ("SET enable_seqscan = off", "SET synchronous_commit = off")
 # A large publish_many goes out in slices of this many events, pipelined: the database inserts
 # one slice while Python validates and encodes the next (two cores busy instead of one, then
@@ -109,26 +109,35 @@ class PostgreSQLStore:
         skip_tenants: Sequence[Any] = (),
         forwarded: Sequence[Pending] = (),
     ) -> list[Pending]:
-        """One round trip: BEGIN, the call of ``bp_assign_v2``, the marks of ``forwarded`` and
-        COMMIT go out pipelined and come back with one sync. (Not psycopg's ``transaction()``:
-        inside a pipeline it syncs on entering and leaving, four round trips.) The outbox's
-        parent table is locked before any partition, as everywhere (``backplane.partitions``):
-        the call comes before the marks."""
+        """One round trip: the call of ``bp_assign_v3`` and the marks of ``forwarded`` go out
+        pipelined and come back with one sync; without marks the call goes alone. In
+        autocommit, what precedes a sync is one implicit transaction, and the function sets
+        ``synchronous_commit`` on for it: the offsets are durable before the rows come back,
+        without BEGIN, SET LOCAL and COMMIT messages of their own
+        (docs/decisions/0035-assignment-one-statement-send-overlapped.md). The outbox's parent
+        table is locked before any partition, as everywhere (``backplane.partitions``): the
+        call comes before the marks."""
         params = [list(shards), limit, only_tenant, list(skip_tenants)]
+        by_part = _ids_by_part(forwarded)
+        done = None
         try:
-            async with session.pipeline():
-                await session.execute("BEGIN")
-                await session.execute("SET LOCAL synchronous_commit = on")  # see SESSION_SETTINGS
+            if by_part or hoptrace.ON:
+                async with session.pipeline():
+                    if hoptrace.ON:  # an explicit transaction, to note when its statements were done
+                        await session.execute("BEGIN")
+                    cur = await session.execute(SQL["assign"], params)
+                    for part, ids in by_part.items():
+                        await session.execute(SQL["mark_forwarded"].format(part=part), [ids])
+                    if hoptrace.ON:
+                        # bench/hop_trace.py: the statements done, the COMMIT about to start.
+                        done = await session.execute("SELECT clock_timestamp()")
+                        await session.execute("COMMIT")
+            else:
                 cur = await session.execute(SQL["assign"], params)
-                for part, ids in _ids_by_part(forwarded).items():
-                    await session.execute(SQL["mark_forwarded"].format(part=part), [ids])
-                # bench/hop_trace.py: when the statements were done, the COMMIT about to start.
-                done = await session.execute("SELECT clock_timestamp()") if hoptrace.ON else None
-                await session.execute("COMMIT")
         except BaseException:
-            # A failed call leaves the transaction aborted (the COMMIT was skipped): end it, so
-            # the session is usable again. A session that cannot even roll back is closed: the
-            # caller sees it dead and drops its shards.
+            # A failed traced call leaves its transaction aborted (the COMMIT was skipped): end
+            # it, so the session is usable again (an implicit one ends by itself). A session
+            # that cannot even roll back is closed: the caller sees it dead and drops its shards.
             if not session.broken and session.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
                 try:
                     await session.execute("ROLLBACK")

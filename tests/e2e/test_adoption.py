@@ -172,7 +172,7 @@ def test_wheel__holds_the_backplane_package_alone(adopted: Adopted) -> None:
     tops = {name.split("/")[0] for name in names}
 
     assert {top for top in tops if not top.endswith(".dist-info")} == {"backplane"}
-    assert "backplane/store/sql/bp_assign_v2.sql" in names
+    assert "backplane/store/sql/bp_assign_v3.sql" in names
     assert any(name.endswith(".dist-info/licenses/LICENSE") for name in names)
     imported = run([str(adopted.python), "-c", "import backplane; print(backplane.__file__)"], cwd=adopted.project)
     assert imported.startswith(str(adopted.python.parent.parent)), imported  # the wheel's copy, not the repository's

@@ -192,12 +192,21 @@ async def test_leases__session_finds_rows_by_index_and_flushes_only_the_assignme
     await orm(outbox.publish, tenant, "a.b", {"n": 1})
     shard = streams.shard_of(tenant.id, conf.SHARDS)
     assert len(await get_store().aassign(a.conn, [shard], 100)) == 1
-    claim = next(n for n, sql in enumerate(statements) if "bp_assign" in sql)
-    assert "SET LOCAL synchronous_commit = on" in statements[:claim]
+    assert statements == [SQL["assign"]]  # alone, in autocommit: its own transaction
+    # The call sets synchronous_commit on for the transaction it runs in (what follows it up to
+    # the sync is that transaction, and its commit waits for the flush); the session keeps off.
+    await orm(outbox.publish, tenant, "a.b", {"n": 2})
+    async with a.conn.pipeline():
+        assigned = await a.conn.execute(SQL["assign"], [[shard], 100, None, []])
+        during = await a.conn.execute("SELECT current_setting('synchronous_commit')")
+    assert len(await assigned.fetchall()) == 1
+    assert (await during.fetchone())[0] == "on"
+    cur = await a.conn.execute("SHOW synchronous_commit")
+    assert (await cur.fetchone())[0] == "off"
 
 
 async def test_assign__one_round_trip_and_offsets_written_by_primary_key(make_leases, tenant_factory, monkeypatch):
-    """The assignment is one call (BEGIN, bp_assign_v2, COMMIT pipelined); inside it, the rows
+    """The assignment is one call (bp_assign_v3, with the marks pipelined after it); inside it, the rows
     get their offsets through their partition's primary key, and nothing else of the outbox is
     read — never a whole partition, which the planner chooses for a few hundred keys when it
     may, or whenever it believes a partition empty."""
@@ -232,17 +241,21 @@ async def test_assign__one_round_trip_and_offsets_written_by_primary_key(make_le
 
     monkeypatch.setattr(psycopg_pipeline.BasePipeline, "_enqueue_sync", counting)
     shard = streams.shard_of(tenant.id, conf.SHARDS)
-    got = await get_store().aassign(a.conn, [shard], 1000)
-    assert len(got) == 1000
-    # One transaction of one call, sent together and answered with one sync (round trip).
-    assert statements == ["BEGIN", "SET LOCAL synchronous_commit = on", SQL["assign"], "COMMIT"]
-    assert "bp_assign_v2(" in SQL["assign"]
+    marked = await get_store().aassign(a.conn, [shard], 1)  # to carry its mark below
+    syncs = 0
+    statements.clear()
+    notices.clear()
+    got = await get_store().aassign(a.conn, [shard], 999, forwarded=marked)
+    assert len(got) == 999
+    # One transaction: the call, then the marks, sent together and answered with one sync.
+    assert statements == [SQL["assign"], SQL["mark_forwarded"].format(part=marked[0].part)]
+    assert "bp_assign_v3(" in SQL["assign"]
     assert syncs == 1
     updates = [n for n in notices if "SET stream_offset" in n]
     assert updates, notices
     (plan,) = updates
-    # Only the 1 000 claimed rows are read from the outbox (3 000 more sit in the partition).
-    assert outbox_rows_read(plan) == 1000, plan
+    # Only the 999 claimed rows are read from the outbox (3 001 more sit in the partition).
+    assert outbox_rows_read(plan) == 999, plan
 
 
 @pytest.fixture
@@ -287,7 +300,7 @@ def outbox_rows_read(plan: str) -> int:
 async def test_assign__a_plan_made_on_an_empty_partition_still_reads_only_the_claimed_rows(
     make_leases, tenant_factory, autovacuum
 ):
-    """The relay's session keeps bp_assign_v2's plans. Made while the partition was analyzed
+    """The relay's session keeps bp_assign_v3's plans. Made while the partition was analyzed
     empty (a new partition), a plan that trusted that would read the whole partition on every
     call as it filled: the 3 001st row's assignment must read one row, not 3 001."""
     tenant = await orm(tenant_factory, "acme")

@@ -180,8 +180,8 @@ def test_migrate_from_zero__every_named_statement_runs_and_returns_the_mapped_co
 
 def test_migrate_from_zero__the_function_version_called_exists_with_the_mapped_result_columns(fresh) -> None:
     conn, _ = fresh
-    assert "bp_assign_v2(" in SQL["assign"]
-    got = function_result_columns(conn, "bp_assign_v2")
+    assert "bp_assign_v3(" in SQL["assign"]
+    got = function_result_columns(conn, "bp_assign_v3")
     assert [name for name, _ in got] == [f"r_{c}" for c in rows.PENDING_COLUMNS]
     assert dict(got)["r_id"] == "bigint" and dict(got)["r_tenant_id"] == "uuid"
 
@@ -191,7 +191,7 @@ def test_schema_checks__fail_on_a_missing_column_and_a_missing_function_version(
     with pytest.raises(psycopg.errors.UndefinedColumn):
         run(conn, SQL["read_range"].replace("event_id", "event_key"), STATEMENTS["read_range"][0])
     with pytest.raises(psycopg.errors.UndefinedFunction):
-        run(conn, SQL["assign"].replace("bp_assign_v2", "bp_assign_v9"), STATEMENTS["assign"][0])
+        run(conn, SQL["assign"].replace("bp_assign_v3", "bp_assign_v9"), STATEMENTS["assign"][0])
     assert function_result_columns(conn, "bp_assign_v9") == []
 
 
@@ -231,3 +231,16 @@ def test_migrate__0010_reverses_to_the_old_function_and_forwards_again(fresh) ->
     assert [n for n, _ in function_result_columns(conn, "bp_assign")] == [f"r_{c}" for c in rows.PENDING_COLUMNS]
     manage("migrate", "--no-input", "-v", "0", env=env, timeout=120)
     assert run(conn, SQL["assign"], STATEMENTS["assign"][0]) == tuple(f"r_{c}" for c in rows.PENDING_COLUMNS)
+
+
+def test_migrate__0016_reverses_keeping_the_previous_version_and_forwards_again(fresh) -> None:
+    """An upgrade keeps bp_assign_v2 for the relays of the release before (last with 0010's:
+    it migrates the shared database back and forth)."""
+    conn, env = fresh
+    columns = [f"r_{c}" for c in rows.PENDING_COLUMNS]
+    assert [n for n, _ in function_result_columns(conn, "bp_assign_v2")] == columns
+    manage("migrate", "backplane", "0015", "--no-input", "-v", "0", env=env, timeout=120)
+    assert function_result_columns(conn, "bp_assign_v3") == []
+    assert [n for n, _ in function_result_columns(conn, "bp_assign_v2")] == columns
+    manage("migrate", "--no-input", "-v", "0", env=env, timeout=120)
+    assert [n for n, _ in function_result_columns(conn, "bp_assign_v3")] == columns

@@ -117,6 +117,43 @@ class SilentBell:
         await asyncio.sleep(timeout)
         return False
 
+    def waiting(self) -> bool:
+        return False
+
+
+class RungBell:
+    """A doorbell whose ring is always waiting (a next cycle is always due)."""
+
+    def waiting(self) -> bool:
+        return True
+
+
+async def test_relay__overlapped_send_is_collected_before_the_next_send_in_offset_order(
+    tenant_factory, make_relay, layer
+):
+    """With a next cycle due, a cycle leaves its send running; the next cycle assigns
+    meanwhile and waits for it before sending: each stream's offsets arrive in order, each
+    once, and the first send's rows are marked by a later assignment."""
+    tenant = await orm(tenant_factory, "acme")
+    key = streams.tenant_stream(tenant.id)
+    channel = await join(layer, key)
+    relay_ = make_relay()
+    relay_.bell = RungBell()  # type: ignore[assignment]
+    await orm(publish_each, tenant, 3, "a")
+    assert await relay_.cycle(overlap=True) == (3, 3)
+    assert relay_._sending is not None  # left running
+    await orm(publish_each, tenant, 2, "b")
+    assert await relay_.cycle(overlap=True) == (2, 2)  # collected the first, left its own
+    await orm(publish_each, tenant, 1, "c")
+    assert await relay_.cycle() == (1, 1)  # not overlapped: its own send awaited
+    assert relay_._sending is None and relay_.forwarded_total == 6
+    got = items_of(await drain(layer, channel, key))
+    assert [o for _, o, _ in got] == [1, 2, 3, 4, 5, 6]
+    forwarded = lambda: set(OutboxItem.objects.filter(forwarded_at__isnull=False).values_list("event_id", flat=True))  # noqa: E731
+    assert await orm(forwarded) == {"a-0", "a-1", "a-2", "b-0", "b-1"}  # rode the next assignments
+    await relay_.aclose()
+    assert len(await orm(forwarded)) == 6
+
 
 async def test_relay__running_relay_marks_on_its_own_when_no_assignment_follows(
     tenant_factory, make_relay, layer, monkeypatch

@@ -32,11 +32,11 @@ o AS (INSERT INTO backplane_outboxitem (tenant_id, kind, stream, event_id, type,
 SELECT (SELECT is_active FROM t), (SELECT count(*) FROM o)
 
 -- name: assign
--- The relay's assignment (backplane/store/sql/bp_assign_v2.sql). Parameters: shards, limit,
--- only tenant (or NULL), tenants to skip.
+-- The relay's assignment (backplane/store/sql/bp_assign_v3.sql; its own durable transaction when
+-- called in autocommit). Parameters: shards, limit, only tenant (or NULL), tenants to skip.
 SELECT r_id, r_part, r_epoch, r_kind, r_stream, r_shard, r_offset, r_event_id, r_type, r_occurred_at,
        r_payload, r_tenant_id
-FROM bp_assign_v2(%s::int[], %s::int, %s::uuid, %s::uuid[])
+FROM bp_assign_v3(%s::int[], %s::int, %s::uuid, %s::uuid[])
 
 -- name: mark_forwarded
 -- By primary key in one partition ({part}; the parent table when it is not known).
