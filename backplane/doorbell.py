@@ -63,15 +63,16 @@ def ring(shard: int) -> None:
     The Redis PUBLISH is written without waiting for Redis (``_Wire``); when that cannot be
     done at once it happens on a background thread, where rings that queue up are sent as one.
     """
-    for loop, event in list(_local):
-        try:
-            loop.call_soon_threadsafe(event.set)
-        except RuntimeError:  # loop closed
-            _local.discard((loop, event))
+    if _local:  # in-process listeners (the embedded relay); a producer has none
+        for loop, event in list(_local):
+            try:
+                loop.call_soon_threadsafe(event.set)
+            except RuntimeError:  # loop closed
+                _local.discard((loop, event))
     if not conf.redis_url:
         return
     wire = _wire
-    if wire is not None and wire.publish(channel_name(), _message(str(shard))):
+    if wire is not None and wire.send(_frame(shard)):
         return
     global _sender
     if _sender is None or not _sender.is_alive():
@@ -90,6 +91,27 @@ def connect() -> None:
     For a process about to publish a stream of events; nothing without ``REDIS_URL``."""
     if conf.redis_url and _wire is None:
         _Wire.connect()
+
+
+# A ring's whole PUBLISH command by (channel, shard): built once, not per commit.
+_frames: dict[tuple[str, int], bytes] = {}
+
+
+def _frame(shard: int) -> bytes:
+    if hoptrace.ON:  # the message carries its send time
+        return _publish_frame(channel_name(), _message(str(shard)))
+    key = (channel_name(), shard)
+    frame = _frames.get(key)
+    if frame is None:
+        if len(_frames) > 4096:  # prefixes change only in tests
+            _frames.clear()
+        frame = _frames[key] = _publish_frame(key[0], str(shard))
+    return frame
+
+
+def _publish_frame(channel: str, message: str) -> bytes:
+    ch, msg = channel.encode(), message.encode()
+    return b"*3\r\n$7\r\nPUBLISH\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (len(ch), ch, len(msg), msg)
 
 
 def _message(shards: str) -> str:
@@ -185,9 +207,11 @@ class _Wire:
 
     def publish(self, channel: str, message: str) -> bool:
         """Send one PUBLISH now; False if it was not sent whole (nothing of it counts then)."""
+        return self.send(_publish_frame(channel, message))
+
+    def send(self, frame: bytes) -> bool:
+        """Send one PUBLISH command (``_publish_frame``) now; False as ``publish``."""
         global _wire
-        ch, msg = channel.encode(), message.encode()
-        frame = b"*3\r\n$7\r\nPUBLISH\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (len(ch), ch, len(msg), msg)
         refused = False
         with _wire_lock:
             if _wire is not self:

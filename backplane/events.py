@@ -95,19 +95,40 @@ def build(
     are credentials are redacted whatever their key, secret handles never."""
     if not FIELDS.issuperset(spec):
         raise exceptions.PublishError(f"unknown event fields: {sorted(set(spec) - FIELDS)}")
-    etype = spec.get("type")
+    event_id = spec.get("event_id")
+    return build_one(
+        tenant_id,
+        spec.get("type"),
+        spec.get("payload"),
+        spec.get("device"),
+        spec.get("role"),
+        new_id if event_id is None else event_id,
+        spec.get("occurred_at") or now,
+        patterns,
+        cap,
+    )
+
+
+def build_one(
+    tenant_id: uuid.UUID,
+    etype: Any,
+    payload: Any,
+    device: Any,
+    role: Any,
+    event_id: Any,
+    occurred_at: Any,
+    patterns: tuple[str, ...],
+    cap: int,
+) -> EventRow:
+    """``build`` of one event given as its fields (``event_id`` and ``occurred_at`` already
+    defaulted): ``publish()`` calls it directly, without a mapping per event."""
     if not isinstance(etype, str) or not streams.EVENT_TYPE_RE.match(etype):
         raise exceptions.InvalidEventType(f"malformed event type {etype!r}")
-    stream = stream_for(tenant_id, spec.get("device"), spec.get("role"))
-    event_id = spec.get("event_id")
-    if event_id is None:
-        event_id = new_id
+    stream = stream_for(tenant_id, device, role)
     if not isinstance(event_id, str) or not streams.EVENT_ID_RE.match(event_id):
         raise exceptions.InvalidEventId(f"malformed event id {event_id!r}")
-    occurred_at = spec.get("occurred_at") or now
     if not isinstance(occurred_at, datetime) or occurred_at.tzinfo is None:
         raise exceptions.PublishError("occurred_at must be an aware datetime")
-    payload = spec.get("payload")
     text = encode(payload)  # rejects non-JSON before redaction could hide it
     clean = redaction.redact(payload, patterns)
     if clean is not payload:

@@ -24,7 +24,7 @@ from django.utils import timezone
 
 from backplane import doorbell, exceptions, redaction, streams
 from backplane.conf import conf
-from backplane.events import build_all, command_event_id
+from backplane.events import build_all, build_one, command_event_id, new_event_ids
 from backplane.models import Tenant
 from backplane.store import get_store
 
@@ -67,15 +67,33 @@ def publish(
     At-least-once: peers may see it more than once and dedupe by event id. Idempotent on
     ``(tenant, event_id)``. Raises a ``PublishError`` subclass and writes nothing on bad input.
     """
-    spec = {
-        "type": type,
-        "payload": payload,
-        "device": device,
-        "role": role,
-        "event_id": event_id,
-        "occurred_at": occurred_at,
-    }
-    return publish_many(tenant, [spec])[0]
+    tenant_id = _known_id(tenant)
+    if tenant_id is None:
+        tenant_id = resolve_tenant(tenant).id
+    shard = streams.shard_of(tenant_id, conf.SHARDS)
+    # One event: its fields straight to events.build_one and the store's append_one, none of
+    # publish_many's per-call lists, generator and mapping (same checks, in the same order).
+    row = build_one(
+        tenant_id,
+        type,
+        payload,
+        device,
+        role,
+        new_event_ids(1)[0] if event_id is None else event_id,
+        occurred_at or timezone.now(),
+        _patterns(tuple(conf.REDACT_PATTERNS)),
+        conf.MAX_PAYLOAD_BYTES,
+    )
+    try:
+        rung = get_store().append_one(tenant_id, shard, row)
+    except exceptions.UnknownTenant:
+        if isinstance(tenant, Tenant | uuid.UUID):
+            raise
+        obj = resolve_tenant(tenant)  # a slug that looks like a UUID
+        return publish(obj, type, payload, device=device, role=role, event_id=event_id, occurred_at=occurred_at)
+    if not rung:
+        transaction.on_commit(lambda: doorbell.ring(shard))
+    return row[1]
 
 
 def publish_many(tenant: Tenant | uuid.UUID | str, events: Iterable[Mapping[str, Any]]) -> list[str]:

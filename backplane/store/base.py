@@ -64,6 +64,11 @@ class Store(Protocol):
         ``InactiveTenant`` (and writes nothing) unless the tenant exists and is active."""
         ...
 
+    def append_one(self, tenant_id: uuid.UUID, shard: int, row: EventRow) -> bool:
+        """``append`` of one event (``publish()``); return True when the store rings the
+        doorbell for it after the commit itself, False when the caller must."""
+        ...
+
     def append_command(
         self, tenant_id: uuid.UUID, shard: int, stream: str, event_id: str, command: str, body: Mapping[str, Any]
     ) -> None:

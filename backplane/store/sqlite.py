@@ -82,6 +82,10 @@ class SQLiteStore:
             )
         return [row[1] for row in built]
 
+    def append_one(self, tenant_id: uuid.UUID, shard: int, row: EventRow) -> bool:
+        self.append(tenant_id, shard, [row], 1)
+        return False
+
     def append_command(
         self, tenant_id: uuid.UUID, shard: int, stream: str, event_id: str, command: str, body: Mapping[str, Any]
     ) -> None:

@@ -6,7 +6,7 @@ before anything is written, and a tenant found inactive at commit fails the whol
 from __future__ import annotations
 
 import pytest
-from django.db import connection, connections, transaction
+from django.db import OperationalError, connection, connections, transaction
 from django.test import override_settings
 
 from backplane import exceptions, outbox
@@ -124,3 +124,48 @@ def test_off_sends_the_statement_at_once(tenant):
         outbox.publish(tenant, "a.b", {}, event_id="now")
         assert waiting() == 0
     assert events() == ["now"]
+
+
+def test_the_doorbell_rings_once_per_publish_after_the_commit_only(tenant, monkeypatch):
+    from backplane import doorbell, streams
+    from backplane.conf import conf
+
+    rung: list[int] = []
+    monkeypatch.setattr(doorbell, "ring", rung.append)
+    shard = streams.shard_of(tenant.id, conf.SHARDS)
+    with transaction.atomic():
+        outbox.publish(tenant, "a.b", {}, event_id="r1")
+        with pytest.raises(RuntimeError), transaction.atomic():
+            outbox.publish(tenant, "a.b", {}, event_id="r2")  # its ring goes with its savepoint
+            raise RuntimeError
+        assert rung == []  # nothing before the commit
+    assert rung == [shard]
+    with pytest.raises(RuntimeError), transaction.atomic():
+        outbox.publish(tenant, "a.b", {}, event_id="r3")
+        raise RuntimeError
+    assert rung == [shard]  # a rolled-back transaction rings nothing
+    assert events() == ["r1"]
+
+
+def test_a_session_cut_before_the_commit_raises_store_unavailable_and_writes_nothing(tenant):
+    import psycopg
+
+    connection.ensure_connection()
+    pid = connection.connection.info.backend_pid
+    s = connection.settings_dict
+    url = f"postgres://{s['USER']}@{s['HOST'] or '127.0.0.1'}:{s['PORT'] or 5432}/{s['NAME']}"
+    # StoreUnavailable from the commit; Django's atomic block then fails to reset autocommit on
+    # the dead session and raises its own OperationalError over it (as before 0034).
+    with pytest.raises((exceptions.StoreUnavailable, OperationalError)) as caught, transaction.atomic():
+        outbox.publish(tenant, "a.b", {}, event_id="cut")
+        with psycopg.connect(url, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", [pid])
+    chain: list[BaseException] = []
+    err: BaseException | None = caught.value
+    while err is not None and len(chain) < 10:
+        chain.append(err)
+        err = err.__cause__ or err.__context__
+    assert any(isinstance(e, exceptions.StoreUnavailable) for e in chain)
+    assert connection.errors_occurred  # marked, so Django replaces the session
+    connection.close()
+    assert events() == []
