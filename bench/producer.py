@@ -11,7 +11,9 @@ Each arm's CPU per transaction (this process and its PostgreSQL backend) is meas
 block beside the wall-clock times: it moves less when other work shares the machine.
 
 No relay runs: this is the producer's side alone (this process and PostgreSQL; the doorbell's
-Redis PUBLISH happens on a background thread after commit, and Redis's CPU is counted).
+Redis PUBLISH is written by the committing thread right after the commit — on its own
+connection, without waiting for a reply — so its cost is in the publish() arm, and Redis's
+CPU is counted).
 
     .venv/bin/python bench/producer.py [--txns 1500] [--block 25] [--many 100000] [--chunk 5000]
 """
