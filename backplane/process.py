@@ -28,6 +28,24 @@ def freeze_startup_objects() -> None:
     gc.freeze()
 
 
+# A full collection on an edge waits for this many collections of the middle generation
+# (CPython: 10), and, as in CPython, until the objects new since the last one are a quarter of
+# those it walks. A socket's objects live as long as the socket: with CPython's 10, a connect
+# storm of 10 000 peers walked all the open sockets' objects again at every 25 % of growth —
+# 14 full collections, ~5 s of the edge's one core (the storm 16 s), finding nothing to free;
+# with 100, two. What may wait for one is 100 × 10 × 700 net new objects, ~4 500 sockets'
+# worth (the quarter rule alone: ~2 500 on an edge of 10 000 peers, 5 000 of 20 000)
+# (docs/decisions/0032-full-collections-in-a-connect-storm.md).
+FULL_COLLECTION_EVERY = 100
+
+
+def defer_full_collections() -> None:
+    """Let an edge's full collections wait for FULL_COLLECTION_EVERY collections of the middle
+    generation, not CPython's 10 (the young generations keep theirs)."""
+    young, middle, _ = gc.get_threshold()
+    gc.set_threshold(young, middle, FULL_COLLECTION_EVERY)
+
+
 def event_loop() -> str:
     """The event loop this process runs on: ``BACKPLANE_EVENT_LOOP`` (default ``uvloop``),
     ``asyncio`` when uvloop is not installed."""

@@ -48,3 +48,16 @@ def test_run_edge__daphne_makes_twisted_loop_on_the_chosen_loop(choice: str, loo
     env = {"PATH": "/usr/bin:/bin", process.EVENT_LOOP_VARIABLE: choice}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.strip() == loop
+
+
+def test_defer_full_collections__only_the_full_collections_wait_longer() -> None:
+    import gc
+
+    before = gc.get_threshold()
+    try:
+        gc.set_threshold(700, 10, 10)
+        process.defer_full_collections()
+        assert gc.get_threshold() == (700, 10, process.FULL_COLLECTION_EVERY)
+        assert process.FULL_COLLECTION_EVERY > 10  # CPython's own: what a storm paid for
+    finally:
+        gc.set_threshold(*before)
