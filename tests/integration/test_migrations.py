@@ -33,7 +33,7 @@ pytestmark = [pytest.mark.integration]
 MIGRATIONS = Path(ROOT) / "backplane" / "migrations"
 # Django writes references to model-state classes by import path: 0006 names the index class
 # ``backplane.models.BrinOnPostgres`` (a class of the model state, not logic of the app).
-MODEL_STATE_IMPORTS = {("0006_created_at_brin", "backplane.models")}
+MODEL_STATE_IMPORTS = {("0006_created_at_brin", "backplane.models"), ("0017_stream_moved_bucket", "backplane.models")}
 VERSIONED_SQL = re.compile(r"^[a-z][a-z0-9_]*_v\d+\.sql$")
 
 TENANT = uuid.UUID("00000000-0000-4000-8000-000000000001")
