@@ -27,6 +27,27 @@ class BrinOnPostgres(models.Index):
         return super().create_sql(model, schema_editor, using=using, **kwargs)
 
 
+class MovedBucket(models.Func):
+    """The 10-second bucket of a time, as a bigint: the indexed stand-in for ``updated_at``.
+
+    Indexing ``updated_at`` itself made every head bump of the relay a non-HOT update (a new
+    entry in every index of the table, a dead row only VACUUM removes); the bucket changes once
+    per stream per 10 s (docs/decisions/0036-hot-stream-heads.md). Monotonic in its argument,
+    so ``updated_at > T`` implies ``bucket(updated_at) >= bucket(T)`` when both are computed by
+    this same expression. Immutable on PostgreSQL (an interval's epoch, not a timestamptz's).
+    """
+
+    output_field = models.BigIntegerField()
+
+    def as_postgresql(self, compiler: Any, connection: Any, **extra: Any) -> Any:
+        template = "(floor(extract(epoch from (%(expressions)s - timestamptz '1970-01-01 00:00:00+00')) / 10))::bigint"
+        return self.as_sql(compiler, connection, template=template, **extra)
+
+    def as_sqlite(self, compiler: Any, connection: Any, **extra: Any) -> Any:
+        template = "(CAST((julianday(%(expressions)s) - 2440587.5) * 86400 AS INTEGER) / 10)"
+        return self.as_sql(compiler, connection, template=template, **extra)
+
+
 class Tenant(models.Model):
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     slug = models.SlugField(max_length=64, unique=True)
@@ -162,13 +183,18 @@ class Stream(models.Model):
     last_offset = models.BigIntegerField(default=0)
     first_retained_offset = models.BigIntegerField(default=1)
     updated_at = models.DateTimeField(db_default=Now())
+    # The edges' head check asks for the streams whose head moved since its last check
+    # (docs/decisions/0027-head-check-change-feed.md) by this bucket, not by updated_at: a head
+    # bump within the same bucket stays a HOT update (docs/decisions/0036-hot-stream-heads.md).
+    # Generated, so any writer of updated_at (relays of the release before too) keeps it right.
+    moved_bucket = models.GeneratedField(
+        expression=MovedBucket("updated_at"), output_field=models.BigIntegerField(), db_persist=True
+    )
 
     class Meta:
         indexes = [
             models.Index(fields=["tenant", "audience"], name="bp_stream_tenant"),
-            # The edges' head check asks for the streams whose head moved since its last check
-            # (docs/decisions/0027-head-check-change-feed.md).
-            models.Index(fields=["updated_at"], name="bp_stream_updated"),
+            models.Index(fields=["moved_bucket"], name="bp_stream_moved"),
         ]
 
     def __str__(self) -> str:

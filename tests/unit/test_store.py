@@ -165,6 +165,29 @@ def test_store__heads_moved_since_names_only_the_streams_whose_head_moved_after_
     assert after == {}  # nothing moved since
 
 
+@pytest.mark.parametrize(
+    "bucket_edge", [datetime(2026, 1, 2, 3, 4, 10, tzinfo=UTC), datetime(2026, 1, 2, 3, 5, tzinfo=UTC)]
+)
+def test_store__heads_moved_since_finds_a_head_moved_just_after_the_time_across_a_bucket_edge(
+    store, tenant, bucket_edge
+) -> None:
+    # The feed reads by a 10-second bucket of updated_at (docs/decisions/0036-hot-stream-heads.md):
+    # a head stamped in the bucket after the one of the time asked must still be found.
+    keys = list(streams.connection_streams(tenant.id, "client", "dev-1").values())
+    store.ensure_streams(tenant.id, keys)
+    device, whole = streams.device_stream(tenant.id, "dev-1"), streams.tenant_stream(tenant.id)
+    Stream.objects.filter(key=device).update(updated_at=bucket_edge)
+    Stream.objects.filter(key=whole).update(updated_at=bucket_edge - timedelta(seconds=1))
+    Stream.objects.exclude(key__in=[device, whole]).update(updated_at=bucket_edge - timedelta(seconds=30))
+
+    _, moved = store.heads_moved_since(bucket_edge - timedelta(microseconds=1))
+    assert set(moved) == {device}
+    _, moved = store.heads_moved_since(bucket_edge - timedelta(seconds=1, microseconds=1))
+    assert set(moved) == {device, whole}
+    _, moved = store.heads_moved_since(bucket_edge)
+    assert moved == {}
+
+
 def test_store__both_implementations_have_every_member_of_the_interface_with_its_signature() -> None:
     import inspect
 

@@ -74,10 +74,15 @@ WHERE key IN (SELECT jsonb_array_elements_text(%s::jsonb))
 
 -- name: heads_moved_since
 -- The edges' head check: the clock now, and the heads of the streams whose head moved after the
--- time given (none when it is NULL), by bp_stream_updated; one row with a NULL key when none
--- moved (docs/decisions/0027-head-check-change-feed.md). Parameters: since (or NULL).
+-- time given (none when it is NULL); one row with a NULL key when none moved
+-- (docs/decisions/0027-head-check-change-feed.md). By bp_stream_moved: the bucket is
+-- backplane.models.MovedBucket's expression (the generated column's), monotonic, so every row
+-- with updated_at > since has moved_bucket >= since's bucket (docs/decisions/0036-hot-stream-heads.md).
+-- Parameters: since (or NULL).
 SELECT n.now, s.key, s.epoch, s.last_offset, s.first_retained_offset
-FROM (SELECT statement_timestamp() AS now) n LEFT JOIN backplane_stream s ON s.updated_at > %s::timestamptz
+FROM (SELECT statement_timestamp() AS now, %s::timestamptz AS since) n LEFT JOIN backplane_stream s
+  ON s.moved_bucket >= (floor(extract(epoch from (n.since - timestamptz '1970-01-01 00:00:00+00')) / 10))::bigint
+ AND s.updated_at > n.since
 
 -- name: read_range
 -- Parameters: stream, after, up to (inclusive).

@@ -79,9 +79,12 @@ WHERE key IN (SELECT value FROM json_each(%s))
 -- The edges' head check: the clock now (UTC text, as updated_at is stored), and the heads of the
 -- streams whose head moved after the time given (none when it is NULL); one row with a NULL key
 -- when none moved. updated_at has whole seconds (CURRENT_TIMESTAMP): the caller's margin covers
--- them. Parameters: since (text or NULL).
+-- them. By bp_stream_moved: the bucket is backplane.models.MovedBucket's expression (the
+-- generated column's), monotonic in the time (docs/decisions/0036-hot-stream-heads.md).
+-- Parameters: since (text or NULL).
 SELECT strftime('%%Y-%%m-%%d %%H:%%M:%%f', 'now'), s.key, s.epoch, s.last_offset, s.first_retained_offset
-FROM (SELECT 1) n LEFT JOIN backplane_stream s ON s.updated_at > %s
+FROM (SELECT %s AS since) n LEFT JOIN backplane_stream s
+  ON s.moved_bucket >= (CAST((julianday(n.since) - 2440587.5) * 86400 AS INTEGER) / 10) AND s.updated_at > n.since
 
 -- name: read_range
 -- Parameters: stream, after, up to (inclusive).
