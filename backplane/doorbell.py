@@ -150,8 +150,15 @@ def _flush_at_exit() -> None:
     deadline = time.monotonic() + RING_FLUSH_AT_EXIT_SECS
     while (not _queue.empty() or _sending.is_set()) and _sender is not None and _sender.is_alive():
         if time.monotonic() >= deadline:
-            return
+            break
         time.sleep(0.005)
+    # The committing threads' own connection, closed rather than left to the interpreter's
+    # teardown (which warns of an unclosed socket).
+    global _wire
+    with _wire_lock:
+        wire, _wire = _wire, None
+    if wire is not None:
+        wire.close()
 
 
 atexit.register(_flush_at_exit)
