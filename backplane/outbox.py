@@ -67,10 +67,7 @@ def publish(
     At-least-once: peers may see it more than once and dedupe by event id. Idempotent on
     ``(tenant, event_id)``. Raises a ``PublishError`` subclass and writes nothing on bad input.
     """
-    tenant_id = _known_id(tenant)
-    if tenant_id is None:
-        tenant_id = resolve_tenant(tenant).id
-    shard = streams.shard_of(tenant_id, conf.SHARDS)
+    tenant_id, shard = _placed(tenant)
     # One event: its fields straight to events.build_one and the store's append_one, none of
     # publish_many's per-call lists, generator and mapping (same checks, in the same order).
     row = build_one(
@@ -105,10 +102,7 @@ def publish_many(tenant: Tenant | uuid.UUID | str, events: Iterable[Mapping[str,
     looked up first.
     """
     specs = list(events)
-    tenant_id = _known_id(tenant)
-    if tenant_id is None:
-        tenant_id = resolve_tenant(tenant).id
-    shard = streams.shard_of(tenant_id, conf.SHARDS)
+    tenant_id, shard = _placed(tenant)
     rows = build_all(tenant_id, specs, _patterns(tuple(conf.REDACT_PATTERNS)), timezone.now(), conf.MAX_PAYLOAD_BYTES)
     try:
         event_ids = get_store().append(tenant_id, shard, rows, len(specs))
@@ -134,6 +128,14 @@ def publish_command(tenant_id: uuid.UUID, edge_id: str, command: str, args: Mapp
 @functools.lru_cache(maxsize=8)
 def _patterns(configured: tuple[str, ...]) -> tuple[str, ...]:
     return redaction.normalise_patterns(configured)
+
+
+def _placed(tenant: Tenant | uuid.UUID | str) -> tuple[uuid.UUID, int]:
+    """The tenant's id (a slug looked up) and its shard."""
+    tenant_id = _known_id(tenant)
+    if tenant_id is None:
+        tenant_id = resolve_tenant(tenant).id
+    return tenant_id, streams.shard_of(tenant_id, conf.SHARDS)
 
 
 def _known_id(tenant: Tenant | uuid.UUID | str) -> uuid.UUID | None:

@@ -29,6 +29,8 @@ import struct
 import time
 from typing import Any
 
+from backplane.vendor.daphne import send_now
+
 logger = logging.getLogger(__name__)
 
 # The sweep's period: a ping goes out at most this late, a silent peer is closed at most this
@@ -157,8 +159,6 @@ def send_ping(proto: Any, now: float) -> None:
     """autobahn's auto-ping (its payload and pending state; the pong's deadline is read by the
     sweep), the frame written with one ``send()`` when nothing is queued before it; when a
     message is half sent or autobahn queues frames, its own path keeps the order."""
-    from backplane.vendor.daphne import send_now
-
     sent = time.time_ns()
     proto.autoPingPendingSeq += 1
     payload = _PAYLOAD.pack(sent, proto.autoPingPendingSeq & 0xFFFFFFFF)
