@@ -145,6 +145,10 @@ async def test_relay__overlapped_send_is_collected_before_the_next_send_in_offse
     await orm(publish_each, tenant, 2, "b")
     assert await relay_.cycle(overlap=True) == (2, 2)  # collected the first, left its own
     await orm(publish_each, tenant, 1, "c")
+    # The second send done before the third assignment begins (on a slow machine it may still
+    # be in flight then, and its marks would ride the assignment after): its rows ride this one.
+    await asyncio.wait({relay_._sending}, timeout=10)
+    assert relay_._sending.done()
     assert await relay_.cycle() == (1, 1)  # not overlapped: its own send awaited
     assert relay_._sending is None and relay_.forwarded_total == 6
     got = items_of(await drain(layer, channel, key))
