@@ -509,6 +509,17 @@ def test_compact__prunes_idle_empty_streams_after_the_grace(tenant):
     assert set(Stream.objects.filter(audience="device").values_list("key", flat=True)) == {recent, rows, live}
 
 
+def test_compact__idle_streams_are_found_by_the_moved_index_not_a_scan(tenant):
+    seed(tenant, ["d"], device="dev-1")
+    with connection.cursor() as cur:
+        cur.execute("SET enable_seqscan = off")  # a scan only where no index serves
+        try:
+            plan = retention.idle_streams(timezone.now()).explain()
+        finally:
+            cur.execute("RESET enable_seqscan")
+    assert "bp_stream_moved" in plan, plan
+
+
 @override_settings(BACKPLANE={"STREAM_PRUNE_GRACE_SECS": 60})
 def test_compact__live_connection_keeps_its_tenant_role_and_device_streams(tenant):
     seed(tenant, ["t"])
