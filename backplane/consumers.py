@@ -70,7 +70,7 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         for it with ``asyncio.wait`` (a task, a waiter and callbacks per message, a task more
         per idle socket): per-handshake work in a connect storm (docs/decisions/0038)."""
         self.scope = scope
-        self.channel_layer = None
+        self.channel_layer = None  # type: ignore[assignment]  # channels' stubs: always a layer
         self.base_send = send
         try:
             while True:
