@@ -36,8 +36,14 @@ def test_live_counts__the_statement_counts_what_the_orm_counts(tenant_factory, t
         [(acme, t1, 60), (acme, t1, 60), (acme, None, 60), (other, t2, 60), (other, t2, -60)]
     ):
         Connection.objects.create(
-            connection_id=f"c{n}", tenant=tenant, device_id="d", role="client", token=token, edge_id="e1",
-            channel_name="x", expires_at=now + timedelta(seconds=expires),
+            connection_id=f"c{n}",
+            tenant=tenant,
+            device_id="d",
+            role="client",
+            token=token,
+            edge_id="e1",
+            channel_name="x",
+            expires_at=now + timedelta(seconds=expires),
         )
     tokens, tenants = {t1.id, t2.id}, {acme.id, other.id}
 
