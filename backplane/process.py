@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
-import sys
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
@@ -45,19 +44,6 @@ def defer_full_collections() -> None:
     generation, not CPython's 10 (the young generations keep theirs)."""
     young, middle, _ = gc.get_threshold()
     gc.set_threshold(young, middle, FULL_COLLECTION_EVERY)
-
-
-# How long a thread holding the GIL keeps it while another waits for it, on an edge (CPython:
-# 5 ms). An edge's database work runs on worker threads, the rest on the event loop's thread:
-# in a connect storm the loop is always busy, and each statement's return from PostgreSQL
-# waited up to a whole interval for the GIL — a handshake batch of ~4 statements took ~29 ms
-# for ~8 ms of work, and every handshake waits for two batches (docs/decisions/0038).
-SWITCH_INTERVAL_SECS = 0.001
-
-
-def shorten_gil_switch_interval() -> None:
-    """Let an edge's worker threads have the GIL back within SWITCH_INTERVAL_SECS."""
-    sys.setswitchinterval(SWITCH_INTERVAL_SECS)
 
 
 def event_loop() -> str:

@@ -61,14 +61,3 @@ def test_defer_full_collections__only_the_full_collections_wait_longer() -> None
         assert process.FULL_COLLECTION_EVERY > 10  # CPython's own: what a storm paid for
     finally:
         gc.set_threshold(*before)
-
-
-def test_shorten_gil_switch_interval__an_edges_threads_wait_less_for_the_gil() -> None:
-    before = sys.getswitchinterval()
-    try:
-        sys.setswitchinterval(0.005)
-        process.shorten_gil_switch_interval()
-        assert sys.getswitchinterval() == pytest.approx(process.SWITCH_INTERVAL_SECS)
-        assert process.SWITCH_INTERVAL_SECS < 0.005  # CPython's own: what a storm's database calls waited
-    finally:
-        sys.setswitchinterval(before)
