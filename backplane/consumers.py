@@ -180,9 +180,7 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         self.delivery.backlog.extend(self.early)  # repeats of the hello's heads are dropped by the cursors
         self.early = []
         hello = {name: protocol.Position(h.epoch, h.offset) for name, h in self.delivery.heads.items()}
-        # Straight to the transport like the frames after it, behind the handshake's response:
-        # autobahn's framing of one message was per-handshake work (docs/decisions/0038).
-        await self._send_text(protocol.hello_frame(self.connection_id, self.runtime.edge_id, hello))
+        await self.send(text_data=protocol.hello_frame(self.connection_id, self.runtime.edge_id, hello))
         self.runtime.add(self)
         self.hold_task = asyncio.create_task(self._hold_timer())
         counts.accepted += 1
