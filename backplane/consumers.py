@@ -63,6 +63,21 @@ class GatewayConsumer(AsyncWebsocketConsumer):
     principal: auth.Principal
     delivery: Delivery
 
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        """channels' ``AsyncConsumer.__call__`` for a consumer without a channel layer: each
+        message is awaited straight from daphne's queue and dispatched in this task, in order.
+        channels' ``await_many_dispatch`` receives every message in a task of its own and waits
+        for it with ``asyncio.wait`` (a task, a waiter and callbacks per message, a task more
+        per idle socket): per-handshake work in a connect storm (docs/decisions/0038)."""
+        self.scope = scope
+        self.channel_layer = None  # type: ignore[assignment]  # channels' stubs: always a layer
+        self.base_send = send
+        try:
+            while True:
+                await self.dispatch(await receive())
+        except StopConsumer:
+            pass
+
     async def connect(self) -> None:
         self.connection_id = uuid.uuid4().hex
         self.proto = vendor_daphne.protocol_of(self.base_send)  # daphne's protocol object, or None

@@ -24,6 +24,7 @@ import contextlib
 import functools
 import logging
 import socket
+import time
 import weakref
 from typing import Any
 
@@ -358,10 +359,9 @@ def install_limits(max_message_bytes: int, header_timeout: float) -> None:
     - WebSocket pings spend the socket's inbound bucket (``share_inbound_bucket``); past it
       the socket is closed with 4029, like a flood of frames.
     - A client must send a request's headers within ``header_timeout`` seconds of connecting
-      (or of its previous request's end): a client trickling header bytes is cut.
+      (or of its previous request's end): a client trickling header bytes is cut
+      (``HeaderDeadlines``).
     """
-    import time
-
     try:
         from daphne.http_protocol import HTTPFactory, WebRequest
         from daphne.ws_protocol import WebSocketProtocol
@@ -395,27 +395,8 @@ def install_limits(max_message_bytes: int, header_timeout: float) -> None:
     WebSocketProtocol._tyrum_limits = True
 
     build = HTTPFactory.buildProtocol
-
-    def arm(channel: Any) -> None:
-        def cut() -> None:
-            channel._tyrum_deadline = None
-            transport = channel.transport
-            if transport is None or transport.disconnected:
-                return
-            if channel._handlingRequest or outbound_buffered(transport):
-                # A request came in meanwhile (its response may be slow, or the socket is a
-                # WebSocket now) or a response is still going out: not a slow client.
-                return
-            logger.warning("request too slow to arrive: connection cut", extra={"action": "request_timeout"})
-            transport.abortConnection()
-
-        channel._tyrum_deadline = reactor.callLater(header_timeout, cut)  # type: ignore[arg-type]  # twisted's interface
-
-    def disarm(channel: Any) -> None:
-        deadline = getattr(channel, "_tyrum_deadline", None)
-        if deadline is not None and deadline.active():
-            deadline.cancel()
-        channel._tyrum_deadline = None
+    deadlines = HeaderDeadlines(reactor, header_timeout)
+    arm, disarm = deadlines.arm, deadlines.disarm
 
     def buildProtocol(self: Any, addr: Any) -> Any:
         protocol = build(self, addr)
@@ -441,6 +422,63 @@ def install_limits(max_message_bytes: int, header_timeout: float) -> None:
     HTTPFactory.buildProtocol = buildProtocol
     WebRequest.process = process_request
     http.HTTPChannel.requestDone = requestDone  # type: ignore[method-assign]
+
+
+class HeaderDeadlines:
+    """The request-header deadlines of every connection, in arming order, kept by one reactor
+    timer that wakes at most every ``TICK_SECS``: a connection is cut up to ``TICK_SECS`` after
+    its deadline. In a connect storm a timer per connection (a ``DelayedCall`` and its heap
+    entry, armed and cancelled at once) was per-handshake work (docs/decisions/0038)."""
+
+    TICK_SECS = 0.25
+
+    def __init__(self, reactor: Any, timeout: float) -> None:
+        self.reactor = reactor
+        self.timeout = timeout
+        # channel -> deadline (the reactor's clock, as its timers use). Each arming comes last with the same timeout,
+        # so the dict's order is the deadlines' order and a sweep stops at the first not due.
+        self.due: dict[Any, float] = {}
+        self.timer: Any = None
+
+    def arm(self, channel: Any) -> None:
+        due = self.due
+        due.pop(channel, None)  # armed again (keep-alive): to the end, in deadline order
+        due[channel] = self.reactor.seconds() + self.timeout
+        channel._tyrum_deadline = True
+        if self.timer is None:
+            self.timer = self.reactor.callLater(self.timeout + self.TICK_SECS, self.sweep)
+
+    def disarm(self, channel: Any) -> None:
+        self.due.pop(channel, None)
+        channel._tyrum_deadline = None
+
+    def sweep(self) -> None:
+        self.timer = None
+        now = self.reactor.seconds()
+        expired = []
+        for channel, at in self.due.items():
+            if at > now:
+                break
+            expired.append(channel)
+        for channel in expired:
+            del self.due[channel]
+            channel._tyrum_deadline = None
+            self.cut(channel)
+        for at in self.due.values():  # the first: the next deadline
+            self.timer = self.reactor.callLater(max(at - now, self.TICK_SECS), self.sweep)
+            break
+
+    @staticmethod
+    def cut(channel: Any) -> None:
+        transport = channel.transport
+        if transport is None or transport.disconnected:
+            return
+        if channel._handlingRequest or outbound_buffered(transport):
+            # A request came in meanwhile (its response may be slow, or the socket is a
+            # WebSocket now) or a response is still going out: not a slow client.
+            return
+        logger.warning("request too slow to arrive: connection cut", extra={"action": "request_timeout"})
+        transport.abortConnection()
 
 
 # The edge's listen queue: connections the kernel holds until the edge accepts them. twisted's

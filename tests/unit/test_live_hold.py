@@ -108,3 +108,40 @@ async def test_hold__kept_while_bytes_wait_unread_in_the_kernel(short_hold: None
 def test_frame_pending__false_when_not_under_daphne() -> None:
     assert vendor_daphne.frame_pending(None) is False
     assert vendor_daphne.protocol_of(lambda message: None) is None
+
+
+async def test_dispatch__messages_go_to_the_handlers_in_order_from_the_consumers_own_task() -> None:
+    """The consumer awaits daphne's queue itself: no task per message, and a message taken
+    off the queue is already in its handler (what the hold's frame probe relies on)."""
+    seen: list[str] = []
+    waiting: list[int] = []
+    sent: list[dict[str, Any]] = []
+    queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+    class Recording(GatewayConsumer):
+        async def websocket_connect(self, message: dict[str, Any]) -> None:
+            seen.append("connect")
+
+        async def websocket_receive(self, message: dict[str, Any]) -> None:
+            seen.append(message["text"])
+            waiting.append(queue.qsize())  # the next one still waits in daphne's queue
+
+        async def disconnect(self, code: int) -> None:
+            seen.append(f"disconnect {code}")
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    task = asyncio.ensure_future(Recording()({"type": "websocket"}, queue.get, send))
+    for message in ({"type": "websocket.connect"}, {"type": "websocket.receive", "text": "a"}):
+        queue.put_nowait(message)
+    queue.put_nowait({"type": "websocket.receive", "text": "b"})
+    for _ in range(20):  # bounded: a few loop turns
+        await asyncio.sleep(0)
+        if len(seen) == 2:
+            break
+    assert seen[:2] == ["connect", "a"]
+    assert len(asyncio.all_tasks()) == 2  # this test's and the consumer's: no receive task
+    queue.put_nowait({"type": "websocket.disconnect", "code": 1000})
+    await asyncio.wait_for(task, 5)  # the disconnect ends it (StopConsumer)
+    assert seen == ["connect", "a", "b", "disconnect 1000"] and waiting == [1, 0] and sent == []

@@ -384,3 +384,44 @@ async def test_group_add_many__other_layers_get_one_group_add_each() -> None:
     await layer.group_send("b", {"type": "t"})
     assert await asyncio.wait_for(layer.receive(channel), 1) == {"type": "t"}
     assert vendor_channels._pubsub_loop_layer(layer) is None
+
+
+class _Channel:
+    """What the header deadline reads of twisted's HTTPChannel."""
+
+    def __init__(self) -> None:
+        self._handlingRequest = False
+        self.transport = _Transport()
+
+
+class _Transport:
+    disconnected = False
+
+    def __init__(self) -> None:
+        self.aborted = 0
+
+    def abortConnection(self) -> None:
+        self.aborted += 1
+
+
+def test_header_deadlines__cut_the_late_spare_the_disarmed_and_rearm_in_order() -> None:
+    from twisted.internet.task import Clock
+
+    clock = Clock()
+    deadlines = vendor_daphne.HeaderDeadlines(clock, 10.0)
+    late, in_time, busy, rearmed = _Channel(), _Channel(), _Channel(), _Channel()
+    for channel in (late, in_time, busy, rearmed):
+        deadlines.arm(channel)
+    assert len(clock.getDelayedCalls()) == 1  # one timer for all of them
+    clock.advance(5)
+    deadlines.disarm(in_time)  # its request came in
+    busy._handlingRequest = True
+    deadlines.arm(rearmed)  # keep-alive: armed again, to the end of the line
+    clock.advance(5 + deadlines.TICK_SECS)
+    assert (late.transport.aborted, in_time.transport.aborted, busy.transport.aborted) == (1, 0, 0)
+    assert rearmed.transport.aborted == 0 and late._tyrum_deadline is None
+    clock.advance(4.5)
+    assert rearmed.transport.aborted == 0
+    clock.advance(0.5 + deadlines.TICK_SECS)
+    assert rearmed.transport.aborted == 1
+    assert deadlines.due == {} and clock.getDelayedCalls() == []  # nothing armed: no timer

@@ -141,12 +141,10 @@ async def test_batches__the_store_failing_answers_503_to_the_whole_batch(
     tenant = await orm(make_tenant)
     tokens = [await orm(make_token, tenant, f"dev-{n}") for n in range(3)]
 
-    class Down:  # the token lookup's query fails as it is made
-        @staticmethod
-        def filter(*_: Any, **__: Any) -> Any:
-            raise OperationalError("the database went away")
+    def down(_: Any) -> Any:  # the token lookup's query fails as it is made
+        raise OperationalError("the database went away")
 
-    monkeypatch.setattr(auth, "_token_rows", lambda: Down)
+    monkeypatch.setattr(auth, "_token_rows_of", down)
     assert await together(edge, tokens) == [503, 503, 503]
     monkeypatch.undo()
     assert all(isinstance(g, AsgiPeer) for g in await together(edge, tokens))  # back once it is
