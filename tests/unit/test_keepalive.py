@@ -141,6 +141,35 @@ def test_keepalive__one_sweep_visits_the_sockets_due_in_its_slots(proto: Any, mo
     assert visited == [a, b, c] and not sweep.wheel
 
 
+def test_keepalive__a_sweep_visits_at_most_a_batch_per_turn_of_the_loop(proto: Any, monkeypatch: Any) -> None:
+    """The due sockets beyond VISITS_PER_TURN wait for the loop's next turn (a zero-delay
+    reactor call), in order; a sweep meanwhile adds its own behind them (docs/decisions/0040)."""
+    sweep = keepalive.keepalive(proto.server)
+    visited: list[Any] = []
+    monkeypatch.setattr(sweep, "visit", lambda p, now: visited.append(p))
+    clock = [1000.0]
+    monkeypatch.setattr(keepalive.time, "monotonic", lambda: clock[0])
+    sweep.slot = int(clock[0] / keepalive.SWEEP_SECS)
+    sweep.wheel.clear()
+    batch = keepalive.VISITS_PER_TURN
+    first = [object() for _ in range(2 * batch + 1)]
+    for p in first:
+        sweep.watch(p, 0)
+    clock[0] += keepalive.SWEEP_SECS
+    sweep.sweep()
+    assert visited == first[:batch] and sweep.more.delay == 0
+    later = object()
+    sweep.watch(later, 0)
+    clock[0] += keepalive.SWEEP_SECS
+    sweep.sweep()  # the next turn's call is pending: this sweep's socket queues behind
+    assert visited == first[:batch]
+    turns = 0
+    while sweep.more is not None and turns < 10:
+        sweep.more.f()
+        turns += 1
+    assert visited == [*first, later] and turns == 2 and not sweep.due
+
+
 def test_keepalive__one_timer_for_the_wheel_however_many_sockets_are_visited(proto: Any, monkeypatch: Any) -> None:
     from twisted.internet import reactor
 
