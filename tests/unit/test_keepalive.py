@@ -118,7 +118,8 @@ def test_keepalive__an_answered_ping_means_the_next_one_an_interval_later(proto:
     assert proto.transport.value()[:1] == b"\x89"
 
 
-def test_keepalive__one_sweep_visits_the_sockets_due_in_its_slots(proto: Any, monkeypatch: Any) -> None:
+def _recording(proto: Any, monkeypatch: Any) -> tuple[keepalive.Keepalive, list[Any], list[float]]:
+    """The server's sweep on an empty wheel and a clock of its own; its visits recorded, not run."""
     sweep = keepalive.keepalive(proto.server)
     visited: list[Any] = []
     monkeypatch.setattr(sweep, "visit", lambda p, now: visited.append(p))
@@ -126,6 +127,11 @@ def test_keepalive__one_sweep_visits_the_sockets_due_in_its_slots(proto: Any, mo
     monkeypatch.setattr(keepalive.time, "monotonic", lambda: clock[0])
     sweep.slot = int(clock[0] / keepalive.SWEEP_SECS)
     sweep.wheel.clear()
+    return sweep, visited, clock
+
+
+def test_keepalive__one_sweep_visits_the_sockets_due_in_its_slots(proto: Any, monkeypatch: Any) -> None:
+    sweep, visited, clock = _recording(proto, monkeypatch)
     a, b, c = object(), object(), object()
     sweep.watch(a, 0)  # at the next slot at the earliest
     sweep.watch(b, 1)
@@ -144,13 +150,7 @@ def test_keepalive__one_sweep_visits_the_sockets_due_in_its_slots(proto: Any, mo
 def test_keepalive__a_sweep_visits_at_most_a_batch_per_turn_of_the_loop(proto: Any, monkeypatch: Any) -> None:
     """The due sockets beyond VISITS_PER_TURN wait for the loop's next turn (a zero-delay
     reactor call), in order; a sweep meanwhile adds its own behind them (docs/decisions/0040)."""
-    sweep = keepalive.keepalive(proto.server)
-    visited: list[Any] = []
-    monkeypatch.setattr(sweep, "visit", lambda p, now: visited.append(p))
-    clock = [1000.0]
-    monkeypatch.setattr(keepalive.time, "monotonic", lambda: clock[0])
-    sweep.slot = int(clock[0] / keepalive.SWEEP_SECS)
-    sweep.wheel.clear()
+    sweep, visited, clock = _recording(proto, monkeypatch)
     batch = keepalive.VISITS_PER_TURN
     first = [object() for _ in range(2 * batch + 1)]
     for p in first:
