@@ -63,7 +63,8 @@ class Freezer:
     FREEZE_AFTER_OPENED connections opened since the last freeze (after collecting the young
     generations: their garbage is not frozen), and thaws once the connections closed since
     the first freeze are THAW_AFTER_CLOSED_SHARE of those frozen (at least
-    FREEZE_AFTER_OPENED)."""
+    FREEZE_AFTER_OPENED); after a thaw it freezes again only once a full collection (at
+    CPython's pace) has freed what the closed ones left."""
 
     def __init__(self) -> None:
         self.open = 0  # connections open now
@@ -71,6 +72,7 @@ class Freezer:
         self.frozen = 0  # open at the last freeze: what a thaw waits for a share of
         self.closed = 0  # since the first freeze after a thaw
         self.freezes = self.thaws = 0
+        self.thawed_at: int | None = None  # full collections so far when it last thawed
 
     def connected(self) -> None:
         self.open += 1
@@ -87,7 +89,13 @@ class Freezer:
             self.frozen = self.closed = 0
             self.opened = self.open  # all of them may be frozen again
             self.thaws += 1
-        elif self.opened >= FREEZE_AFTER_OPENED:
+            self.thawed_at = gc.get_stats()[2]["collections"]
+            return
+        if self.thawed_at is not None:  # frozen again before a full collection: garbage kept
+            if gc.get_stats()[2]["collections"] <= self.thawed_at:
+                return
+            self.thawed_at = None
+        if self.opened >= FREEZE_AFTER_OPENED:
             gc.collect(1)
             gc.freeze()
             self.frozen, self.opened = self.open, 0

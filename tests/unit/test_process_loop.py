@@ -66,13 +66,16 @@ def test_defer_full_collections__only_the_full_collections_wait_longer() -> None
 def test_freezer__freezes_after_many_opened_thaws_after_a_share_of_them_closed(monkeypatch: Any) -> None:
     """An edge's connections are frozen once FREEZE_AFTER_OPENED opened since the last freeze
     (the young generations collected first), and thawed once a quarter of those frozen closed
-    (their cyclic garbage is freed only then) (docs/decisions/0040)."""
+    (their cyclic garbage is freed only then, so it freezes again only after a full
+    collection) (docs/decisions/0040)."""
     import gc
 
     calls: list[str] = []
     monkeypatch.setattr(gc, "collect", lambda generation=2: calls.append(f"collect {generation}") or 0)
     monkeypatch.setattr(gc, "freeze", lambda: calls.append("freeze"))
     monkeypatch.setattr(gc, "unfreeze", lambda: calls.append("unfreeze"))
+    full = [7]  # full collections so far
+    monkeypatch.setattr(gc, "get_stats", lambda: [{}, {}, {"collections": full[0]}])
     monkeypatch.setattr(process, "FREEZE_AFTER_OPENED", 10)
     f = process.Freezer()
     for _ in range(9):
@@ -92,6 +95,9 @@ def test_freezer__freezes_after_many_opened_thaws_after_a_share_of_them_closed(m
     f.disconnected()
     f.tick()
     assert calls[2:] == ["unfreeze"] and f.frozen == 0 and f.opened == 30  # the 30 open: frozen again
+    f.tick()
+    assert calls[3:] == []  # not before a full collection freed the closed ones' garbage
+    full[0] += 1
     f.tick()
     assert calls[3:] == ["collect 1", "freeze"] and f.frozen == 30 and f.thaws == 1
 
