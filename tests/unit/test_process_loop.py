@@ -109,13 +109,14 @@ def test_freezer__only_an_edge_counts_its_connections(monkeypatch: Any) -> None:
 
     from backplane.vendor import daphne as vendor_daphne
 
-    # daphne's classes as they were after the test (other tests read their source).
-    for name in ("protocol_connected", "protocol_disconnected", "create_application", "application_checker"):
-        monkeypatch.setattr(Server, name, getattr(Server, name))
-    monkeypatch.setattr(Server, "timeout_checker", Server.timeout_checker)
-    monkeypatch.setattr(WebSocketProtocol, "onOpen", WebSocketProtocol.onOpen)
-    monkeypatch.setattr(Server, "_tyrum_lean_checkers", False, raising=False)
-    vendor_daphne.install_lean_checkers()
+    if not getattr(Server, "_tyrum_lean_checkers", False):
+        # Installed here: daphne's classes as they were after the test (others read their source).
+        for name in ("protocol_connected", "protocol_disconnected", "create_application", "application_checker"):
+            monkeypatch.setattr(Server, name, getattr(Server, name))
+        monkeypatch.setattr(Server, "timeout_checker", Server.timeout_checker)
+        monkeypatch.setattr(WebSocketProtocol, "onOpen", WebSocketProtocol.onOpen)
+        monkeypatch.setattr(Server, "_tyrum_lean_checkers", False, raising=False)
+        vendor_daphne.install_lean_checkers()
     before = process.freezer
     try:
         process.freezer = None
