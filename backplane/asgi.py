@@ -40,7 +40,7 @@ def application_for(http_app: Any) -> Any:
 
     from backplane import logs
     from backplane.conf import conf
-    from backplane.process import defer_full_collections, freeze_startup_objects
+    from backplane.process import defer_full_collections, freeze_connections, freeze_startup_objects
     from backplane.vendor import daphne as vendor_daphne
     from backplane.vendor import keepalive
 
@@ -60,6 +60,7 @@ def application_for(http_app: Any) -> Any:
     _start_edge_eagerly()
     freeze_startup_objects()
     defer_full_collections()  # a connect storm's sockets are not walked again at every 25 % (0032)
+    freeze_connections()  # nor the long-lived ones at all, once they are many (0040)
     return app
 
 

@@ -74,6 +74,9 @@ DRAIN_FLUSH_SECS = 0.5
 # Messages from Redis that cannot be decrypted are logged at most this often (a forger
 # could send thousands a second).
 REJECTED_LOG_INTERVAL_SECS = 10.0
+# The heartbeat's and the head check's walks over the sockets hand the loop back after this
+# many: at 20 000 sockets one walk in one turn held every delivery 30–70 ms (0040).
+SOCKETS_PER_TURN = 500
 
 
 class EdgeRuntime:
@@ -447,6 +450,7 @@ class EdgeRuntime:
                 await self.leave_idle_groups()
                 if _joins_expire(self.layer):
                     await self._rejoin_groups()
+                moved = await self._stirred_positions()
                 consumers = list(self.consumers.values())
                 if self.credentials is None:
                     self.credentials = (
@@ -454,7 +458,6 @@ class EdgeRuntime:
                         frozenset(c.principal.recheck_key for c in consumers if c.principal.user_id),
                     )
                 token_ids, operators = self.credentials
-                moved = self._moved_positions(self._stirred())
                 metrics.edge.peer_lag = self.lag
                 # The rows are built only when the directory misses some (a row per socket
                 # every beat would be most of an idle edge's heartbeat).
@@ -484,6 +487,18 @@ class EdgeRuntime:
         stirred = {**self.stirred, **self.lagging}
         self.stirred.clear()
         return [c for c in stirred if self.consumers.get(c.connection_id) is c]
+
+    async def _stirred_positions(self) -> dict[str, dict[str, list[int]]]:
+        """``_moved_positions`` of the stirred sockets, SOCKETS_PER_TURN of them per turn of
+        the loop; a socket gone in between is left out."""
+        stirred = self._stirred()
+        moved: dict[str, dict[str, list[int]]] = {}
+        for start in range(0, len(stirred), SOCKETS_PER_TURN):
+            if start:
+                await asyncio.sleep(0)
+            part = stirred[start : start + SOCKETS_PER_TURN]
+            moved.update(self._moved_positions([c for c in part if self.consumers.get(c.connection_id) is c]))
+        return moved
 
     def _moved_positions(self, consumers: Iterable[Subscriber]) -> dict[str, dict[str, list[int]]]:
         """Where each peer stands ({stream: [delivered, lag]}, from the heads the head checks
@@ -554,7 +569,9 @@ class EdgeRuntime:
         # now stamps the heads it moves with its start, and commits later.
         self.feed_since = clock - timedelta(seconds=conf.HEAD_CHECK_MARGIN_SECS)
         self.watch = {}
-        for c in consumers:
+        for i, c in enumerate(consumers):
+            if i and not i % SOCKETS_PER_TURN:
+                await asyncio.sleep(0)  # a sweep's every socket: not in one turn of the loop
             if self.consumers.get(c.connection_id) is not c:  # gone, or still connecting
                 continue
             if await c.observe_heads(heads):

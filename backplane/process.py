@@ -46,6 +46,74 @@ def defer_full_collections() -> None:
     gc.set_threshold(young, middle, FULL_COLLECTION_EVERY)
 
 
+# An edge freezes (``gc.freeze``) once this many connections opened since its last freeze: a
+# full collection walks only what is not frozen, and at 20 000 open sockets one that walked
+# them all held the edge 1.4–2.4 s (0.2–1.1 s each of four in the storm that opened them).
+FREEZE_AFTER_OPENED = 1000
+# ... and thaws (``gc.unfreeze``) once a quarter of what it froze has closed: a closed socket
+# leaves cyclic garbage (~23 objects; 459 448 from 20 000 at a teardown) that a frozen
+# generation never frees, so this bounds it; the next full collection walks everything once.
+THAW_AFTER_CLOSED_SHARE = 0.25
+
+
+class Freezer:
+    """Keeps an edge's long-lived connections out of the cyclic collector's full walks
+    (docs/decisions/0040): daphne's server counts connections opened and closed, and its
+    once-a-second reaper calls ``tick``, which freezes every object alive once
+    FREEZE_AFTER_OPENED connections opened since the last freeze (after collecting the young
+    generations: their garbage is not frozen), and thaws once the connections closed since
+    the first freeze are THAW_AFTER_CLOSED_SHARE of those frozen (at least
+    FREEZE_AFTER_OPENED); after a thaw it freezes again only once a full collection (at
+    CPython's pace) has freed what the closed ones left."""
+
+    def __init__(self) -> None:
+        self.open = 0  # connections open now
+        self.opened = 0  # since the last freeze (or thaw)
+        self.frozen = 0  # open at the last freeze: what a thaw waits for a share of
+        self.closed = 0  # since the first freeze after a thaw
+        self.freezes = self.thaws = 0
+        self.thawed_at: int | None = None  # full collections so far when it last thawed
+
+    def connected(self) -> None:
+        self.open += 1
+        self.opened += 1
+
+    def disconnected(self) -> None:
+        self.open -= 1
+        if self.frozen:
+            self.closed += 1
+
+    def tick(self) -> None:
+        if self.frozen and self.closed >= max(FREEZE_AFTER_OPENED, THAW_AFTER_CLOSED_SHARE * self.frozen):
+            gc.unfreeze()  # the start-up objects too (0016): the next freeze takes them again
+            self.frozen = self.closed = 0
+            self.opened = self.open  # all of them may be frozen again
+            self.thaws += 1
+            self.thawed_at = gc.get_stats()[2]["collections"]
+            return
+        if self.thawed_at is not None:  # frozen again before a full collection: garbage kept
+            if gc.get_stats()[2]["collections"] <= self.thawed_at:
+                return
+            self.thawed_at = None
+        if self.opened >= FREEZE_AFTER_OPENED:
+            gc.collect(1)
+            gc.freeze()
+            self.frozen, self.opened = self.open, 0
+            self.freezes += 1
+
+
+# The edge's (``freeze_connections``); None in other processes.
+freezer: Freezer | None = None
+
+
+def freeze_connections() -> Freezer:
+    """Make this process an edge whose long-lived connections are frozen (``Freezer``)."""
+    global freezer
+    if freezer is None:
+        freezer = Freezer()
+    return freezer
+
+
 def event_loop() -> str:
     """The event loop this process runs on: ``BACKPLANE_EVENT_LOOP`` (default ``uvloop``),
     ``asyncio`` when uvloop is not installed."""

@@ -28,6 +28,7 @@ import time
 import weakref
 from typing import Any
 
+from backplane import process
 from backplane.conf import conf
 from backplane.protocol import Close
 
@@ -630,10 +631,14 @@ def install_lean_checkers() -> None:
     def protocol_connected(self: Any, protocol: Any) -> None:
         connected(self, protocol)
         _marks(self)[1][protocol] = None
+        if process.freezer is not None:
+            process.freezer.connected()
 
     def protocol_disconnected(self: Any, protocol: Any) -> None:
         disconnected(self, protocol)
         _marks(self)[0][protocol] = None
+        if process.freezer is not None:
+            process.freezer.disconnected()
 
     def create_application(self: Any, protocol: Any, scope: Any) -> Any:
         queue = create(self, protocol, scope)
@@ -646,6 +651,8 @@ def install_lean_checkers() -> None:
     def application_checker(self: Any) -> None:
         # Kept: the disconnected whose application still runs (its close timeout runs on).
         _visit(self, reap, _marks(self)[0], lambda p, d: "disconnected" in d)
+        if process.freezer is not None:  # the long-lived connections out of full collections (0040)
+            process.freezer.tick()
 
     def timeout_checker(self: Any) -> None:
         _visit(self, timeouts, _marks(self)[1], lambda p, d: not _open_websocket(p))

@@ -7,8 +7,10 @@ What changes is what a ping and its pong cost the edge:
 
 - **One sweep, many pings** (``Keepalive``): one reactor timer every ``SWEEP_SECS`` visits
   the sockets due in that slot of a timing wheel, instead of a twisted timer per socket and
-  autobahn's batched-timer entry per ping timeout. The pings of a sweep go out together, so
-  their pongs come back together and share the event loop's turns and ``epoll_wait`` calls.
+  autobahn's batched-timer entry per ping timeout. The pings of a sweep go out in batches of
+  ``VISITS_PER_TURN``, one per turn of the event loop, so their pongs come back together and
+  share the loop's turns and ``epoll_wait`` calls, and a frame to deliver waits behind one
+  batch at most, not behind a whole slot's pings (docs/decisions/0040).
 - **Pings without allocations beyond the frame**: autobahn's payload (send time in ns and a
   sequence number — its default ``autoPingSize`` of 12 has no random part), one ``send()``
   when nothing is queued (``send_now``); the pong deadline is a sentinel in autobahn's
@@ -22,6 +24,7 @@ What changes is what a ping and its pong cost the edge:
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import math
@@ -34,8 +37,14 @@ from backplane.vendor.daphne import send_now
 logger = logging.getLogger(__name__)
 
 # The sweep's period: a ping goes out at most this late, a silent peer is closed at most this
-# late; pings due within one slot go out in one batch (0033's measurements).
+# late; pings due within one slot go out together (0033's measurements), VISITS_PER_TURN
+# at a time.
 SWEEP_SECS = 0.25
+
+# At most this many sockets visited in one turn of the event loop, the rest of a sweep's in the
+# turns after: 20 000 peers have 250 pings due per slot, ~10 ms of the loop at once four times
+# a second, which a delivered frame waited behind (docs/decisions/0040).
+VISITS_PER_TURN = 32
 
 _PAYLOAD = struct.Struct(">QL")  # autobahn's auto-ping payload: sent (ns), sequence number
 _PING_HEADER = bytes((0x89, _PAYLOAD.size))  # FIN + ping, unmasked, 12 bytes
@@ -75,6 +84,8 @@ class Keepalive:
         self.wheel: dict[int, list[Any]] = {}
         self.slot = int(time.monotonic() / SWEEP_SECS)  # the last slot swept
         self.call: Any = None
+        self.due: collections.deque[Any] = collections.deque()  # swept, not visited yet
+        self.more: Any = None  # the next turn's visit_some, while some are due
 
     def watch(self, proto: Any, delay: float) -> None:
         """Visit ``proto`` in ``delay`` seconds (or at the first sweep after)."""
@@ -104,23 +115,35 @@ class Keepalive:
         else:  # the loop stalled for long: the slots that are there, not every one in between
             slots = sorted(s for s in self.wheel if s <= now_slot)
         self.slot = max(self.slot, now_slot)
-        due: list[Any] = []
         for slot in slots:
             bucket = self.wheel.pop(slot, None)
             if bucket:
-                due.extend(bucket)
+                self.due.extend(bucket)
         try:
-            now = time.time()  # daphne's last_ping is wall-clock time
-            for proto in due:
-                try:
-                    self.visit(proto, now)
-                except Exception as exc:  # one broken socket must not stop the others' pings
-                    logger.warning("ping sweep: %s, connection dropped", type(exc).__name__)
-                    with contextlib.suppress(Exception):
-                        proto.dropConnection(abort=True)
+            if self.more is None:
+                self.visit_some()
         finally:
             if self.wheel:
                 self._arm()
+
+    def visit_some(self) -> None:
+        """Visit at most VISITS_PER_TURN of the due sockets; the rest in the loop's next turn,
+        after the frames and pongs that arrived meanwhile."""
+        from twisted.internet import reactor
+
+        self.more = None
+        due = self.due
+        now = time.time()  # daphne's last_ping is wall-clock time
+        for _ in range(min(VISITS_PER_TURN, len(due))):
+            proto = due.popleft()
+            try:
+                self.visit(proto, now)
+            except Exception as exc:  # one broken socket must not stop the others' pings
+                logger.warning("ping sweep: %s, connection dropped", type(exc).__name__)
+                with contextlib.suppress(Exception):
+                    proto.dropConnection(abort=True)
+        if due:
+            self.more = reactor.callLater(0, self.visit_some)  # type: ignore[arg-type]  # twisted's interface
 
     def visit(self, proto: Any, now: float) -> None:
         """daphne's ``check_timeouts`` for an open WebSocket and autobahn's pong timeout."""

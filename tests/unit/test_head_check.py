@@ -149,3 +149,35 @@ async def test_head_check__a_stream_no_socket_needs_leaves_the_cache() -> None:
     runtime.add(b)  # type: ignore[arg-type]
     await runtime.check_heads()
     assert b.seen == [head(4)]
+
+
+async def test_head_check__a_sweep_hands_the_loop_back_between_batches_of_sockets(monkeypatch: Any) -> None:
+    """A sweep shows the heads to SOCKETS_PER_TURN sockets per turn of the loop: what else is
+    ready (a delivery) runs in between; a socket gone meanwhile is skipped (docs/decisions/0040)."""
+    import asyncio
+
+    from backplane import edge
+
+    monkeypatch.setattr(edge, "SOCKETS_PER_TURN", 2)
+    store = Store()
+    sockets = [Socket(f"s{i}", f"k{i}") for i in range(5)]
+    store.heads = {s.keys["device"]: head(1) for s in sockets}
+    runtime = runtime_with(store, *sockets)
+    seen_at_turn: list[list[int]] = []
+
+    def other_work() -> None:  # a callback ready while the sweep runs, as a delivery would be
+        seen_at_turn.append([len(s.seen) for s in sockets])
+        runtime.consumers.pop("s4")  # closed in between
+
+    loop = asyncio.get_running_loop()
+    real_read = runtime._read_heads
+
+    async def read_then_schedule(keys: Any) -> Any:
+        heads = await real_read(keys)
+        loop.call_soon(other_work)  # ready before the walk over the sockets begins
+        return heads
+
+    monkeypatch.setattr(runtime, "_read_heads", read_then_schedule)
+    await runtime.check_heads()  # the first check is a sweep
+    assert seen_at_turn == [[1, 1, 0, 0, 0]]
+    assert [len(s.seen) for s in sockets] == [1, 1, 1, 1, 0]

@@ -118,7 +118,8 @@ def test_keepalive__an_answered_ping_means_the_next_one_an_interval_later(proto:
     assert proto.transport.value()[:1] == b"\x89"
 
 
-def test_keepalive__one_sweep_visits_the_sockets_due_in_its_slots(proto: Any, monkeypatch: Any) -> None:
+def _recording(proto: Any, monkeypatch: Any) -> tuple[keepalive.Keepalive, list[Any], list[float]]:
+    """The server's sweep on an empty wheel and a clock of its own; its visits recorded, not run."""
     sweep = keepalive.keepalive(proto.server)
     visited: list[Any] = []
     monkeypatch.setattr(sweep, "visit", lambda p, now: visited.append(p))
@@ -126,6 +127,11 @@ def test_keepalive__one_sweep_visits_the_sockets_due_in_its_slots(proto: Any, mo
     monkeypatch.setattr(keepalive.time, "monotonic", lambda: clock[0])
     sweep.slot = int(clock[0] / keepalive.SWEEP_SECS)
     sweep.wheel.clear()
+    return sweep, visited, clock
+
+
+def test_keepalive__one_sweep_visits_the_sockets_due_in_its_slots(proto: Any, monkeypatch: Any) -> None:
+    sweep, visited, clock = _recording(proto, monkeypatch)
     a, b, c = object(), object(), object()
     sweep.watch(a, 0)  # at the next slot at the earliest
     sweep.watch(b, 1)
@@ -139,6 +145,29 @@ def test_keepalive__one_sweep_visits_the_sockets_due_in_its_slots(proto: Any, mo
     clock[0] += 3600  # a stalled loop: what is due, once
     sweep.sweep()
     assert visited == [a, b, c] and not sweep.wheel
+
+
+def test_keepalive__a_sweep_visits_at_most_a_batch_per_turn_of_the_loop(proto: Any, monkeypatch: Any) -> None:
+    """The due sockets beyond VISITS_PER_TURN wait for the loop's next turn (a zero-delay
+    reactor call), in order; a sweep meanwhile adds its own behind them (docs/decisions/0040)."""
+    sweep, visited, clock = _recording(proto, monkeypatch)
+    batch = keepalive.VISITS_PER_TURN
+    first = [object() for _ in range(2 * batch + 1)]
+    for p in first:
+        sweep.watch(p, 0)
+    clock[0] += keepalive.SWEEP_SECS
+    sweep.sweep()
+    assert visited == first[:batch] and sweep.more.delay == 0
+    later = object()
+    sweep.watch(later, 0)
+    clock[0] += keepalive.SWEEP_SECS
+    sweep.sweep()  # the next turn's call is pending: this sweep's socket queues behind
+    assert visited == first[:batch]
+    turns = 0
+    while sweep.more is not None and turns < 10:
+        sweep.more.f()
+        turns += 1
+    assert visited == [*first, later] and turns == 2 and not sweep.due
 
 
 def test_keepalive__one_timer_for_the_wheel_however_many_sockets_are_visited(proto: Any, monkeypatch: Any) -> None:

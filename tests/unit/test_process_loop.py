@@ -61,3 +61,73 @@ def test_defer_full_collections__only_the_full_collections_wait_longer() -> None
         assert process.FULL_COLLECTION_EVERY > 10  # CPython's own: what a storm paid for
     finally:
         gc.set_threshold(*before)
+
+
+def test_freezer__freezes_after_many_opened_thaws_after_a_share_of_them_closed(monkeypatch: Any) -> None:
+    """An edge's connections are frozen once FREEZE_AFTER_OPENED opened since the last freeze
+    (the young generations collected first), and thawed once a quarter of those frozen closed
+    (their cyclic garbage is freed only then, so it freezes again only after a full
+    collection) (docs/decisions/0040)."""
+    import gc
+
+    calls: list[str] = []
+    monkeypatch.setattr(gc, "collect", lambda generation=2: calls.append(f"collect {generation}") or 0)
+    monkeypatch.setattr(gc, "freeze", lambda: calls.append("freeze"))
+    monkeypatch.setattr(gc, "unfreeze", lambda: calls.append("unfreeze"))
+    full = [7]  # full collections so far
+    monkeypatch.setattr(gc, "get_stats", lambda: [{}, {}, {"collections": full[0]}])
+    monkeypatch.setattr(process, "FREEZE_AFTER_OPENED", 10)
+    f = process.Freezer()
+    for _ in range(9):
+        f.connected()
+    f.tick()
+    assert calls == []  # not yet many
+    for _ in range(31):
+        f.connected()
+    f.tick()
+    assert calls == ["collect 1", "freeze"] and f.frozen == 40
+    f.tick()
+    assert calls == ["collect 1", "freeze"]  # nothing new
+    for _ in range(9):
+        f.disconnected()
+    f.tick()
+    assert calls == ["collect 1", "freeze"]  # 9 of 40 closed: under a quarter
+    f.disconnected()
+    f.tick()
+    assert calls[2:] == ["unfreeze"] and f.frozen == 0 and f.opened == 30  # the 30 open: frozen again
+    f.tick()
+    assert calls[3:] == []  # not before a full collection freed the closed ones' garbage
+    full[0] += 1
+    f.tick()
+    assert calls[3:] == ["collect 1", "freeze"] and f.frozen == 30 and f.thaws == 1
+
+
+def test_freezer__only_an_edge_counts_its_connections(monkeypatch: Any) -> None:
+    """``freeze_connections`` makes the process's one Freezer, which daphne's hooks feed."""
+    from daphne.server import Server
+    from daphne.ws_protocol import WebSocketProtocol
+
+    from backplane.vendor import daphne as vendor_daphne
+
+    if not getattr(Server, "_tyrum_lean_checkers", False):
+        # Installed here: daphne's classes as they were after the test (others read their source).
+        for name in ("protocol_connected", "protocol_disconnected", "create_application", "application_checker"):
+            monkeypatch.setattr(Server, name, getattr(Server, name))
+        monkeypatch.setattr(Server, "timeout_checker", Server.timeout_checker)
+        monkeypatch.setattr(WebSocketProtocol, "onOpen", WebSocketProtocol.onOpen)
+        monkeypatch.setattr(Server, "_tyrum_lean_checkers", False, raising=False)
+        vendor_daphne.install_lean_checkers()
+    before = process.freezer
+    try:
+        process.freezer = None
+        made = process.freeze_connections()
+        assert process.freeze_connections() is made and process.freezer is made
+        server = Server.__new__(Server)
+        server.connections = {}
+        proto = object()
+        server.protocol_connected(proto)
+        assert made.open == 1 and made.opened == 1
+        server.protocol_disconnected(proto)
+        assert made.open == 0
+    finally:
+        process.freezer = before

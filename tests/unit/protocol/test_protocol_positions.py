@@ -108,3 +108,35 @@ def test_heartbeat__looks_only_at_sockets_that_were_stirred_or_lag() -> None:
     runtime.stirred[peers[1]] = None  # a batch of its stream arrived
     runtime._moved_positions(runtime._stirred())
     assert [p.asked for p in peers] == [1, 2, 1]
+
+
+async def test_heartbeat__positions_of_many_stirred_sockets_over_turns_of_the_loop(monkeypatch: Any) -> None:
+    """SOCKETS_PER_TURN sockets' positions per turn of the loop; a socket gone between two
+    turns is neither written nor kept as lagging (docs/decisions/0040)."""
+    import asyncio
+
+    from backplane import edge
+    from backplane.edge import EdgeRuntime
+
+    class Peer:
+        def __init__(self, cid: str) -> None:
+            self.connection_id, self.asked = cid, 0
+
+        def positions(self, heads: Any) -> dict[str, tuple[int, int]]:
+            self.asked += 1
+            return {"device": (1, 2)}  # lagging: kept for the next beat while here
+
+    monkeypatch.setattr(edge, "SOCKETS_PER_TURN", 2)
+    runtime = EdgeRuntime.__new__(EdgeRuntime)
+    runtime.last_heads, runtime.last_positions, runtime.lagging = {}, {}, {}
+    runtime.lag = metrics.Histogram(metrics.LAG_BUCKETS_EVENTS)
+    peers = [Peer(f"p{i}") for i in range(5)]
+    runtime.consumers = {p.connection_id: p for p in peers}
+    runtime.stirred = dict.fromkeys(peers)
+    walk = asyncio.ensure_future(runtime._stirred_positions())
+    await asyncio.sleep(0)  # the walk's first turn
+    assert [p.asked for p in peers] == [1, 1, 0, 0, 0]
+    del runtime.consumers["p4"]  # closed between two turns
+    moved = await walk
+    assert sorted(moved) == ["p0", "p1", "p2", "p3"]
+    assert [p.asked for p in peers] == [1, 1, 1, 1, 0] and peers[4] not in runtime.lagging
