@@ -299,9 +299,10 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _open(url: str) -> socket.socket:
-    """A connected socket to the Redis of ``url`` (TCP or Unix), authenticated and named.
-    Raises NotImplementedError for TLS (rediss://), which ``_Wire`` does not speak, and
+def _open(url: str, name: str = "doorbell") -> socket.socket:
+    """A connected socket to the Redis of ``url`` (TCP or Unix), authenticated and named
+    ``tyrum-<name>-<pid>`` (also the relay's ``vendor.channels_redis.WirePublisher``'s). Raises
+    NotImplementedError for TLS (rediss://), which ``_Wire`` does not speak, and
     PermissionError when Redis refuses the credentials."""
     from redis.connection import UnixDomainSocketConnection, parse_url
 
@@ -325,7 +326,7 @@ def _open(url: str) -> socket.socket:
         if params.get("password"):
             auth = ["AUTH", *([params["username"]] if params.get("username") else []), params["password"]]
         # The name only helps operators find it in CLIENT LIST: an ACL that forbids it is fine.
-        commands = [c for c in (auth, ["CLIENT", "SETNAME", f"tyrum-doorbell-{os.getpid()}"]) if c]
+        commands = [c for c in (auth, ["CLIENT", "SETNAME", f"tyrum-{name}-{os.getpid()}"]) if c]
         sock.sendall(b"".join(_command(c) for c in commands))
         replies = b""
         while replies.count(b"\r\n") < len(commands):
@@ -334,7 +335,7 @@ def _open(url: str) -> socket.socket:
                 raise ConnectionResetError("Redis closed the connection")
             replies += chunk
         if auth and not replies.startswith(b"+"):
-            raise PermissionError("Redis refused the doorbell's credentials")
+            raise PermissionError(f"Redis refused the {name}'s credentials")
     except BaseException:
         sock.close()
         raise
@@ -416,11 +417,18 @@ class Listener:
         return self._event.is_set()
 
     async def wait(self, timeout: float) -> bool:
-        """Wait for a ring or ``timeout`` seconds; return True if it rang."""
-        try:
-            await asyncio.wait_for(self._event.wait(), timeout)
-            rang = True
-        except TimeoutError:
-            rang = False
+        """Wait for a ring (or ``interrupt``) or ``timeout`` seconds; return True if it rang.
+        No task of its own: a ring wakes the waiter in one loop turn (not wait_for's three)."""
+        rang = True
+        if not self._event.is_set():
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._event.wait()
+            except TimeoutError:
+                rang = False
         self._event.clear()
         return rang
+
+    def interrupt(self) -> None:
+        """Wake the waiter now, as a ring would (a spurious wake-up only costs a cycle)."""
+        self._event.set()

@@ -248,7 +248,8 @@ class Relay:
     ) -> int:
         """Send a cycle's rows; the ones that went are marked with a later assignment."""
         try:
-            failed = await asyncio.wait_for(self._send(to_send, trace), timeout)
+            async with asyncio.timeout(timeout):  # no task of its own: the send starts in this loop turn
+                failed = await self._send(to_send, trace)
         except BaseException:
             self.resend_needed = True  # nothing of it is marked: the next sweep sends it all again
             raise
@@ -392,6 +393,7 @@ class Relay:
         metrics.relays.append(self)
         async with Listener() as bell:
             self.bell = bell  # cycle() asks it whether a ring is waiting
+            stopping = asyncio.ensure_future(_interrupt_on_stop(bell, stop))
             if hoptrace.ON:
                 hoptrace.start_flusher("relay")
                 hoptrace.start_lag_probe()
@@ -441,6 +443,7 @@ class Relay:
                     else:
                         self.polls += 1
             finally:
+                stopping.cancel()
                 with contextlib.suppress(ValueError):
                     metrics.relays.remove(self)
                 await self.aclose()
@@ -476,15 +479,18 @@ def _safe(exc: Exception) -> str:
 
 
 async def _rang_or_stopped(bell: Listener, stop: asyncio.Event, seconds: float) -> bool:
-    """Wait up to ``seconds`` for the doorbell or ``stop``; True if either came."""
+    """Wait up to ``seconds`` for the doorbell or ``stop``; True if either came. ``stop``
+    interrupts the bell (``_interrupt_on_stop``), so the wait is the bell's alone: no tasks to
+    start and cancel per wait, and a ring wakes the relay in one loop turn."""
     if stop.is_set():
         return True
-    waiter = asyncio.create_task(bell.wait(seconds))
-    stopper = asyncio.create_task(stop.wait())
-    await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
-    for task in (waiter, stopper):
-        task.cancel()
-    return stop.is_set() or (waiter.done() and not waiter.cancelled() and waiter.result())
+    rang = await bell.wait(seconds)
+    return stop.is_set() or rang
+
+
+async def _interrupt_on_stop(bell: Listener, stop: asyncio.Event) -> None:
+    await stop.wait()
+    bell.interrupt()
 
 
 async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:

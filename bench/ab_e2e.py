@@ -75,6 +75,8 @@ def main() -> None:
                             "cpu_edges": r.get("cpu_edges"),
                             "cpu_relay": r.get("cpu_relay"),
                             "lost": r["lost"],
+                            "recv_rate": r.get("recv_rate"),
+                            "ok": r.get("ok"),
                         }
                     )
     common.report(
@@ -92,6 +94,8 @@ def main() -> None:
             "cpu_edges",
             "cpu_relay",
             "lost",
+            "recv_rate",
+            "ok",
         ],
     )
     print(f"wrote {common.write('ab_e2e', rows, {'base': base})}")

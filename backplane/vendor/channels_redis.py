@@ -13,11 +13,16 @@
 The layer's own ``group_send`` takes a lock and a round trip per message; a relay cycle with
 hundreds of device streams would pay hundreds of sequential round trips. ``PubSubPublisher``
 writes exactly what ``group_send`` writes — the same channel names (``_get_group_channel_name``
-of the loop's layer), the same serializer (``serialize``) — in one pipeline.
+of the loop's layer), the same serializer (``serialize``) — in one pipeline. ``WirePublisher``
+(the one ``for_layer`` gives for TCP and Unix URLs) writes the same PUBLISH commands itself on
+a connection of its own and reads the replies with hiredis: redis-py's pipeline costs ~8 µs of
+Python per command (docs/decisions/0039-relay-publish-on-its-own-wire.md).
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
 from collections.abc import Sequence
 from typing import Any
 
@@ -98,6 +103,8 @@ class PubSubPublisher:
         loop_layer = layer._get_layer()
         if len(loop_layer._shards) != 1:
             return None
+        if cls is PubSubPublisher and _plain(redis_url):
+            return WirePublisher(layer, loop_layer, redis_url, timeout)
         return cls(layer, loop_layer, redis_url, timeout)
 
     async def publish_all(self, messages: Sequence[tuple[str, dict[str, Any]]]) -> list[int]:
@@ -109,3 +116,121 @@ class PubSubPublisher:
 
     async def aclose(self) -> None:
         await self.client.aclose()
+
+
+def _plain(redis_url: str) -> bool:
+    """Whether ``redis_url`` is TCP or a Unix socket (``WirePublisher`` does not speak TLS)."""
+    from redis.connection import UnixDomainSocketConnection, parse_url
+
+    return parse_url(redis_url).get("connection_class") in (None, UnixDomainSocketConnection)  # type: ignore[no-untyped-call]
+
+
+def _publish_command(channel: bytes, data: bytes) -> bytes:
+    return b"*3\r\n$7\r\nPUBLISH\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (len(channel), channel, len(data), data)
+
+
+class _Replies(asyncio.Protocol):
+    """The reply side of a ``WirePublisher``'s connection: each waiter takes its count of
+    replies, in order. A waiter given up on (timed out) still takes its replies, so the next
+    one gets its own."""
+
+    def __init__(self) -> None:
+        import hiredis
+
+        self.reader = hiredis.Reader()
+        self.transport: asyncio.Transport | None = None
+        self.waiting: collections.deque[tuple[asyncio.Future[list[Any]], int, list[Any]]] = collections.deque()
+        self.lost = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.reader.feed(data)
+        while self.waiting:
+            future, count, got = self.waiting[0]
+            while len(got) < count:
+                reply = self.reader.gets()
+                if reply is False:
+                    return
+                got.append(reply)
+            self.waiting.popleft()
+            if not future.done():
+                future.set_result(got)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        while self.waiting:
+            future = self.waiting.popleft()[0]
+            if not future.done():
+                future.set_exception(ConnectionResetError("Redis closed the publisher's connection"))
+
+
+class WirePublisher(PubSubPublisher):
+    """``PubSubPublisher`` on a connection of its own: the PUBLISH commands of a call go out
+    in one write, their integer replies are parsed by hiredis. The connection (opened,
+    authenticated and named as the doorbell's, ``doorbell._open``, in a thread) is dropped
+    on any failure or when a call is given up on, and opened again by the next call."""
+
+    def __init__(self, layer: Any, loop_layer: Any, redis_url: str, timeout: float) -> None:
+        self.layer = layer
+        self.loop_layer = loop_layer
+        self.redis_url = redis_url
+        self.timeout = timeout
+        self._replies: _Replies | None = None
+        self._channels: dict[str, bytes] = {}  # group → its channel's name, encoded
+
+    async def _connection(self) -> _Replies:
+        replies = self._replies
+        if replies is not None and not replies.lost:
+            return replies
+        from backplane.doorbell import _open
+
+        loop = asyncio.get_running_loop()
+        sock = await asyncio.wait_for(loop.run_in_executor(None, _open, self.redis_url, "relay"), self.timeout)
+        try:
+            _, replies = await loop.create_connection(_Replies, sock=sock)
+        except BaseException:
+            sock.close()
+            raise
+        self._replies = replies
+        return replies
+
+    async def publish_all(self, messages: Sequence[tuple[str, dict[str, Any]]]) -> list[int]:
+        if not messages:
+            return []
+        replies = await self._connection()
+        channels, serialize = self._channels, self.layer.serialize
+        if len(channels) > 100_000:  # groups come and go: bounded
+            channels.clear()
+        out = []
+        for group, message in messages:
+            channel = channels.get(group)
+            if channel is None:
+                channel = channels[group] = self.loop_layer._get_group_channel_name(group).encode()
+            out.append(_publish_command(channel, serialize(message)))
+        future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        replies.waiting.append((future, len(messages), []))
+        assert replies.transport is not None
+        try:
+            replies.transport.write(b"".join(out))
+            got = await future
+        except BaseException:
+            self._drop()  # given up on (timeout, cancel) or lost: the next call starts afresh
+            raise
+        for reply in got:
+            if isinstance(reply, Exception):  # an error reply (hiredis.ReplyError)
+                from redis.exceptions import ResponseError
+
+                raise ResponseError(str(reply))
+        return [int(n) for n in got]
+
+    def _drop(self) -> None:
+        if self._replies is not None and self._replies.transport is not None:
+            self._replies.transport.abort()
+        self._replies = None
+
+    async def aclose(self) -> None:
+        if self._replies is not None and self._replies.transport is not None:
+            self._replies.transport.close()
+        self._replies = None

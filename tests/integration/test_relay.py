@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 
 import pytest
@@ -105,7 +106,11 @@ async def test_relay__marks_forwarded_and_does_not_resend(tenant_factory, make_r
 
 
 class SilentBell:
-    """A doorbell that never rings (the relay's waits all run to their timeouts)."""
+    """A doorbell that never rings (the relay's waits all run to their timeouts, unless the
+    relay is stopped: ``interrupt``)."""
+
+    def __init__(self) -> None:
+        self.interrupted = asyncio.Event()
 
     async def __aenter__(self) -> SilentBell:
         return self
@@ -114,8 +119,12 @@ class SilentBell:
         return None
 
     async def wait(self, timeout: float) -> bool:
-        await asyncio.sleep(timeout)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.interrupted.wait(), timeout)
         return False
+
+    def interrupt(self) -> None:
+        self.interrupted.set()
 
     def waiting(self) -> bool:
         return False
@@ -292,3 +301,23 @@ async def test_relay__stream_created_by_an_edge_keeps_its_epoch(tenant_factory, 
     again = await orm(get_store().ensure_streams, tenant.id, list(keys.values()))
     assert again[keys["device"]].offset == 1
     assert {k: h.epoch for k, h in again.items()} == {k: h.epoch for k, h in heads.items()}
+
+
+async def test_relay__stop_wakes_a_relay_waiting_for_its_doorbell(make_relay):
+    """The run loop waits on the doorbell alone (no task per wait); ``stop`` interrupts it, so
+    a relay with a long poll interval stops at once, not at its next poll."""
+    relay_ = make_relay(poll_interval=30.0)
+    stop = asyncio.Event()
+    running = asyncio.create_task(relay_.run(stop))
+    try:
+        await eventually(lambda: _true(relay_.bell is not None))
+        await asyncio.sleep(0.2)  # in the wait after its cycles (the doorbell's first wake-up included)
+        assert not running.done()
+    finally:
+        stop.set()
+        await asyncio.wait_for(running, TIMEOUT)
+    assert relay_.polls == 0  # woken by the stop, not by the 30 s poll
+
+
+async def _true(value: bool) -> bool:
+    return value

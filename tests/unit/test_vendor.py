@@ -142,6 +142,35 @@ async def test_vendor__pubsub_publisher_writes_what_group_send_writes() -> None:
     await asyncio.sleep(0)
 
 
+async def test_vendor__wire_publisher_only_for_plain_urls_and_replies_go_to_their_caller_in_order() -> None:
+    from channels_redis.pubsub import RedisPubSubChannelLayer
+
+    layer = RedisPubSubChannelLayer(hosts=["redis://127.0.0.1:6379"], prefix="pin")
+    assert (
+        type(vendor_redis.PubSubPublisher.for_layer(layer, "redis://127.0.0.1:6379", 1.0)) is vendor_redis.WirePublisher
+    )
+    tls = vendor_redis.PubSubPublisher.for_layer(layer, "rediss://127.0.0.1:6379", 1.0)
+    assert type(tls) is vendor_redis.PubSubPublisher  # redis-py speaks TLS; the wire does not
+    await tls.aclose()
+
+    loop = asyncio.get_running_loop()
+    replies = vendor_redis._Replies()
+    given_up, second, third = loop.create_future(), loop.create_future(), loop.create_future()
+    replies.waiting.extend([(given_up, 2, []), (second, 1, []), (third, 2, [])])
+    given_up.cancel()  # its caller timed out: its replies are still its own
+    replies.data_received(b":1\r\n:")
+    replies.data_received(b"2\r\n:3")
+    assert not second.done()
+    replies.data_received(b"\r\n-ERR no\r\n")
+    assert second.result() == [3]
+    assert not third.done()
+    replies.connection_lost(None)  # the rest fail: their callers drop the connection
+    with pytest.raises(ConnectionResetError):
+        third.result()
+    assert replies.lost
+    assert vendor_redis._publish_command(b"ch", b"\x00d") == b"*3\r\n$7\r\nPUBLISH\r\n$2\r\nch\r\n$2\r\n\x00d\r\n"
+
+
 @pytest.mark.parametrize("size", [0, 1, 125, 126, 127, 65535, 65536, 70000])
 def test_ws_text_frame__matches_a_websocket_library_server_frame(size: int) -> None:
     from websockets.frames import Frame, Opcode
