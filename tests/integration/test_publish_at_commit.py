@@ -27,6 +27,12 @@ def waiting() -> int:
     return len(postgresql._waiting(connections[connection.alias]))
 
 
+def _url() -> str:
+    """The test database's URL, for a session of its own."""
+    s = connection.settings_dict
+    return f"postgres://{s['USER']}@{s['HOST'] or '127.0.0.1'}:{s['PORT'] or 5432}/{s['NAME']}"
+
+
 def events() -> list[str]:
     return list(OutboxItem.objects.exclude(event_id="warm").order_by("id").values_list("event_id", flat=True))
 
@@ -152,8 +158,7 @@ def test_a_session_cut_before_the_commit_raises_store_unavailable_and_writes_not
 
     connection.ensure_connection()
     pid = connection.connection.info.backend_pid
-    s = connection.settings_dict
-    url = f"postgres://{s['USER']}@{s['HOST'] or '127.0.0.1'}:{s['PORT'] or 5432}/{s['NAME']}"
+    url = _url()
     # StoreUnavailable from the commit; Django's atomic block then fails to reset autocommit on
     # the dead session and raises its own OperationalError over it (as before 0034).
     with pytest.raises((exceptions.StoreUnavailable, OperationalError)) as caught, transaction.atomic():
@@ -177,8 +182,7 @@ def test_the_events_commit_ends_the_transaction_for_other_sessions_too(tenant):
     import psycopg
 
     connection.ensure_connection()
-    s = connection.settings_dict
-    url = f"postgres://{s['USER']}@{s['HOST'] or '127.0.0.1'}:{s['PORT'] or 5432}/{s['NAME']}"
+    url = _url()
     with transaction.atomic():
         Tenant.objects.filter(pk=tenant.pk).update(name="seen")
         event_id = outbox.publish(tenant, "a.b", {}, event_id="ends")
