@@ -522,7 +522,9 @@ def _at_commit_ok(db: Any, tenant_id: uuid.UUID) -> bool:
     if _active_until.get(tenant_id, 0.0) < time.monotonic() or db.needs_rollback:
         return False
     raw = db.connection
-    return raw is not None and raw.info.parameter_status("standard_conforming_strings") == "on"
+    # libpq's own copy of the server's setting, not raw.info's (a new ConnectionInfo and a
+    # decode per call); read every time: a SET in the session changes it.
+    return raw is not None and raw.pgconn.parameter_status(b"standard_conforming_strings") == b"on"
 
 
 def _lit(text: str) -> str:
@@ -569,7 +571,11 @@ def _commit_with_events(db: Any, plain: Any) -> Any:
             with contextlib.suppress(Exception):
                 db.connection.rollback()
             raise
-    return plain()  # psycopg sends no COMMIT when the transaction is over already
+        if db.connection.pgconn.transaction_status == _IDLE:
+            # Our COMMIT ended the transaction: Django's own commit would only find nothing to
+            # send, through its debug and error wrappers and psycopg's lock and generator.
+            return None
+    return plain()
 
 
 def _flush_before(execute: Any, sql: Any, params: Any, many: bool, context: Any) -> Any:
@@ -617,6 +623,7 @@ def _send(db: Any, waiting: list[_AtCommit], tail: str) -> None:
 
 
 _EXEC_OK = (psycopg.pq.ExecStatus.COMMAND_OK, psycopg.pq.ExecStatus.TUPLES_OK)
+_IDLE = psycopg.pq.TransactionStatus.IDLE
 
 
 def _exec_error(conn: psycopg.Connection[Any], result: Any) -> psycopg.Error:

@@ -27,6 +27,12 @@ def waiting() -> int:
     return len(postgresql._waiting(connections[connection.alias]))
 
 
+def _url() -> str:
+    """The test database's URL, for a session of its own."""
+    s = connection.settings_dict
+    return f"postgres://{s['USER']}@{s['HOST'] or '127.0.0.1'}:{s['PORT'] or 5432}/{s['NAME']}"
+
+
 def events() -> list[str]:
     return list(OutboxItem.objects.exclude(event_id="warm").order_by("id").values_list("event_id", flat=True))
 
@@ -152,8 +158,7 @@ def test_a_session_cut_before_the_commit_raises_store_unavailable_and_writes_not
 
     connection.ensure_connection()
     pid = connection.connection.info.backend_pid
-    s = connection.settings_dict
-    url = f"postgres://{s['USER']}@{s['HOST'] or '127.0.0.1'}:{s['PORT'] or 5432}/{s['NAME']}"
+    url = _url()
     # StoreUnavailable from the commit; Django's atomic block then fails to reset autocommit on
     # the dead session and raises its own OperationalError over it (as before 0034).
     with pytest.raises((exceptions.StoreUnavailable, OperationalError)) as caught, transaction.atomic():
@@ -169,3 +174,44 @@ def test_a_session_cut_before_the_commit_raises_store_unavailable_and_writes_not
     assert connection.errors_occurred  # marked, so Django replaces the session
     connection.close()
     assert events() == []
+
+
+def test_the_events_commit_ends_the_transaction_for_other_sessions_too(tenant):
+    """The COMMIT sent with the event ends the transaction (Django's own commit is skipped
+    then): another session sees the event and the state change, and this one is idle."""
+    import psycopg
+
+    connection.ensure_connection()
+    url = _url()
+    with transaction.atomic():
+        Tenant.objects.filter(pk=tenant.pk).update(name="seen")
+        event_id = outbox.publish(tenant, "a.b", {}, event_id="ends")
+    assert connection.connection.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+    with psycopg.connect(url, autocommit=True) as other:
+        found = other.execute(
+            "SELECT (SELECT name FROM backplane_tenant WHERE id = %s),"
+            " (SELECT count(*) FROM backplane_outboxitem WHERE event_id = %s)",
+            [tenant.pk, event_id],
+        ).fetchone()
+    assert found == ("seen", 1)
+    with transaction.atomic():  # the next transaction starts and commits as usual
+        outbox.publish(tenant, "a.b", {}, event_id="next")
+    assert events() == ["ends", "next"]
+
+
+def test_a_session_without_standard_conforming_strings_sends_the_event_at_once(tenant):
+    """Literals are written for standard_conforming_strings on, read from libpq's copy of the
+    setting at every call: a SET in the session is seen at the next publish."""
+    with connection.cursor() as cur:
+        cur.execute("SET standard_conforming_strings = off")
+    try:
+        with transaction.atomic():
+            outbox.publish(tenant, "a.b", {"s": "back\\slash"}, event_id="sent-now")
+            assert waiting() == 0  # went as a statement of its own
+        assert OutboxItem.objects.get(event_id="sent-now").payload == {"s": "back\\slash"}
+    finally:
+        with connection.cursor() as cur:
+            cur.execute("SET standard_conforming_strings = on")
+    with transaction.atomic():
+        outbox.publish(tenant, "a.b", {}, event_id="waits")
+        assert waiting() == 1
