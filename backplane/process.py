@@ -79,7 +79,7 @@ class Freezer:
         self.opened += 1
 
     def disconnected(self) -> None:
-        self.open -= 1
+        self.open = max(0, self.open - 1)  # never below 0, whatever a hook reports
         if self.frozen:
             self.closed += 1
 

@@ -393,11 +393,11 @@ class Relay:
         metrics.relays.append(self)
         async with Listener() as bell:
             self.bell = bell  # cycle() asks it whether a ring is waiting
-            stopping = asyncio.ensure_future(_interrupt_on_stop(bell, stop))
             if hoptrace.ON:
                 hoptrace.start_flusher("relay")
                 hoptrace.start_lag_probe()
                 self.runq_at = hoptrace.runq_wait()
+            stopping = asyncio.ensure_future(_interrupt_on_stop(bell, stop))  # cancelled in the finally below
             next_partition_check = 0.0
             try:
                 while not stop.is_set():

@@ -216,7 +216,7 @@ class WirePublisher(PubSubPublisher):
             replies.transport.write(b"".join(out))
             got = await future
         except BaseException:
-            self._drop()  # given up on (timeout, cancel) or lost: the next call starts afresh
+            self._drop(replies)  # given up on (timeout, cancel) or lost: the next call starts afresh
             raise
         for reply in got:
             if isinstance(reply, Exception):  # an error reply (hiredis.ReplyError)
@@ -225,10 +225,12 @@ class WirePublisher(PubSubPublisher):
                 raise ResponseError(str(reply))
         return [int(n) for n in got]
 
-    def _drop(self) -> None:
-        if self._replies is not None and self._replies.transport is not None:
-            self._replies.transport.abort()
-        self._replies = None
+    def _drop(self, replies: _Replies) -> None:
+        """Abort the connection a failed call used (not one another call opened since)."""
+        if replies.transport is not None:
+            replies.transport.abort()
+        if self._replies is replies:
+            self._replies = None
 
     async def aclose(self) -> None:
         if self._replies is not None and self._replies.transport is not None:

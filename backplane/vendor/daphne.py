@@ -464,7 +464,10 @@ class HeaderDeadlines:
         for channel in expired:
             del self.due[channel]
             channel._tyrum_deadline = None
-            self.cut(channel)
+            try:
+                self.cut(channel)
+            except Exception:  # one connection's failure must not stop the sweep's next timer
+                logger.exception("request deadline: cutting a connection failed", extra={"action": "request_timeout"})
         for at in self.due.values():  # the first: the next deadline
             self.timer = self.reactor.callLater(max(at - now, self.TICK_SECS), self.sweep)
             break
@@ -631,13 +634,17 @@ def install_lean_checkers() -> None:
     def protocol_connected(self: Any, protocol: Any) -> None:
         connected(self, protocol)
         _marks(self)[1][protocol] = None
-        if process.freezer is not None:
+        # The freezer counts sockets: not the HTTP request a socket's upgrade came in on.
+        if process.freezer is not None and isinstance(protocol, WebSocketProtocol):
             process.freezer.connected()
 
     def protocol_disconnected(self: Any, protocol: Any) -> None:
+        # A refused or dropped handshake is reported twice (the refusal, then autobahn's
+        # onClose); daphne records the first only, and so does the freezer's count.
+        first = "disconnected" not in self.connections.get(protocol, ())
         disconnected(self, protocol)
         _marks(self)[0][protocol] = None
-        if process.freezer is not None:
+        if first and process.freezer is not None and isinstance(protocol, WebSocketProtocol):
             process.freezer.disconnected()
 
     def create_application(self: Any, protocol: Any, scope: Any) -> Any:

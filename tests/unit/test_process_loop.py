@@ -124,10 +124,15 @@ def test_freezer__only_an_edge_counts_its_connections(monkeypatch: Any) -> None:
         assert process.freeze_connections() is made and process.freezer is made
         server = Server.__new__(Server)
         server.connections = {}
-        proto = object()
+        proto, kept = (WebSocketProtocol.__new__(WebSocketProtocol) for _ in range(2))
+        request = object()  # the HTTP request a socket's upgrade came in on: not a socket
+        server.protocol_connected(request)
         server.protocol_connected(proto)
-        assert made.open == 1 and made.opened == 1
+        server.protocol_connected(kept)
+        assert made.open == 2 and made.opened == 2
+        server.protocol_disconnected(request)
         server.protocol_disconnected(proto)
-        assert made.open == 0
+        server.protocol_disconnected(proto)  # a refused handshake: the refusal, then onClose
+        assert made.open == 1  # counted once
     finally:
         process.freezer = before

@@ -454,3 +454,25 @@ def test_header_deadlines__cut_the_late_spare_the_disarmed_and_rearm_in_order() 
     clock.advance(0.5 + deadlines.TICK_SECS)
     assert rearmed.transport.aborted == 1
     assert deadlines.due == {} and clock.getDelayedCalls() == []  # nothing armed: no timer
+
+
+def test_header_deadlines__a_failing_cut_stops_neither_the_others_nor_the_next_timer() -> None:
+    from twisted.internet.task import Clock
+
+    class _Broken(_Transport):
+        def abortConnection(self) -> None:
+            raise OSError("gone meanwhile")
+
+    clock = Clock()
+    deadlines = vendor_daphne.HeaderDeadlines(clock, 10.0)
+    broken, late, later = _Channel(), _Channel(), _Channel()
+    broken.transport = _Broken()
+    deadlines.arm(broken)
+    deadlines.arm(late)
+    clock.advance(5)
+    deadlines.arm(later)
+    clock.advance(5 + deadlines.TICK_SECS)
+    assert late.transport.aborted == 1 and later.transport.aborted == 0
+    assert len(clock.getDelayedCalls()) == 1  # the sweep rescheduled for the one left
+    clock.advance(5)
+    assert later.transport.aborted == 1
