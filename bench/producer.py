@@ -7,10 +7,6 @@ one more statement (``SELECT 1``), and with the smallest possible append (one un
 integer row) sent inside the COMMIT's own message — what adding anything to the transaction
 costs on this stack before a single byte of an event is validated or stored.
 
-Two overhead figures: the ratio of the arms' means (the headline, as always) and the median over
-the arm's blocks of each block's mean over its nearest "base" blocks' (less moved by bursts of
-other work on the machine; same transactions, same measurement).
-
 Each arm's CPU per transaction (this process and its PostgreSQL backend) is measured block by
 block beside the wall-clock times: it moves less when other work shares the machine.
 
@@ -47,7 +43,7 @@ def main() -> None:
     url = common.scratch_database(db)
     common.setup_django(url, common.prefix("prod"))
     try:
-        rows, overhead, median = measure(args, db)
+        rows, overhead = measure(args, db)
     finally:
         scratch.drop_database(db)
     notes = [n for r in rows for n in r.pop("notes", [])]
@@ -55,20 +51,13 @@ def main() -> None:
         f"producer cost — {args.txns} transactions per arm in shuffled blocks of {args.block}; publish() "
         f"overhead {overhead * 100:.1f}% (mean); CPU in CPU-seconds",
         rows,
-        ["figure", "p50_ms", "p99_ms", "mean_ms", "overhead_pct", "block_median_pct", "cpu_python_us", "cpu_backend_us"]
+        ["figure", "p50_ms", "p99_ms", "mean_ms", "overhead_pct", "cpu_python_us", "cpu_backend_us"]
         + ["cpu_overhead_pct", "events_per_sec"]
         + ["cpu_bench", "cpu_postgres", "cpu_redis"],
         notes,
     )
     print(common.machine_line())
-    print(
-        "wrote",
-        common.write(
-            "producer",
-            rows,
-            {"args": vars(args), "publish_overhead": overhead, "publish_overhead_block_median": median},
-        ),
-    )
+    print("wrote", common.write("producer", rows, {"args": vars(args), "publish_overhead": overhead}))
 
 
 # The arms of the transaction-cost comparison: the state change alone, with publish(), and two
@@ -82,7 +71,7 @@ ARMS = {
 }
 
 
-def measure(args: Any, db: str) -> tuple[list[dict[str, Any]], float, float]:
+def measure(args: Any, db: str) -> tuple[list[dict[str, Any]], float]:
     import random
 
     from django.db import connection, transaction
@@ -131,7 +120,6 @@ def measure(args: Any, db: str) -> tuple[list[dict[str, Any]], float, float]:
             txn(arm, i * args.block + j)
     meter = common.CpuMeter(db, {})
     samples: dict[str, list[float]] = {arm: [] for arm in ARMS}
-    block_means: list[float] = []  # each block's mean, in the order run
     # CPU per arm, block by block: this process (process_time) and its PostgreSQL backend
     # (/proc, in clock ticks: summed over many blocks the rounding evens out). Less moved by
     # other work on the machine than wall-clock times.
@@ -141,9 +129,8 @@ def measure(args: Any, db: str) -> tuple[list[dict[str, Any]], float, float]:
     a = meter.snap()
     for i, arm in enumerate(blocks):
         py0, pg0 = time.process_time(), common.cpu_seconds(backend)
-        times = [txn(arm, i * args.block + j) for j in range(args.block)]
-        samples[arm] += times
-        block_means.append(sum(times) / len(times))
+        for j in range(args.block):
+            samples[arm].append(txn(arm, i * args.block + j))
         cpu_py[arm] += time.process_time() - py0
         cpu_pg[arm] += common.cpu_seconds(backend) - pg0
     cpu_txn = meter.delta(a, meter.snap())
@@ -166,7 +153,6 @@ def measure(args: Any, db: str) -> tuple[list[dict[str, Any]], float, float]:
             "cpu_us_per_txn": (cpu_py[arm] + cpu_pg[arm]) / len(samples[arm]) * 1e6,
             "cpu_python_us": cpu_py[arm] / len(samples[arm]) * 1e6,
             "cpu_backend_us": cpu_pg[arm] / len(samples[arm]) * 1e6,
-            "block_median_pct": (block_median(blocks, block_means, arm) - 1) * 100,
             "cpu_overhead_pct": ((cpu_py[arm] + cpu_pg[arm]) / (cpu_py["base"] + cpu_pg["base"]) - 1) * 100,
         }
         if arm == "publish":
@@ -177,10 +163,6 @@ def measure(args: Any, db: str) -> tuple[list[dict[str, Any]], float, float]:
             )
         rows.append(row)
     overhead = mean("publish") / mean("base") - 1
-    print(
-        f"publish() overhead: mean {overhead * 100:.1f} %, median of block ratios "
-        f"{(block_median(blocks, block_means, 'publish') - 1) * 100:.1f} %"
-    )
     specs = [
         {"type": "bench.tick", "payload": {"n": i, "pad": "x" * 64}, "device": f"dev-{i % 1000}"}
         for i in range(args.many)
@@ -201,25 +183,7 @@ def measure(args: Any, db: str) -> tuple[list[dict[str, Any]], float, float]:
             "notes": common.notes_for(cpu_many, [], "publish_many"),
         }
     )
-    return rows, overhead, block_median(blocks, block_means, "publish") - 1
-
-
-def block_median(blocks: list[str], block_means: list[float], arm: str) -> float:
-    """The median over ``arm``'s blocks of its block's mean over the mean of the nearest "base"
-    block before and after it in the run: a burst of other work on the machine moves one
-    ratio, not the figure (the ratio of the arms' means moves with every burst)."""
-    base = [i for i, a in enumerate(blocks) if a == "base"]
-    ratios = []
-    for i, a in enumerate(blocks):
-        if a != arm:
-            continue
-        before = [j for j in base if j < i][-1:]
-        after = [j for j in base if j > i][:1]
-        near = before + after
-        ratios.append(block_means[i] / (sum(block_means[j] for j in near) / len(near)))
-    ratios.sort()
-    mid = len(ratios) // 2
-    return ratios[mid] if len(ratios) % 2 else (ratios[mid - 1] + ratios[mid]) / 2
+    return rows, overhead
 
 
 if __name__ == "__main__":
