@@ -74,11 +74,22 @@ def _raise_nofile() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+def _child_setup(nice: int) -> Any:
+    """``_raise_nofile``, then ``nice`` (a lower CPU priority: load standing for other machines)."""
+
+    def setup() -> None:
+        _raise_nofile()
+        if nice:
+            os.nice(nice)
+
+    return setup
+
+
 class Pools:
     """``n`` load-client processes (``peers.js`` or ``peers.py``, see ``client_argv``);
-    peer ``i`` goes to pool ``i % n``."""
+    peer ``i`` goes to pool ``i % n``. ``nice``: the processes' niceness (0: as this one's)."""
 
-    def __init__(self, cluster: Cluster, n: int, env: dict[str, str], tag: str = "pool") -> None:
+    def __init__(self, cluster: Cluster, n: int, env: dict[str, str], tag: str = "pool", nice: int = 0) -> None:
         self.tag = tag
         argv, extra, self.client = client_argv()
         self.procs = [
@@ -89,7 +100,7 @@ class Pools:
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 text=True,
-                preexec_fn=_raise_nofile,  # Node cannot raise its own open-files limit
+                preexec_fn=_child_setup(nice),  # Node cannot raise its own open-files limit
             ).popen
             for i in range(n)
         ]
@@ -149,10 +160,14 @@ class Pools:
         answers = self.all({"cmd": "collect", "sent": sent, "by_id": by_id}, timeout=120)
         lat: list[float] = []
         arrivals: dict[str, float] = {}
-        for a in answers:
+        pool_of: dict[str, int] = {}  # by_id: which pool each event arrived in
+        for i, a in enumerate(answers):
             lat += a["latencies_ms"]
             arrivals.update(a["arrivals"])
+            pool_of.update(dict.fromkeys(a["arrivals"], i))
         return {
+            "pool_of": pool_of,
+            "probes": [a.get("probe") for a in answers],  # peers.js with BENCH_PEERS_PROBE=1
             "latencies_ms": lat,
             "arrivals": arrivals,
             "last_arrival": max(a["last_arrival"] for a in answers),

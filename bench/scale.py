@@ -34,6 +34,8 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
+import shutil
 import subprocess
 import sys
 import time
@@ -43,6 +45,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from cluster import BenchCluster  # noqa: E402
+from load import Pools  # noqa: E402
 
 from harness import data  # noqa: E402
 
@@ -67,6 +70,10 @@ COLS = [
     "edge_us_per_frame_above_idle",
     "cpu_relay",
     "cpu_peers",
+    "cpu_idle_peers",
+    "runq_edge_ms",
+    "runq_peers_ms",
+    "runq_idle_peers_ms",
     "ok",
 ]
 
@@ -83,7 +90,18 @@ def main() -> None:
     parser.add_argument(
         "--settle-secs", type=float, default=6.0, help="after connecting: one heartbeat writes the new rows"
     )
-    parser.add_argument("--pools", type=int, default=4, help="load-client processes")
+    parser.add_argument("--pools", type=int, default=4, help="load-client processes (of the receiving peers)")
+    parser.add_argument(
+        "--layout",
+        choices=("split", "mixed"),
+        default="split",
+        help="split: the receiving share of the largest size in --pools processes, the other (idle) peers in "
+        "--idle-pools processes at --idle-nice; mixed: every peer round-robin over --pools (before 0043)",
+    )
+    parser.add_argument("--idle-pools", type=int, default=2, help="split: load-client processes of the idle peers")
+    parser.add_argument("--idle-nice", type=int, default=10, help="split: the idle peers' processes' niceness")
+    parser.add_argument("--probe", action="store_true", help="the load clients note their GC pauses and stalls")
+    parser.add_argument("--trace", action="store_true", help="TYRUM_HOP_TRACE: the tail's steps, edge vs peer")
     parser.add_argument("--producers", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=50, help="handshakes in flight per load client")
     parser.add_argument("--budget", type=float, default=150.0, help="no handshake starts after this many seconds")
@@ -93,30 +111,103 @@ def main() -> None:
     if args.idle_secs is None:
         args.idle_secs = float(args.ping_interval)
     sizes = sorted(int(s) for s in args.sizes.split(",") if s.strip())
+    if args.probe:
+        os.environ["BENCH_PEERS_PROBE"] = "1"  # the load clients inherit it
+    if args.trace:
+        args.trace_dir = common.LOGS / f"scale-trace-{os.getpid()}"
+        shutil.rmtree(args.trace_dir, ignore_errors=True)
+        args.trace_dir.mkdir(parents=True)
+        os.environ["TYRUM_HOP_TRACE"] = str(args.trace_dir)  # the edge and relay inherit it
 
     started = time.monotonic()
     rows: list[dict[str, Any]] = []
     notes: list[str] = []
     connects: list[dict[str, Any]] = []
     profile_text = ""
-    with BenchCluster(
-        "scale", peers=sizes[-1], tenants=args.tenants, edges=1, pools=args.pools, ping_interval=args.ping_interval
-    ) as c:
-        assert c.pools is not None and c.cluster is not None
-        tenants = data.make_tenants(args.tenants)
-        devices = [f"dev-{i}" for i in range(sizes[-1])]
-        pairs, _ = c.peer_set(tenants, devices, "all")
-        edge_pid = c.cluster.edges[0].pid
+    try:
+        with BenchCluster(
+            "scale", peers=sizes[-1], tenants=args.tenants, edges=1, pools=args.pools, ping_interval=args.ping_interval
+        ) as c:
+            profile_text = run(c, args, sizes, rows, notes, connects)
+    finally:
+        if args.trace:
+            shutil.rmtree(args.trace_dir, ignore_errors=True)
+    total = time.monotonic() - started
+    layout = (
+        f"receiving share in {args.pools} load-client processes, idle peers in {args.idle_pools} at nice "
+        f"{args.idle_nice}"
+        if args.layout == "split"
+        else f"{args.pools} load-client processes, peers round-robin"
+    )
+    common.report(
+        f"scale — one edge, {args.receiving:.0%} of its peers receiving {args.per_peer_rate:g} ev/s each ({layout})",
+        rows,
+        COLS,
+        notes
+        + [f"connect {k['peers']} peers: {k['connected']} new in {k['secs']:.1f}s" for k in connects]
+        + [f"ran {total:.0f}s"],
+    )
+    for r in rows:
+        if r.get("tail"):
+            print(f"{r['peers']} {r['phase']}: slowest 1 % — {json.dumps(r['tail'])}")
+    if profile_text:
+        print(f"\npy-spy, edge idle with {sizes[-1]} peers:\n{profile_text}")
+    print(common.machine_line())
+    args_out = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    print("wrote", common.write("scale", rows, {"args": args_out, "connects": connects, "secs": total}))
+
+
+def run(
+    c: BenchCluster,
+    args: Any,
+    sizes: list[int],
+    rows: list[dict[str, Any]],
+    notes: list[str],
+    connects: list[dict[str, Any]],
+) -> str:
+    """Both sizes in one session; returns the py-spy summary (or "")."""
+    assert c.pools is not None and c.cluster is not None
+    profile_text = ""
+    tenants = data.make_tenants(args.tenants)
+    devices = [f"dev-{i}" for i in range(sizes[-1])]
+    pairs, _ = c.peer_set(tenants, devices, "all")
+    edge_pid = c.cluster.edges[0].pid
+    # split: devices below `split_at` (every size's receivers) in the receiving pools, the rest
+    # (idle at every size) in their own processes at a lower priority — as in production, where
+    # idle devices are other machines, not processes sharing the edge's two cores (0043).
+    split_at = max(1, round(sizes[-1] * args.receiving)) if args.layout == "split" else sizes[-1]
+    idle_pools: Pools | None = None
+    if args.layout == "split":
+        idle_pools = Pools(c.cluster, args.idle_pools, c.env, tag="scale-idle-pool", nice=args.idle_nice)
+    c.meter.roles["idle_peers"] = lambda: idle_pools.pids if idle_pools else []
+    args.runq_roles = {
+        "edge": lambda: [edge_pid],
+        "peers": lambda: c.pools.pids if c.pools else [],
+        "idle_peers": lambda: idle_pools.pids if idle_pools else [],
+    }
+    try:
         connected = 0
         first_receivers = 0
         for size in sizes:
-            storm = c.pools.connect(pairs[connected:size], concurrency=args.concurrency, budget=args.budget)
+            new = pairs[connected:size]
+            storm = c.pools.connect(
+                [p for i, p in enumerate(new, connected) if i < split_at],
+                concurrency=args.concurrency,
+                budget=args.budget,
+            )
+            if idle_pools is not None:
+                quiet = idle_pools.connect(
+                    [p for i, p in enumerate(new, connected) if i >= split_at],
+                    concurrency=args.concurrency,
+                    budget=args.budget,
+                )
+                storm = {k: storm[k] + quiet[k] for k in ("connected", "failed", "secs")}
             connects.append({"peers": size, **{k: storm[k] for k in ("connected", "failed", "secs")}})
             if storm["connected"] < size - connected:
                 notes.append(f"{size}: only {storm['connected']} of {size - connected} new peers connected")
             connected = size
             time.sleep(args.settle_secs)  # the storm's last hellos and the first heartbeat after it
-            rows.append(idle(c, size, args.idle_secs))
+            rows.append(idle(c, args, size, args.idle_secs))
             idle_pct = rows[-1]["edge_cpu_pct"]
             if args.profile and size == sizes[-1]:
                 profile_text = profile_edge(edge_pid, args.profile)
@@ -125,26 +216,37 @@ def main() -> None:
                 rows.append(work(c, args, tenants, size, first_receivers, "same work", notes, idle_pct))
             rows.append(work(c, args, tenants, size, receivers, "work", notes, idle_pct))
             first_receivers = first_receivers or receivers
-    total = time.monotonic() - started
-    common.report(
-        f"scale — one edge, {args.receiving:.0%} of its peers receiving {args.per_peer_rate:g} ev/s each "
-        f"({args.pools} load-client processes)",
-        rows,
-        COLS,
-        notes
-        + [f"connect {k['peers']} peers: {k['connected']} new in {k['secs']:.1f}s" for k in connects]
-        + [f"ran {total:.0f}s"],
-    )
-    if profile_text:
-        print(f"\npy-spy, edge idle with {sizes[-1]} peers:\n{profile_text}")
-    print(common.machine_line())
-    print("wrote", common.write("scale", rows, {"args": vars(args), "connects": connects, "secs": total}))
+    finally:
+        if idle_pools is not None:
+            idle_pools.exit()
+    return profile_text
 
 
-def idle(c: BenchCluster, size: int, secs: float) -> dict[str, Any]:
-    a = c.meter.snap()
+def runq_seconds(pids: list[int]) -> float:
+    """Seconds the processes' threads have spent runnable, waiting for a CPU (schedstat)."""
+    total = 0
+    for pid in pids:
+        for stat in Path(f"/proc/{pid}/task").glob("*/schedstat"):
+            try:
+                total += int(stat.read_text().split()[1])
+            except (OSError, IndexError, ValueError):
+                pass  # a thread gone meanwhile
+    return total / 1e9
+
+
+def runq_snap(args: Any) -> dict[str, float]:
+    return {role: runq_seconds(get()) for role, get in args.runq_roles.items()}
+
+
+def runq_columns(a: dict[str, float], b: dict[str, float], wall: float) -> dict[str, float]:
+    """Run-queue wait by role, ms per second of the window."""
+    return {f"runq_{role}_ms": 1000 * (b[role] - a[role]) / max(1e-9, wall) for role in a}
+
+
+def idle(c: BenchCluster, args: Any, size: int, secs: float) -> dict[str, Any]:
+    a, qa = c.meter.snap(), runq_snap(args)
     time.sleep(secs)
-    cpu = c.meter.delta(a, c.meter.snap())
+    cpu, qb = c.meter.delta(a, c.meter.snap()), runq_snap(args)
     return {
         "peers": size,
         "phase": "idle",
@@ -152,6 +254,8 @@ def idle(c: BenchCluster, size: int, secs: float) -> dict[str, Any]:
         "edge_cpu_pct": 100 * cpu["edges"] / cpu["wall_s"],
         "cpu_relay": cpu["relay"],
         "cpu_peers": cpu["peers"],
+        "cpu_idle_peers": cpu["idle_peers"],
+        **runq_columns(qa, qb, cpu["wall_s"]),
         "cpu": cpu,
         "ok": True,
     }
@@ -174,18 +278,67 @@ def work(
     path.write_text(json.dumps([[str(tenants[i % len(tenants)].id), f"dev-{i}"] for i in range(receivers)]))
     rate = receivers * args.per_peer_rate
     argvs = c.producer_argvs(rate, args.seconds, path, args.producers, "device")
-    row, _, _ = c.phase(label, rate, "producer_proc.py", argvs, seconds=args.seconds, by_id=True)
+    if args.trace:
+        for f in args.trace_dir.glob("*.jsonl"):
+            f.unlink()
+    qa, t0 = runq_snap(args), time.monotonic()
+    row, got, rep = c.phase(label, rate, "producer_proc.py", argvs, seconds=args.seconds, by_id=True)
+    qb, wall = runq_snap(args), time.monotonic() - t0
     cpu = row["cpu"]
     notes += row.pop("notes")
+    tail = tail_probe(got, rep["sent"]) if args.probe else {}
+    if args.trace:
+        import hop_trace
+
+        time.sleep(1.0)  # the processes write their trace lines every 0.5 s
+        steps = hop_trace.summarize(rate, row, rep["sent"], got["arrivals"], args.trace_dir)["steps"]
+        for name, step in steps.items():  # each step's median over the slowest 1 %, and over all
+            tail[name] = round(step["tail"], 2)
+            tail[f"{name}_p50"] = round(step["p50"], 2)
     return {
         **row,
         "peers": size,
         "receivers": receivers,
+        "cpu_idle_peers": cpu["idle_peers"],
+        **runq_columns(qa, qb, wall),
+        "tail": tail,
         "edge_cpu_pct": 100 * cpu["edges"] / cpu["wall_s"],
         "edge_us_per_frame": 1e6 * cpu["edges"] / max(1, row["received"]),
         "edge_us_per_frame_above_idle": 1e6
         * max(0.0, cpu["edges"] - idle_pct / 100 * cpu["wall_s"])
         / max(1, row["received"]),
+    }
+
+
+def tail_probe(got: dict[str, Any], sent: dict[str, float]) -> dict[str, Any]:
+    """The slowest 1 % of events against their load client's own stalls (``--probe``): how many
+    arrived within 5 ms of a stall (a timer ≥ 2 ms late) or a GC pause of the process that
+    read them, and each receiving process's GC and stall totals in the window."""
+    lat = {e: 1000 * (t - sent[e]) for e, t in got["arrivals"].items() if e in sent}
+    if not lat:
+        return {}
+    cut = common.percentile(list(lat.values()), 99)
+    slow = [e for e, ms in lat.items() if ms >= cut]
+    probes = got["probes"]
+    windows: list[list[tuple[float, float]]] = [
+        [
+            (end - ms / 1000 - 0.005, end + 0.005)
+            for end, ms, *_ in (p or {}).get("stalls", []) + (p or {}).get("gcs", [])
+        ]
+        for p in probes
+    ]
+
+    def in_stall(e: str) -> bool:
+        t = got["arrivals"][e]
+        return any(a <= t <= b for a, b in windows[got["pool_of"][e]])
+
+    return {
+        "slow": len(slow),
+        "slow_in_client_stall": sum(in_stall(e) for e in slow),
+        "client_gc_ms": [round(sum(g[1] for g in (p or {}).get("gcs", [])), 1) for p in probes],
+        "client_gc_max_ms": [round(max([g[1] for g in (p or {}).get("gcs", [])] or [0]), 1) for p in probes],
+        "client_stalls_over_5ms": [sum(1 for x in (p or {}).get("stalls", []) if x[1] >= 5) for p in probes],
+        "client_stall_max_ms": [round(max([x[1] for x in (p or {}).get("stalls", [])] or [0]), 1) for p in probes],
     }
 
 
