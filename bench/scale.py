@@ -35,6 +35,7 @@ import argparse
 import importlib.util
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -54,6 +55,8 @@ _spec = importlib.util.spec_from_file_location("bench_profile", Path(__file__).r
 assert _spec is not None and _spec.loader is not None
 pyspy_profile = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(pyspy_profile)
+
+TRACE_SPARE_FDS = 100
 
 COLS = [
     "peers",
@@ -114,6 +117,11 @@ def main() -> None:
     if args.probe:
         os.environ["BENCH_PEERS_PROBE"] = "1"  # the load clients inherit it
     if args.trace:
+        # The edge's trace file needs a descriptor: at the open-files limit its writes fail.
+        cap = resource.getrlimit(resource.RLIMIT_NOFILE)[1] - TRACE_SPARE_FDS
+        if sizes[-1] > cap:
+            sizes[-1] = cap
+            print(f"--trace: the largest size capped at {cap} (descriptors for the edge's trace file)")
         args.trace_dir = common.LOGS / f"scale-trace-{os.getpid()}"
         shutil.rmtree(args.trace_dir, ignore_errors=True)
         args.trace_dir.mkdir(parents=True)
@@ -189,15 +197,11 @@ def run(
         connected = 0
         first_receivers = 0
         for size in sizes:
-            new = pairs[connected:size]
-            storm = c.pools.connect(
-                [p for i, p in enumerate(new, connected) if i < split_at],
-                concurrency=args.concurrency,
-                budget=args.budget,
-            )
+            receiving, idle_only = split(pairs, connected, size, split_at)
+            storm = c.pools.connect(receiving, concurrency=args.concurrency, budget=args.budget)
             if idle_pools is not None:
                 quiet = idle_pools.connect(
-                    [p for i, p in enumerate(new, connected) if i >= split_at],
+                    idle_only,
                     concurrency=args.concurrency,
                     budget=args.budget,
                 )
@@ -220,6 +224,12 @@ def run(
         if idle_pools is not None:
             idle_pools.exit()
     return profile_text
+
+
+def split(pairs: list[Any], start: int, end: int, split_at: int) -> tuple[list[Any], list[Any]]:
+    """Peers ``start``..``end`` (device ``i`` is ``pairs[i]``): those below ``split_at`` (the
+    receiving pools' share) and the rest (the idle pools')."""
+    return pairs[start : min(end, max(start, split_at))], pairs[max(start, split_at) : end]
 
 
 def runq_seconds(pids: list[int]) -> float:
@@ -281,12 +291,21 @@ def work(
     if args.trace:
         for f in args.trace_dir.glob("*.jsonl"):
             f.unlink()
+    assert c.pools is not None
+    if args.probe:
+        c.pools.collect({})  # the probes' totals from here: this window's
+    watch = BeatWatch() if args.probe else None
     qa, t0 = runq_snap(args), time.monotonic()
-    row, got, rep = c.phase(label, rate, "producer_proc.py", argvs, seconds=args.seconds, by_id=True)
+    try:
+        row, got, rep = c.phase(label, rate, "producer_proc.py", argvs, seconds=args.seconds, by_id=True)
+    finally:
+        beats = watch.stop() if watch else []
     qb, wall = runq_snap(args), time.monotonic() - t0
     cpu = row["cpu"]
     notes += row.pop("notes")
     tail = tail_probe(got, rep["sent"]) if args.probe else {}
+    if args.probe:
+        tail.update(beat_overlap(got["arrivals"], rep["sent"], beats))
     if args.trace:
         import hop_trace
 
@@ -307,6 +326,61 @@ def work(
         "edge_us_per_frame_above_idle": 1e6
         * max(0.0, cpu["edges"] - idle_pct / 100 * cpu["wall_s"])
         / max(1, row["received"]),
+    }
+
+
+class BeatWatch:
+    """(``--probe``) The edge's heartbeats' start times, polled from its directory row
+    (``heartbeat_at``) every POLL_SECS in a thread until ``stop``."""
+
+    POLL_SECS = 0.05
+
+    def __init__(self) -> None:
+        import threading
+
+        self.beats: list[float] = []
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self.poll, daemon=True)
+        self.thread.start()
+
+    def poll(self) -> None:
+        from django.db import connection
+
+        try:
+            while not self.done.wait(self.POLL_SECS):
+                with connection.cursor() as cur:
+                    cur.execute("SELECT max(heartbeat_at) FROM backplane_edge")
+                    at = cur.fetchone()[0]
+                if at is not None and (not self.beats or at.timestamp() != self.beats[-1]):
+                    self.beats.append(at.timestamp())
+        finally:
+            connection.close()
+
+    def stop(self) -> list[float]:
+        self.done.set()
+        self.thread.join(10)
+        return self.beats[1:]  # the first is the beat before the window
+
+
+BEAT_SPAN_SECS = 0.5
+
+
+def beat_overlap(arrivals: dict[str, float], sent: dict[str, float], beats: list[float]) -> dict[str, Any]:
+    """The share of the slowest 1 % of events, and of all events, in flight (committed, not yet
+    at the peer) at some moment of the BEAT_SPAN_SECS after a heartbeat's start."""
+    lat = {e: t - sent[e] for e, t in arrivals.items() if e in sent}
+    if not lat or not beats:
+        return {"beats": len(beats)}
+    cut = common.percentile(list(lat.values()), 99)
+
+    def near(e: str) -> bool:
+        return any(sent[e] <= b + BEAT_SPAN_SECS and arrivals[e] >= b for b in beats)
+
+    slow = [e for e, v in lat.items() if v >= cut]
+    return {
+        "beats": len(beats),
+        "slow_near_beat": round(sum(map(near, slow)) / len(slow), 3),
+        "all_near_beat": round(sum(map(near, lat)) / len(lat), 3),
     }
 
 

@@ -1,0 +1,139 @@
+"""bench/scale.py's measurement (decision 0043): the receiving peers and the idle ones in
+separate load-client processes, the same way at every size; the idle ones' processes at a
+lower priority; run-queue waits read from schedstat; the slowest events matched with their
+load client's own stalls; and bench/peers.js's probe (BENCH_PEERS_PROBE) reporting them."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+sys.path.insert(0, str(BENCH))
+
+import load  # noqa: E402
+import scale  # noqa: E402
+
+
+def test_split__every_sizes_receivers_in_the_receiving_pools_the_rest_idle() -> None:
+    pairs = [f"dev-{i}" for i in range(20_000)]
+    # 5 000 peers, then 15 000 more; the receiving share is the first 10 % of the largest size.
+    receiving, idle = scale.split(pairs, 0, 5_000, 2_000)
+    assert receiving == pairs[:2_000] and idle == pairs[2_000:5_000]
+    receiving, idle = scale.split(pairs, 5_000, 20_000, 2_000)
+    assert receiving == [] and idle == pairs[5_000:]
+    # mixed (split_at = the largest size): everyone in the receiving pools, as before
+    assert scale.split(pairs, 5_000, 20_000, 20_000) == (pairs[5_000:], [])
+
+
+def test_split__a_step_across_the_boundary_goes_both_ways() -> None:
+    pairs = list(range(100))
+    assert scale.split(pairs, 5, 20, 10) == (list(range(5, 10)), list(range(10, 20)))
+
+
+def test_child_setup__lowers_the_priority_by_nice() -> None:
+    here = os.nice(0)
+    out = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.nice(0))"],
+        preexec_fn=load._child_setup(7),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert int(out.stdout) == min(19, here + 7)
+    same = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.nice(0))"],
+        preexec_fn=load._child_setup(0),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert int(same.stdout) == here
+
+
+def test_runq_seconds__reads_this_process_and_skips_a_gone_one() -> None:
+    busy = subprocess.Popen([sys.executable, "-c", "import time\nt=time.time()\nwhile time.time()-t<0.5: pass"])
+    try:
+        mine = scale.runq_seconds([os.getpid(), busy.pid])
+        assert mine >= scale.runq_seconds([os.getpid()]) >= 0.0
+    finally:
+        busy.wait()
+    assert scale.runq_seconds([busy.pid]) == 0.0  # reaped: no /proc entry
+
+
+def test_tail_probe__slow_events_matched_with_their_own_clients_stalls() -> None:
+    sent = {f"e{i}": 100.0 for i in range(100)}
+    arrivals = {f"e{i}": 100.001 for i in range(100)}
+    arrivals["e0"] = 100.050  # slow, in pool 1's 20 ms stall ending at 100.049
+    arrivals["e1"] = 100.040  # slow, read by pool 0, which did not stall
+    got = {
+        "arrivals": arrivals,
+        "pool_of": {e: (1 if e == "e0" else 0) for e in arrivals},
+        "probes": [{"gcs": [], "stalls": []}, {"gcs": [[100.049, 20.0, 4]], "stalls": [[100.049, 21.0]]}],
+    }
+    tail = scale.tail_probe(got, sent)
+    assert tail["slow"] == 2
+    assert tail["slow_in_client_stall"] == 1
+    assert tail["client_gc_max_ms"] == [0, 20.0]
+    assert tail["client_stalls_over_5ms"] == [0, 1]
+
+
+def _node() -> str:
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed")
+    return node
+
+
+def _collect(env: dict[str, str], block_first: bool = False) -> dict[str, object]:
+    """One ``collect``'s answer; ``block_first``: a collect whose ``sent`` (500 000 ids) takes
+    the loop a while to parse comes before it — a stall the probe's timer notes after it."""
+    proc = subprocess.Popen(
+        [_node(), str(BENCH / "peers.js")],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "NODE_OPTIONS": "", "BENCH_PEERS_WS": "raw", **env},
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+
+    def ask(sent: dict[str, float]) -> dict[str, object]:
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(json.dumps({"cmd": "collect", "sent": sent}) + "\n")
+        proc.stdin.flush()
+        return dict(json.loads(proc.stdout.readline()))
+
+    with proc:
+        try:
+            if block_first:
+                ask({f"event-{i:09d}": 1.0 for i in range(500_000)})
+                time.sleep(0.1)  # the probe's next tick, late
+            answer = ask({})
+            proc.stdin.write(json.dumps({"cmd": "exit"}) + "\n")
+            proc.stdin.flush()
+            proc.wait(30)
+            return answer
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+
+
+def test_peers_js__no_probe_unless_asked() -> None:
+    assert "probe" not in _collect({}, block_first=True)
+
+
+def test_peers_js__probe_reports_the_loops_stall_in_epoch_seconds() -> None:
+    before = time.time()
+    probe = _collect({"BENCH_PEERS_PROBE": "1"}, block_first=True)["probe"]
+    assert isinstance(probe, dict)
+    assert set(probe) == {"gcs", "stalls"}
+    assert probe["stalls"], "parsing 500 000 ids held the loop: a stall"
+    assert all(before <= end <= time.time() and late >= 2 for end, late in probe["stalls"])
+    assert all(before <= end <= time.time() and ms >= 1 for end, ms, _ in probe["gcs"])
