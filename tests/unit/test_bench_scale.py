@@ -85,6 +85,21 @@ def test_tail_probe__slow_events_matched_with_their_own_clients_stalls() -> None
     assert tail["client_stalls_over_5ms"] == [0, 1]
 
 
+def test_beat_overlap__slow_events_in_flight_after_a_beat_against_all() -> None:
+    sent = {f"e{i}": 100.0 + i * 0.01 for i in range(1000)}  # 100.00 … 109.99, 1–2 ms each
+    arrivals = {e: t + 0.001 + i * 1e-6 for i, (e, t) in enumerate(sent.items())}
+    for e in ("e500", "e501"):  # committed at 105.00 / 105.01, held 40 ms: in flight after the beat at 105.0
+        arrivals[e] = sent[e] + 0.040
+    arrivals["e100"] = sent["e100"] + 0.030  # slow, far from any beat
+    out = scale.beat_overlap(arrivals, sent, [105.0])
+    assert out["beats"] == 1
+    # slowest 1 % (11): the three held ones and the last 8 (far from the beat); committed in
+    # [105.0, 105.5]: 51 of 1000
+    assert out["all_near_beat"] == 0.051
+    assert out["slow_near_beat"] == round(2 / 11, 3)
+    assert scale.beat_overlap(arrivals, sent, []) == {"beats": 0}
+
+
 def _node() -> str:
     node = shutil.which("node")
     if node is None:
