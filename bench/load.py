@@ -74,22 +74,11 @@ def _raise_nofile() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def _child_setup(nice: int) -> Any:
-    """``_raise_nofile``, then ``nice`` (a lower CPU priority: load standing for other machines)."""
-
-    def setup() -> None:
-        _raise_nofile()
-        if nice:
-            os.nice(nice)
-
-    return setup
-
-
 class Pools:
     """``n`` load-client processes (``peers.js`` or ``peers.py``, see ``client_argv``);
-    peer ``i`` goes to pool ``i % n``. ``nice``: the processes' niceness (0: as this one's)."""
+    peer ``i`` goes to pool ``i % n``."""
 
-    def __init__(self, cluster: Cluster, n: int, env: dict[str, str], tag: str = "pool", nice: int = 0) -> None:
+    def __init__(self, cluster: Cluster, n: int, env: dict[str, str], tag: str = "pool") -> None:
         self.tag = tag
         argv, extra, self.client = client_argv()
         self.procs = [
@@ -100,7 +89,7 @@ class Pools:
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 text=True,
-                preexec_fn=_child_setup(nice),  # Node cannot raise its own open-files limit
+                preexec_fn=_raise_nofile,  # Node cannot raise its own open-files limit
             ).popen
             for i in range(n)
         ]

@@ -22,11 +22,20 @@ The sizes run in one session (the larger one adds peers to the smaller), in unde
 handshakes run at ≥ 1 000/s (the connect time is reported).
 
     .venv/bin/python bench/scale.py [--sizes 5000,20000] [--receiving 0.1] [--per-peer-rate 0.5]
-        [--seconds 5] [--idle-secs <ping interval>] [--profile SECS]
+        [--seconds 5] [--idle-secs <ping interval>] [--profile SECS] [--trace] [--probe]
 
 ``--ping-interval S``: the edge's daphne ``--ping-interval`` (20 s, as deployed; a long one
 shows what the pings cost). ``--profile SECS``: py-spy on the edge for SECS seconds of the last idle phase (summary
 printed, raw profile in bench/logs/).
+
+Every row has the run-queue waits (schedstat: ms per second runnable but waiting for a CPU) of
+the edge and of the load clients. Where the slowest 1 % of a work window waits (0043):
+``--trace`` sets ``TYRUM_HOP_TRACE`` (the largest size then stays 100 below the open-files
+limit: the edge needs a descriptor for its trace file) and gives each step's median over the
+slowest 1 % (``bench/hop_trace.py``'s steps: the edge's write against the peer's arrival);
+``--probe`` has the load clients note their own GC pauses and stalls (``peers.js``,
+``BENCH_PEERS_PROBE``) — how many of the slowest events arrived in one — and polls the edge's
+heartbeats: the share of the slowest events, and of all, in flight in the 0.5 s after one.
 """
 
 from __future__ import annotations
@@ -46,7 +55,6 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from cluster import BenchCluster  # noqa: E402
-from load import Pools  # noqa: E402
 
 from harness import data  # noqa: E402
 
@@ -73,10 +81,8 @@ COLS = [
     "edge_us_per_frame_above_idle",
     "cpu_relay",
     "cpu_peers",
-    "cpu_idle_peers",
     "runq_edge_ms",
     "runq_peers_ms",
-    "runq_idle_peers_ms",
     "ok",
 ]
 
@@ -93,16 +99,7 @@ def main() -> None:
     parser.add_argument(
         "--settle-secs", type=float, default=6.0, help="after connecting: one heartbeat writes the new rows"
     )
-    parser.add_argument("--pools", type=int, default=4, help="load-client processes (of the receiving peers)")
-    parser.add_argument(
-        "--layout",
-        choices=("split", "mixed"),
-        default="split",
-        help="split: the receiving share of the largest size in --pools processes, the other (idle) peers in "
-        "--idle-pools processes at --idle-nice; mixed: every peer round-robin over --pools (before 0043)",
-    )
-    parser.add_argument("--idle-pools", type=int, default=2, help="split: load-client processes of the idle peers")
-    parser.add_argument("--idle-nice", type=int, default=10, help="split: the idle peers' processes' niceness")
+    parser.add_argument("--pools", type=int, default=4, help="load-client processes")
     parser.add_argument("--probe", action="store_true", help="the load clients note their GC pauses and stalls")
     parser.add_argument("--trace", action="store_true", help="TYRUM_HOP_TRACE: the tail's steps, edge vs peer")
     parser.add_argument("--producers", type=int, default=2)
@@ -141,14 +138,9 @@ def main() -> None:
         if args.trace:
             shutil.rmtree(args.trace_dir, ignore_errors=True)
     total = time.monotonic() - started
-    layout = (
-        f"receiving share in {args.pools} load-client processes, idle peers in {args.idle_pools} at nice "
-        f"{args.idle_nice}"
-        if args.layout == "split"
-        else f"{args.pools} load-client processes, peers round-robin"
-    )
     common.report(
-        f"scale — one edge, {args.receiving:.0%} of its peers receiving {args.per_peer_rate:g} ev/s each ({layout})",
+        f"scale — one edge, {args.receiving:.0%} of its peers receiving {args.per_peer_rate:g} ev/s each "
+        f"({args.pools} load-client processes)",
         rows,
         COLS,
         notes
@@ -180,56 +172,29 @@ def run(
     devices = [f"dev-{i}" for i in range(sizes[-1])]
     pairs, _ = c.peer_set(tenants, devices, "all")
     edge_pid = c.cluster.edges[0].pid
-    # split: devices below `split_at` (every size's receivers) in the receiving pools, the rest
-    # (idle at every size) in their own processes at a lower priority — as in production, where
-    # idle devices are other machines, not processes sharing the edge's two cores (0043).
-    split_at = max(1, round(sizes[-1] * args.receiving)) if args.layout == "split" else sizes[-1]
-    idle_pools: Pools | None = None
-    if args.layout == "split":
-        idle_pools = Pools(c.cluster, args.idle_pools, c.env, tag="scale-idle-pool", nice=args.idle_nice)
-    c.meter.roles["idle_peers"] = lambda: idle_pools.pids if idle_pools else []
     args.runq_roles = {
         "edge": lambda: [edge_pid],
         "peers": lambda: c.pools.pids if c.pools else [],
-        "idle_peers": lambda: idle_pools.pids if idle_pools else [],
     }
-    try:
-        connected = 0
-        first_receivers = 0
-        for size in sizes:
-            receiving, idle_only = split(pairs, connected, size, split_at)
-            storm = c.pools.connect(receiving, concurrency=args.concurrency, budget=args.budget)
-            if idle_pools is not None:
-                quiet = idle_pools.connect(
-                    idle_only,
-                    concurrency=args.concurrency,
-                    budget=args.budget,
-                )
-                storm = {k: storm[k] + quiet[k] for k in ("connected", "failed", "secs")}
-            connects.append({"peers": size, **{k: storm[k] for k in ("connected", "failed", "secs")}})
-            if storm["connected"] < size - connected:
-                notes.append(f"{size}: only {storm['connected']} of {size - connected} new peers connected")
-            connected = size
-            time.sleep(args.settle_secs)  # the storm's last hellos and the first heartbeat after it
-            rows.append(idle(c, args, size, args.idle_secs))
-            idle_pct = rows[-1]["edge_cpu_pct"]
-            if args.profile and size == sizes[-1]:
-                profile_text = profile_edge(edge_pid, args.profile)
-            receivers = max(1, round(size * args.receiving))
-            if size != sizes[0] and first_receivers:  # the same work as at the smallest size
-                rows.append(work(c, args, tenants, size, first_receivers, "same work", notes, idle_pct))
-            rows.append(work(c, args, tenants, size, receivers, "work", notes, idle_pct))
-            first_receivers = first_receivers or receivers
-    finally:
-        if idle_pools is not None:
-            idle_pools.exit()
+    connected = 0
+    first_receivers = 0
+    for size in sizes:
+        storm = c.pools.connect(pairs[connected:size], concurrency=args.concurrency, budget=args.budget)
+        connects.append({"peers": size, **{k: storm[k] for k in ("connected", "failed", "secs")}})
+        if storm["connected"] < size - connected:
+            notes.append(f"{size}: only {storm['connected']} of {size - connected} new peers connected")
+        connected = size
+        time.sleep(args.settle_secs)  # the storm's last hellos and the first heartbeat after it
+        rows.append(idle(c, args, size, args.idle_secs))
+        idle_pct = rows[-1]["edge_cpu_pct"]
+        if args.profile and size == sizes[-1]:
+            profile_text = profile_edge(edge_pid, args.profile)
+        receivers = max(1, round(size * args.receiving))
+        if size != sizes[0] and first_receivers:  # the same work as at the smallest size
+            rows.append(work(c, args, tenants, size, first_receivers, "same work", notes, idle_pct))
+        rows.append(work(c, args, tenants, size, receivers, "work", notes, idle_pct))
+        first_receivers = first_receivers or receivers
     return profile_text
-
-
-def split(pairs: list[Any], start: int, end: int, split_at: int) -> tuple[list[Any], list[Any]]:
-    """Peers ``start``..``end`` (device ``i`` is ``pairs[i]``): those below ``split_at`` (the
-    receiving pools' share) and the rest (the idle pools')."""
-    return pairs[start : min(end, max(start, split_at))], pairs[max(start, split_at) : end]
 
 
 def runq_seconds(pids: list[int]) -> float:
@@ -264,7 +229,6 @@ def idle(c: BenchCluster, args: Any, size: int, secs: float) -> dict[str, Any]:
         "edge_cpu_pct": 100 * cpu["edges"] / cpu["wall_s"],
         "cpu_relay": cpu["relay"],
         "cpu_peers": cpu["peers"],
-        "cpu_idle_peers": cpu["idle_peers"],
         **runq_columns(qa, qb, cpu["wall_s"]),
         "cpu": cpu,
         "ok": True,
@@ -318,7 +282,6 @@ def work(
         **row,
         "peers": size,
         "receivers": receivers,
-        "cpu_idle_peers": cpu["idle_peers"],
         **runq_columns(qa, qb, wall),
         "tail": tail,
         "edge_cpu_pct": 100 * cpu["edges"] / cpu["wall_s"],

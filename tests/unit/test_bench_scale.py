@@ -1,7 +1,6 @@
-"""bench/scale.py's measurement (decision 0043): the receiving peers and the idle ones in
-separate load-client processes, the same way at every size; the idle ones' processes at a
-lower priority; run-queue waits read from schedstat; the slowest events matched with their
-load client's own stalls; and bench/peers.js's probe (BENCH_PEERS_PROBE) reporting them."""
+"""bench/scale.py's instruments (decision 0043): run-queue waits read from schedstat, the
+slowest events matched with their load client's own stalls and with the edge's heartbeats,
+and bench/peers.js's probe (BENCH_PEERS_PROBE) reporting its stalls."""
 
 from __future__ import annotations
 
@@ -18,44 +17,7 @@ import pytest
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 sys.path.insert(0, str(BENCH))
 
-import load  # noqa: E402
 import scale  # noqa: E402
-
-
-def test_split__every_sizes_receivers_in_the_receiving_pools_the_rest_idle() -> None:
-    pairs = [f"dev-{i}" for i in range(20_000)]
-    # 5 000 peers, then 15 000 more; the receiving share is the first 10 % of the largest size.
-    receiving, idle = scale.split(pairs, 0, 5_000, 2_000)
-    assert receiving == pairs[:2_000] and idle == pairs[2_000:5_000]
-    receiving, idle = scale.split(pairs, 5_000, 20_000, 2_000)
-    assert receiving == [] and idle == pairs[5_000:]
-    # mixed (split_at = the largest size): everyone in the receiving pools, as before
-    assert scale.split(pairs, 5_000, 20_000, 20_000) == (pairs[5_000:], [])
-
-
-def test_split__a_step_across_the_boundary_goes_both_ways() -> None:
-    pairs = list(range(100))
-    assert scale.split(pairs, 5, 20, 10) == (list(range(5, 10)), list(range(10, 20)))
-
-
-def test_child_setup__lowers_the_priority_by_nice() -> None:
-    here = os.nice(0)
-    out = subprocess.run(
-        [sys.executable, "-c", "import os; print(os.nice(0))"],
-        preexec_fn=load._child_setup(7),
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    assert int(out.stdout) == min(19, here + 7)
-    same = subprocess.run(
-        [sys.executable, "-c", "import os; print(os.nice(0))"],
-        preexec_fn=load._child_setup(0),
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    assert int(same.stdout) == here
 
 
 def test_runq_seconds__reads_this_process_and_skips_a_gone_one() -> None:
