@@ -10,8 +10,7 @@ What changes is what a ping and its pong cost the edge:
   autobahn's batched-timer entry per ping timeout. The pings of a sweep go out in batches of
   ``VISITS_PER_TURN``, one per turn of the event loop, so their pongs come back together and
   share the loop's turns and ``epoll_wait`` calls, and a frame to deliver waits behind one
-  batch at most, not behind a whole slot's pings (docs/decisions/0040); the slots are short
-  (50 ms) so that a slot's pongs, read in one burst, stay few (docs/decisions/0043).
+  batch at most, not behind a whole slot's pings (docs/decisions/0040).
 - **Pings without allocations beyond the frame**: autobahn's payload (send time in ns and a
   sequence number — its default ``autoPingSize`` of 12 has no random part), one ``send()``
   when nothing is queued (``send_now``); the pong deadline is a sentinel in autobahn's
@@ -39,14 +38,12 @@ logger = logging.getLogger(__name__)
 
 # The sweep's period: a ping goes out at most this late, a silent peer is closed at most this
 # late; pings due within one slot go out together (0033's measurements), VISITS_PER_TURN
-# at a time. Their pongs come back together and the loop reads them in one burst that a
-# delivery waits behind: 0.05 s keeps it to ~50 pongs at 20 000 peers (0.25 s: ~250, the
-# slowest 1 % of the same work's events took twice as long as at 5 000 peers; 0043).
-SWEEP_SECS = 0.05
+# at a time.
+SWEEP_SECS = 0.25
 
 # At most this many sockets visited in one turn of the event loop, the rest of a sweep's in the
-# turns after: with 0.25 s slots 20 000 peers had 250 pings due per slot, ~10 ms of the loop at
-# once four times a second, which a delivered frame waited behind (docs/decisions/0040).
+# turns after: 20 000 peers have 250 pings due per slot, ~10 ms of the loop at once four times
+# a second, which a delivered frame waited behind (docs/decisions/0040).
 VISITS_PER_TURN = 32
 
 _PAYLOAD = struct.Struct(">QL")  # autobahn's auto-ping payload: sent (ns), sequence number
