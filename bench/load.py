@@ -149,10 +149,14 @@ class Pools:
         answers = self.all({"cmd": "collect", "sent": sent, "by_id": by_id}, timeout=120)
         lat: list[float] = []
         arrivals: dict[str, float] = {}
-        for a in answers:
+        pool_of: dict[str, int] = {}  # by_id: which pool each event arrived in
+        for i, a in enumerate(answers):
             lat += a["latencies_ms"]
             arrivals.update(a["arrivals"])
+            pool_of.update(dict.fromkeys(a["arrivals"], i))
         return {
+            "pool_of": pool_of,
+            "probes": [a.get("probe") for a in answers],  # peers.js with BENCH_PEERS_PROBE=1
             "latencies_ms": lat,
             "arrivals": arrivals,
             "last_arrival": max(a["last_arrival"] for a in answers),

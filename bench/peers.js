@@ -30,6 +30,33 @@ const CONNECT_ATTEMPTS = 4;
 // Epoch seconds, like Python's time.time(): arrivals are compared with the senders' clocks.
 const now = () => (performance.timeOrigin + performance.now()) / 1000;
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+// Diagnosis (BENCH_PEERS_PROBE=1, set by bench/scale.py --probe): this process's own stalls,
+// reported by `collect` with their epoch end times, to tell a late read here from a late write
+// at the edge — its garbage collections ≥ 1 ms, and a 5 ms timer firing ≥ 2 ms late.
+const PROBE = process.env.BENCH_PEERS_PROBE === "1";
+const PROBE_TICK_MS = 5;
+const PROBE_MAX = 20000; // entries kept between two collects
+let probe = { gcs: [], stalls: [] };
+function startProbe() {
+  const { PerformanceObserver } = require("perf_hooks");
+  new PerformanceObserver((list) => {
+    for (const e of list.getEntries()) {
+      if (e.duration < 1 || probe.gcs.length >= PROBE_MAX) continue;
+      const end = (performance.timeOrigin + e.startTime + e.duration) / 1000;
+      probe.gcs.push([end, e.duration, e.detail ? e.detail.kind : e.kind]);
+    }
+  }).observe({ entryTypes: ["gc"] });
+  let at = performance.now();
+  const tick = () => {
+    const t = performance.now();
+    const late = t - at - PROBE_TICK_MS;
+    if (late >= 2 && probe.stalls.length < PROBE_MAX) probe.stalls.push([now(), late]);
+    at = t;
+    setTimeout(tick, PROBE_TICK_MS);
+  };
+  setTimeout(tick, PROBE_TICK_MS);
+}
+
 const uniform = (lo, hi) => lo + Math.random() * (hi - lo);
 
 // An event frame starts {"type":"event",… and everything up to its event id is ASCII
@@ -598,7 +625,12 @@ class Pool {
     const failovers = this.peers
       .filter((p) => p.droppedAt)
       .map((p) => ({ dropped_at: p.droppedAt, resumed_at: p.resumedAt, resumed: p.resumed }));
-    return { latencies_ms: lat, arrivals, last_arrival: last, stray, dupes, reordered, failovers, odd };
+    const out = { latencies_ms: lat, arrivals, last_arrival: last, stray, dupes, reordered, failovers, odd };
+    if (PROBE) {
+      out.probe = probe;
+      probe = { gcs: [], stalls: [] };
+    }
+    return out;
   }
 
   async disconnect() {
@@ -624,6 +656,7 @@ class Pool {
 }
 
 async function main() {
+  if (PROBE) startProbe();
   const pool = new Pool();
   const answer = (obj) => process.stdout.write(JSON.stringify(obj) + "\n");
   const lines = readline.createInterface({ input: process.stdin, crlfDelay: Infinity });

@@ -22,11 +22,20 @@ The sizes run in one session (the larger one adds peers to the smaller), in unde
 handshakes run at ≥ 1 000/s (the connect time is reported).
 
     .venv/bin/python bench/scale.py [--sizes 5000,20000] [--receiving 0.1] [--per-peer-rate 0.5]
-        [--seconds 5] [--idle-secs <ping interval>] [--profile SECS]
+        [--seconds 5] [--idle-secs <ping interval>] [--profile SECS] [--trace] [--probe]
 
 ``--ping-interval S``: the edge's daphne ``--ping-interval`` (20 s, as deployed; a long one
 shows what the pings cost). ``--profile SECS``: py-spy on the edge for SECS seconds of the last idle phase (summary
 printed, raw profile in bench/logs/).
+
+Every row has the run-queue waits (schedstat: ms per second runnable but waiting for a CPU) of
+the edge and of the load clients. Where the slowest 1 % of a work window waits (0043):
+``--trace`` sets ``TYRUM_HOP_TRACE`` (the largest size then stays 100 below the open-files
+limit: the edge needs a descriptor for its trace file) and gives each step's median over the
+slowest 1 % (``bench/hop_trace.py``'s steps: the edge's write against the peer's arrival);
+``--probe`` has the load clients note their own GC pauses and stalls (``peers.js``,
+``BENCH_PEERS_PROBE``) — how many of the slowest events arrived in one — and polls the edge's
+heartbeats: the share of the slowest events, and of all, in flight in the 0.5 s after one.
 """
 
 from __future__ import annotations
@@ -34,6 +43,9 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
+import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -52,6 +64,8 @@ assert _spec is not None and _spec.loader is not None
 pyspy_profile = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(pyspy_profile)
 
+TRACE_SPARE_FDS = 100
+
 COLS = [
     "peers",
     "phase",
@@ -67,6 +81,8 @@ COLS = [
     "edge_us_per_frame_above_idle",
     "cpu_relay",
     "cpu_peers",
+    "runq_edge_ms",
+    "runq_peers_ms",
     "ok",
 ]
 
@@ -84,6 +100,8 @@ def main() -> None:
         "--settle-secs", type=float, default=6.0, help="after connecting: one heartbeat writes the new rows"
     )
     parser.add_argument("--pools", type=int, default=4, help="load-client processes")
+    parser.add_argument("--probe", action="store_true", help="the load clients note their GC pauses and stalls")
+    parser.add_argument("--trace", action="store_true", help="TYRUM_HOP_TRACE: the tail's steps, edge vs peer")
     parser.add_argument("--producers", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=50, help="handshakes in flight per load client")
     parser.add_argument("--budget", type=float, default=150.0, help="no handshake starts after this many seconds")
@@ -93,38 +111,32 @@ def main() -> None:
     if args.idle_secs is None:
         args.idle_secs = float(args.ping_interval)
     sizes = sorted(int(s) for s in args.sizes.split(",") if s.strip())
+    if args.probe:
+        os.environ["BENCH_PEERS_PROBE"] = "1"  # the load clients inherit it
+    if args.trace:
+        # The edge's trace file needs a descriptor: at the open-files limit its writes fail.
+        cap = resource.getrlimit(resource.RLIMIT_NOFILE)[1] - TRACE_SPARE_FDS
+        if sizes[-1] > cap:
+            sizes[-1] = cap
+            print(f"--trace: the largest size capped at {cap} (descriptors for the edge's trace file)")
+        args.trace_dir = common.LOGS / f"scale-trace-{os.getpid()}"
+        shutil.rmtree(args.trace_dir, ignore_errors=True)
+        args.trace_dir.mkdir(parents=True)
+        os.environ["TYRUM_HOP_TRACE"] = str(args.trace_dir)  # the edge and relay inherit it
 
     started = time.monotonic()
     rows: list[dict[str, Any]] = []
     notes: list[str] = []
     connects: list[dict[str, Any]] = []
     profile_text = ""
-    with BenchCluster(
-        "scale", peers=sizes[-1], tenants=args.tenants, edges=1, pools=args.pools, ping_interval=args.ping_interval
-    ) as c:
-        assert c.pools is not None and c.cluster is not None
-        tenants = data.make_tenants(args.tenants)
-        devices = [f"dev-{i}" for i in range(sizes[-1])]
-        pairs, _ = c.peer_set(tenants, devices, "all")
-        edge_pid = c.cluster.edges[0].pid
-        connected = 0
-        first_receivers = 0
-        for size in sizes:
-            storm = c.pools.connect(pairs[connected:size], concurrency=args.concurrency, budget=args.budget)
-            connects.append({"peers": size, **{k: storm[k] for k in ("connected", "failed", "secs")}})
-            if storm["connected"] < size - connected:
-                notes.append(f"{size}: only {storm['connected']} of {size - connected} new peers connected")
-            connected = size
-            time.sleep(args.settle_secs)  # the storm's last hellos and the first heartbeat after it
-            rows.append(idle(c, size, args.idle_secs))
-            idle_pct = rows[-1]["edge_cpu_pct"]
-            if args.profile and size == sizes[-1]:
-                profile_text = profile_edge(edge_pid, args.profile)
-            receivers = max(1, round(size * args.receiving))
-            if size != sizes[0] and first_receivers:  # the same work as at the smallest size
-                rows.append(work(c, args, tenants, size, first_receivers, "same work", notes, idle_pct))
-            rows.append(work(c, args, tenants, size, receivers, "work", notes, idle_pct))
-            first_receivers = first_receivers or receivers
+    try:
+        with BenchCluster(
+            "scale", peers=sizes[-1], tenants=args.tenants, edges=1, pools=args.pools, ping_interval=args.ping_interval
+        ) as c:
+            profile_text = run(c, args, sizes, rows, notes, connects)
+    finally:
+        if args.trace:
+            shutil.rmtree(args.trace_dir, ignore_errors=True)
     total = time.monotonic() - started
     common.report(
         f"scale — one edge, {args.receiving:.0%} of its peers receiving {args.per_peer_rate:g} ev/s each "
@@ -135,16 +147,81 @@ def main() -> None:
         + [f"connect {k['peers']} peers: {k['connected']} new in {k['secs']:.1f}s" for k in connects]
         + [f"ran {total:.0f}s"],
     )
+    for r in rows:
+        if r.get("tail"):
+            print(f"{r['peers']} {r['phase']}: slowest 1 % — {json.dumps(r['tail'])}")
     if profile_text:
         print(f"\npy-spy, edge idle with {sizes[-1]} peers:\n{profile_text}")
     print(common.machine_line())
-    print("wrote", common.write("scale", rows, {"args": vars(args), "connects": connects, "secs": total}))
+    args_out = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    print("wrote", common.write("scale", rows, {"args": args_out, "connects": connects, "secs": total}))
 
 
-def idle(c: BenchCluster, size: int, secs: float) -> dict[str, Any]:
-    a = c.meter.snap()
+def run(
+    c: BenchCluster,
+    args: Any,
+    sizes: list[int],
+    rows: list[dict[str, Any]],
+    notes: list[str],
+    connects: list[dict[str, Any]],
+) -> str:
+    """Both sizes in one session; returns the py-spy summary (or "")."""
+    assert c.pools is not None and c.cluster is not None
+    profile_text = ""
+    tenants = data.make_tenants(args.tenants)
+    devices = [f"dev-{i}" for i in range(sizes[-1])]
+    pairs, _ = c.peer_set(tenants, devices, "all")
+    edge_pid = c.cluster.edges[0].pid
+    args.runq_roles = {
+        "edge": lambda: [edge_pid],
+        "peers": lambda: c.pools.pids if c.pools else [],
+    }
+    connected = 0
+    first_receivers = 0
+    for size in sizes:
+        storm = c.pools.connect(pairs[connected:size], concurrency=args.concurrency, budget=args.budget)
+        connects.append({"peers": size, **{k: storm[k] for k in ("connected", "failed", "secs")}})
+        if storm["connected"] < size - connected:
+            notes.append(f"{size}: only {storm['connected']} of {size - connected} new peers connected")
+        connected = size
+        time.sleep(args.settle_secs)  # the storm's last hellos and the first heartbeat after it
+        rows.append(idle(c, args, size, args.idle_secs))
+        idle_pct = rows[-1]["edge_cpu_pct"]
+        if args.profile and size == sizes[-1]:
+            profile_text = profile_edge(edge_pid, args.profile)
+        receivers = max(1, round(size * args.receiving))
+        if size != sizes[0] and first_receivers:  # the same work as at the smallest size
+            rows.append(work(c, args, tenants, size, first_receivers, "same work", notes, idle_pct))
+        rows.append(work(c, args, tenants, size, receivers, "work", notes, idle_pct))
+        first_receivers = first_receivers or receivers
+    return profile_text
+
+
+def runq_seconds(pids: list[int]) -> float:
+    """Seconds the processes' threads have spent runnable, waiting for a CPU (schedstat)."""
+    total = 0
+    for pid in pids:
+        for stat in Path(f"/proc/{pid}/task").glob("*/schedstat"):
+            try:
+                total += int(stat.read_text().split()[1])
+            except (OSError, IndexError, ValueError):
+                pass  # a thread gone meanwhile
+    return total / 1e9
+
+
+def runq_snap(args: Any) -> dict[str, float]:
+    return {role: runq_seconds(get()) for role, get in args.runq_roles.items()}
+
+
+def runq_columns(a: dict[str, float], b: dict[str, float], wall: float) -> dict[str, float]:
+    """Run-queue wait by role, ms per second of the window."""
+    return {f"runq_{role}_ms": 1000 * (b[role] - a[role]) / max(1e-9, wall) for role in a}
+
+
+def idle(c: BenchCluster, args: Any, size: int, secs: float) -> dict[str, Any]:
+    a, qa = c.meter.snap(), runq_snap(args)
     time.sleep(secs)
-    cpu = c.meter.delta(a, c.meter.snap())
+    cpu, qb = c.meter.delta(a, c.meter.snap()), runq_snap(args)
     return {
         "peers": size,
         "phase": "idle",
@@ -152,6 +229,7 @@ def idle(c: BenchCluster, size: int, secs: float) -> dict[str, Any]:
         "edge_cpu_pct": 100 * cpu["edges"] / cpu["wall_s"],
         "cpu_relay": cpu["relay"],
         "cpu_peers": cpu["peers"],
+        **runq_columns(qa, qb, cpu["wall_s"]),
         "cpu": cpu,
         "ok": True,
     }
@@ -174,18 +252,130 @@ def work(
     path.write_text(json.dumps([[str(tenants[i % len(tenants)].id), f"dev-{i}"] for i in range(receivers)]))
     rate = receivers * args.per_peer_rate
     argvs = c.producer_argvs(rate, args.seconds, path, args.producers, "device")
-    row, _, _ = c.phase(label, rate, "producer_proc.py", argvs, seconds=args.seconds, by_id=True)
+    if args.trace:
+        for f in args.trace_dir.glob("*.jsonl"):
+            f.unlink()
+    assert c.pools is not None
+    if args.probe:
+        c.pools.collect({})  # the probes' totals from here: this window's
+    watch = BeatWatch() if args.probe else None
+    qa, t0 = runq_snap(args), time.monotonic()
+    try:
+        row, got, rep = c.phase(label, rate, "producer_proc.py", argvs, seconds=args.seconds, by_id=True)
+    finally:
+        beats = watch.stop() if watch else []
+    qb, wall = runq_snap(args), time.monotonic() - t0
     cpu = row["cpu"]
     notes += row.pop("notes")
+    tail = tail_probe(got, rep["sent"]) if args.probe else {}
+    if args.probe:
+        tail.update(beat_overlap(got["arrivals"], rep["sent"], beats))
+    if args.trace:
+        import hop_trace
+
+        time.sleep(1.0)  # the processes write their trace lines every 0.5 s
+        steps = hop_trace.summarize(rate, row, rep["sent"], got["arrivals"], args.trace_dir)["steps"]
+        for name, step in steps.items():  # each step's median over the slowest 1 %, and over all
+            tail[name] = round(step["tail"], 2)
+            tail[f"{name}_p50"] = round(step["p50"], 2)
     return {
         **row,
         "peers": size,
         "receivers": receivers,
+        **runq_columns(qa, qb, wall),
+        "tail": tail,
         "edge_cpu_pct": 100 * cpu["edges"] / cpu["wall_s"],
         "edge_us_per_frame": 1e6 * cpu["edges"] / max(1, row["received"]),
         "edge_us_per_frame_above_idle": 1e6
         * max(0.0, cpu["edges"] - idle_pct / 100 * cpu["wall_s"])
         / max(1, row["received"]),
+    }
+
+
+class BeatWatch:
+    """(``--probe``) The edge's heartbeats' start times, polled from its directory row
+    (``heartbeat_at``) every POLL_SECS in a thread until ``stop``."""
+
+    POLL_SECS = 0.05
+
+    def __init__(self) -> None:
+        import threading
+
+        self.beats: list[float] = []
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self.poll, daemon=True)
+        self.thread.start()
+
+    def poll(self) -> None:
+        from django.db import connection
+
+        try:
+            while not self.done.wait(self.POLL_SECS):
+                with connection.cursor() as cur:
+                    cur.execute("SELECT max(heartbeat_at) FROM backplane_edge")
+                    at = cur.fetchone()[0]
+                if at is not None and (not self.beats or at.timestamp() != self.beats[-1]):
+                    self.beats.append(at.timestamp())
+        finally:
+            connection.close()
+
+    def stop(self) -> list[float]:
+        self.done.set()
+        self.thread.join(10)
+        return self.beats[1:]  # the first is the beat before the window
+
+
+BEAT_SPAN_SECS = 0.5
+
+
+def beat_overlap(arrivals: dict[str, float], sent: dict[str, float], beats: list[float]) -> dict[str, Any]:
+    """The share of the slowest 1 % of events, and of all events, in flight (committed, not yet
+    at the peer) at some moment of the BEAT_SPAN_SECS after a heartbeat's start."""
+    lat = {e: t - sent[e] for e, t in arrivals.items() if e in sent}
+    if not lat or not beats:
+        return {"beats": len(beats)}
+    cut = common.percentile(list(lat.values()), 99)
+
+    def near(e: str) -> bool:
+        return any(sent[e] <= b + BEAT_SPAN_SECS and arrivals[e] >= b for b in beats)
+
+    slow = [e for e, v in lat.items() if v >= cut]
+    return {
+        "beats": len(beats),
+        "slow_near_beat": round(sum(map(near, slow)) / len(slow), 3),
+        "all_near_beat": round(sum(map(near, lat)) / len(lat), 3),
+    }
+
+
+def tail_probe(got: dict[str, Any], sent: dict[str, float]) -> dict[str, Any]:
+    """The slowest 1 % of events against their load client's own stalls (``--probe``): how many
+    arrived within 5 ms of a stall (a timer ≥ 2 ms late) or a GC pause of the process that
+    read them, and each receiving process's GC and stall totals in the window."""
+    lat = {e: 1000 * (t - sent[e]) for e, t in got["arrivals"].items() if e in sent}
+    if not lat:
+        return {}
+    cut = common.percentile(list(lat.values()), 99)
+    slow = [e for e, ms in lat.items() if ms >= cut]
+    probes = got["probes"]
+    windows: list[list[tuple[float, float]]] = [
+        [
+            (end - ms / 1000 - 0.005, end + 0.005)
+            for end, ms, *_ in (p or {}).get("stalls", []) + (p or {}).get("gcs", [])
+        ]
+        for p in probes
+    ]
+
+    def in_stall(e: str) -> bool:
+        t = got["arrivals"][e]
+        return any(a <= t <= b for a, b in windows[got["pool_of"][e]])
+
+    return {
+        "slow": len(slow),
+        "slow_in_client_stall": sum(in_stall(e) for e in slow),
+        "client_gc_ms": [round(sum(g[1] for g in (p or {}).get("gcs", [])), 1) for p in probes],
+        "client_gc_max_ms": [round(max([g[1] for g in (p or {}).get("gcs", [])] or [0]), 1) for p in probes],
+        "client_stalls_over_5ms": [sum(1 for x in (p or {}).get("stalls", []) if x[1] >= 5) for p in probes],
+        "client_stall_max_ms": [round(max([x[1] for x in (p or {}).get("stalls", [])] or [0]), 1) for p in probes],
     }
 
 
