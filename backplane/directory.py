@@ -201,7 +201,7 @@ def beat(edge_id: str, rows: Rows, positions: Mapping[str, Mapping[str, Any]] | 
         )
     if positions:
         write_positions(positions)
-    sweep(now, keep=edge_id)
+    sweep(now, keep=edge_id, every_row=False)
 
 
 def write_positions(positions: Mapping[str, Mapping[str, Any]]) -> None:
@@ -218,12 +218,20 @@ def write_positions(positions: Mapping[str, Mapping[str, Any]]) -> None:
     Connection.objects.bulk_update(rows, ["positions"], batch_size=500)
 
 
-def sweep(now: datetime | None = None, keep: str | None = None) -> tuple[int, int]:
+def sweep(now: datetime | None = None, keep: str | None = None, *, every_row: bool = True) -> tuple[int, int]:
     """Remove rows of sockets whose TTL passed and of edges that stopped beating (and with
     them their sockets' rows); return (connections, edges) removed. ``keep``: the calling
-    edge, alive whatever its row says."""
+    edge, alive whatever its row says.
+
+    ``every_row`` False (the heartbeat's sweep): only the edges that stopped beating, found
+    by their own rows. A beating edge refreshes all its rows in the same beat as its own, so
+    its rows expire only with it; the rows that expire on an edge still beating (its
+    refresh failed while its own row's went through) are invisible to every reader, which
+    all filter ``expires_at``, and compaction's sweep removes them: ``expires_at`` has no
+    index (the refresh stays a HOT update, docs/decisions/0045-heartbeat-rows-hot.md), so
+    looking for them is a scan of the table, too much for every beat of every edge."""
     now = now or timezone.now()
-    connections = Connection.objects.filter(expires_at__lt=now).delete()[0]
+    connections = Connection.objects.filter(expires_at__lt=now).delete()[0] if every_row else 0
     dead = Edge.objects.filter(heartbeat_at__lt=now - timedelta(seconds=conf.CONNECTION_TTL_SECS))
     if keep is not None:
         dead = dead.exclude(edge_id=keep)

@@ -232,7 +232,8 @@ class Connection(models.Model):
     class Meta:
         indexes = [
             models.Index(fields=["tenant", "device_id"], name="bp_conn_device"),
-            models.Index(fields=["expires_at"], name="bp_conn_expires"),
+            # No index on expires_at: the heartbeat's refresh of every row stays a HOT update
+            # (migration 0018, docs/decisions/0045-heartbeat-rows-hot.md).
         ]
 
     def __str__(self) -> str:

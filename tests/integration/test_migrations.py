@@ -270,3 +270,20 @@ def test_migrate__0017_reverses_to_the_updated_at_index_and_forwards_again(fresh
     assert generated is None and options is None
     manage("migrate", "--no-input", "-v", "0", env=env, timeout=120)
     assert schema() == (indexes - {"bp_stream_updated"} | {"bp_stream_moved"}, "s", ["fillfactor=80"])
+
+
+def test_migrate__0018_reverses_to_the_expires_index_and_forwards_again(fresh) -> None:
+    """The heartbeat's refresh is a HOT update: no index on ``expires_at``, room on each page
+    (last with 0010's: it migrates the shared database back and forth)."""
+    conn, env = fresh
+
+    def schema() -> tuple[bool, list[str] | None]:
+        indexes = {r[0] for r in conn.execute("SELECT indexname FROM pg_indexes WHERE tablename = 'backplane_connection'")}
+        options = conn.execute("SELECT reloptions FROM pg_class WHERE oid = 'backplane_connection'::regclass").fetchone()
+        return "bp_conn_expires" in indexes, options and options[0]
+
+    assert schema() == (False, ["fillfactor=50"])
+    manage("migrate", "backplane", "0017", "--no-input", "-v", "0", env=env, timeout=120)
+    assert schema() == (True, None)
+    manage("migrate", "--no-input", "-v", "0", env=env, timeout=120)
+    assert schema() == (False, ["fillfactor=50"])
