@@ -326,7 +326,7 @@ def _literal(value: Any) -> str:
     if value is None:
         return "NULL"
     if isinstance(value, list | tuple):
-        return "'{%s}'" % ",".join(_element(v) for v in value)
+        return "'{" + ",".join(_element(v) for v in value) + "}'"
     return _element(value) if isinstance(value, int) else f"'{_element(value)}'"  # a UUID is quoted
 
 

@@ -232,8 +232,7 @@ def test_store__relay_statement_writes_only_ints_uuids_and_nulls_into_its_text()
     tenant = uuid.UUID("8c0f3a52-4b8e-4f6b-9b1a-2d1f0c3e4a5b")
     sql = "SELECT f(%s::int[], %s::int, %s::uuid, %s::uuid[], %s::uuid)"
     assert _statement(sql, [[0, 3], 1000, None, [tenant, str(tenant)], tenant]) == (
-        "SELECT f('{0,3}'::int[], 1000::int, NULL::uuid, "
-        f"'{{{tenant},{tenant}}}'::uuid[], '{tenant}'::uuid)"
+        f"SELECT f('{{0,3}}'::int[], 1000::int, NULL::uuid, '{{{tenant},{tenant}}}'::uuid[], '{tenant}'::uuid)"
     )
     assert _statement("SELECT %s::uuid[]", [[]]) == "SELECT '{}'::uuid[]"
     # Anything that could carry a quote (or is no id) is refused, not written.
