@@ -17,7 +17,7 @@ from backplane import hoptrace, leases, outbox, streams
 from backplane.conf import conf
 from backplane.leases import Leases
 from backplane.models import OutboxItem, RelayLease
-from backplane.store import get_store
+from backplane.store import Item, Pending, get_store
 from backplane.store.postgresql import SQL, _statement
 
 from .helpers import eventually, orm
@@ -290,6 +290,24 @@ async def test_assign__traced_in_an_explicit_transaction_returns_rows_marks_and_
     assert a.conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
     rows = await orm(lambda: dict(OutboxItem.objects.values_list("id", "forwarded_at")))
     assert rows[marked[0].id] is not None and rows[got[0].id] is None
+
+
+async def test_assign__marks_that_fail_take_the_call_with_them(make_leases, tenant_factory):
+    """The call and the marks are one transaction: when the marks fail, no offset is kept
+    (the rows are assigned again by the next call), and the session is usable at once."""
+    tenant = await orm(tenant_factory, "acme")
+    a = make_leases(SHARDS, "relay-a")
+    assert await a.current() == SHARDS
+    shard = streams.shard_of(tenant.id, conf.SHARDS)
+    await orm(outbox.publish, tenant, "a.b", {"n": 1})
+    gone = Pending(1, "event", "x", "e", shard, Item(1, "e-x", "a.b", "", "{}"), None, "backplane_no_such_part")
+
+    with pytest.raises(psycopg.errors.UndefinedTable):
+        await get_store().aassign(a.conn, [shard], 10, forwarded=[gone])
+
+    assert a.conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+    (row,) = await get_store().aassign(a.conn, [shard], 10)
+    assert row.item.offset == 1
 
 
 @pytest.fixture
