@@ -117,31 +117,24 @@ class PostgreSQLStore:
         skip_tenants: Sequence[Any] = (),
         forwarded: Sequence[Pending] = (),
     ) -> list[Pending]:
-        """One round trip: the call of ``bp_assign_v3`` and the marks of ``forwarded`` go out
-        pipelined and come back with one sync; without marks the call goes alone. In
-        autocommit, what precedes a sync is one implicit transaction, and the function sets
+        """One round trip: the call of ``bp_assign_v3`` and the marks of ``forwarded`` go out as
+        one simple query, their parameters written into its text (``_statement``). In autocommit
+        the statements of one query are one implicit transaction, and the function sets
         ``synchronous_commit`` on for it: the offsets are durable before the rows come back,
         without BEGIN, SET LOCAL and COMMIT messages of their own
-        (docs/decisions/0035-assignment-one-statement-send-overlapped.md). The outbox's parent
-        table is locked before any partition, as everywhere (``backplane.partitions``): the
-        call comes before the marks."""
-        params = [list(shards), limit, only_tenant, list(skip_tenants)]
-        by_part = _ids_by_part(forwarded)
-        done = None
+        (docs/decisions/0035-assignment-one-statement-send-overlapped.md). One message and one
+        write, not the pipeline's four, nor its Python per statement
+        (docs/decisions/0041-relay-cycle-python.md). The outbox's parent table is locked
+        before any partition, as everywhere (``backplane.partitions``): the call comes before
+        the marks."""
+        statements = [_statement(SQL["assign"], [list(shards), limit, only_tenant, list(skip_tenants)])]
+        statements += [
+            _statement(SQL["mark_forwarded"].format(part=part), [ids]) for part, ids in _ids_by_part(forwarded).items()
+        ]
+        if hoptrace.ON:  # an explicit transaction, to note when its statements were done (bench/hop_trace.py)
+            statements = ["BEGIN", *statements, "SELECT clock_timestamp()", "COMMIT"]
         try:
-            if by_part or hoptrace.ON:
-                async with session.pipeline():
-                    if hoptrace.ON:  # an explicit transaction, to note when its statements were done
-                        await session.execute("BEGIN")
-                    cur = await session.execute(SQL["assign"], params)
-                    for part, ids in by_part.items():
-                        await session.execute(SQL["mark_forwarded"].format(part=part), [ids])
-                    if hoptrace.ON:
-                        # bench/hop_trace.py: the statements done, the COMMIT about to start.
-                        done = await session.execute("SELECT clock_timestamp()")
-                        await session.execute("COMMIT")
-            else:
-                cur = await session.execute(SQL["assign"], params)
+            cur = await session.execute(";\n".join(statements), prepare=False)
         except BaseException:
             # A failed traced call leaves its transaction aborted (the COMMIT was skipped): end
             # it, so the session is usable again (an implicit one ends by itself). A session
@@ -152,9 +145,14 @@ class PostgreSQLStore:
                 except psycopg.Error:
                     await session.close()
             raise
-        if done is not None:
-            stamp = await done.fetchone()
+        if hoptrace.ON:
+            cur.nextset()  # past BEGIN, to the call's rows
+            assigned = await cur.fetchall()
+            for _ in range(len(statements) - 3):  # past the marks, to the clock reading
+                cur.nextset()
+            stamp = await cur.fetchone()
             self.statements_done_at = stamp[0].timestamp() if stamp else 0.0
+            return rows.in_send_order([rows.pending(r) for r in assigned])
         return rows.in_send_order([rows.pending(r) for r in await cur.fetchall()])
 
     async def amark_forwarded(self, session: Any, pending: Sequence[Pending]) -> None:
@@ -315,6 +313,31 @@ def _ids_by_part(pending: Sequence[Pending]) -> dict[str, list[int]]:
     for p in pending:
         by_part.setdefault(p.part or OUTBOX, {})[p.id] = None
     return {part: list(ids) for part, ids in by_part.items()}
+
+
+def _statement(sql: str, params: Sequence[Any]) -> str:
+    """``sql`` with its ``%s`` placeholders replaced by ``params`` written as literals, for the
+    relay's simple queries (``PostgreSQLStore.aassign``). Only what cannot carry a quote: ints,
+    UUIDs, None and lists of those; anything else is refused."""
+    return sql % tuple(_literal(p) for p in params)
+
+
+def _literal(value: Any) -> str:
+    if value is None:
+        return "NULL"
+    if isinstance(value, list | tuple):
+        return "'{" + ",".join(_element(v) for v in value) + "}'"
+    return _element(value) if isinstance(value, int) else f"'{_element(value)}'"  # a UUID is quoted
+
+
+def _element(value: Any) -> str:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(int(value))  # int(): an int subclass's own __str__ is not trusted
+    if isinstance(value, uuid.UUID):
+        return str(uuid.UUID(int=value.int))
+    if isinstance(value, str):
+        return str(uuid.UUID(value))  # a tenant id as text: only a UUID's characters get through
+    raise TypeError(f"no literal for {type(value).__name__}")
 
 
 # Keys of Django's OPTIONS that are Django's own, not libpq's or psycopg's.

@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
+import psycopg
 import pytest
 from django.db import connection
 from psycopg import _pipeline_base as psycopg_pipeline
 
-from backplane import leases, outbox, streams
+from backplane import hoptrace, leases, outbox, streams
 from backplane.conf import conf
 from backplane.leases import Leases
 from backplane.models import OutboxItem, RelayLease
-from backplane.store import get_store
-from backplane.store.postgresql import SQL
+from backplane.store import Item, Pending, get_store
+from backplane.store.postgresql import SQL, _statement
 
 from .helpers import eventually, orm
 
@@ -192,15 +194,16 @@ async def test_leases__session_finds_rows_by_index_and_flushes_only_the_assignme
     await orm(outbox.publish, tenant, "a.b", {"n": 1})
     shard = streams.shard_of(tenant.id, conf.SHARDS)
     assert len(await get_store().aassign(a.conn, [shard], 100)) == 1
-    assert statements == [SQL["assign"]]  # alone, in autocommit: its own transaction
+    # alone, in autocommit: its own transaction
+    assert statements == [_statement(SQL["assign"], [[shard], 100, None, []])]
     # The call sets synchronous_commit on for the transaction it runs in (what follows it up to
     # the sync is that transaction, and its commit waits for the flush); the session keeps off.
     await orm(outbox.publish, tenant, "a.b", {"n": 2})
-    async with a.conn.pipeline():
-        assigned = await a.conn.execute(SQL["assign"], [[shard], 100, None, []])
-        during = await a.conn.execute("SELECT current_setting('synchronous_commit')")
-    assert len(await assigned.fetchall()) == 1
-    assert (await during.fetchone())[0] == "on"
+    query = _statement(SQL["assign"], [[shard], 100, None, []]) + ";\nSELECT current_setting('synchronous_commit')"
+    cur = await a.conn.execute(query, prepare=False)  # as aassign sends it, with its marks
+    assert len(await cur.fetchall()) == 1
+    assert cur.nextset()
+    assert (await cur.fetchone())[0] == "on"
     cur = await a.conn.execute("SHOW synchronous_commit")
     assert (await cur.fetchone())[0] == "off"
 
@@ -242,20 +245,69 @@ async def test_assign__one_round_trip_and_offsets_written_by_primary_key(make_le
     monkeypatch.setattr(psycopg_pipeline.BasePipeline, "_enqueue_sync", counting)
     shard = streams.shard_of(tenant.id, conf.SHARDS)
     marked = await get_store().aassign(a.conn, [shard], 1)  # to carry its mark below
-    syncs = 0
     statements.clear()
     notices.clear()
     got = await get_store().aassign(a.conn, [shard], 999, forwarded=marked)
     assert len(got) == 999
-    # One transaction: the call, then the marks, sent together and answered with one sync.
-    assert statements == [SQL["assign"], SQL["mark_forwarded"].format(part=marked[0].part)]
+    # One transaction: the call, then the marks, in one simple query (one execute, no pipeline).
+    assert statements == [
+        _statement(SQL["assign"], [[shard], 999, None, []])
+        + ";\n"
+        + _statement(SQL["mark_forwarded"].format(part=marked[0].part), [[marked[0].id]])
+    ]
     assert "bp_assign_v3(" in SQL["assign"]
-    assert syncs == 1
+    assert syncs == 0
+    rows = await orm(lambda: dict(OutboxItem.objects.filter(id=marked[0].id).values_list("id", "forwarded_at")))
+    assert rows[marked[0].id] is not None  # the mark went with it
     updates = [n for n in notices if "SET stream_offset" in n]
     assert updates, notices
     (plan,) = updates
     # Only the 999 claimed rows are read from the outbox (3 001 more sit in the partition).
     assert outbox_rows_read(plan) == 999, plan
+
+
+async def test_assign__traced_in_an_explicit_transaction_returns_rows_marks_and_the_clock(
+    make_leases, tenant_factory, monkeypatch
+):
+    """With the hop trace on, the call and the marks run between BEGIN and COMMIT with a clock
+    reading before the COMMIT (bench/hop_trace.py); the rows, the marks and the reading come
+    back from the one query, and the session is left idle."""
+    tenant = await orm(tenant_factory, "acme")
+    a = make_leases(SHARDS, "relay-a")
+    assert await a.current() == SHARDS
+    shard = streams.shard_of(tenant.id, conf.SHARDS)
+    await orm(outbox.publish, tenant, "a.b", {"n": 1})
+    store = get_store()
+    marked = await store.aassign(a.conn, [shard], 10)
+    await orm(outbox.publish, tenant, "a.b", {"n": 2})
+    monkeypatch.setattr(hoptrace, "ON", True)
+    store.statements_done_at = 0.0
+
+    got = await store.aassign(a.conn, [shard], 10, forwarded=marked)
+
+    assert [p.item.offset for p in got] == [marked[0].item.offset + 1]
+    assert abs(store.statements_done_at - time.time()) < 60
+    assert a.conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+    rows = await orm(lambda: dict(OutboxItem.objects.values_list("id", "forwarded_at")))
+    assert rows[marked[0].id] is not None and rows[got[0].id] is None
+
+
+async def test_assign__marks_that_fail_take_the_call_with_them(make_leases, tenant_factory):
+    """The call and the marks are one transaction: when the marks fail, no offset is kept
+    (the rows are assigned again by the next call), and the session is usable at once."""
+    tenant = await orm(tenant_factory, "acme")
+    a = make_leases(SHARDS, "relay-a")
+    assert await a.current() == SHARDS
+    shard = streams.shard_of(tenant.id, conf.SHARDS)
+    await orm(outbox.publish, tenant, "a.b", {"n": 1})
+    gone = Pending(1, "event", "x", "e", shard, Item(1, "e-x", "a.b", "", "{}"), None, "backplane_no_such_part")
+
+    with pytest.raises(psycopg.errors.UndefinedTable):
+        await get_store().aassign(a.conn, [shard], 10, forwarded=[gone])
+
+    assert a.conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+    (row,) = await get_store().aassign(a.conn, [shard], 10)
+    assert row.item.offset == 1
 
 
 @pytest.fixture

@@ -224,3 +224,20 @@ def test_store__idle_streams_by_the_moved_bucket_on_either_backend(store, tenant
 
     assert set(retention.idle_streams(cut)) == {idle}
     assert set(retention.idle_streams(cut + timedelta(microseconds=1))) == {idle, recent}
+
+
+def test_store__relay_statement_writes_only_ints_uuids_and_nulls_into_its_text() -> None:
+    from backplane.store.postgresql import _statement
+
+    tenant = uuid.UUID("8c0f3a52-4b8e-4f6b-9b1a-2d1f0c3e4a5b")
+    sql = "SELECT f(%s::int[], %s::int, %s::uuid, %s::uuid[], %s::uuid)"
+    assert _statement(sql, [[0, 3], 1000, None, [tenant, str(tenant)], tenant]) == (
+        f"SELECT f('{{0,3}}'::int[], 1000::int, NULL::uuid, '{{{tenant},{tenant}}}'::uuid[], '{tenant}'::uuid)"
+    )
+    assert _statement("SELECT %s::uuid[]", [[]]) == "SELECT '{}'::uuid[]"
+    # Anything that could carry a quote (or is no id) is refused, not written.
+    for bad in ("x'); DROP TABLE t; --", 1.5, True, b"1", {"a": 1}):
+        with pytest.raises((TypeError, ValueError)):
+            _statement("SELECT %s", [bad])
+        with pytest.raises((TypeError, ValueError)):
+            _statement("SELECT %s", [[bad]])
