@@ -41,7 +41,8 @@ def test_beat__refreshes_every_row_in_place_as_a_hot_update(tenant):
         directory.beat(edge.edge_id, rows)
         with connection.cursor() as cur:
             cur.execute(
-                "SELECT pg_stat_get_xact_tuples_updated(%s::regclass), pg_stat_get_xact_tuples_hot_updated(%s::regclass)",
+                "SELECT pg_stat_get_xact_tuples_updated(%s::regclass),"
+                " pg_stat_get_xact_tuples_hot_updated(%s::regclass)",
                 ["backplane_connection", "backplane_connection"],
             )
             updated, hot = cur.fetchone()

@@ -278,8 +278,9 @@ def test_migrate__0018_reverses_to_the_expires_index_and_forwards_again(fresh) -
     conn, env = fresh
 
     def schema() -> tuple[bool, list[str] | None]:
-        indexes = {r[0] for r in conn.execute("SELECT indexname FROM pg_indexes WHERE tablename = 'backplane_connection'")}
-        options = conn.execute("SELECT reloptions FROM pg_class WHERE oid = 'backplane_connection'::regclass").fetchone()
+        table = "backplane_connection"
+        indexes = {r[0] for r in conn.execute("SELECT indexname FROM pg_indexes WHERE tablename = %s", [table])}
+        options = conn.execute("SELECT reloptions FROM pg_class WHERE oid = %s::regclass", [table]).fetchone()
         return "bp_conn_expires" in indexes, options and options[0]
 
     assert schema() == (False, ["fillfactor=50"])
