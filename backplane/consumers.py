@@ -418,9 +418,14 @@ class GatewayConsumer(AsyncWebsocketConsumer):
                     return self._offer_asgi(items, wire, send)
                 coalescer = self.coalescer
                 write = vendor_daphne.write_direct
-                for i, n in enumerate(send):
-                    if not write(proto, wire[n], coalescer):
-                        return self._offer_asgi(items, wire, send[i:])
+                whole = vendor_daphne.joined(wire) if len(send) > 1 and len(send) == len(wire) else None
+                if whole is not None:  # the whole batch, its frames' bytes in one write
+                    if not write(proto, whole, coalescer):
+                        return self._offer_asgi(items, wire, send)
+                else:
+                    for i, n in enumerate(send):
+                        if not write(proto, wire[n], coalescer):
+                            return self._offer_asgi(items, wire, send[i:])
         except Exception as exc:
             return self._failed(exc)
         if delivery.backlog:

@@ -316,15 +316,31 @@ class EdgeRuntime:
                 logger.warning("edge delivery loop: %s", type(exc).__name__, extra={"action": "delivery_error"})
                 await asyncio.sleep(0.5)
                 continue
-            try:
-                if hoptrace.ON:
-                    await self._traced(message)
-                    continue
-                await self.deliver(message)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # a malformed batch is dropped (the sockets' head check fills it)
-                logger.warning("edge dropped a batch: %s", type(exc).__name__, extra={"action": "delivery_error"})
+            if hoptrace.ON:  # one message at a time: the trace times each one's steps
+                await self._deliver_logged(self._traced(message))
+                continue
+            # What piled up behind it (the edge was busy) goes with it: a stream's batches that
+            # follow one another as one, so each socket takes one offer and one write for them.
+            ready = vendor_redis.receive_ready(self.layer, self.stream_channel, READY_MESSAGES)
+            if not ready:
+                await self._deliver_logged(self.deliver(message))
+                continue
+            taken = [message]
+            for got in ready:
+                if isinstance(got, Exception):
+                    self.reject(type(got).__name__)
+                else:
+                    taken.append(got)
+            for batch in joined_batches(taken):
+                await self._deliver_logged(self.deliver(batch))
+
+    async def _deliver_logged(self, delivering: Awaitable[None]) -> None:
+        try:
+            await delivering
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a malformed batch is dropped (the sockets' head check fills it)
+            logger.warning("edge dropped a batch: %s", type(exc).__name__, extra={"action": "delivery_error"})
 
     async def _traced(self, message: dict[str, Any]) -> None:
         """``deliver`` with the times of its steps noted (bench/hop_trace.py)."""
@@ -638,3 +654,47 @@ def _beat(
     the sockets to close and their codes."""
     directory.beat(eid, rows, positions)
     return auth.recheck(token_ids, operators)
+
+
+# At most this many messages queued behind the one received are taken with it in a loop turn,
+# and a joined batch holds at most JOINED_ITEMS items: a long pile-up is delivered in slices,
+# the loop turning between them.
+READY_MESSAGES = 64
+JOINED_ITEMS = 256
+
+
+def joined_batches(messages: Sequence[Any]) -> list[Any]:
+    """``messages`` (relay batches, in arrival order) with each stream's batches that continue
+    one another — the same epoch, the next one's first offset right after the last one's last —
+    joined into one, at the place of the stream's first; anything else as it came. A stream's
+    batches keep their order; streams have no order between them (PROTOCOL.md), so a later
+    stream's batch may now go before an earlier one's joined tail."""
+    out: list[Any] = []
+    last: dict[str, int] = {}  # stream -> index in out of its latest batch
+    for m in messages:
+        if not isinstance(m, dict) or m.get("type") != "bp.batch" or not m.get("items"):
+            out.append(m)
+            continue
+        key = m.get("stream")
+        i = last.get(key) if isinstance(key, str) else None
+        if i is not None:
+            prev = out[i]
+            items = prev["items"]
+            if (
+                prev["epoch"] == m.get("epoch")
+                and len(items) + len(m["items"]) <= JOINED_ITEMS
+                and _offset(m["items"][0]) == _offset(items[-1]) + 1
+            ):
+                out[i] = {**prev, "items": [*items, *m["items"]]}
+                continue
+        if isinstance(key, str):
+            last[key] = len(out)
+        out.append(m)
+    return out
+
+
+def _offset(item: Any) -> int:
+    try:
+        return int(item[0])
+    except (TypeError, ValueError, IndexError):
+        return -2  # never continues, nor is continued (-2 + 1 is no offset)

@@ -38,6 +38,9 @@ RELIED_ON = (
     ("channels_redis.serializers", "SerializersRegistry", "register_serializer"),
     ("channels_redis.pubsub", "RedisPubSubChannelLayer", "serialize"),
     ("channels_redis.pubsub", "RedisPubSubLoopLayer", "_get_group_channel_name"),
+    # ``receive_ready``: the per-loop layer's queues of raw messages, by channel, and its
+    # ``receive``, which takes one off such a queue and deserializes it with the wrapper's.
+    ("channels_redis.pubsub", "RedisPubSubLoopLayer", "receive"),
 )
 
 
@@ -83,6 +86,30 @@ def register_serializer(max_age_secs: int) -> str:
 
     registry.register_serializer(SERIALIZER_FORMAT, SealedSerializer)
     return SERIALIZER_FORMAT
+
+
+def receive_ready(layer: Any, channel: str, limit: int) -> list[Any]:
+    """The messages for ``channel`` that the pub/sub layer's reader task has already queued,
+    at most ``limit``, taken without waiting: what the next ``receive`` calls would return at
+    once, in the same order. Each is deserialized (as ``receive`` does), or is the exception of
+    ``UNREADABLE`` its deserializing raised. ``[]`` for any other layer, or none queued.
+
+    The edge delivers what has piled up behind a message together
+    (docs/decisions/0046-edge-delivers-what-piled-up-together.md)."""
+    if type(layer).__name__ != "RedisPubSubChannelLayer":
+        return []
+    queue = layer._get_layer().channels.get(channel)
+    if queue is None:
+        return []
+    taken: list[Any] = []
+    deserialize = layer.deserialize
+    while len(taken) < limit and not queue.empty():
+        raw = queue.get_nowait()
+        try:
+            taken.append(deserialize(raw))
+        except UNREADABLE as exc:
+            taken.append(exc)
+    return taken
 
 
 class PubSubPublisher:

@@ -294,6 +294,27 @@ def send_now(transport: Any, data: bytes) -> None:
         transport.write(data[sent:])  # type: ignore[no-untyped-call]
 
 
+# The last batch's frames joined (``joined``): the edge hands a batch to each of its sockets in
+# turn, so every socket after the first finds the bytes made (or finds them too many).
+_joined: tuple[list[bytes] | None, bytes | None] = (None, None)
+
+
+def joined(frames: list[bytes]) -> bytes | None:
+    """The bytes of ``frames`` (a batch's prepared frames) one after another, joined once per
+    batch, so that a socket taking the whole batch gets them in one ``write_direct``; None when
+    they pass ``Coalescer.FLUSH_BYTES``: the slow-consumer bound, checked before each write,
+    is passed by at most that much (docs/decisions/0046-edge-delivers-what-piled-up-together.md)."""
+    global _joined
+    last, data = _joined
+    if last is not frames:
+        total = 0
+        for frame in frames:
+            total += len(frame)
+        data = b"".join(frames) if total <= Coalescer.FLUSH_BYTES else None
+        _joined = (frames, data)
+    return data
+
+
 def ws_text_frame(text: str) -> bytes:
     """The bytes of one unfragmented, unmasked WebSocket text frame (RFC 6455 5.2) carrying
     ``text``: what a server writes to any peer for it, so it is built once per fan-out."""

@@ -108,7 +108,8 @@ async def test_offer__a_batch_that_continues_the_cursor_is_written_directly_with
     consumer = open_consumer(proto, asgi)
     items = [[1, "frame-1"], [2, "frame-2"]]
     assert consumer.offer("d:1:x", "device", "e0", items, [1, 2], [b"w1", b"w2"]) is None
-    assert consumer.coalescer.pending[id(proto)][1] == [b"w1", b"w2"] and asgi == []
+    # The whole batch: its frames joined, one write (docs/decisions/0046).
+    assert consumer.coalescer.pending[id(proto)][1] == [b"w1w2"] and asgi == []
     consumer.coalescer.pending.clear()  # not sent: the double has no socket
 
 

@@ -1,0 +1,103 @@
+"""A busy edge takes what piled up behind a message with it (decision 0046), on the real
+Redis pub/sub layer: ``vendor_redis.receive_ready`` takes the messages the layer's reader task
+has queued, in order, without waiting (a message it cannot open comes as its exception), and
+the runtime hands a stream's batches that continue one another to each socket as one."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from typing import Any
+
+import pytest
+from channels.layers import InMemoryChannelLayer
+
+from backplane import streams
+from backplane.conf import conf
+from backplane.edge import EdgeRuntime
+from backplane.vendor import channels_redis as vendor_redis
+
+from .helpers import eventually
+from .test_redis_security import KEY_A, KEY_OTHER, Socket, make_layer, raw_redis, sealed_token
+
+pytestmark = [pytest.mark.integration]
+__all__ = ["raw_redis"]  # the fixture, used by name
+
+
+def queued(layer: Any, channel: str, n: int) -> Any:
+    async def probe() -> bool:
+        return bool(layer._get_layer().channels[channel].qsize() >= n)
+
+    return probe
+
+
+async def test_receive_ready__what_the_reader_queued_in_order_without_waiting(services: None, raw_redis: Any) -> None:
+    layer = make_layer([KEY_A])
+    try:
+        channel = await layer.new_channel()
+        await layer.group_add("pileup", channel)
+        for n in (1, 2, 3, 4):
+            await layer.group_send("pileup", {"type": "x", "n": n})
+        await raw_redis.publish(raw_channel_of(layer, "pileup"), sealed_token({"type": "x", "n": -1}, KEY_OTHER))
+        await layer.group_send("pileup", {"type": "x", "n": 5})
+        await eventually(queued(layer, channel, 6))
+
+        assert (await layer.receive(channel))["n"] == 1
+        assert [m["n"] for m in vendor_redis.receive_ready(layer, channel, 3)] == [2, 3, 4]  # at most the limit
+        rest = vendor_redis.receive_ready(layer, channel, 10)
+        assert isinstance(rest[0], vendor_redis.UNREADABLE) and rest[1]["n"] == 5
+        assert vendor_redis.receive_ready(layer, channel, 10) == []  # nothing queued: nothing, at once
+        assert vendor_redis.receive_ready(layer, "no-such-channel", 10) == []
+        assert vendor_redis.receive_ready(InMemoryChannelLayer(), channel, 10) == []
+    finally:
+        await layer.flush()
+
+
+def raw_channel_of(layer: Any, group: str) -> str:
+    return str(layer._get_layer()._get_group_channel_name(group))
+
+
+def relay_batch(key: str, offsets: list[int], epoch: str = "e0") -> dict[str, Any]:
+    frame = lambda o: json.dumps({"event": {"payload": {"n": o}}})  # noqa: E731
+    return {"type": "bp.batch", "stream": key, "epoch": epoch, "items": [[o, frame(o)] for o in offsets]}
+
+
+async def test_edge__batches_piled_up_behind_one_reach_each_socket_joined(services: None, raw_redis: Any) -> None:
+    layer = make_layer([KEY_A])
+    runtime = EdgeRuntime("edge-pileup", layer=layer)
+    task = None
+    try:
+        runtime.stream_channel = await layer.new_channel()
+        tenant = uuid.uuid4()
+        a, b = Socket(tenant, "dev-a"), Socket(tenant, "dev-b")
+        await runtime.subscribe(a)
+        await runtime.subscribe(b)
+        key_a, key_b = a.keys["device"], b.keys["device"]
+        group = lambda key: streams.group_name(conf.channel_prefix, key)  # noqa: E731
+        # As a relay sends them while the edge is busy: a's 1–2, b's 1, a's 3, something no key
+        # opens, a's 5 (a gap: left for the delivery core to fill), b's 2 under a new epoch.
+        sends: list[tuple[str, dict[str, Any]]] = [
+            (key_a, relay_batch(key_a, [1, 2])),
+            (key_b, relay_batch(key_b, [1])),
+            (key_a, relay_batch(key_a, [3])),
+            (key_a, relay_batch(key_a, [5])),
+            (key_b, relay_batch(key_b, [2], epoch="e1")),
+        ]
+        for key, message in sends[:3]:
+            await layer.group_send(group(key), message)
+        await raw_redis.publish(raw_channel_of(layer, group(key_a)), sealed_token(relay_batch(key_a, [4]), KEY_OTHER))
+        for key, message in sends[3:]:
+            await layer.group_send(group(key), message)
+        await eventually(queued(layer, runtime.stream_channel, 6))  # all of it waits before the loop runs
+
+        task = asyncio.create_task(runtime._batches())
+        await eventually(lambda: asyncio.sleep(0, len(a.offered) == 2 and len(b.offered) == 2))
+        assert a.offered == [(key_a, [1, 2, 3], [1, 2, 3]), (key_a, [5], [5])]
+        assert b.offered == [(key_b, [1], [1]), (key_b, [2], [2])]  # the new epoch's batch on its own
+        assert runtime.rejected == 1
+    finally:
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        await layer.flush()
