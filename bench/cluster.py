@@ -167,7 +167,10 @@ class BenchCluster:
         self.pools.wait_drain(expected, max_secs=drain_secs, flat_secs=flat_secs, until_resumed=until_resumed)
         b = self.meter.snap()
         got = self.pools.collect(rep["sent"], by_id=by_id)
-        cpu = self.meter.delta(a, b, {"senders": rep["cpu_s"]})
+        # The senders' PostgreSQL backends by what they reported (they exit before b is taken),
+        # and the senders' start-up as the harness's (bench), not as another's on the machine.
+        reported = {"senders": rep["cpu_s"], "postgres": rep["backend_cpu_s"], "bench": rep["startup_cpu_s"]}
+        cpu = self.meter.delta(a, b, reported, reported=set(rep["backend_pids"]))
         cpu["per_process"]["senders"] = rep["cpu_per_process"]
         lat = got["latencies_ms"]
         send_secs = max(1e-9, rep["end"] - rep["start"])

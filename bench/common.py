@@ -149,7 +149,16 @@ class CpuMeter:
             "machine": machine_busy_seconds(),
         }
 
-    def delta(self, a: dict[str, Any], b: dict[str, Any], extra: dict[str, float] | None = None) -> dict[str, Any]:
+    def delta(
+        self,
+        a: dict[str, Any],
+        b: dict[str, Any],
+        extra: dict[str, float] | None = None,
+        reported: set[int] | frozenset[int] = frozenset(),
+    ) -> dict[str, Any]:
+        """CPU seconds by role between ``a`` and ``b``; ``extra`` adds what processes reported
+        themselves, and PostgreSQL backends in ``reported`` (whose CPU is in ``extra``) are
+        left out of the snapshots, so they are not counted twice."""
         wall = b["t"] - a["t"]
         out: dict[str, Any] = {"wall_s": round(wall, 2)}
         per_process: dict[str, list[float]] = {}
@@ -159,7 +168,9 @@ class CpuMeter:
             per_process[role] = [round(u, 2) for u in used]
             out[role] = round(sum(used), 2)
         out["redis"] = round(b["redis"] - a["redis"], 2)
-        out["postgres"] = round(sum(v - a["postgres"].get(pid, 0.0) for pid, v in b["postgres"].items()), 2)
+        out["postgres"] = round(
+            sum(v - a["postgres"].get(pid, 0.0) for pid, v in b["postgres"].items() if pid not in reported), 2
+        )
         out["bench"] = round(b["self"] - a["self"], 2)
         for role, secs in (extra or {}).items():
             out[role] = round(out.get(role, 0.0) + secs, 2)

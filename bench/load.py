@@ -234,5 +234,9 @@ def run_senders(script: str, argv_for: list[list[str]], timeout: float) -> dict[
         "end": max(r["end"] for r in reports),
         "cpu_per_process": [round(r["cpu_s"], 2) for r in reports],
         "cpu_s": sum(r["cpu_s"] for r in reports),
+        # The senders' own PostgreSQL backends (producer_proc.py), gone by the phase's end.
+        "backend_pids": [r["backend_pid"] for r in reports if "backend_pid" in r],
+        "backend_cpu_s": sum(r.get("backend_cpu_s", 0.0) for r in reports),
+        "startup_cpu_s": sum(r.get("startup_cpu_s", 0.0) for r in reports),
         "reports": reports,
     }
