@@ -321,14 +321,20 @@ class EdgeRuntime:
                 continue
             # What piled up behind it (the edge was busy) goes with it: a stream's batches that
             # follow one another as one, so each socket takes one offer and one write for them.
-            ready = vendor_redis.receive_ready(self.layer, self.stream_channel, READY_MESSAGES)
+            try:
+                ready = vendor_redis.receive_ready(self.layer, self.stream_channel, READY_MESSAGES)
+            except Exception as exc:  # the layer's internals: the rest comes by receive, one at a time
+                logger.warning("edge delivery loop: %s", type(exc).__name__, extra={"action": "delivery_error"})
+                ready = []
             if not ready:
                 await self._deliver_logged(self.deliver(message))
                 continue
             taken = [message]
             for got in ready:
-                if isinstance(got, Exception):
+                if isinstance(got, vendor_redis.UNREADABLE):
                     self.reject(type(got).__name__)
+                elif isinstance(got, Exception):  # as receive's own failures: this one is lost
+                    logger.warning("edge delivery loop: %s", type(got).__name__, extra={"action": "delivery_error"})
                 else:
                     taken.append(got)
             for batch in joined_batches(taken):
@@ -371,7 +377,10 @@ class EdgeRuntime:
         # The frames' bytes are the same for every socket: built once, written to each; the
         # same for the stream's audience and the offsets as integers.
         wire = [vendor_daphne.ws_text_frame(frame) for _, frame in items]
-        metrics.observe_latency(items[-1][1], time.time())  # once per batch, not per socket
+        now = time.time()
+        for frame in message.get(JOINED_LASTS, ()):  # the last events of relay batches joined into this one
+            metrics.observe_latency(frame, now)
+        metrics.observe_latency(items[-1][1], now)  # once per relay batch, not per socket
         offsets = [int(offset) for offset, _ in items]
         name = streams.audience_of(key)
         self.stirred.update(sockets)  # their positions moved
@@ -656,45 +665,61 @@ def _beat(
     return auth.recheck(token_ids, operators)
 
 
-# At most this many messages queued behind the one received are taken with it in a loop turn,
-# and a joined batch holds at most JOINED_ITEMS items: a long pile-up is delivered in slices,
-# the loop turning between them.
+# At most this many messages queued behind the one received are taken with it, and a joined
+# batch holds at most JOINED_ITEMS items (a longer pile-up is several batches of one loop turn,
+# as the queued messages were before: the layer's receive does not suspend while it holds some).
 READY_MESSAGES = 64
 JOINED_ITEMS = 256
+# In a joined batch: the last frame of each relay batch joined into it but the final one, so that
+# the commit → frame histogram still takes one sample per relay batch (``deliver``).
+JOINED_LASTS = "joined_lasts"
 
 
 def joined_batches(messages: Sequence[Any]) -> list[Any]:
     """``messages`` (relay batches, in arrival order) with each stream's batches that continue
     one another — the same epoch, the next one's first offset right after the last one's last —
-    joined into one, at the place of the stream's first; anything else as it came. A stream's
-    batches keep their order; streams have no order between them (PROTOCOL.md), so a later
-    stream's batch may now go before an earlier one's joined tail."""
+    joined into one, at the place of the stream's first; anything else as it came (a malformed
+    message too: ``deliver`` drops it alone). A stream's batches keep their order; streams have
+    no order between them (docs/protocol.md), so a later stream's batch may now go before an
+    earlier one's joined tail."""
     out: list[Any] = []
     last: dict[str, int] = {}  # stream -> index in out of its latest batch
     for m in messages:
-        if not isinstance(m, dict) or m.get("type") != "bp.batch" or not m.get("items"):
+        key = m.get("stream") if _joinable(m) else None
+        if not isinstance(key, str):
             out.append(m)
             continue
-        key = m.get("stream")
-        i = last.get(key) if isinstance(key, str) else None
+        i = last.get(key)
         if i is not None:
             prev = out[i]
             items = prev["items"]
             if (
-                prev["epoch"] == m.get("epoch")
+                prev.get("epoch") == m.get("epoch")
                 and len(items) + len(m["items"]) <= JOINED_ITEMS
                 and _offset(m["items"][0]) == _offset(items[-1]) + 1
             ):
-                out[i] = {**prev, "items": [*items, *m["items"]]}
+                lasts = [*prev.get(JOINED_LASTS, ()), items[-1][1]]
+                out[i] = {**prev, "items": [*items, *m["items"]], JOINED_LASTS: lasts}
                 continue
-        if isinstance(key, str):
-            last[key] = len(out)
+        last[key] = len(out)
         out.append(m)
     return out
+
+
+def _joinable(m: Any) -> bool:
+    """A relay batch with an epoch and a non-empty list of [offset, frame] pairs."""
+    if not isinstance(m, dict) or m.get("type") != "bp.batch" or not isinstance(m.get("epoch"), str):
+        return False
+    items = m.get("items")
+    return (
+        isinstance(items, list)
+        and bool(items)
+        and all(isinstance(it, list | tuple) and len(it) == 2 and _offset(it) >= 0 for it in items)
+    )
 
 
 def _offset(item: Any) -> int:
     try:
         return int(item[0])
     except (TypeError, ValueError, IndexError):
-        return -2  # never continues, nor is continued (-2 + 1 is no offset)
+        return -2  # never continues, nor is continued

@@ -76,6 +76,15 @@ def cpu_seconds(pid: int) -> float:
         return float("nan")
 
 
+def is_postgres(pid: int) -> bool:
+    """Whether ``pid`` is a PostgreSQL process of this machine (its command name)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.index("(") + 1 : stat.rindex(")")] == "postgres"
+
+
 def rss_bytes(pid: int) -> int:
     """Resident set size of a process (VmRSS)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():

@@ -58,6 +58,9 @@ def main() -> None:
         cur.execute("SELECT pg_backend_pid()")
         backend = int(cur.fetchone()[0])
     time.sleep(min(10.0, max(0.0, args.start_at - time.time())))
+    # Only a postgres process of this machine (in a container the pid is the container's).
+    if not common.is_postgres(backend):
+        backend = -1
     backend_cpu0 = common.cpu_seconds(backend)
     cpu0 = time.process_time()
     start_wall = time.time()

@@ -91,8 +91,9 @@ def register_serializer(max_age_secs: int) -> str:
 def receive_ready(layer: Any, channel: str, limit: int) -> list[Any]:
     """The messages for ``channel`` that the pub/sub layer's reader task has already queued,
     at most ``limit``, taken without waiting: what the next ``receive`` calls would return at
-    once, in the same order. Each is deserialized (as ``receive`` does), or is the exception of
-    ``UNREADABLE`` its deserializing raised. ``[]`` for any other layer, or none queued.
+    once, in the same order. Each is deserialized (as ``receive`` does), or is the exception its
+    deserializing raised (one of ``UNREADABLE`` for a message not ours). ``[]`` for any other
+    layer, or none queued.
 
     The edge delivers what has piled up behind a message together
     (docs/decisions/0046-edge-delivers-what-piled-up-together.md)."""
@@ -107,7 +108,7 @@ def receive_ready(layer: Any, channel: str, limit: int) -> list[Any]:
         raw = queue.get_nowait()
         try:
             taken.append(deserialize(raw))
-        except UNREADABLE as exc:
+        except Exception as exc:  # the receiver's to handle, as ``receive`` would have raised it
             taken.append(exc)
     return taken
 

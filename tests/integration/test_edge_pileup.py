@@ -76,7 +76,8 @@ async def test_edge__batches_piled_up_behind_one_reach_each_socket_joined(servic
         key_a, key_b = a.keys["device"], b.keys["device"]
         group = lambda key: streams.group_name(conf.channel_prefix, key)  # noqa: E731
         # As a relay sends them while the edge is busy: a's 1–2, b's 1, a's 3, something no key
-        # opens, a's 5 (a gap: left for the delivery core to fill), b's 2 under a new epoch.
+        # opens, one that is no batch, a's 5 (a gap: left for the delivery core to fill), b's 2
+        # under a new epoch.
         sends: list[tuple[str, dict[str, Any]]] = [
             (key_a, relay_batch(key_a, [1, 2])),
             (key_b, relay_batch(key_b, [1])),
@@ -87,9 +88,12 @@ async def test_edge__batches_piled_up_behind_one_reach_each_socket_joined(servic
         for key, message in sends[:3]:
             await layer.group_send(group(key), message)
         await raw_redis.publish(raw_channel_of(layer, group(key_a)), sealed_token(relay_batch(key_a, [4]), KEY_OTHER))
+        # Opened with our key, yet no batch at all: dropped alone, the loop goes on.
+        malformed = {"type": "bp.batch", "stream": key_a, "epoch": "e0", "items": {"4": "x"}}
+        await raw_redis.publish(raw_channel_of(layer, group(key_a)), sealed_token(malformed, KEY_A))
         for key, message in sends[3:]:
             await layer.group_send(group(key), message)
-        await eventually(queued(layer, runtime.stream_channel, 6))  # all of it waits before the loop runs
+        await eventually(queued(layer, runtime.stream_channel, 7))  # all of it waits before the loop runs
 
         task = asyncio.create_task(runtime._batches())
         await eventually(lambda: asyncio.sleep(0, len(a.offered) == 2 and len(b.offered) == 2))

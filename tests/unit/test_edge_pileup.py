@@ -143,3 +143,43 @@ async def test_offer__a_whole_batch_past_flush_bytes_goes_frame_by_frame(monkeyp
         consumer.offer("t:1", "tenant", "e0", [[1, "a"], [2, "b"], [3, "c"]], [1, 2, 3], [b"F1", b"F2", b"F3"]) is None
     )
     assert writes == [b"F1", b"F2", b"F3"]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"type": "bp.batch", "stream": "a", "items": [[3, "x"]]},  # no epoch
+        {"type": "bp.batch", "stream": "a", "epoch": "e0", "items": {"3": "x"}},
+        {"type": "bp.batch", "stream": "a", "epoch": "e0", "items": 3},
+        {"type": "bp.batch", "stream": "a", "epoch": "e0", "items": [[3, "x"], "junk", [5, "y"]]},
+        {"type": "bp.batch", "stream": ["a"], "epoch": "e0", "items": [[3, "x"]]},
+        "not a message",
+    ],
+)
+def test_joined__a_malformed_message_in_a_pile_up_stays_alone_and_raises_nothing(bad: Any) -> None:
+    got = joined_batches([batch("a", [1, 2]), bad, batch("a", [3]), bad])
+    assert got == [{**batch("a", [1, 2, 3]), edge.JOINED_LASTS: ["a:2"]}, bad, bad]
+
+
+def test_joined__a_joined_batch_names_the_last_frame_of_each_batch_joined_before_its_end() -> None:
+    (got,) = joined_batches([batch("a", [1, 2]), batch("a", [3]), batch("a", [4, 5])])
+    assert got[edge.JOINED_LASTS] == ["a:2", "a:3"]  # with items[-1] ("a:5"): one sample per relay batch
+
+
+async def test_offer__a_refused_joined_write_sends_every_frame_once_the_asgi_way(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    consumer, writes = consumer_with_cursor(monkeypatch)
+    monkeypatch.setattr(vendor_daphne, "write_direct", lambda proto, data, coalescer: writes.append(data) and False)
+    sent: list[str] = []
+
+    async def asgi(message: dict[str, Any]) -> None:
+        sent.append(message["text"])
+
+    consumer._asgi = asgi  # type: ignore[method-assign]
+    consumer.drainer = None
+    rest = consumer.offer("t:1", "tenant", "e0", [[1, "a"], [2, "b"], [3, "c"]], [1, 2, 3], [b"F1", b"F2", b"F3"])
+    assert rest is not None
+    await rest
+    assert writes[0] == b"F1F2F3"  # tried whole first, refused
+    assert sent == ["a", "b", "c"]  # then each frame once, in order
