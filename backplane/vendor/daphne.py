@@ -307,10 +307,7 @@ def joined(frames: list[bytes]) -> bytes | None:
     global _joined
     last, data = _joined
     if last is not frames:
-        total = 0
-        for frame in frames:
-            total += len(frame)
-        data = b"".join(frames) if total <= Coalescer.FLUSH_BYTES else None
+        data = b"".join(frames) if sum(map(len, frames)) <= Coalescer.FLUSH_BYTES else None
         _joined = (frames, data)
     return data
 
