@@ -126,13 +126,15 @@ def test_relay_and_edge__every_backend_uses_tls_with_the_configured_options(
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10) as response:
             assert response.status == 200
+        # The lease session, the relay's Django connection and the edge's: the relay opens its Django
+        # connection on its first pass after the lease, so wait for all three, not just the lease.
         wait_for(
-            lambda: any(name == "tyrum-relay-lease" for name, _, _ in backends(tls_pg)),
+            lambda: any(name == "tyrum-relay-lease" for name, _, _ in backends(tls_pg)) and len(backends(tls_pg)) >= 3,
             timeout=30,
-            what="the relay's lease session",
+            what="the relay's lease session and Django connection, and the edge's",
         )
         held = backends(tls_pg)
-        assert len(held) >= 3, held  # the lease session, the relay's Django connection, the edge's
+        assert len(held) >= 3, held
         assert all(ssl and dn == f"/CN={CLIENT_CN}" for _, ssl, dn in held), held
         assert relay.alive(), relay.log()
     finally:
