@@ -26,6 +26,7 @@ from django.db import DatabaseError
 
 from backplane import commands as command_routing
 from backplane import hoptrace, httpd, metrics, streams
+from backplane.claims import ClaimFloor
 from backplane.conf import conf
 from backplane.doorbell import Listener
 from backplane.leases import Leases
@@ -89,6 +90,8 @@ class Relay:
         self.forwarded_total = 0
         self.assigned_total = 0
         self.quarantine: dict[Any, float] = {}
+        # Where the claim's index scan starts (backplane.claims); per-tenant retries claim without it.
+        self.claim_floor = ClaimFloor()
         # True until a cycle has swept up everything assigned-but-unforwarded (at start,
         # after a crash of a previous relay, and after any failed send).
         self.resend_needed = True
@@ -161,7 +164,7 @@ class Relay:
         marks = len(carried)  # rows whose forwarded marks this cycle's assignment carries
         try:
             fresh = await self.store.aassign(
-                self.leases.conn, owned, self.batch_size, skip_tenants=skip, forwarded=carried
+                self.leases.conn, owned, self.batch_size, skip_tenants=skip, forwarded=carried, floor=self.claim_floor
             )
             assigned = len(fresh)
         except (DatabaseError, psycopg.Error) as exc:

@@ -1,7 +1,7 @@
 """What the relay's assignment transaction spends its time on (issue 17, point 3).
 
 On a scratch database, one committed device event at a time, the relay's assignment
-(``PostgreSQLStore.aassign``: the call of ``bp_assign_v3`` alone, in autocommit — its own
+(``PostgreSQLStore.aassign``: the call of ``bp_assign_v4`` alone, in autocommit — its own
 transaction, which the function makes wait for the WAL flush) against variants, alternating:
 
     assign            as the relay runs it: one statement, one round trip
@@ -49,7 +49,7 @@ async def measure(samples: int, tenant: Any) -> dict[str, list[float]]:
     store = get_store()
     session = await store.aopen_session()
     shards = list(range(conf.SHARDS))
-    params = [shards, 100, None, []]
+    params = [shards, 100, None, [], None]
     variants = (
         "assign",
         "assign, split",
@@ -73,7 +73,7 @@ async def measure(samples: int, tenant: Any) -> dict[str, list[float]]:
 
     async def assign_split(sync: str) -> tuple[float, float, float]:
         # In autocommit what precedes the sync is one implicit transaction: the call, a setting
-        # (bp_assign_v3 sets synchronous_commit on; "off" after it overrides that), the clock.
+        # (bp_assign_v4 sets synchronous_commit on; "off" after it overrides that), the clock.
         await publish()
         began, wall = time.perf_counter(), time.time()
         async with session.pipeline():

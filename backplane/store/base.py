@@ -37,10 +37,13 @@ import contextlib
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from backplane.events import EventRow
 from backplane.store.rows import Head, Item, Pending
+
+if TYPE_CHECKING:
+    from backplane.claims import ClaimFloor
 
 OUTBOX = "backplane_outboxitem"
 STREAM = "backplane_stream"
@@ -106,10 +109,13 @@ class Store(Protocol):
         only_tenant: Any = None,
         skip_tenants: Sequence[Any] = (),
         forwarded: Sequence[Pending] = (),
+        floor: ClaimFloor | None = None,
     ) -> list[Pending]:
         """Assign offsets to up to ``limit`` rows of ``shards`` on the relay's session and
         return them in send order; ``forwarded`` (rows sent since the last assignment) are
-        marked in the same transaction (if it fails they stay unmarked)."""
+        marked in the same transaction (if it fails they stay unmarked). ``floor``: the relay's
+        claim floor, read and moved by stores whose claim walks assigned rows (PostgreSQL's:
+        ``backplane.claims``); others leave it as it is."""
         ...
 
     async def amark_forwarded(self, session: Any, pending: Sequence[Pending]) -> None:

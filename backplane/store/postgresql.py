@@ -23,6 +23,7 @@ from django.db import DEFAULT_DB_ALIAS, DatabaseError, OperationalError, connect
 from django.db.models.signals import post_delete, post_save
 
 from backplane import doorbell, exceptions, hoptrace, partitions, streams
+from backplane.claims import ClaimFloor
 from backplane.conf import conf
 from backplane.events import EventRow, first_of_each
 from backplane.store import common, queries, rows
@@ -84,7 +85,11 @@ class PostgreSQLStore:
     def append_command(
         self, tenant_id: uuid.UUID, shard: int, stream: str, event_id: str, command: str, body: Mapping[str, Any]
     ) -> None:
-        common.append_command(tenant_id, shard, stream, event_id, command, body)
+        # The transaction's id before the row's: the relay's claim floor relies on it
+        # (backplane.claims). The publish statements get it from the event key's insert.
+        with transaction.atomic(), connection.cursor() as cur:
+            cur.execute("SELECT pg_current_xact_id()")
+            common.append_command(tenant_id, shard, stream, event_id, command, body)
 
     # --- relay side --------------------------------------------------------------------------
 
@@ -116,10 +121,13 @@ class PostgreSQLStore:
         only_tenant: Any = None,
         skip_tenants: Sequence[Any] = (),
         forwarded: Sequence[Pending] = (),
+        floor: ClaimFloor | None = None,
     ) -> list[Pending]:
-        """One round trip: the call of ``bp_assign_v3`` and the marks of ``forwarded`` go out as
+        """One round trip: the call of ``bp_assign_v4`` and the marks of ``forwarded`` go out as
         one simple query, their parameters written into its text (``_statement``). In autocommit
-        the statements of one query are one implicit transaction, and the function sets
+        the statements of one query are one implicit transaction (with ``floor``, the claim
+        starts above it, and the statements around the call tell the floor where it may move:
+        ``backplane.claims``), and the function sets
         ``synchronous_commit`` on for it: the offsets are durable before the rows come back,
         without BEGIN, SET LOCAL and COMMIT messages of their own
         (docs/decisions/0035-assignment-one-statement-send-overlapped.md). One message and one
@@ -127,7 +135,12 @@ class PostgreSQLStore:
         (docs/decisions/0041-relay-cycle-python.md). The outbox's parent table is locked
         before any partition, as everywhere (``backplane.partitions``): the call comes before
         the marks."""
-        statements = [_statement(SQL["assign"], [list(shards), limit, only_tenant, list(skip_tenants)])]
+        after = floor.bound(shards) if floor is not None else 0
+        statements = [
+            SQL["claim_horizon"],
+            _statement(SQL["assign"], [list(shards), limit, only_tenant, list(skip_tenants), after]),
+            SQL["claim_xid"],
+        ]
         statements += [
             _statement(SQL["mark_forwarded"].format(part=part), [ids]) for part, ids in _ids_by_part(forwarded).items()
         ]
@@ -146,14 +159,21 @@ class PostgreSQLStore:
                     await session.close()
             raise
         if hoptrace.ON:
-            cur.nextset()  # past BEGIN, to the call's rows
-            assigned = await cur.fetchall()
-            for _ in range(len(statements) - 3):  # past the marks, to the clock reading
+            cur.nextset()  # past BEGIN, to the horizon
+        horizon = await cur.fetchone()
+        cur.nextset()
+        assigned = await cur.fetchall()
+        cur.nextset()
+        xid = await cur.fetchone()
+        if hoptrace.ON:
+            for _ in range(len(statements) - 5):  # past the marks, to the clock reading
                 cur.nextset()
             stamp = await cur.fetchone()
             self.statements_done_at = stamp[0].timestamp() if stamp else 0.0
-            return rows.in_send_order([rows.pending(r) for r in assigned])
-        return rows.in_send_order([rows.pending(r) for r in await cur.fetchall()])
+        if floor is not None and horizon is not None:
+            whole = only_tenant is None and not skip_tenants
+            floor.observe(horizon[0], horizon[1], xid[0] if xid else None, len(assigned), limit, whole=whole)
+        return rows.in_send_order([rows.pending(r) for r in assigned])
 
     async def amark_forwarded(self, session: Any, pending: Sequence[Pending]) -> None:
         # A statement per partition (almost always one), each its own transaction: by primary
@@ -174,7 +194,7 @@ class PostgreSQLStore:
         if not shards:
             return []
         with transaction.atomic(), connection.cursor() as cur:
-            cur.execute(SQL["assign"], [list(shards), limit, only_tenant, list(skip_tenants)])
+            cur.execute(SQL["assign"], [list(shards), limit, only_tenant, list(skip_tenants), None])
             return rows.in_send_order([rows.pending(r) for r in cur.fetchall()])
 
     def unforwarded(self, shards: Sequence[int], limit: int, *, skip_tenants: Sequence[Any] = ()) -> list[Pending]:

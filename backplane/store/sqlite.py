@@ -19,6 +19,7 @@ from django.db import connection, transaction
 from django.utils import timezone
 
 from backplane import exceptions, streams
+from backplane.claims import ClaimFloor
 from backplane.events import EventRow, first_of_each
 from backplane.models import OutboxItem
 from backplane.store import common, queries, rows
@@ -117,6 +118,7 @@ class SQLiteStore:
         only_tenant: Any = None,
         skip_tenants: Sequence[Any] = (),
         forwarded: Sequence[Pending] = (),
+        floor: ClaimFloor | None = None,  # PostgreSQL's: SQLite's claim has no dead index entries to walk
     ) -> list[Pending]:
         return await database_sync_to_async(self._assign_and_mark)(shards, limit, only_tenant, skip_tenants, forwarded)
 

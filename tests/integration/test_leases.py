@@ -57,6 +57,12 @@ def terminate_backend(pid: int) -> bool:
         return bool(cur.fetchone()[0])
 
 
+def claim_query(shard: int, limit: int, after: int = 0) -> str:
+    """What ``aassign`` sends for a claim without marks: the floor's readings around the call."""
+    call = _statement(SQL["assign"], [[shard], limit, None, [], after])
+    return ";\n".join([SQL["claim_horizon"], call, SQL["claim_xid"]])
+
+
 def record_statements(conn: Any) -> list[str]:
     """Record the text of every statement run on a psycopg connection from now on."""
     statements: list[str] = []
@@ -195,11 +201,11 @@ async def test_leases__session_finds_rows_by_index_and_flushes_only_the_assignme
     shard = streams.shard_of(tenant.id, conf.SHARDS)
     assert len(await get_store().aassign(a.conn, [shard], 100)) == 1
     # alone, in autocommit: its own transaction
-    assert statements == [_statement(SQL["assign"], [[shard], 100, None, []])]
+    assert statements == [claim_query(shard, 100)]
     # The call sets synchronous_commit on for the transaction it runs in (what follows it up to
     # the sync is that transaction, and its commit waits for the flush); the session keeps off.
     await orm(outbox.publish, tenant, "a.b", {"n": 2})
-    query = _statement(SQL["assign"], [[shard], 100, None, []]) + ";\nSELECT current_setting('synchronous_commit')"
+    query = _statement(SQL["assign"], [[shard], 100, None, [], 0]) + ";\nSELECT current_setting('synchronous_commit')"
     cur = await a.conn.execute(query, prepare=False)  # as aassign sends it, with its marks
     assert len(await cur.fetchall()) == 1
     assert cur.nextset()
@@ -209,7 +215,7 @@ async def test_leases__session_finds_rows_by_index_and_flushes_only_the_assignme
 
 
 async def test_assign__one_round_trip_and_offsets_written_by_primary_key(make_leases, tenant_factory, monkeypatch):
-    """The assignment is one call (bp_assign_v3, with the marks pipelined after it); inside it, the rows
+    """The assignment is one call (bp_assign_v4, with the marks pipelined after it); inside it, the rows
     get their offsets through their partition's primary key, and nothing else of the outbox is
     read — never a whole partition, which the planner chooses for a few hundred keys when it
     may, or whenever it believes a partition empty."""
@@ -251,11 +257,11 @@ async def test_assign__one_round_trip_and_offsets_written_by_primary_key(make_le
     assert len(got) == 999
     # One transaction: the call, then the marks, in one simple query (one execute, no pipeline).
     assert statements == [
-        _statement(SQL["assign"], [[shard], 999, None, []])
+        claim_query(shard, 999)
         + ";\n"
         + _statement(SQL["mark_forwarded"].format(part=marked[0].part), [[marked[0].id]])
     ]
-    assert "bp_assign_v3(" in SQL["assign"]
+    assert "bp_assign_v4(" in SQL["assign"]
     assert syncs == 0
     rows = await orm(lambda: dict(OutboxItem.objects.filter(id=marked[0].id).values_list("id", "forwarded_at")))
     assert rows[marked[0].id] is not None  # the mark went with it
@@ -352,7 +358,7 @@ def outbox_rows_read(plan: str) -> int:
 async def test_assign__a_plan_made_on_an_empty_partition_still_reads_only_the_claimed_rows(
     make_leases, tenant_factory, autovacuum
 ):
-    """The relay's session keeps bp_assign_v3's plans. Made while the partition was analyzed
+    """The relay's session keeps bp_assign_v4's plans. Made while the partition was analyzed
     empty (a new partition), a plan that trusted that would read the whole partition on every
     call as it filled: the 3 001st row's assignment must read one row, not 3 001."""
     tenant = await orm(tenant_factory, "acme")

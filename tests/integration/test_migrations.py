@@ -46,7 +46,9 @@ STATEMENTS: dict[str, tuple[list[Any], tuple[str, ...] | None]] = {
         [TENANT, json.dumps([["t:x", "e-1", "a.b", NOW.isoformat(), 2]]), "[{}]", TENANT, TENANT, 0],
         None,
     ),
-    "assign": ([[0, 1], 10, None, [TENANT]], tuple(f"r_{c}" for c in rows.PENDING_COLUMNS)),
+    "assign": ([[0, 1], 10, None, [TENANT], 0], tuple(f"r_{c}" for c in rows.PENDING_COLUMNS)),
+    "claim_horizon": ([], None),
+    "claim_xid": ([], None),
     "mark_forwarded": ([[1, 2]], None),
     "unforwarded": ([[0, 1], [TENANT], 10], rows.PENDING_COLUMNS),
     "pending_tenants": ([[0, 1]], ("tenant_id",)),
@@ -180,8 +182,8 @@ def test_migrate_from_zero__every_named_statement_runs_and_returns_the_mapped_co
 
 def test_migrate_from_zero__the_function_version_called_exists_with_the_mapped_result_columns(fresh) -> None:
     conn, _ = fresh
-    assert "bp_assign_v3(" in SQL["assign"]
-    got = function_result_columns(conn, "bp_assign_v3")
+    assert "bp_assign_v4(" in SQL["assign"]
+    got = function_result_columns(conn, "bp_assign_v4")
     assert [name for name, _ in got] == [f"r_{c}" for c in rows.PENDING_COLUMNS]
     assert dict(got)["r_id"] == "bigint" and dict(got)["r_tenant_id"] == "uuid"
 
@@ -191,7 +193,7 @@ def test_schema_checks__fail_on_a_missing_column_and_a_missing_function_version(
     with pytest.raises(psycopg.errors.UndefinedColumn):
         run(conn, SQL["read_range"].replace("event_id", "event_key"), STATEMENTS["read_range"][0])
     with pytest.raises(psycopg.errors.UndefinedFunction):
-        run(conn, SQL["assign"].replace("bp_assign_v3", "bp_assign_v9"), STATEMENTS["assign"][0])
+        run(conn, SQL["assign"].replace("bp_assign_v4", "bp_assign_v9"), STATEMENTS["assign"][0])
     assert function_result_columns(conn, "bp_assign_v9") == []
 
 
@@ -243,6 +245,19 @@ def test_migrate__0016_reverses_keeping_the_previous_version_and_forwards_again(
     assert function_result_columns(conn, "bp_assign_v3") == []
     assert [n for n, _ in function_result_columns(conn, "bp_assign_v2")] == columns
     manage("migrate", "--no-input", "-v", "0", env=env, timeout=120)
+    assert [n for n, _ in function_result_columns(conn, "bp_assign_v3")] == columns
+
+
+def test_migrate__0019_reverses_keeping_the_previous_version_and_forwards_again(fresh) -> None:
+    """An upgrade keeps bp_assign_v3 for the relays of the release before (which call it
+    without a claim floor)."""
+    conn, env = fresh
+    columns = [f"r_{c}" for c in rows.PENDING_COLUMNS]
+    manage("migrate", "backplane", "0018", "--no-input", "-v", "0", env=env, timeout=120)
+    assert function_result_columns(conn, "bp_assign_v4") == []
+    assert [n for n, _ in function_result_columns(conn, "bp_assign_v3")] == columns
+    manage("migrate", "--no-input", "-v", "0", env=env, timeout=120)
+    assert [n for n, _ in function_result_columns(conn, "bp_assign_v4")] == columns
     assert [n for n, _ in function_result_columns(conn, "bp_assign_v3")] == columns
 
 

@@ -32,11 +32,24 @@ o AS (INSERT INTO backplane_outboxitem (tenant_id, kind, stream, event_id, type,
 SELECT (SELECT is_active FROM t), (SELECT count(*) FROM o)
 
 -- name: assign
--- The relay's assignment (backplane/store/sql/bp_assign_v3.sql; its own durable transaction when
--- called in autocommit). Parameters: shards, limit, only tenant (or NULL), tenants to skip.
+-- The relay's assignment (backplane/store/sql/bp_assign_v4.sql; its own durable transaction when
+-- called in autocommit). Parameters: shards, limit, only tenant (or NULL), tenants to skip,
+-- the claim floor (or NULL: from the lowest id).
 SELECT r_id, r_part, r_epoch, r_kind, r_stream, r_shard, r_offset, r_event_id, r_type, r_occurred_at,
        r_payload, r_tenant_id
-FROM bp_assign_v3(%s::int[], %s::int, %s::uuid, %s::uuid[])
+FROM bp_assign_v4(%s::int[], %s::int, %s::uuid, %s::uuid[], %s::bigint)
+
+-- name: claim_horizon
+-- Before the assignment, in its transaction (backplane.claims.ClaimFloor): the oldest
+-- transaction still running (the statement's snapshot's xmin) and the outbox ids handed out so
+-- far (NULL before the first). Read before the claim gives the call a transaction id.
+SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint,
+       pg_sequence_last_value(pg_get_serial_sequence('backplane_outboxitem', 'id')::regclass)
+
+-- name: claim_xid
+-- After the assignment, in its transaction: its transaction id, NULL when it claimed nothing
+-- (no row lock, so none was given).
+SELECT pg_current_xact_id_if_assigned()::text::bigint
 
 -- name: mark_forwarded
 -- By primary key in one partition ({part}; the parent table when it is not known).

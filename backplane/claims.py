@@ -1,0 +1,78 @@
+"""The relay's claim floor: the id at or below which every row of its shards has its offset.
+
+An assigned row's entry stays in the claim's partial index (``stream_offset IS NULL``) until a
+VACUUM removes it, and a claim that starts from the lowest id walks past all of them: its cost
+grows with the rows assigned since the last vacuum (docs/decisions/0048). A floor lets the
+claim's index scan start above it. It must never pass a row that can still be claimed, or that
+row would wait for the next full scan; how it moves, with PostgreSQL's transaction ids:
+
+- Each assignment reads, before it claims, the oldest transaction still running (``xmin``)
+  and the last outbox id handed out (``seq``); after the claim, its own transaction id
+  (``xid``), given at its first row lock, so after ``seq`` was read.
+- A row with an id at or below ``seq`` was inserted by a transaction that took its id before
+  ``seq`` was read. The publish statements insert the event key before the outbox row, and
+  directed commands ask for their transaction id first, so that transaction had its id
+  before ``xid`` was given: it is older than ``xid``.
+- So ``(seq, xid)`` is a candidate. A later assignment whose ``xmin`` is past ``xid`` sees
+  every such transaction ended (committed or rolled back); if it claimed fewer rows than its
+  limit, with no tenant left out, it claimed every row of the shards above the floor that its
+  snapshot showed, and after its commit none at or below ``seq`` is left: the floor moves to
+  ``seq``.
+
+A long transaction holds the floor back (its rows could still commit), as it should. Anything
+that breaks the ordering above (a row inserted by other code whose transaction id comes after
+its outbox id) is found by a full scan every ``FULL_SCAN_SECS``: late, never lost.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+# A claim from the lowest id this often whatever the floor: the safety net for a row inserted
+# in a way the floor's reasoning does not cover. It walks the assigned rows' index entries
+# once, instead of every cycle.
+FULL_SCAN_SECS = 10.0
+
+
+class ClaimFloor:
+    """One relay's floor over the shards it leases (reset when they change)."""
+
+    def __init__(self, full_scan_secs: float = FULL_SCAN_SECS) -> None:
+        self.full_scan_secs = full_scan_secs
+        self.shards: tuple[int, ...] = ()
+        self.after = 0  # every row of the shards with an id at or below this has its offset
+        self.candidate: tuple[int, int] | None = None  # (seq, xid) of an earlier assignment
+        self.full_scan_at = 0.0  # monotonic time of the next claim from the lowest id
+        self.raised = 0  # times the floor moved (tests, metrics)
+
+    def bound(self, shards: Sequence[int], now: float | None = None) -> int:
+        """The id to claim above for the next assignment over ``shards`` (0: from the lowest)."""
+        owned = tuple(sorted(shards))
+        if owned != self.shards:  # other shards: nothing known about their rows
+            self.shards, self.after, self.candidate = owned, 0, None
+        now = time.monotonic() if now is None else now
+        if now >= self.full_scan_at:
+            self.full_scan_at = now + self.full_scan_secs
+            return 0
+        return self.after
+
+    def observe(
+        self, xmin: int | None, seq: int | None, xid: int | None, claimed: int, limit: int, *, whole: bool
+    ) -> None:
+        """After an assignment that committed: ``xmin`` and ``seq`` read before its claim,
+        its ``xid`` (None when it claimed nothing), the rows it ``claimed`` of ``limit``;
+        ``whole``: no tenant was left out of it (no quarantine, not a one-tenant retry)."""
+        if not whole or xmin is None:
+            return
+        candidate = self.candidate
+        if candidate is not None and claimed < limit and xmin > candidate[1]:
+            self.after = max(self.after, candidate[0])
+            self.candidate = candidate = None
+            self.raised += 1
+        if candidate is None and xid is not None and seq is not None:
+            self.candidate = (seq, xid)
+
+    def describe(self) -> dict[str, Any]:
+        return {"after": self.after, "candidate": self.candidate, "raised": self.raised}
