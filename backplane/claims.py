@@ -19,6 +19,11 @@ row would wait for the next full scan; how it moves, with PostgreSQL's transacti
   snapshot showed, and after its commit none at or below ``seq`` is left: the floor moves to
   ``seq``.
 
+A full batch moves the floor too, up to its highest id at most: it claimed every row it saw
+below that one. The outbox's id sequence must hand ids out one at a time (``CACHE 1``, as
+Django creates it): with a cache a backend takes ids from a range reserved earlier, below the
+last value read, so the horizon reports no ``seq`` then and the floor stays where it is.
+
 A long transaction holds the floor back (its rows could still commit), as it should. Anything
 that breaks the ordering above (a row inserted by other code whose transaction id comes after
 its outbox id) is found by a full scan every ``FULL_SCAN_SECS``: late, never lost.
@@ -28,7 +33,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Any
 
 # A claim from the lowest id this often whatever the floor: the safety net for a row inserted
 # in a way the floor's reasoning does not cover. It walks the assigned rows' index entries
@@ -59,20 +63,37 @@ class ClaimFloor:
         return self.after
 
     def observe(
-        self, xmin: int | None, seq: int | None, xid: int | None, claimed: int, limit: int, *, whole: bool
+        self,
+        xmin: int | None,
+        seq: int | None,
+        xid: int | None,
+        claimed: int,
+        limit: int,
+        top: int | None = None,
+        *,
+        whole: bool,
     ) -> None:
-        """After an assignment that committed: ``xmin`` and ``seq`` read before its claim,
-        its ``xid`` (None when it claimed nothing), the rows it ``claimed`` of ``limit``;
+        """After an assignment that committed: ``xmin`` and ``seq`` read before its claim
+        (``seq`` None: the floor cannot rely on it), its ``xid`` (None when it claimed
+        nothing), the rows it ``claimed`` of ``limit`` and the highest id among them (``top``);
         ``whole``: no tenant was left out of it (no quarantine, not a one-tenant retry)."""
         if not whole or xmin is None:
             return
         candidate = self.candidate
-        if candidate is not None and claimed < limit and xmin > candidate[1]:
-            self.after = max(self.after, candidate[0])
-            self.candidate = candidate = None
-            self.raised += 1
+        if candidate is not None and xmin > candidate[1]:
+            if claimed < limit:  # it claimed everything it saw above the floor
+                reach = candidate[0]
+            else:  # a full batch: everything it saw up to its highest id (a backlog, where it matters most)
+                reach = min(candidate[0], top if top is not None else self.after)
+            if reach > self.after:
+                self.after = reach
+                self.raised += 1
+            if reach >= candidate[0]:
+                self.candidate = candidate = None
         if candidate is None and xid is not None and seq is not None:
             self.candidate = (seq, xid)
 
-    def describe(self) -> dict[str, Any]:
-        return {"after": self.after, "candidate": self.candidate, "raised": self.raised}
+    def reset(self) -> None:
+        """Nothing known any more (the relay's session was lost: a new one may find a database
+        that failed over and handed out ids again)."""
+        self.shards, self.after, self.candidate = (), 0, None

@@ -87,7 +87,7 @@ class PostgreSQLStore:
     ) -> None:
         # The transaction's id before the row's: the relay's claim floor relies on it
         # (backplane.claims). The publish statements get it from the event key's insert.
-        with transaction.atomic(), connection.cursor() as cur:
+        with transaction.atomic(savepoint=False), connection.cursor() as cur:
             cur.execute("SELECT pg_current_xact_id()")
             common.append_command(tenant_id, shard, stream, event_id, command, body)
 
@@ -172,7 +172,8 @@ class PostgreSQLStore:
             self.statements_done_at = stamp[0].timestamp() if stamp else 0.0
         if floor is not None and horizon is not None:
             whole = only_tenant is None and not skip_tenants
-            floor.observe(horizon[0], horizon[1], xid[0] if xid else None, len(assigned), limit, whole=whole)
+            top = max((r[0] for r in assigned), default=None)  # r_id
+            floor.observe(horizon[0], horizon[1], xid[0] if xid else None, len(assigned), limit, top, whole=whole)
         return rows.in_send_order([rows.pending(r) for r in assigned])
 
     async def amark_forwarded(self, session: Any, pending: Sequence[Pending]) -> None:

@@ -25,15 +25,33 @@ def test_floor__moves_to_a_candidate_once_every_older_transaction_ended_and_a_cl
     assert floor.bound([1, 0], now=1.0) == 40
 
 
-def test_floor__stays_after_a_full_batch_a_partial_claim_or_a_claim_with_tenants_left_out() -> None:
+def test_floor__stays_after_a_claim_with_tenants_left_out_or_without_a_reading() -> None:
     floor = started()
     floor.observe(xmin=500, seq=40, xid=510, claimed=3, limit=LIMIT, whole=True)
-    floor.observe(xmin=600, seq=90, xid=610, claimed=LIMIT, limit=LIMIT, whole=True)  # more may wait
     floor.observe(xmin=600, seq=90, xid=610, claimed=0, limit=LIMIT, whole=False)  # quarantined tenants
     floor.observe(xmin=None, seq=None, xid=None, claimed=0, limit=LIMIT, whole=True)  # no reading
     assert floor.after == 0 and floor.candidate == (40, 510)
     floor.observe(xmin=600, seq=90, xid=None, claimed=0, limit=LIMIT, whole=True)  # nothing claimed: whole
     assert floor.after == 40 and floor.candidate is None  # no transaction id: no new candidate
+
+
+def test_floor__a_full_batch_moves_it_up_to_its_highest_id_at_most() -> None:
+    floor = started()
+    floor.observe(xmin=500, seq=4000, xid=510, claimed=LIMIT, limit=LIMIT, top=1100, whole=True)
+    floor.observe(xmin=505, seq=4050, xid=515, claimed=LIMIT, limit=LIMIT, top=1150, whole=True)  # 510 may run
+    assert floor.after == 0
+    floor.observe(xmin=511, seq=4100, xid=520, claimed=LIMIT, limit=LIMIT, top=1200, whole=True)
+    assert floor.after == 1200  # it claimed every row it saw below its highest
+    assert floor.candidate == (4000, 510)  # still good for what lies above
+    floor.observe(xmin=511, seq=4200, xid=530, claimed=LIMIT, limit=LIMIT, top=4300, whole=True)
+    assert floor.after == 4000 and floor.candidate == (4200, 530)
+
+
+def test_floor__without_a_sequence_reading_it_never_moves() -> None:
+    floor = started()  # a sequence that caches ids per backend: the horizon has no seq
+    for i in range(5):
+        floor.observe(xmin=500 + 10 * i, seq=None, xid=505 + 10 * i, claimed=1, limit=LIMIT, top=40 + i, whole=True)
+    assert (floor.after, floor.candidate, floor.raised) == (0, None, 0)
 
 
 def test_floor__never_falls_and_starts_over_for_other_shards() -> None:
@@ -44,6 +62,12 @@ def test_floor__never_falls_and_starts_over_for_other_shards() -> None:
     assert floor.after == 40  # a lower candidate (seq read on another path) does not lower it
     assert floor.bound([0, 1, 2], now=1.0) == 0  # a shard more: nothing is known of its rows
     assert (floor.after, floor.candidate) == (0, None)
+    floor.observe(xmin=531, seq=60, xid=540, claimed=0, limit=LIMIT, whole=True)
+    floor.observe(xmin=541, seq=70, xid=550, claimed=0, limit=LIMIT, whole=True)
+    assert floor.after == 60
+    floor.reset()  # the session lost
+    assert (floor.after, floor.candidate) == (0, None)
+    assert floor.bound([0, 1, 2], now=2.0) == 0
 
 
 def test_floor__a_full_scan_every_period_whatever_the_floor() -> None:

@@ -41,10 +41,12 @@ FROM bp_assign_v4(%s::int[], %s::int, %s::uuid, %s::uuid[], %s::bigint)
 
 -- name: claim_horizon
 -- Before the assignment, in its transaction (backplane.claims.ClaimFloor): the oldest
--- transaction still running (the statement's snapshot's xmin) and the outbox ids handed out so
--- far (NULL before the first). Read before the claim gives the call a transaction id.
+-- transaction still running (the statement's snapshot's xmin) and the last outbox id handed out
+-- (NULL before the first, and when the sequence caches ids per backend: then a backend may
+-- still hand out ids below it). Read before the claim gives the call a transaction id.
 SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint,
-       pg_sequence_last_value(pg_get_serial_sequence('backplane_outboxitem', 'id')::regclass)
+       CASE WHEN s.seqcache = 1 THEN pg_sequence_last_value(s.seqrelid) END
+FROM pg_sequence s WHERE s.seqrelid = pg_get_serial_sequence('backplane_outboxitem', 'id')::regclass
 
 -- name: claim_xid
 -- After the assignment, in its transaction: its transaction id, NULL when it claimed nothing
