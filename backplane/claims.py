@@ -50,6 +50,7 @@ class ClaimFloor:
         self.candidate: tuple[int, int] | None = None  # (seq, xid) of an earlier assignment
         self.full_scan_at = 0.0  # monotonic time of the next claim from the lowest id
         self.raised = 0  # times the floor moved (tests, metrics)
+        self.sequence: int | None = None  # the outbox id sequence's oid, once looked up
 
     def bound(self, shards: Sequence[int], now: float | None = None) -> int:
         """The id to claim above for the next assignment over ``shards`` (0: from the lowest)."""

@@ -137,7 +137,7 @@ class PostgreSQLStore:
         the marks."""
         after = floor.bound(shards) if floor is not None else 0
         statements = [
-            SQL["claim_horizon"],
+            _statement(SQL["claim_horizon"], [floor.sequence if floor is not None else None]),
             _statement(SQL["assign"], [list(shards), limit, only_tenant, list(skip_tenants), after]),
             SQL["claim_xid"],
         ]
@@ -170,6 +170,9 @@ class PostgreSQLStore:
                 cur.nextset()
             stamp = await cur.fetchone()
             self.statements_done_at = stamp[0].timestamp() if stamp else 0.0
+        if floor is not None:
+            # No row: the sequence's oid is gone (a migration made it anew): looked up again next time.
+            floor.sequence = horizon[2] if horizon is not None else None
         if floor is not None and horizon is not None:
             whole = only_tenant is None and not skip_tenants
             top = max((r[0] for r in assigned), default=None)  # r_id

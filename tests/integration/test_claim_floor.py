@@ -63,6 +63,13 @@ async def test_floor__rises_with_the_assignments_and_the_claim_starts_above_it(s
     got = await publish_and_claim(session, tenant, floor, ROUNDS)
     assert len(got) == 1
     assert f"'{{}}'::uuid[], {before}::bigint)" in sent[0], sent
+    # The id sequence is looked up once, then named by its oid.
+    assert isinstance(floor.sequence, int) and f"coalesce({floor.sequence}::oid" in sent[0], sent
+    floor.sequence = 1  # an oid that is no sequence (a migration made it anew): looked up again
+    raised = floor.raised
+    for n in range(3):
+        await publish_and_claim(session, tenant, floor, ROUNDS + 1 + n)
+    assert isinstance(floor.sequence, int) and floor.sequence != 1 and floor.raised > raised
 
 
 async def test_assign_v4__claims_only_rows_above_the_floor_it_is_given(session, tenant_factory):

@@ -60,7 +60,7 @@ def terminate_backend(pid: int) -> bool:
 def claim_query(shard: int, limit: int, after: int = 0) -> str:
     """What ``aassign`` sends for a claim without marks: the floor's readings around the call."""
     call = _statement(SQL["assign"], [[shard], limit, None, [], after])
-    return ";\n".join([SQL["claim_horizon"], call, SQL["claim_xid"]])
+    return ";\n".join([_statement(SQL["claim_horizon"], [None]), call, SQL["claim_xid"]])
 
 
 def record_statements(conn: Any) -> list[str]:

@@ -47,7 +47,7 @@ STATEMENTS: dict[str, tuple[list[Any], tuple[str, ...] | None]] = {
         None,
     ),
     "assign": ([[0, 1], 10, None, [TENANT], 0], tuple(f"r_{c}" for c in rows.PENDING_COLUMNS)),
-    "claim_horizon": ([], None),
+    "claim_horizon": ([None], None),
     "claim_xid": ([], None),
     "mark_forwarded": ([[1, 2]], None),
     "unforwarded": ([[0, 1], [TENANT], 10], rows.PENDING_COLUMNS),

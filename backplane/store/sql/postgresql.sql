@@ -44,9 +44,12 @@ FROM bp_assign_v4(%s::int[], %s::int, %s::uuid, %s::uuid[], %s::bigint)
 -- transaction still running (the statement's snapshot's xmin) and the last outbox id handed out
 -- (NULL before the first, and when the sequence caches ids per backend: then a backend may
 -- still hand out ids below it). Read before the claim gives the call a transaction id.
+-- Parameters: the id sequence's oid as the last call returned it, or NULL: looked up by the
+-- table's name then (pg_get_serial_sequence reads pg_depend: ~30 µs a call).
 SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint,
-       CASE WHEN s.seqcache = 1 THEN pg_sequence_last_value(s.seqrelid) END
-FROM pg_sequence s WHERE s.seqrelid = pg_get_serial_sequence('backplane_outboxitem', 'id')::regclass
+       CASE WHEN s.seqcache = 1 THEN pg_sequence_last_value(s.seqrelid) END, s.seqrelid::bigint
+FROM pg_sequence s
+WHERE s.seqrelid = coalesce(%s::oid, pg_get_serial_sequence('backplane_outboxitem', 'id')::regclass)
 
 -- name: claim_xid
 -- After the assignment, in its transaction: its transaction id, NULL when it claimed nothing
