@@ -22,7 +22,9 @@ row would wait for the next full scan; how it moves, with PostgreSQL's transacti
 A full batch moves the floor too, up to its highest id at most: it claimed every row it saw
 below that one. The outbox's id sequence must hand ids out one at a time (``CACHE 1``, as
 Django creates it): with a cache a backend takes ids from a range reserved earlier, below the
-last value read, so the horizon reports no ``seq`` then and the floor stays where it is.
+last value read, so the horizon reports no ``seq`` then and the floor stays where it is. (After
+a cache is lowered back to 1, backends that hold cached ids still hand them out: reconnect the
+producers first.)
 
 A long transaction holds the floor back (its rows could still commit), as it should. Anything
 that breaks the ordering above (a row inserted by other code whose transaction id comes after
@@ -51,9 +53,14 @@ class ClaimFloor:
         self.full_scan_at = 0.0  # monotonic time of the next claim from the lowest id
         self.raised = 0  # times the floor moved (tests, metrics)
         self.sequence: int | None = None  # the outbox id sequence's oid, once looked up
+        self.session: object = None  # the session the floor was learnt on
 
-    def bound(self, shards: Sequence[int], now: float | None = None) -> int:
-        """The id to claim above for the next assignment over ``shards`` (0: from the lowest)."""
+    def bound(self, shards: Sequence[int], now: float | None = None, session: object = None) -> int:
+        """The id to claim above for the next assignment over ``shards`` on ``session`` (the
+        relay's lease session), 0: from the lowest."""
+        if session is not self.session:  # a new session may meet a database that failed over
+            self.reset()
+            self.session = session
         owned = tuple(sorted(shards))
         if owned != self.shards:  # other shards: nothing known about their rows
             self.shards, self.after, self.candidate = owned, 0, None
@@ -97,4 +104,4 @@ class ClaimFloor:
     def reset(self) -> None:
         """Nothing known any more (the relay's session was lost: a new one may find a database
         that failed over and handed out ids again)."""
-        self.shards, self.after, self.candidate = (), 0, None
+        self.shards, self.after, self.candidate, self.sequence = (), 0, None, None

@@ -135,7 +135,7 @@ class PostgreSQLStore:
         (docs/decisions/0041-relay-cycle-python.md). The outbox's parent table is locked
         before any partition, as everywhere (``backplane.partitions``): the call comes before
         the marks."""
-        after = floor.bound(shards) if floor is not None else 0
+        after = floor.bound(shards, session=session) if floor is not None else 0
         statements = [
             _statement(SQL["claim_horizon"], [floor.sequence if floor is not None else None]),
             _statement(SQL["assign"], [list(shards), limit, only_tenant, list(skip_tenants), after]),

@@ -75,3 +75,15 @@ def test_floor__a_full_scan_every_period_whatever_the_floor() -> None:
     floor.observe(xmin=500, seq=40, xid=510, claimed=3, limit=LIMIT, whole=True)
     floor.observe(xmin=511, seq=50, xid=520, claimed=0, limit=LIMIT, whole=True)
     assert [floor.bound([0, 1], now=t) for t in (1.0, 9.9, 10.0, 10.1, 19.9, 20.0)] == [40, 40, 0, 40, 40, 0]
+
+
+def test_floor__starts_over_on_another_session() -> None:
+    floor = ClaimFloor(1000.0)
+    first, second = object(), object()
+    assert floor.bound([0], now=0.0, session=first) == 0
+    floor.sequence = 42
+    floor.observe(xmin=500, seq=40, xid=510, claimed=3, limit=LIMIT, whole=True)
+    floor.observe(xmin=511, seq=50, xid=520, claimed=0, limit=LIMIT, whole=True)
+    assert floor.bound([0], now=1.0, session=first) == 40
+    assert floor.bound([0], now=2.0, session=second) == 0  # the same shards, a new session
+    assert (floor.after, floor.candidate, floor.sequence) == (0, None, None)
