@@ -136,11 +136,12 @@ class PostgreSQLStore:
         before any partition, as everywhere (``backplane.partitions``): the call comes before
         the marks."""
         after = floor.bound(shards, session=session) if floor is not None else 0
-        statements = [
-            _statement(SQL["claim_horizon"], [floor.sequence if floor is not None else None]),
-            _statement(SQL["assign"], [list(shards), limit, only_tenant, list(skip_tenants), after]),
-            SQL["claim_xid"],
-        ]
+        # The floor's readings ride along now and then, not with every call (two statements more).
+        reading = floor is not None and floor.reading_due()
+        call = _statement(SQL["assign"], [list(shards), limit, only_tenant, list(skip_tenants), after])
+        statements = [call]
+        if floor is not None and reading:
+            statements = [_statement(SQL["claim_horizon"], [floor.sequence]), call, SQL["claim_xid"]]
         statements += [
             _statement(SQL["mark_forwarded"].format(part=part), [ids]) for part, ids in _ids_by_part(forwarded).items()
         ]
@@ -159,24 +160,27 @@ class PostgreSQLStore:
                     await session.close()
             raise
         if hoptrace.ON:
-            cur.nextset()  # past BEGIN, to the horizon
-        horizon = await cur.fetchone()
-        cur.nextset()
+            cur.nextset()  # past BEGIN
+        horizon = xid = None
+        if reading:
+            horizon = await cur.fetchone()
+            cur.nextset()
         assigned = await cur.fetchall()
-        cur.nextset()
-        xid = await cur.fetchone()
+        if reading:
+            cur.nextset()
+            xid = await cur.fetchone()
         if hoptrace.ON:
-            for _ in range(len(statements) - 5):  # past the marks, to the clock reading
+            for _ in range(len(statements) - (5 if reading else 3)):  # past the marks, to the clock reading
                 cur.nextset()
             stamp = await cur.fetchone()
             self.statements_done_at = stamp[0].timestamp() if stamp else 0.0
-        if floor is not None:
+        if reading and floor is not None:
             # No row: the sequence's oid is gone (a migration made it anew): looked up again next time.
             floor.sequence = horizon[2] if horizon is not None else None
-        if floor is not None and horizon is not None:
-            whole = only_tenant is None and not skip_tenants
-            top = max((r[0] for r in assigned), default=None)  # r_id
-            floor.observe(horizon[0], horizon[1], xid[0] if xid else None, len(assigned), limit, top, whole=whole)
+            if horizon is not None:
+                whole = only_tenant is None and not skip_tenants
+                top = max((r[0] for r in assigned), default=None)  # r_id
+                floor.observe(horizon[0], horizon[1], xid[0] if xid else None, len(assigned), limit, top, whole=whole)
         return rows.in_send_order([rows.pending(r) for r in assigned])
 
     async def amark_forwarded(self, session: Any, pending: Sequence[Pending]) -> None:

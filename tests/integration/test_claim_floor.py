@@ -42,7 +42,7 @@ async def publish_and_claim(conn: Any, tenant: Any, floor: ClaimFloor, n: int) -
 
 async def test_floor__rises_with_the_assignments_and_the_claim_starts_above_it(session, tenant_factory):
     tenant = await orm(tenant_factory, "acme")
-    floor = ClaimFloor(full_scan_secs=1000.0)
+    floor = ClaimFloor(full_scan_secs=1000.0, reading_secs=0.0)
     claimed = []
     for n in range(ROUNDS):
         claimed += await publish_and_claim(session, tenant, floor, n)
@@ -66,6 +66,15 @@ async def test_floor__rises_with_the_assignments_and_the_claim_starts_above_it(s
     assert f"'{{}}'::uuid[], {before}::bigint)" in sent[0], sent
     # The id sequence is looked up once, then named by its oid.
     assert isinstance(floor.sequence, int) and f"coalesce({floor.sequence}::oid" in sent[0], sent
+    # The readings ride along at most every reading_secs: a call without them passes the floor too.
+    floor.reading_secs = 1000.0
+    floor.reading_at = 0.0
+    sent.clear()
+    await publish_and_claim(session, tenant, floor, ROUNDS + 10)  # with the readings (due)
+    await publish_and_claim(session, tenant, floor, ROUNDS + 11)  # without
+    assert "claim_horizon" not in sent[1] and "pg_snapshot_xmin" not in sent[1], sent
+    assert sent[1].startswith("SELECT r_id") and f"{floor.after}::bigint)" in sent[1], sent
+    floor.reading_secs, floor.reading_at = 0.0, 0.0
     floor.sequence = 1  # an oid that is no sequence (a migration made it anew): looked up again
     raised = floor.raised
     for n in range(3):
@@ -88,7 +97,7 @@ async def test_assign_v4__claims_only_rows_above_the_floor_it_is_given(session, 
 
 async def test_floor__stays_when_the_id_sequence_caches_ids_per_backend(session, tenant_factory):
     tenant = await orm(tenant_factory, "acme")
-    floor = ClaimFloor(full_scan_secs=1000.0)
+    floor = ClaimFloor(full_scan_secs=1000.0, reading_secs=0.0)
     seq = "pg_get_serial_sequence('backplane_outboxitem', 'id')"
     cur = await session.execute(f"SELECT {seq}")
     (name,) = await cur.fetchone()
@@ -107,7 +116,7 @@ async def test_floor__stays_when_the_id_sequence_caches_ids_per_backend(session,
 
 async def test_floor__a_transaction_still_open_holds_it_below_its_row(session, tenant_factory):
     tenant = await orm(tenant_factory, "acme")
-    floor = ClaimFloor(full_scan_secs=1000.0)  # no full scan to catch a row the floor passed
+    floor = ClaimFloor(full_scan_secs=1000.0, reading_secs=0.0)  # no full scan to catch a row the floor passed
     await publish_and_claim(session, tenant, floor, 0)
     store = get_store()
     held = await store.aopen_session()
@@ -137,7 +146,7 @@ async def test_floor__a_transaction_still_open_holds_it_below_its_row(session, t
 
 async def test_floor__a_row_below_it_is_claimed_by_the_next_full_scan(session, tenant_factory):
     tenant = await orm(tenant_factory, "acme")
-    floor = ClaimFloor(full_scan_secs=1000.0)  # its full scan comes when the test says (below)
+    floor = ClaimFloor(full_scan_secs=1000.0, reading_secs=0.0)  # its full scan comes when the test says (below)
     cur = await session.execute("SELECT nextval(pg_get_serial_sequence('backplane_outboxitem', 'id'))")
     (reserved,) = await cur.fetchone()  # an outbox id nothing else will take
     for n in range(ROUNDS):

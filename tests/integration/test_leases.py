@@ -58,9 +58,8 @@ def terminate_backend(pid: int) -> bool:
 
 
 def claim_query(shard: int, limit: int, after: int = 0) -> str:
-    """What ``aassign`` sends for a claim without marks: the floor's readings around the call."""
-    call = _statement(SQL["assign"], [[shard], limit, None, [], after])
-    return ";\n".join([_statement(SQL["claim_horizon"], [None]), call, SQL["claim_xid"]])
+    """What ``aassign`` sends for a claim without marks and without a claim floor."""
+    return _statement(SQL["assign"], [[shard], limit, None, [], after])
 
 
 def record_statements(conn: Any) -> list[str]:

@@ -87,3 +87,15 @@ def test_floor__starts_over_on_another_session() -> None:
     assert floor.bound([0], now=1.0, session=first) == 40
     assert floor.bound([0], now=2.0, session=second) == 0  # the same shards, a new session
     assert (floor.after, floor.candidate, floor.sequence) == (0, None, None)
+
+
+def test_floor__readings_ride_along_at_most_every_reading_secs() -> None:
+    floor = ClaimFloor(1000.0, reading_secs=0.1)
+    assert [floor.reading_due(now=t) for t in (0.0, 0.05, 0.099, 0.1, 0.15, 0.25)] == [
+        True,
+        False,
+        False,
+        True,
+        False,
+        True,
+    ]
