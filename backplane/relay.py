@@ -294,7 +294,6 @@ class Relay:
         next owner sends them again, with the same offsets)."""
         await self.leases.lost(exc)
         self.unmarked = []
-        self.claim_floor.reset()  # the next session may meet a database that failed over
 
     async def _assign_per_tenant(self, owned: Sequence[int]) -> int:
         total = 0
