@@ -175,13 +175,20 @@ REPLY_TIMEOUT_SECS = 1.0
 # How long the direct way rests after a failure to connect or an error reply; for good when
 # it cannot work (TLS, refused AUTH) — a setting fixed at start.
 RETRY_SECS = 30.0
+# Replies are read before a ring only when they were last read this long ago: a ring that
+# follows another closely skips the read (a syscall, ~13 µs of a publish() on the reference VM;
+# docs/decisions/0049-doorbell-reads-replies-between-bursts.md). A connection closed while
+# the producer was idle is still seen before its next ring.
+DRAIN_SECS = 0.05
 
 
 class _Wire:
     """The doorbell's own Redis connection, written to by the committing threads.
 
     A ring is one PUBLISH of a few dozen bytes, sent on the non-blocking socket; the replies to
-    earlier rings are read (and dropped) the same way just before. Neither ever waits: when
+    earlier rings are read (and dropped) the same way just before, when ``DRAIN_SECS`` have
+    passed since they were last read (an error reply or a close in a burst of rings is seen at
+    the next read: those rings are lost, and the relay's poll covers them). Neither ever waits: when
     the socket cannot take the whole command at once, the connection is gone or rings went
     unanswered for ``REPLY_TIMEOUT_SECS``, ``publish`` returns False and the ring goes by the
     sender thread (which opens a new connection). A forked child drops the parent's connection.
@@ -192,6 +199,7 @@ class _Wire:
         self.sock = sock
         self.unanswered = 0
         self.waiting_since = 0.0  # when the oldest unanswered ring was sent (or replies last came)
+        self.drained_at = 0.0  # when replies were last read
 
     @classmethod
     def connect(cls) -> None:
@@ -224,7 +232,9 @@ class _Wire:
             if _wire is not self:
                 return False
             try:
-                self._drain()
+                now = time.monotonic()
+                if now - self.drained_at >= DRAIN_SECS:
+                    self._drain(now)
                 sent = self.sock.send(frame)
             except BlockingIOError:
                 # Full: Redis is not reading. Given up like a lost one, or a ring that fits again
@@ -236,7 +246,7 @@ class _Wire:
                 sent = -1
             if sent == len(frame):
                 if not self.unanswered:
-                    self.waiting_since = time.monotonic()
+                    self.waiting_since = now
                 self.unanswered += 1
                 return True
             _wire = None  # lost, refused, or half a command on the wire: never write to it again
@@ -245,10 +255,11 @@ class _Wire:
             _pause(RETRY_SECS, "Redis refused a ring", None)
         return False
 
-    def _drain(self) -> None:
+    def _drain(self, now: float) -> None:
         """Read what Redis replied to earlier rings; raise if one is an error, if Redis closed
         the connection (else the ring would be written into a closed connection, and lost), or
         if rings have waited for their replies too long."""
+        self.drained_at = now
         while True:
             try:
                 data = self.sock.recv(65536)
@@ -259,9 +270,9 @@ class _Wire:
             if b"-" in data:  # PUBLISH replies are non-negative integers (":N"); "-" is an error
                 raise _Refused()
             self.unanswered = max(0, self.unanswered - data.count(b"\r\n"))
-            self.waiting_since = time.monotonic()
+            self.waiting_since = now
             # ...and read on until nothing is left: a close behind the replies must be seen now.
-        if self.unanswered and time.monotonic() - self.waiting_since > REPLY_TIMEOUT_SECS:
+        if self.unanswered and now - self.waiting_since > REPLY_TIMEOUT_SECS:
             raise TimeoutError("Redis has not answered the doorbell's rings")
 
     def close(self) -> None:

@@ -39,7 +39,7 @@ def new_event_ids(n: int) -> list[str]:
     publish; made in bulk from one read of the random source
     (docs/decisions/0007-uuidv7-event-ids.md)."""
     if n == 1:  # publish(): one id without the slicing made for many (5 µs → under 2)
-        b = bytearray(os.urandom(16))
+        b = bytearray(_random16())
         b[0:6] = (time.time_ns() // 1_000_000).to_bytes(6, "big")
         b[6] = b[6] & 0x0F | 0x70
         b[8] = b[8] & 0x3F | 0x80
@@ -55,6 +55,28 @@ def new_event_ids(n: int) -> list[str]:
         f"{h[i : i + 8]}-{h[i + 8 : i + 12]}-{h[i + 12 : i + 16]}-{h[i + 16 : i + 20]}-{h[i + 20 : i + 32]}"
         for i in range(0, 32 * n, 32)
     ]
+
+
+# Random bytes for publish()'s event ids, read from the OS 4 KiB at a time: one getrandom
+# system call per 256 events rather than one per publish()
+# (docs/decisions/0049-doorbell-reads-replies-between-bursts.md). Each 16 bytes is handed
+# out once (list.pop is atomic); a forked child drops what its parent had read, or both
+# would make the same ids.
+_POOL_BYTES = 4096
+_pool: list[bytes] = []
+
+
+def _random16() -> bytes:
+    try:
+        return _pool.pop()
+    except IndexError:
+        raw = os.urandom(_POOL_BYTES)
+        _pool.extend(raw[i : i + 16] for i in range(0, _POOL_BYTES, 16))
+        return _pool.pop()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_pool.clear)
 
 
 def encode(payload: Any) -> str:

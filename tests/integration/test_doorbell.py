@@ -166,7 +166,9 @@ def test_doorbell__the_direct_connection_is_closed_at_exit(bell, tenant_factory)
     assert wire.sock.fileno() == -1
 
 
-def test_doorbell__a_lost_connection_costs_no_ring(bell, tenant_factory):
+def test_doorbell__a_connection_lost_while_idle_costs_no_ring(bell, tenant_factory):
+    """A connection Redis closed while the producer was idle (its ``timeout``, a CLIENT KILL)
+    is seen before the next ring is written: rings more than DRAIN_SECS apart read first."""
     tenant = tenant_factory("acme")
     wire = wire_up(bell, tenant)
     admin = redis.Redis.from_url(settings.REDIS_URL)
@@ -182,6 +184,7 @@ def test_doorbell__a_lost_connection_costs_no_ring(bell, tenant_factory):
 
     # The closed connection is noticed before the ring is written: the ring goes by the sender
     # thread, which opens a new connection.
+    time.sleep(doorbell.DRAIN_SECS)
     outbox.publish(tenant, "run.updated", {})
     assert len(rings(bell, 5)) == 1
     assert doorbell._wire is not wire
@@ -237,6 +240,7 @@ def test_doorbell__an_error_reply_sends_rings_by_the_thread_for_a_while(bell, te
         else:
             raise AssertionError("the error reply did not arrive")
 
+        time.sleep(doorbell.DRAIN_SECS)  # the next ring reads the replies first
         outbox.publish(tenant, "run.updated", {})
 
         assert len(rings(bell, 5)) == 1  # by the sender thread
@@ -245,6 +249,59 @@ def test_doorbell__an_error_reply_sends_rings_by_the_thread_for_a_while(bell, te
         outbox.publish(tenant, "run.updated", {})
         assert len(rings(bell, 5)) == 1
         assert doorbell._wire is None  # not reopened while paused: Redis said no
+    finally:
+        for s in (client, accepted, server):
+            s.close()
+
+
+class CountingSocket:
+    """A socket that counts the reads of the replies (``recv``) made through it."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock, self.reads = sock, 0
+
+    def recv(self, size: int, *flags: int) -> bytes:
+        self.reads += 1
+        return self.sock.recv(size, *flags)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.sock, name)
+
+
+def test_doorbell__close_rings_skip_reading_replies_and_an_error_is_found_at_the_next_read(
+    bell, tenant_factory, monkeypatch
+):
+    """Rings closer together than DRAIN_SECS write without reading the replies first (a
+    system call saved per publish()); the first ring after DRAIN_SECS reads them, and an
+    error reply among them sends rings by the sender thread as before."""
+    tenant = tenant_factory("acme")
+    monkeypatch.setattr(doorbell, "DRAIN_SECS", 0.3)
+    server = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(server.getsockname())
+    accepted, _ = server.accept()
+    counting = CountingSocket(client)
+    fake = doorbell._Wire(counting)  # type: ignore[arg-type]
+    use_wire(fake)
+    try:
+        assert fake.publish(doorbell.channel_name(), "1")  # the first ring reads (none yet)
+        assert counting.reads == 1
+        accepted.sendall(b"-NOPERM this user has no permissions to access the channel\r\n")
+        time.sleep(0.05)  # the error reply is there to read now
+        for _ in range(3):
+            assert fake.publish(doorbell.channel_name(), "1")  # close behind: no read, sent
+        assert counting.reads == 1 and fake.unanswered == 4
+        accepted.settimeout(5)
+        written = b""
+        while written.count(b"PUBLISH") < 4:  # all four reached the server (or recv times out)
+            written += accepted.recv(4096)
+
+        time.sleep(0.3)
+        outbox.publish(tenant, "run.updated", {})  # reads first: the error, so by the thread
+
+        assert counting.reads >= 2
+        assert len(rings(bell, 5)) == 1
+        assert doorbell._wire is None
+        assert doorbell._wire_paused_until > time.monotonic() + doorbell.RETRY_SECS / 2
     finally:
         for s in (client, accepted, server):
             s.close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -15,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from backplane import exceptions, redaction, streams
+from backplane import events, exceptions, redaction, streams
 from backplane.events import build, build_all, encode, first_of_each, new_event_ids, stream_for
 
 TENANT = uuid.UUID("12345678-1234-5678-1234-567812345678")
@@ -80,6 +81,36 @@ def test_new_event_ids__later_calls_sort_after_earlier_ones() -> None:
     time.sleep(0.002)
     second = new_event_ids(3)
     assert max(first) < min(second)
+
+
+def test_new_event_ids__one_at_a_time_across_many_pool_refills_never_repeats(monkeypatch) -> None:
+    """publish()'s ids come from a pool of random bytes read 4 KiB at a time: every 16 bytes
+    are handed out once, refill after refill."""
+    reads: list[int] = []
+    real = events.os.urandom
+    monkeypatch.setattr(events.os, "urandom", lambda n: reads.append(n) or real(n))
+    events._pool.clear()
+    ids = [new_event_ids(1)[0] for _ in range(5 * 256 + 3)]
+    assert len(set(ids)) == len(ids)
+    assert len({uuid.UUID(i).int & (2**62 - 1) for i in ids}) == len(ids)  # the random bits differ
+    assert reads == [4096] * 6  # one read of the OS per 256 ids
+
+
+def test_new_event_ids__a_forked_child_does_not_make_its_parents_next_ids() -> None:
+    new_event_ids(1)  # the pool holds bytes now
+    assert events._pool
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next ids, to the parent, and leave at once
+        os.close(read)
+        os.write(write, "\n".join(new_event_ids(1)[0][-17:] for _ in range(10)).encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        child = set(pipe.read().split("\n"))
+    os.waitpid(pid, 0)
+    parent = {new_event_ids(1)[0][-17:] for _ in range(10)}  # the random tails alone
+    assert len(child) == 10 and not child & parent
 
 
 def test_new_event_ids__none() -> None:
