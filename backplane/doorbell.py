@@ -176,7 +176,7 @@ REPLY_TIMEOUT_SECS = 1.0
 # it cannot work (TLS, refused AUTH) — a setting fixed at start.
 RETRY_SECS = 30.0
 # Replies are read before a ring only when they were last read this long ago: a ring that
-# follows another closely skips the read (a syscall, ~13 µs of a publish() on the reference VM;
+# follows another closely skips the read (two recv calls, ~13 µs of a publish() on the reference VM;
 # docs/decisions/0049-doorbell-reads-replies-between-bursts.md). A connection closed while
 # the producer was idle is still seen before its next ring.
 DRAIN_SECS = 0.05
@@ -187,8 +187,9 @@ class _Wire:
 
     A ring is one PUBLISH of a few dozen bytes, sent on the non-blocking socket; the replies to
     earlier rings are read (and dropped) the same way just before, when ``DRAIN_SECS`` have
-    passed since they were last read (an error reply or a close in a burst of rings is seen at
-    the next read: those rings are lost, and the relay's poll covers them). Neither ever waits: when
+    passed since they were last read (a close in a burst of rings costs the ring written into
+    it; an error reply there is seen at the next read, and the rings before it are lost: the
+    relay's poll covers them). Neither ever waits: when
     the socket cannot take the whole command at once, the connection is gone or rings went
     unanswered for ``REPLY_TIMEOUT_SECS``, ``publish`` returns False and the ring goes by the
     sender thread (which opens a new connection). A forked child drops the parent's connection.
@@ -198,7 +199,7 @@ class _Wire:
         sock.setblocking(False)
         self.sock = sock
         self.unanswered = 0
-        self.waiting_since = 0.0  # when the oldest unanswered ring was sent (or replies last came)
+        self.waiting_since = 0.0  # when the oldest unanswered ring was sent (or replies were last read)
         self.drained_at = 0.0  # when replies were last read
 
     @classmethod

@@ -32,7 +32,8 @@ _JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=Fa
 
 def new_event_ids(n: int) -> list[str]:
     """``n`` time-ordered (version 7, RFC 9562) UUIDs as text: 48 bits of Unix milliseconds,
-    then 74 random bits, from one read of the OS's random source.
+    then 74 random bits, from one read of the OS's random source (one id: from a pool that
+    one read fills for 256, ``_random16``).
 
     Time-ordered, so the idempotency keys (tenant, event id) of generated ids go in at the
     right edge of their B-tree instead of at random pages: fewer pages dirtied and split per
@@ -70,9 +71,11 @@ def _random16() -> bytes:
     try:
         return _pool.pop()
     except IndexError:
+        # This call keeps the read's first 16 bytes: other threads may empty the pool between
+        # the extend and a pop of ours.
         raw = os.urandom(_POOL_BYTES)
-        _pool.extend(raw[i : i + 16] for i in range(0, _POOL_BYTES, 16))
-        return _pool.pop()
+        _pool.extend(raw[i : i + 16] for i in range(16, _POOL_BYTES, 16))
+        return raw[:16]
 
 
 if hasattr(os, "register_at_fork"):

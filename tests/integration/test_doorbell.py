@@ -275,7 +275,7 @@ def test_doorbell__close_rings_skip_reading_replies_and_an_error_is_found_at_the
     system call saved per publish()); the first ring after DRAIN_SECS reads them, and an
     error reply among them sends rings by the sender thread as before."""
     tenant = tenant_factory("acme")
-    monkeypatch.setattr(doorbell, "DRAIN_SECS", 0.3)
+    monkeypatch.setattr(doorbell, "DRAIN_SECS", 600.0)  # the burst: however slow the machine
     server = socket.create_server(("127.0.0.1", 0))
     client = socket.create_connection(server.getsockname())
     accepted, _ = server.accept()
@@ -286,16 +286,24 @@ def test_doorbell__close_rings_skip_reading_replies_and_an_error_is_found_at_the
         assert fake.publish(doorbell.channel_name(), "1")  # the first ring reads (none yet)
         assert counting.reads == 1
         accepted.sendall(b"-NOPERM this user has no permissions to access the channel\r\n")
-        time.sleep(0.05)  # the error reply is there to read now
+        for _ in range(100):  # until the error reply is there to read
+            with contextlib.suppress(BlockingIOError):
+                if client.recv(64, socket.MSG_PEEK | socket.MSG_DONTWAIT):
+                    break
+            time.sleep(0.01)
+        else:
+            raise AssertionError("the error reply did not arrive")
         for _ in range(3):
             assert fake.publish(doorbell.channel_name(), "1")  # close behind: no read, sent
         assert counting.reads == 1 and fake.unanswered == 4
         accepted.settimeout(5)
         written = b""
         while written.count(b"PUBLISH") < 4:  # all four reached the server (or recv times out)
-            written += accepted.recv(4096)
+            chunk = accepted.recv(4096)
+            assert chunk, "the doorbell closed its connection"
+            written += chunk
 
-        time.sleep(0.3)
+        monkeypatch.setattr(doorbell, "DRAIN_SECS", 0.0)  # as if DRAIN_SECS had passed
         outbox.publish(tenant, "run.updated", {})  # reads first: the error, so by the thread
 
         assert counting.reads >= 2

@@ -96,15 +96,28 @@ def test_new_event_ids__one_at_a_time_across_many_pool_refills_never_repeats(mon
     assert reads == [4096] * 6  # one read of the OS per 256 ids
 
 
+def test_new_event_ids__a_refill_emptied_at_once_by_other_threads_still_gives_an_id(monkeypatch) -> None:
+    class Raided(list):
+        def extend(self, items: object) -> None:  # other threads take every refilled id at once
+            list(items)
+
+    monkeypatch.setattr(events, "_pool", Raided())
+    ids = [new_event_ids(1)[0] for _ in range(3)]
+    assert len(set(ids)) == 3 and all(uuid.UUID(i).version == 7 for i in ids)
+
+
 def test_new_event_ids__a_forked_child_does_not_make_its_parents_next_ids() -> None:
-    new_event_ids(1)  # the pool holds bytes now
-    assert events._pool
+    events._pool.clear()
+    new_event_ids(1)  # the pool holds 255 ids' bytes now
+    assert len(events._pool) == 255
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: its next ids, to the parent, and leave at once
-        os.close(read)
-        os.write(write, "\n".join(new_event_ids(1)[0][-17:] for _ in range(10)).encode())
-        os._exit(0)
+        try:
+            os.close(read)
+            os.write(write, "\n".join(new_event_ids(1)[0][-17:] for _ in range(10)).encode())
+        finally:
+            os._exit(0)
     os.close(write)
     with os.fdopen(read) as pipe:
         child = set(pipe.read().split("\n"))
