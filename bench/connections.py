@@ -264,6 +264,14 @@ def after_kill(args: Any) -> dict[str, Any]:
     )
     if len(back) < len(fo):
         row["notes"].append(f"{len(fo) - len(back)} of {len(fo)} peers of the killed edge did not come back")
+        for f in [f for f in fo if not f["resumed_at"]][:5]:  # what each did after its last hello
+            greeted = f["hello_at"] - killed_at if killed_at and f.get("hello_at") else None
+            when = "never" if greeted is None else f"{greeted:.2f}s after the kill"
+            row["notes"].append(
+                f"not back: open {f.get('open')}, greeted {when} "
+                f"at {f.get('url')}, resume of {f.get('resume_streams')} streams sent, "
+                f"{f.get('frames_after_hello')} frames after, the last control frame {f.get('last_control')!r}"
+            )
     common.report(
         f"connections — storm after an edge SIGKILL: 2 edges × {per_edge} peers, {args.kill_rate:g} device "
         f"events/s for {args.kill_seconds:g}s, edge 1 killed 3 s in and restarted; its peers come back "

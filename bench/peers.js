@@ -354,6 +354,13 @@ class Peer {
     this.droppedAt = 0;
     this.resumedAt = 0;
     this.resumed = null;
+    // What a failed-over peer did after its last hello, for a peer that never resumes: when it
+    // was greeted, how many streams it asked to resume (0: none known, it pinged instead),
+    // how many frames came after, and the start of the last one that was not an event.
+    this.helloAt = 0;
+    this.resumeStreams = -1;
+    this.framesAfterHello = 0;
+    this.lastControl = "";
   }
 
   arrived(k, t) {
@@ -448,6 +455,9 @@ class Pool {
           hello = true;
           clearTimeout(timer);
           const h = JSON.parse(data.toString());
+          peer.helloAt = now();
+          peer.framesAfterHello = 0;
+          peer.resumeStreams = resume ? peer.pos.size : -1;
           if (resume && peer.pos.size) {
             const streams = {};
             for (const [name, [epoch, offset]] of peer.pos) streams[name] = { epoch, offset };
@@ -468,6 +478,7 @@ class Pool {
   }
 
   frame(peer, buf) {
+    peer.framesAfterHello += 1;
     if (isEvent(buf)) {
       const t = now();
       const [name, epoch, offset, eid] = parseEvent(buf);
@@ -494,6 +505,7 @@ class Pool {
       peer.arrived(k, t);
     } else {
       const raw = buf.toString();
+      peer.lastControl = raw.slice(0, 160); // the server's control frames carry no credentials
       if (raw.startsWith(RESUMED_PREFIX)) {
         peer.resumedAt = now();
         peer.resumed = JSON.parse(raw).streams;
@@ -624,7 +636,22 @@ class Pool {
     this.odd = [];
     const failovers = this.peers
       .filter((p) => p.droppedAt)
-      .map((p) => ({ dropped_at: p.droppedAt, resumed_at: p.resumedAt, resumed: p.resumed }));
+      .map((p) => ({
+        dropped_at: p.droppedAt,
+        resumed_at: p.resumedAt,
+        resumed: p.resumed,
+        // only for a peer that never resumed: what it did after its last hello
+        ...(p.resumedAt
+          ? {}
+          : {
+              url: p.url,
+              open: p.ws !== null,
+              hello_at: p.helloAt,
+              resume_streams: p.resumeStreams,
+              frames_after_hello: p.framesAfterHello,
+              last_control: p.lastControl,
+            }),
+      }));
     const out = { latencies_ms: lat, arrivals, last_arrival: last, stray, dupes, reordered, failovers, odd };
     if (PROBE) {
       out.probe = probe;
