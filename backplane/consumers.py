@@ -118,7 +118,8 @@ class GatewayConsumer(AsyncWebsocketConsumer):
             self.principal = await batches.authenticate.submit(self)
         except _Gone:
             self.closed = True
-            return  # daphne dropped the handshake while it waited (a connect storm): nothing to do
+            await self.close()  # daphne dropped the handshake while it waited (a storm): a no-op then
+            return
         except auth.AuthRefused as exc:
             throttle.failed(address, time.monotonic())
             refusals.log(logger, logging.INFO, "refused_auth", "refused: %s", exc)
@@ -156,6 +157,7 @@ class GatewayConsumer(AsyncWebsocketConsumer):
             self.closed = True
             if self.runtime is not None:
                 self.runtime.unsubscribe(self)
+            await self.close()  # a no-op for a dropped handshake; never one left pending
             return
         except Exception as exc:
             logger.warning("connect failed: %s", type(exc).__name__, extra={"action": "connect_error"})
@@ -345,6 +347,7 @@ class GatewayConsumer(AsyncWebsocketConsumer):
                 )
             except _Gone:
                 self.closed = True
+                await self.close(code=int(Close.RECONNECT))  # a no-op if the peer left; never one left waiting
                 return None
             checked = self.delivery.replayed_page(page, len(items), first=n == 0)
             if isinstance(checked, CloseWith):

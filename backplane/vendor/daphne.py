@@ -72,6 +72,7 @@ RELIED_ON = (
     ("daphne.ws_protocol", "WebSocketProtocol", "onOpen"),
     ("daphne.ws_protocol", "WebSocketProtocol", "duration"),
     ("daphne.ws_protocol", "WebSocketProtocol", "serverClose"),
+    ("daphne.ws_protocol", "WebSocketProtocol", "serverReject"),
     ("daphne.ws_protocol", "WebSocketProtocol", "sendPing"),  # keepalive: a ping behind queued frames
     ("daphne.ws_protocol", "WebSocketProtocol", "onAutoPingTimeout"),  # keepalive: no pong in time
     ("daphne.ws_protocol", "WebSocketProtocol", "dataReceived"),  # keepalive: the fast pong
@@ -674,8 +675,11 @@ def install_lean_checkers() -> None:
         return queue
 
     def application_checker(self: Any) -> None:
+        marked = _marks(self)[0]
+        for protocol in list(marked):  # a refusal marks (protocol_disconnected)
+            _close_orphaned(self, protocol)
         # Kept: the disconnected whose application still runs (its close timeout runs on).
-        _visit(self, reap, _marks(self)[0], lambda p, d: "disconnected" in d)
+        _visit(self, reap, marked, lambda p, d: "disconnected" in d)
         if process.freezer is not None:  # the long-lived connections out of full collections (0040)
             process.freezer.tick()
 
@@ -704,22 +708,56 @@ def _marks(server: Any) -> tuple[dict[Any, None], dict[Any, None]]:
 
 
 def _visit(server: Any, sweep: Any, marked: dict[Any, None], keep: Any) -> None:
-    """Run daphne's ``sweep`` over the ``marked`` connections only (it reads and deletes in
-    ``server.connections``; one synchronous call, so nothing else sees the swap)."""
+    """Run daphne's ``sweep`` over the ``marked`` connections only. The sweep gets a view of
+    the server whose ``connections`` are those (it reads and deletes in them); the server's
+    own ``connections`` stays whole, as worker threads read it meanwhile (``gone``: a socket
+    missing from it has been dropped)."""
     everything = server.connections
     some = {p: everything[p] for p in marked if p in everything}
     marked.clear()
     visited = dict(some)
-    server.connections = some
-    try:
-        sweep(server)
-    finally:
-        server.connections = everything
+    sweep(_Sweeping(server, some))
     for protocol, details in visited.items():
         if protocol not in some:  # reaped
             everything.pop(protocol, None)
         elif keep(protocol, details):
             marked[protocol] = None
+
+
+class _Sweeping:
+    """daphne's server as one of its sweeps sees it: ``connections`` is the part to visit;
+    everything else (settings, ``stop``, the sweep rescheduling itself) is the server's."""
+
+    def __init__(self, server: Any, connections: dict[Any, Any]) -> None:
+        self.__dict__.update(_server=server, connections=connections)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["_server"], name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self.__dict__["_server"], name, value)
+
+
+def _close_orphaned(server: Any, protocol: Any) -> None:
+    """Close a WebSocket whose application ended while the socket stayed open. daphne's
+    reaper closes one whose application raised, but one that returned or was cancelled it
+    forgets silently: the peer would wait forever for frames nobody sends. Closed 4001, the
+    peer reconnects and resumes; a handshake still pending is refused."""
+    from daphne.ws_protocol import WebSocketProtocol
+
+    details = server.connections.get(protocol)
+    if not isinstance(protocol, WebSocketProtocol) or details is None or "disconnected" in details:
+        return
+    instance = details.get("application_instance")
+    if instance is None or not instance.done() or (not instance.cancelled() and instance.exception() is not None):
+        return  # running; or raised, which daphne's reaper closes (1011)
+    logger.warning(
+        "application ended with its socket open: closing %d", Close.RECONNECT, extra={"action": "orphaned_socket"}
+    )
+    if protocol.state == protocol.STATE_CONNECTING:
+        protocol.serverReject()
+    elif protocol.state == protocol.STATE_OPEN:
+        protocol.serverClose(code=int(Close.RECONNECT))
 
 
 def _open_websocket(protocol: Any) -> bool:

@@ -334,6 +334,92 @@ def test_vendor__lean_checkers_visit_only_the_connections_with_something_to_do(m
     assert list(server.connections) == [idle, opening]  # the disconnected one reaped
 
 
+def _lean_server(monkeypatch: Any) -> Any:
+    """daphne's server with the lean sweeps, no reactor: its sweeps are called by hand."""
+    from daphne.server import Server
+    from twisted.internet import reactor
+
+    vendor_daphne.install_lean_checkers()
+    monkeypatch.setattr(reactor, "callLater", lambda delay, f, *a: None)
+    server = Server.__new__(Server)
+    server.connections, server.action_logger, server.application_close_timeout = {}, None, 10
+    server.ping_interval, server.websocket_timeout = 20, 86400
+    return server
+
+
+def test_vendor__a_sweep_leaves_the_servers_connections_whole_for_worker_threads(monkeypatch: Any) -> None:
+    """``gone`` runs in worker threads (a resume's replay, a handshake batch) while the reactor
+    thread sweeps: a sweep that showed the server's ``connections`` as only the part it visits
+    would make every open socket outside it look dropped — a resume left unanswered."""
+    server = _lean_server(monkeypatch)
+    seen: list[bool] = []
+
+    class Finished:  # an application instance; daphne's reaper asks it whether it is done
+        def done(self) -> bool:
+            seen.append(vendor_daphne.gone(open_one))  # what a worker thread reads at that moment
+            return True
+
+        def cancelled(self) -> bool:
+            return False
+
+        def exception(self) -> None:
+            return None
+
+    open_one, leaving = daphne_protocol(), daphne_protocol()
+    for p in (open_one, leaving):
+        p.server = server
+        server.protocol_connected(p)
+    server.connections[leaving]["application_instance"] = Finished()
+    server.protocol_disconnected(leaving)
+    server.application_checker()
+    assert seen and not any(seen)  # the open socket was never seen as gone
+    assert list(server.connections) == [open_one] and vendor_daphne.gone(leaving)
+
+
+def test_vendor__a_socket_whose_application_ended_quietly_is_closed_4001(monkeypatch: Any) -> None:
+    """daphne's reaper forgets an application that returned or was cancelled and leaves its
+    socket open; the peer would wait forever. The edge closes it 4001 (reconnect and resume),
+    refuses such a handshake, and leaves alone what runs or raised (daphne closes that 1011)."""
+    from backplane.protocol import Close
+
+    server = _lean_server(monkeypatch)
+    loop = asyncio.new_event_loop()
+    try:
+        cancelled, returned, raised, running = (loop.create_future() for _ in range(4))
+        cancelled.cancel()
+        returned.set_result(None)
+        raised.set_exception(RuntimeError("boom"))
+    finally:
+        loop.close()
+    closes: list[tuple[str, Any]] = []
+    handled: list[Any] = []
+    protos = {}
+    for name, instance, state in (
+        ("cancelled", cancelled, "STATE_OPEN"),
+        ("returned", returned, "STATE_OPEN"),
+        ("handshake", returned, "STATE_CONNECTING"),
+        ("raised", raised, "STATE_OPEN"),
+        ("running", running, "STATE_OPEN"),
+    ):
+        p = daphne_protocol()
+        p.server, p.state = server, getattr(p, state)
+        p.serverClose = lambda code=None, name=name: closes.append((name, code))
+        p.serverReject = lambda name=name: closes.append((name, "rejected"))
+        p.handle_exception = handled.append
+        server.protocol_connected(p)
+        server.connections[p]["application_instance"] = instance
+        server._tyrum_marks[0][p] = None  # as the instance's done-callback marks it
+        protos[name] = p
+    server.application_checker()
+    assert sorted(closes) == [
+        ("cancelled", int(Close.RECONNECT)),
+        ("handshake", "rejected"),
+        ("returned", int(Close.RECONNECT)),
+    ]
+    assert len(handled) == 1 and isinstance(handled[0], RuntimeError)  # daphne's own 1011
+    assert "application_instance" in server.connections[protos["running"]]
+
+
 def test_vendor__the_edge_listens_with_a_queue_for_a_reconnect_storm() -> None:
     from twisted.internet import protocol, reactor
     from twisted.internet.endpoints import serverFromString

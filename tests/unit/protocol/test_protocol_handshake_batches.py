@@ -182,3 +182,26 @@ async def test_batches__the_process_wide_token_query_is_never_evaluated_itself(e
     assert isinstance(await outcome(edge, second), AsgiPeer)
     assert await outcome(edge, "tyr_not-a-token") == 403
     assert auth._token_rows()._result_cache is None
+
+
+@pytest.mark.parametrize("dropped_at", ["authenticate", "open"])
+async def test_batches__a_handshake_found_dropped_is_refused_not_left_pending(
+    edge: InProcessEdge, monkeypatch: pytest.MonkeyPatch, dropped_at: str
+) -> None:
+    """A batch skips a socket daphne dropped while it waited; the consumer then refuses the
+    upgrade (a no-op for a socket really gone), so one the check wrongly saw as dropped is
+    told at once and retries, rather than waiting out daphne's handshake timeout."""
+    from backplane import consumers
+
+    token = await orm(make_token, await orm(make_tenant), "dev-d")
+    real = consumers._open_batch
+    if dropped_at == "authenticate":
+        monkeypatch.setattr(consumers.vendor_daphne, "gone", lambda proto: True)
+    else:  # let in, then dropped while its heads are read
+
+        def open_dropped(sockets: Sequence[Any]) -> list[Any]:
+            monkeypatch.setattr(consumers.vendor_daphne, "gone", lambda proto: True)
+            return real(sockets)
+
+        monkeypatch.setattr(consumers, "_open_batch", open_dropped)
+    assert await edge.refused_status(token) == 403

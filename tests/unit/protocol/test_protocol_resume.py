@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
+
 from harness.data import events, make_tenant, make_token, orm, publish, publish_many, stream_key
 from harness.inprocess import InProcessEdge
 
@@ -194,3 +196,25 @@ async def test_resume__after_the_hold_window_live_still_flows(edge: InProcessEdg
     await edge.forward()
     await peer.until_events(3)
     assert [e["offset"] for e in peer.events] == [1, 2, 3]
+
+
+async def test_resume__a_replay_that_finds_the_socket_dropped_closes_it_4001(
+    edge: InProcessEdge, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A replay page is read only while daphne still has the socket (a storm's resumes can
+    outlive their peers). Should the check answer "dropped" for a socket still open, the
+    edge closes it 4001 — the peer reconnects and resumes — rather than leave it waiting for
+    a ``resumed`` that never comes."""
+    from backplane import consumers
+
+    tenant = await orm(make_tenant)
+    token = await orm(make_token, tenant, "dev-g")
+    await orm(publish_many, tenant, events(3, "old", device="dev-g"))
+    await edge.forward()
+    peer = await edge.connect(token)
+    epoch, head = peer.head("device")
+    assert head == 3
+    monkeypatch.setattr(consumers.vendor_daphne, "gone", lambda proto: True)
+    await peer.send({"type": "resume", "streams": {"device": {"epoch": epoch, "offset": 0}}})
+    assert await peer.closed() == 4001
+    assert [f["type"] for f in peer.frames] == ["hello"]  # no replay, no resumed
