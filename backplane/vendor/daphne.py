@@ -658,9 +658,11 @@ def install_lean_checkers() -> None:
             process.freezer.connected()
 
     def protocol_disconnected(self: Any, protocol: Any) -> None:
+        if protocol not in self.connections:
+            return  # refused, then reaped before autobahn's onClose reported it again
         # A refused or dropped handshake is reported twice (the refusal, then autobahn's
         # onClose); daphne records the first only, and so does the freezer's count.
-        first = "disconnected" not in self.connections.get(protocol, ())
+        first = "disconnected" not in self.connections[protocol]
         disconnected(self, protocol)
         _marks(self)[0][protocol] = None
         if first and process.freezer is not None and isinstance(protocol, WebSocketProtocol):
@@ -677,7 +679,10 @@ def install_lean_checkers() -> None:
     def application_checker(self: Any) -> None:
         marked = _marks(self)[0]
         for protocol in list(marked):  # a refusal marks (protocol_disconnected)
-            _close_orphaned(self, protocol)
+            try:
+                _close_orphaned(self, protocol, WebSocketProtocol)
+            except Exception:  # never in the way of the reaper (it reschedules itself)
+                logger.exception("closing an orphaned socket failed", extra={"action": "orphaned_socket"})
         # Kept: the disconnected whose application still runs (its close timeout runs on).
         _visit(self, reap, marked, lambda p, d: "disconnected" in d)
         if process.freezer is not None:  # the long-lived connections out of full collections (0040)
@@ -738,25 +743,24 @@ class _Sweeping:
         setattr(self.__dict__["_server"], name, value)
 
 
-def _close_orphaned(server: Any, protocol: Any) -> None:
+def _close_orphaned(server: Any, protocol: Any, websocket_class: Any) -> None:
     """Close a WebSocket whose application ended while the socket stayed open. daphne's
     reaper closes one whose application raised, but one that returned or was cancelled it
     forgets silently: the peer would wait forever for frames nobody sends. Closed 4001, the
     peer reconnects and resumes; a handshake still pending is refused."""
-    from daphne.ws_protocol import WebSocketProtocol
-
     details = server.connections.get(protocol)
-    if not isinstance(protocol, WebSocketProtocol) or details is None or "disconnected" in details:
+    if not isinstance(protocol, websocket_class) or details is None or "disconnected" in details:
         return
     instance = details.get("application_instance")
     if instance is None or not instance.done() or (not instance.cancelled() and instance.exception() is not None):
         return  # running; or raised, which daphne's reaper closes (1011)
-    logger.warning(
-        "application ended with its socket open: closing %d", Close.RECONNECT, extra={"action": "orphaned_socket"}
-    )
     if protocol.state == protocol.STATE_CONNECTING:
+        logger.warning("application ended during its handshake: refused", extra={"action": "orphaned_socket"})
         protocol.serverReject()
     elif protocol.state == protocol.STATE_OPEN:
+        logger.warning(
+            "application ended with its socket open: closing %d", Close.RECONNECT, extra={"action": "orphaned_socket"}
+        )
         protocol.serverClose(code=int(Close.RECONNECT))
 
 

@@ -420,6 +420,35 @@ def test_vendor__a_socket_whose_application_ended_quietly_is_closed_4001(monkeyp
     assert "application_instance" in server.connections[protos["running"]]
 
 
+def test_vendor__an_orphaned_handshake_is_refused_reaped_and_its_close_reported_once(monkeypatch: Any) -> None:
+    """The real refusal: daphne's ``serverReject`` reports the disconnect, the same sweep reaps
+    the connection, and autobahn's ``onClose`` reports it again afterwards — to a server that
+    no longer knows it (daphne's own ``protocol_disconnected`` would raise there)."""
+    from types import SimpleNamespace
+
+    from twisted.internet.defer import Deferred
+
+    server = _lean_server(monkeypatch)
+    loop = asyncio.new_event_loop()
+    try:
+        ended = loop.create_future()
+        ended.set_result(None)
+    finally:
+        loop.close()
+    p = daphne_protocol()
+    p.server, p.request, p.client_addr = server, SimpleNamespace(path="/ws"), None
+    p.handshake_deferred = Deferred()
+    refused: list[Any] = []
+    p.handshake_deferred.addErrback(refused.append)
+    server.protocol_connected(p)
+    server.connections[p]["application_instance"] = ended
+    server._tyrum_marks[0][p] = None
+    server.application_checker()
+    assert len(refused) == 1 and p not in server.connections  # refused (403), then reaped
+    p.onClose(False, 1006, "")  # autobahn, once the TCP connection is gone: no KeyError
+    assert p not in server.connections
+
+
 def test_vendor__the_edge_listens_with_a_queue_for_a_reconnect_storm() -> None:
     from twisted.internet import protocol, reactor
     from twisted.internet.endpoints import serverFromString
