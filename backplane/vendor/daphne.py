@@ -54,6 +54,7 @@ RELIED_ON = (
     ("daphne.ws_protocol", "WebSocketProtocol", "applicationCreateWorked"),  # sets application_queue
     ("twisted.internet.abstract", "FileDescriptor", "dataBuffer"),
     ("twisted.internet.abstract", "FileDescriptor", "offset"),
+    ("twisted.internet.tcp", "Connection", "TLS"),  # send_now: a connection that started TLS
     ("daphne.server", "Server", "protocol_disconnected"),
     ("daphne.access", "AccessLogGenerator", "__call__"),
     ("daphne.access", "AccessLogGenerator", "write_entry"),
@@ -275,15 +276,15 @@ def send_now(transport: Any, data: bytes) -> None:
     double — goes through ``transport.write``."""
     if transport.disconnected or transport.disconnecting:
         return
-    sock = getattr(transport, "socket", None)
+    # Plain TCP (outbound_buffered's answer inlined: this runs once per socket per fan-out).
     if (
-        sock is None
-        or not isinstance(transport, PLAIN_TCP)
-        or getattr(transport, "TLS", False)
-        or outbound_buffered(transport)
+        not isinstance(transport, PLAIN_TCP)
+        or transport.TLS
+        or len(transport.dataBuffer) - transport.offset + transport._tempDataLen
     ):
         transport.write(data)
         return
+    sock = transport.socket
     try:
         sent = sock.send(data)
     except BlockingIOError:
