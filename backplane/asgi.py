@@ -41,10 +41,12 @@ def application_for(http_app: Any) -> Any:
     from backplane import logs
     from backplane.conf import conf
     from backplane.process import defer_full_collections, freeze_connections, freeze_startup_objects
+    from backplane.vendor import channels_redis as vendor_redis
     from backplane.vendor import daphne as vendor_daphne
     from backplane.vendor import keepalive
 
     refuse_unsafe_start("an edge")
+    vendor_redis.install_buffered_receive()
     vendor_daphne.install_denial_response()
     vendor_daphne.install_lean_checkers()
     keepalive.install_fast_pong()

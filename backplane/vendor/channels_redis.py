@@ -9,6 +9,9 @@
   The pub/sub layer deserializes in ``receive`` (its reader task only queues raw bytes), so a
   message it cannot decrypt raises one of ``UNREADABLE`` there, in the receiver, and the
   reader and the next messages are unaffected.
+- The receive task (``install_buffered_receive``): the messages that one read from Redis
+  brought in together are handed on as they are parsed, not each through redis-py's
+  ``get_message`` (docs/decisions/0051-edge-takes-buffered-messages-together.md).
 
 The layer's own ``group_send`` takes a lock and a round trip per message; a relay cycle with
 hundreds of device streams would pay hundreds of sequential round trips. ``PubSubPublisher``
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -41,7 +45,19 @@ RELIED_ON = (
     # ``receive_ready``: the per-loop layer's queues of raw messages, by channel, and its
     # ``receive``, which takes one off such a queue and deserializes it with the wrapper's.
     ("channels_redis.pubsub", "RedisPubSubLoopLayer", "receive"),
+    # ``install_buffered_receive``: the shard's receive task, what it hands each message to, and
+    # redis-py's handling of a reply that is not a plain message (subscriptions' state).
+    ("channels_redis.pubsub", "RedisSingleShardConnection", "_do_receiving"),
+    ("channels_redis.pubsub", "RedisSingleShardConnection", "_receive_message"),
+    ("redis.asyncio.client", "PubSub", "get_message"),
+    ("redis.asyncio.client", "PubSub", "handle_message"),
+    ("redis._parsers.hiredis", "_AsyncHiredisParser", "read_response"),
 )
+
+logger = logging.getLogger(__name__)
+
+# Replies handed on per read at most, before the task yields to the loop (a read is 64 KiB).
+BUFFERED_REPLIES_MAX = 4096
 
 
 # What ``receive`` raises for a message that is not one of ours: a token that another key
@@ -110,6 +126,68 @@ def receive_ready(layer: Any, channel: str, limit: int) -> list[Any]:
             taken.append(deserialize(raw))
         except Exception as exc:  # the receiver's to handle, as ``receive`` would have raised it
             taken.append(exc)
+    return taken
+
+
+def install_buffered_receive() -> None:
+    """channels-redis's receive task takes each message from redis-py's ``PubSub.get_message``,
+    which pays per message for a health check, a retry wrapper, a timeout, observability hooks
+    and (RESP3) a debug line formatted from the whole message: most of an edge's CPU for the
+    Redis side at high device rates. One read from the socket usually brings many messages (the
+    relay publishes a cycle's batches in one write). Here, after each ``get_message``, the
+    replies the parser already holds complete are taken straight from hiredis's reader, in
+    order: a message of a channel without a handler goes to ``_receive_message`` as
+    ``get_message`` would have returned it; anything else (a subscription's confirmation, a
+    pong, a handler's channel) goes through redis-py's own ``handle_message``; an error reply
+    is raised, as reading it would have. Only what was already read is taken: no I/O, so the
+    reconnects and timeouts of ``get_message`` still govern every read. Without hiredis the task
+    is channels-redis's own."""
+    from channels_redis.pubsub import RedisSingleShardConnection
+
+    if getattr(RedisSingleShardConnection, "_tyrum_buffered_receive", False):
+        return
+    RedisSingleShardConnection._tyrum_buffered_receive = True
+    RedisSingleShardConnection._do_receiving = _do_receiving
+
+
+async def _do_receiving(self: Any) -> None:
+    """``RedisSingleShardConnection._do_receiving``, taking buffered replies together."""
+    while True:
+        try:
+            pubsub = self._pubsub
+            if pubsub and pubsub.subscribed:
+                self._receive_message(await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.1))
+                await _take_buffered(self, pubsub)
+            else:
+                await asyncio.sleep(0.1)
+        except (asyncio.CancelledError, TimeoutError, GeneratorExit):
+            raise
+        except BaseException:  # as channels-redis's task: log, pause, go on
+            logger.exception("Unexpected exception in receive task")
+            await asyncio.sleep(1)
+
+
+async def _take_buffered(shard: Any, pubsub: Any) -> int:
+    """Hand on the replies already parsed on ``pubsub``'s connection; return how many."""
+    from redis._parsers.hiredis import NOT_ENOUGH_DATA, _AsyncHiredisParser
+
+    parser: Any = getattr(pubsub.connection, "_parser", None)
+    reader: Any = parser._reader if type(parser) is _AsyncHiredisParser and parser._connected else None
+    if reader is None:
+        return 0
+    gets, handlers, receive = reader.gets, pubsub.channels, shard._receive_message
+    taken = 0
+    while taken < BUFFERED_REPLIES_MAX:
+        reply = gets()
+        if reply is NOT_ENOUGH_DATA or reply is False:
+            break
+        taken += 1
+        if isinstance(reply, BaseException):  # an error reply, or hiredis's protocol error
+            raise reply
+        if isinstance(reply, list) and len(reply) == 3 and reply[0] == b"message" and handlers.get(reply[1]) is None:
+            receive({"type": "message", "pattern": None, "channel": reply[1], "data": reply[2]})
+        else:
+            receive(await pubsub.handle_message(reply, ignore_subscribe_messages=True))
     return taken
 
 

@@ -1,0 +1,119 @@
+"""The edge's Redis receive task takes the messages one read brought in together
+(``vendor_redis.install_buffered_receive``, decision 0051): all of them, in order, and fewer
+``get_message`` calls than messages; a reply that is no plain message still goes through
+redis-py (its subscription state), and an error reply is raised as reading it would be."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import hiredis
+import pytest
+import redis
+from django.conf import settings
+from redis._parsers.hiredis import NOT_ENOUGH_DATA, _AsyncHiredisParser
+from redis.asyncio.client import PubSub
+
+from backplane.vendor import channels_redis as vendor_redis
+
+from .helpers import eventually
+from .test_edge_pileup import queued, raw_channel_of
+from .test_redis_security import KEY_A, make_layer
+
+pytestmark = [pytest.mark.integration]
+
+
+async def test_buffered_receive__a_burst_arrives_whole_in_order_with_few_get_message_calls(
+    services: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    vendor_redis.install_buffered_receive()
+    returned: list[Any] = []
+    get_message = PubSub.get_message
+
+    async def counted(self: Any, *args: Any, **kwargs: Any) -> Any:
+        message = await get_message(self, *args, **kwargs)
+        if message is not None:
+            returned.append(message)
+        return message
+
+    monkeypatch.setattr(PubSub, "get_message", counted)
+    layer = make_layer([KEY_A])
+    publisher = redis.Redis.from_url(settings.REDIS_URL)
+    try:
+        channel = await layer.new_channel()
+        await layer.group_add("burst", channel)
+        target = raw_channel_of(layer, "burst")
+        # Published while this loop is blocked: the whole burst waits in the socket for one read.
+        pipe = publisher.pipeline(transaction=False)
+        for n in range(200):
+            pipe.publish(target, layer.serialize({"type": "x", "n": n}))
+        assert pipe.execute() == [1] * 200
+        await eventually(queued(layer, channel, 200))
+        got = vendor_redis.receive_ready(layer, channel, 500)
+        assert [m["n"] for m in got] == list(range(200))
+        assert len(returned) < 20  # channels-redis's own task: one get_message per message (200)
+    finally:
+        publisher.close()
+        await layer.flush()
+
+
+class Shard:
+    def __init__(self) -> None:
+        self.received: list[Any] = []
+
+    def _receive_message(self, message: Any) -> None:
+        self.received.append(message)
+
+
+def pubsub_reading(data: bytes) -> tuple[PubSub, Any]:
+    """redis-py's PubSub over a connection whose hiredis parser has read ``data``."""
+    from redis.asyncio import Redis
+
+    pubsub = Redis().pubsub()
+    parser = _AsyncHiredisParser(65536)
+    parser._reader = hiredis.Reader(notEnoughData=NOT_ENOUGH_DATA, replyError=parser.parse_error)
+    parser._connected = True
+    parser._reader.feed(data)
+
+    class Connection:
+        _parser = parser
+
+        def deregister_connect_callback(self, callback: Any) -> None:  # PubSub.__del__
+            pass
+
+    pubsub.connection = Connection()  # type: ignore[assignment]
+    return pubsub, parser
+
+
+def resp(*parts: bytes) -> bytes:
+    return b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts)
+
+
+async def test_buffered_receive__other_replies_go_through_redis_py_and_errors_are_raised() -> None:
+    data = (
+        resp(b"message", b"a", b"one")
+        + resp(b"unsubscribe", b"gone", b"0")
+        + resp(b"message", b"a", b"two")
+        + b"-ERR something\r\n"
+        + resp(b"message", b"a", b"three")
+    )
+    pubsub, _ = pubsub_reading(data)
+    pubsub.channels[b"gone"] = None
+    pubsub.pending_unsubscribe_channels.add(b"gone")
+    shard = Shard()
+    with pytest.raises(redis.ResponseError):
+        await vendor_redis._take_buffered(shard, pubsub)
+    assert [m and m["data"] for m in shard.received] == [b"one", None, b"two"]  # None: the confirmation
+    assert b"gone" not in pubsub.channels and not pubsub.pending_unsubscribe_channels  # redis-py's state kept
+    assert await vendor_redis._take_buffered(shard, pubsub) == 1  # the next call goes on after the error
+    assert shard.received[-1]["data"] == b"three" and shard.received[-1]["channel"] == b"a"
+    assert await vendor_redis._take_buffered(shard, pubsub) == 0  # nothing complete left: no read
+
+
+async def test_buffered_receive__a_channel_with_a_handler_is_left_to_redis_py() -> None:
+    pubsub, _ = pubsub_reading(resp(b"message", b"h", b"payload"))
+    handled: list[Any] = []
+    pubsub.channels[b"h"] = handled.append
+    shard = Shard()
+    assert await vendor_redis._take_buffered(shard, pubsub) == 1
+    assert [m["data"] for m in handled] == [b"payload"] and shard.received == [None]
