@@ -15,6 +15,8 @@ from backplane.vendor import daphne as vendor_daphne
 class Transport:
     """The parts of a twisted TCP transport the coalescer touches."""
 
+    TLS = False  # twisted's, until a connection starts TLS
+
     def __init__(self, sock: socket.socket) -> None:
         self.socket = sock
         self.disconnected = False
