@@ -56,7 +56,7 @@ RELIED_ON = (
 
 logger = logging.getLogger(__name__)
 
-# Replies handed on per read at most, before the task yields to the loop (a read is 64 KiB).
+# Replies taken per get_message at most (a read is 64 KiB); the rest wait for the next call.
 BUFFERED_REPLIES_MAX = 4096
 
 
@@ -138,8 +138,10 @@ def install_buffered_receive() -> None:
     replies the parser already holds complete are taken straight from hiredis's reader, in
     order: a message of a channel without a handler goes to ``_receive_message`` as
     ``get_message`` would have returned it; anything else (a subscription's confirmation, a
-    pong, a handler's channel) goes through redis-py's own ``handle_message``; an error reply
-    is raised, as reading it would have. Only what was already read is taken: no I/O, so the
+    pong, a handler's channel; a RESP3 push that is no message, through the parser's push
+    handling first) goes through redis-py's own ``handle_message``; an error reply is raised,
+    as reading it would have (one redis-py reads as a lost connection disconnects first, so
+    the next read reconnects and subscribes again). Only what was already read is taken: no I/O, so the
     reconnects and timeouts of ``get_message`` still govern every read. Without hiredis the task
     is channels-redis's own."""
     from channels_redis.pubsub import RedisSingleShardConnection
@@ -170,23 +172,30 @@ async def _do_receiving(self: Any) -> None:
 async def _take_buffered(shard: Any, pubsub: Any) -> int:
     """Hand on the replies already parsed on ``pubsub``'s connection; return how many."""
     from redis._parsers.hiredis import NOT_ENOUGH_DATA, _AsyncHiredisParser
+    from redis.exceptions import ConnectionError as RedisConnectionError
 
     parser: Any = getattr(pubsub.connection, "_parser", None)
     reader: Any = parser._reader if type(parser) is _AsyncHiredisParser and parser._connected else None
     if reader is None:
         return 0
     gets, handlers, receive = reader.gets, pubsub.channels, shard._receive_message
+    push = parser._hiredis_PushNotificationType  # RESP3's push replies (None before hiredis 3.2)
     taken = 0
     while taken < BUFFERED_REPLIES_MAX:
         reply = gets()
-        if reply is NOT_ENOUGH_DATA or reply is False:
+        if reply is NOT_ENOUGH_DATA:
             break
         taken += 1
         if isinstance(reply, BaseException):  # an error reply, or hiredis's protocol error
+            if isinstance(reply, RedisConnectionError):  # as read_response's: reconnect first
+                await pubsub.connection.disconnect()
             raise reply
         if isinstance(reply, list) and len(reply) == 3 and reply[0] == b"message" and handlers.get(reply[1]) is None:
             receive({"type": "message", "pattern": None, "channel": reply[1], "data": reply[2]})
-        else:
+            continue
+        if push is not None and isinstance(reply, push):  # a maintenance notice, an invalidation
+            reply = await parser.handle_push_response(reply)
+        if reply:  # what get_message hands on
             receive(await pubsub.handle_message(reply, ignore_subscribe_messages=True))
     return taken
 

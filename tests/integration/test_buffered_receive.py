@@ -26,7 +26,13 @@ pytestmark = [pytest.mark.integration]
 async def test_buffered_receive__a_burst_arrives_whole_in_order_with_few_get_message_calls(
     services: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from channels_redis.pubsub import RedisSingleShardConnection
+
+    # Installed for this test only: undone after it, with the flag that guards installing twice.
+    monkeypatch.setattr(RedisSingleShardConnection, "_do_receiving", RedisSingleShardConnection._do_receiving)
+    monkeypatch.setattr(RedisSingleShardConnection, "_tyrum_buffered_receive", False, raising=False)
     vendor_redis.install_buffered_receive()
+    assert RedisSingleShardConnection._do_receiving is vendor_redis._do_receiving
     returned: list[Any] = []
     get_message = PubSub.get_message
 
@@ -73,13 +79,18 @@ def pubsub_reading(data: bytes) -> tuple[PubSub, Any]:
     parser = _AsyncHiredisParser(65536)
     parser._reader = hiredis.Reader(notEnoughData=NOT_ENOUGH_DATA, replyError=parser.parse_error)
     parser._connected = True
+    parser._hiredis_PushNotificationType = hiredis.PushNotification  # as its on_connect sets it
     parser._reader.feed(data)
 
     class Connection:
         _parser = parser
+        disconnects = 0
 
         def deregister_connect_callback(self, callback: Any) -> None:  # PubSub.__del__
             pass
+
+        async def disconnect(self) -> None:
+            Connection.disconnects += 1
 
     pubsub.connection = Connection()  # type: ignore[assignment]
     return pubsub, parser
@@ -117,3 +128,30 @@ async def test_buffered_receive__a_channel_with_a_handler_is_left_to_redis_py() 
     shard = Shard()
     assert await vendor_redis._take_buffered(shard, pubsub) == 1
     assert [m["data"] for m in handled] == [b"payload"] and shard.received == [None]
+
+
+async def test_buffered_receive__a_push_not_a_message_goes_through_redis_pys_push_handling() -> None:
+    """RESP3: a maintenance notice or an invalidation among the messages is handled as
+    ``read_response`` would (``handle_push_response``), not passed off as a message."""
+    data = b">3\r\n$7\r\nmessage\r\n$1\r\na\r\n$3\r\none\r\n>2\r\n$6\r\nMOVING\r\n:1\r\n"
+    pubsub, parser = pubsub_reading(data)
+    pushed: list[Any] = []
+
+    async def handle_push_response(response: Any) -> None:
+        pushed.append(list(response))
+        return None  # consumed, as redis-py's maintenance handlers do
+
+    parser.handle_push_response = handle_push_response
+    shard = Shard()
+    assert await vendor_redis._take_buffered(shard, pubsub) == 2
+    assert [m["data"] for m in shard.received] == [b"one"]  # the message, straight on
+    assert pushed == [[b"MOVING", 1]]
+
+
+async def test_buffered_receive__a_connection_error_reply_disconnects_so_the_next_read_reconnects() -> None:
+    pubsub, _ = pubsub_reading(b"-LOADING Redis is loading the dataset in memory\r\n")
+    connection: Any = pubsub.connection
+    before = connection.disconnects
+    with pytest.raises(redis.ConnectionError):  # BusyLoadingError, as read_response raises it
+        await vendor_redis._take_buffered(Shard(), pubsub)
+    assert connection.disconnects == before + 1
