@@ -52,6 +52,9 @@ RELIED_ON = (
     ("redis.asyncio.client", "PubSub", "get_message"),
     ("redis.asyncio.client", "PubSub", "handle_message"),
     ("redis._parsers.hiredis", "_AsyncHiredisParser", "read_response"),
+    # ``install_quiet_push_handling``: what each RESP3 pub/sub push goes through.
+    ("redis._parsers.hiredis", "_AsyncHiredisParser", "handle_pubsub_push_response"),
+    ("redis._parsers.resp3", "_AsyncRESP3Parser", "handle_pubsub_push_response"),
 )
 
 logger = logging.getLogger(__name__)
@@ -150,6 +153,24 @@ def install_buffered_receive() -> None:
         return
     RedisSingleShardConnection._tyrum_buffered_receive = True
     RedisSingleShardConnection._do_receiving = _do_receiving
+    install_quiet_push_handling()
+
+
+def install_quiet_push_handling() -> None:
+    """redis-py's asynchronous parsers (hiredis's and its own RESP3 one) hand every RESP3 pub/sub
+    push to ``handle_pubsub_push_response``, which builds ``"Push response: " + str(response)``
+    — the whole message, payload included — for a debug line on the ``push_response`` logger:
+    CPU for every message, and the payload in the log of anyone who turns that logger on. The
+    edge's handler returns the message as that one does, and formats and logs nothing."""
+    from redis._parsers.hiredis import _AsyncHiredisParser
+    from redis._parsers.resp3 import _AsyncRESP3Parser
+
+    for parser in (_AsyncHiredisParser, _AsyncRESP3Parser):
+        parser.handle_pubsub_push_response = _pubsub_push_as_is  # type: ignore[method-assign]
+
+
+async def _pubsub_push_as_is(self: Any, response: Any) -> Any:
+    return response
 
 
 async def _do_receiving(self: Any) -> None:

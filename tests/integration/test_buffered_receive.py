@@ -31,6 +31,10 @@ async def test_buffered_receive__a_burst_arrives_whole_in_order_with_few_get_mes
     # Installed for this test only: undone after it, with the flag that guards installing twice.
     monkeypatch.setattr(RedisSingleShardConnection, "_do_receiving", RedisSingleShardConnection._do_receiving)
     monkeypatch.setattr(RedisSingleShardConnection, "_tyrum_buffered_receive", False, raising=False)
+    from redis._parsers.resp3 import _AsyncRESP3Parser
+
+    for parser_class in (_AsyncHiredisParser, _AsyncRESP3Parser):
+        monkeypatch.setattr(parser_class, "handle_pubsub_push_response", parser_class.handle_pubsub_push_response)
     vendor_redis.install_buffered_receive()
     assert RedisSingleShardConnection._do_receiving is vendor_redis._do_receiving
     returned: list[Any] = []
@@ -155,3 +159,26 @@ async def test_buffered_receive__a_connection_error_reply_disconnects_so_the_nex
     with pytest.raises(redis.ConnectionError):  # BusyLoadingError, as read_response raises it
         await vendor_redis._take_buffered(Shard(), pubsub)
     assert connection.disconnects == before + 1
+
+
+async def test_quiet_push_handling__a_push_message_is_returned_as_is_and_never_logged(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """redis-py's own handler formats every RESP3 pub/sub push, payload included, into a debug
+    line on the ``push_response`` logger; the edge's returns it and logs nothing, whatever that
+    logger's level."""
+    import logging
+
+    from redis._parsers.resp3 import _AsyncRESP3Parser, _RESP3Parser
+
+    for parser_class in (_AsyncHiredisParser, _AsyncRESP3Parser):  # installed for this test only
+        monkeypatch.setattr(parser_class, "handle_pubsub_push_response", parser_class.handle_pubsub_push_response)
+    message = hiredis.PushNotification([b"message", b"a", b"secret-payload"])
+    caplog.set_level(logging.DEBUG, logger="push_response")
+    assert _RESP3Parser(65536).handle_pubsub_push_response(message) is message  # redis-py's own, unpatched
+    assert "secret-payload" in caplog.text
+    caplog.clear()
+    vendor_redis.install_quiet_push_handling()
+    for parser in (_AsyncHiredisParser(65536), _AsyncRESP3Parser(65536)):
+        assert await parser.handle_pubsub_push_response(message) is message
+    assert caplog.text == ""
