@@ -32,6 +32,8 @@ from typing import Any
 
 from cryptography.fernet import InvalidToken
 from msgpack import UnpackException  # type: ignore[import-untyped]  # msgpack ships no types
+from redis._parsers.hiredis import NOT_ENOUGH_DATA, _AsyncHiredisParser  # imported once: read per message
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 # What is read of the layer: the wrapper's per-loop layer, its shards (one host only: a
 # sharded layer publishes each group on its own host), its group channel names, its serializer.
@@ -192,9 +194,6 @@ async def _do_receiving(self: Any) -> None:
 
 async def _take_buffered(shard: Any, pubsub: Any) -> int:
     """Hand on the replies already parsed on ``pubsub``'s connection; return how many."""
-    from redis._parsers.hiredis import NOT_ENOUGH_DATA, _AsyncHiredisParser
-    from redis.exceptions import ConnectionError as RedisConnectionError
-
     parser: Any = getattr(pubsub.connection, "_parser", None)
     reader: Any = parser._reader if type(parser) is _AsyncHiredisParser and parser._connected else None
     if reader is None:
