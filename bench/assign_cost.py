@@ -13,6 +13,11 @@ transaction, which the function makes wait for the WAL flush) against variants, 
                       durable transaction on this server)
     one-row, async    the same without the flush
     round trip        SELECT 1 (the client ↔ server floor)
+    assign + marks    the same carrying the previous call's rows' forwarded marks, as the relay
+                      does at low rates (one UPDATE more in the statement)
+    assign, backend CPU  the server process's own CPU time per ``assign`` (``/proc/<pid>/schedstat``;
+                      ms, like the rest): PostgreSQL's cost of one assignment with nothing else running
+                      (and ``assign + marks, backend CPU``)
 
 Per variant the median and p90 (ms) of the client's wall time, and for the assignment the
 server's split: statements (``now()`` → ``clock_timestamp()`` after the call, in its
@@ -61,14 +66,38 @@ async def measure(samples: int, tenant: Any) -> dict[str, list[float]]:
         "round trip",
     )
     out: dict[str, list[float]] = {k: [] for k in variants}
+    # The backend's own CPU per assignment (its schedstat, ns): what the call costs the server,
+    # to set beside the e2e benchmark's pg_relay_us (the same backend's CPU per event under load).
+    cur = await session.execute("SELECT pg_backend_pid()")
+    (backend,) = await cur.fetchone()
+    out["assign, backend CPU"] = []
+    out["assign + marks"] = []
+    out["assign + marks, backend CPU"] = []
+    last: list[Any] = []
     publish = database_sync_to_async(lambda: outbox.publish(tenant, "bench.tick", {"n": 1}, device="dev-0"))
 
     async def assign() -> float:
         await publish()
+        cpu = common.oncpu_ns(backend)
         began = time.perf_counter()
         got = await store.aassign(session, shards, 100)
         took = time.perf_counter() - began
+        out["assign, backend CPU"].append((common.oncpu_ns(backend) - cpu) / 1e6)
         assert len(got) == 1, got
+        return took
+
+    async def assign_marks() -> float:
+        # As the relay at low rates: the previous assignment's rows marked forwarded in the same
+        # statement (docs/decisions/0013).
+        nonlocal last
+        await publish()
+        cpu = common.oncpu_ns(backend)
+        began = time.perf_counter()
+        got = await store.aassign(session, shards, 100, forwarded=last)
+        took = time.perf_counter() - began
+        out["assign + marks, backend CPU"].append((common.oncpu_ns(backend) - cpu) / 1e6)
+        assert len(got) == 1, got
+        last = got
         return took
 
     async def assign_split(sync: str) -> tuple[float, float, float]:
@@ -99,10 +128,14 @@ async def measure(samples: int, tenant: Any) -> dict[str, list[float]]:
     for _ in range(20):  # warm: plans made, caches filled
         await assign()
         await assign_split("on")
+        await assign_marks()
+    out["assign, backend CPU"].clear()
+    out["assign + marks, backend CPU"].clear()
     cur = await session.execute("SELECT key FROM backplane_stream LIMIT 1")
     (key,) = await cur.fetchone()
     for _ in range(samples):
         out["assign"].append(await assign() * 1000)
+        out["assign + marks"].append(await assign_marks() * 1000)
         took, statements, rest = await assign_split("on")
         out["assign, split"].append(took * 1000)
         out["statements"].append(statements * 1000)

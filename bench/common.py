@@ -101,6 +101,15 @@ def machine_busy_seconds() -> float:
     return (sum(ticks[:8]) - idle) / CLK_TCK
 
 
+def oncpu_ns(pid: int) -> int:
+    """Nanoseconds ``pid`` has run on a CPU (``/proc/<pid>/schedstat``: exact, where
+    ``/proc/<pid>/stat`` counts 10 ms ticks); 0 when it is gone."""
+    try:
+        return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def redis_cpu_seconds() -> float:
     """CPU seconds of the Redis server so far (INFO cpu, main process and its threads)."""
     import redis
@@ -135,6 +144,28 @@ def _postgres_procs(database: str | None) -> dict[int, float]:
     return out
 
 
+# The relay's lease session names itself (backplane.store.postgresql): its backend runs the
+# assignment, so its CPU is PostgreSQL's share of the relay's work.
+RELAY_APPLICATION = "tyrum-relay-lease"
+
+
+def _relay_backends(database: str | None) -> set[int]:
+    """PIDs of the relay lease sessions' backends in ``database`` (none without one)."""
+    if database is None:
+        return set()
+    try:
+        import psycopg
+
+        with psycopg.connect(scratch.PG_ADMIN, connect_timeout=3, autocommit=True) as conn:
+            rows = conn.execute(
+                "SELECT pid FROM pg_stat_activity WHERE datname = %s AND application_name = %s",
+                [database, RELAY_APPLICATION],
+            ).fetchall()
+    except Exception:
+        return set()
+    return {int(r[0]) for r in rows}
+
+
 class CpuMeter:
     """Snapshots of CPU seconds by role; ``delta`` gives what each role used in between.
 
@@ -154,6 +185,7 @@ class CpuMeter:
             "pids": {role: {pid: cpu_seconds(pid) for pid in get()} for role, get in self.roles.items()},
             "redis": redis_cpu_seconds(),
             "postgres": _postgres_procs(self.database),
+            "relay_backends": _relay_backends(self.database),
             "self": time.process_time(),
             "machine": machine_busy_seconds(),
         }
@@ -180,12 +212,16 @@ class CpuMeter:
         out["postgres"] = round(
             sum(v - a["postgres"].get(pid, 0.0) for pid, v in b["postgres"].items() if pid not in reported), 2
         )
+        # Part of "postgres", not added to it: the relay's lease backends (its assignments).
+        relay_pids = a.get("relay_backends", set()) | b.get("relay_backends", set())
+        relay_pg = sum(v - a["postgres"].get(pid, 0.0) for pid, v in b["postgres"].items() if pid in relay_pids)
         out["bench"] = round(b["self"] - a["self"], 2)
         for role, secs in (extra or {}).items():
             out[role] = round(out.get(role, 0.0) + secs, 2)
         ours = sum(v for k, v in out.items() if k not in ("wall_s", "machine", "other"))
         out["machine"] = round(b["machine"] - a["machine"], 2)
         out["other"] = round(max(0.0, out["machine"] - ours), 2)  # someone else on the box
+        out["postgres_relay"] = round(relay_pg, 3)
         out["per_process"] = per_process
         return out
 

@@ -256,6 +256,11 @@ def run_rate(
         argvs = c.producer_argvs(rate, args.seconds, peers_file, n, "device")
         row, got, rep = c.phase("e2e", rate, "producer_proc.py", argvs, seconds=args.seconds, by_id=True)
         row.update(_stages(rep["sent"], got["arrivals"]))
+        # PostgreSQL's CPU per event: the relay's lease backend (the assignment) and the rest
+        # (the producers' publish, the edges, the server's own processes).
+        events = max(1, row["received"])
+        row["pg_relay_us"] = row["cpu"].get("postgres_relay", 0.0) / events * 1e6
+        row["pg_rest_us"] = (row["cpu"]["postgres"] - row["cpu"].get("postgres_relay", 0.0)) / events * 1e6
     else:
         assert targets is not None
         keys = sorted(targets)
@@ -345,7 +350,8 @@ def report_e2e(args: Any, connect: dict[str, Any], rows: list[dict[str, Any]], s
     e2e = [r for r in rows if r["phase"] == "e2e"]
     if e2e:
         common.report(
-            "e2e latency breakdown (ms): medians of all events, and (tail_*) of the slowest 1 %",
+            "e2e latency breakdown (ms): medians of all events, and (tail_*) of the slowest 1 %; "
+            "PostgreSQL's CPU per event (µs): the relay's lease backend, and the rest",
             e2e,
             [
                 "rate",
@@ -353,6 +359,8 @@ def report_e2e(args: Any, connect: dict[str, Any], rows: list[dict[str, Any]], s
                 "p50_assigned_to_peer_ms",
                 "tail_to_assigned_ms",
                 "tail_assigned_to_peer_ms",
+                "pg_relay_us",
+                "pg_rest_us",
             ],
         )
     floor = {r["rate"]: r for r in rows if r["phase"] == "floor"}
