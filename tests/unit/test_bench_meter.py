@@ -31,3 +31,15 @@ def test_delta__without_reports_a_gone_backend_is_other() -> None:
     meter = common.CpuMeter(None, {})
     out = meter.delta(snap(0.0, {1: 10.0}, 100.0), snap(5.0, {1: 11.0}, 104.0))
     assert out["postgres"] == 1.0 and out["other"] == 3.0
+
+
+def test_delta__the_relay_backends_are_a_part_of_postgres_not_added_to_it() -> None:
+    meter = common.CpuMeter(None, {})
+    a = {**snap(0.0, {1: 10.0, 2: 5.0}, machine=100.0), "relay_backends": {2}}
+    # Backend 2 (the relay's lease session) used 1.5 of PostgreSQL's 2.5; a relay backend seen
+    # only at b (a new lease session) counts from zero.
+    b = {**snap(5.0, {1: 11.0, 2: 6.5, 3: 0.25}, machine=102.75), "relay_backends": {2, 3}}
+    out = meter.delta(a, b)
+    assert out["postgres"] == 2.75
+    assert out["postgres_relay"] == 1.75
+    assert out["other"] == 0.0  # counted once: 2.75 busy, all PostgreSQL's
