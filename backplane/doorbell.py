@@ -437,7 +437,9 @@ class Listener:
                 async with asyncio.timeout(timeout):
                     await self._event.wait()
             except TimeoutError:
-                rang = False
+                # A ring that came as the timeout fired is taken, not cleared unseen: else its
+                # rows wait for the next ring or poll.
+                rang = self._event.is_set()
         self._event.clear()
         return rang
 
