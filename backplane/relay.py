@@ -56,8 +56,8 @@ QUARANTINE_SECS = 30.0
 PARTITION_CHECK_SECS = 600.0
 # Rows sent are marked forwarded inside the next assignment's transaction (no round trip of
 # their own per cycle); when no assignment comes within this long, on their own: at low rates
-# in the relay's idle time, so the next event's assignment carries no marks (e2e p50 at 500
-# and 2000 ev/s -5 to -14 %: docs/decisions/0052-marks-in-the-idle-time.md).
+# in the relay's idle time, so the next event's assignment carries no marks (e2e p50 -6 % at
+# 500 ev/s, -12 % at 2000: docs/decisions/0052-marks-in-the-idle-time.md).
 MARK_LINGER_SECS = 0.001
 
 

@@ -180,12 +180,13 @@ class CpuMeter:
         self.roles = roles
 
     def snap(self) -> dict[str, Any]:
+        relay_backends = _relay_backends(self.database)  # a query: before the readings, not between them
         return {
             "t": time.monotonic(),
             "pids": {role: {pid: cpu_seconds(pid) for pid in get()} for role, get in self.roles.items()},
             "redis": redis_cpu_seconds(),
             "postgres": _postgres_procs(self.database),
-            "relay_backends": _relay_backends(self.database),
+            "relay_backends": relay_backends,
             "self": time.process_time(),
             "machine": machine_busy_seconds(),
         }
@@ -213,8 +214,10 @@ class CpuMeter:
             sum(v - a["postgres"].get(pid, 0.0) for pid, v in b["postgres"].items() if pid not in reported), 2
         )
         # Part of "postgres", not added to it: the relay's lease backends (its assignments).
-        relay_pids = a.get("relay_backends", set()) | b.get("relay_backends", set())
+        relay_pids = (a.get("relay_backends", set()) | b.get("relay_backends", set())) - set(reported)
         relay_pg = sum(v - a["postgres"].get(pid, 0.0) for pid, v in b["postgres"].items() if pid in relay_pids)
+        pg_all = sum(v - a["postgres"].get(pid, 0.0) for pid, v in b["postgres"].items() if pid not in reported)
+        pg_all += (extra or {}).get("postgres", 0.0)
         out["bench"] = round(b["self"] - a["self"], 2)
         for role, secs in (extra or {}).items():
             out[role] = round(out.get(role, 0.0) + secs, 2)
@@ -222,6 +225,7 @@ class CpuMeter:
         out["machine"] = round(b["machine"] - a["machine"], 2)
         out["other"] = round(max(0.0, out["machine"] - ours), 2)  # someone else on the box
         out["postgres_relay"] = round(relay_pg, 3)
+        out["postgres_others"] = round(pg_all - relay_pg, 3)  # from the unrounded sums
         out["per_process"] = per_process
         return out
 

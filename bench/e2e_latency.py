@@ -260,7 +260,7 @@ def run_rate(
         # (the producers' publish, the edges, the server's own processes).
         events = max(1, row["received"])
         row["pg_relay_us"] = row["cpu"].get("postgres_relay", 0.0) / events * 1e6
-        row["pg_rest_us"] = (row["cpu"]["postgres"] - row["cpu"].get("postgres_relay", 0.0)) / events * 1e6
+        row["pg_rest_us"] = row["cpu"].get("postgres_others", 0.0) / events * 1e6
     else:
         assert targets is not None
         keys = sorted(targets)

@@ -42,4 +42,13 @@ def test_delta__the_relay_backends_are_a_part_of_postgres_not_added_to_it() -> N
     out = meter.delta(a, b)
     assert out["postgres"] == 2.75
     assert out["postgres_relay"] == 1.75
+    assert out["postgres_others"] == 1.0
     assert out["other"] == 0.0  # counted once: 2.75 busy, all PostgreSQL's
+
+
+def test_delta__a_reported_backend_is_never_the_relays() -> None:
+    meter = common.CpuMeter(None, {})
+    a = {**snap(0.0, {2: 5.0, 7: 1.0}, machine=100.0), "relay_backends": {2}}
+    b = {**snap(5.0, {2: 6.0, 7: 3.0}, machine=105.0), "relay_backends": {2, 7}}
+    out = meter.delta(a, b, {"postgres": 2.0}, reported={7})
+    assert out["postgres"] == 3.0 and out["postgres_relay"] == 1.0 and out["postgres_others"] == 2.0
