@@ -145,7 +145,8 @@ def _postgres_procs(database: str | None) -> dict[int, float]:
 
 
 # The relay's lease session names itself (backplane.store.postgresql): its backend runs the
-# assignment, so its CPU is PostgreSQL's share of the relay's work.
+# assignments (and the marks), so its CPU is what PostgreSQL spends on them; the relay's other
+# connection (sweeps, status rows) counts with the rest.
 RELAY_APPLICATION = "tyrum-relay-lease"
 
 

@@ -256,8 +256,8 @@ def run_rate(
         argvs = c.producer_argvs(rate, args.seconds, peers_file, n, "device")
         row, got, rep = c.phase("e2e", rate, "producer_proc.py", argvs, seconds=args.seconds, by_id=True)
         row.update(_stages(rep["sent"], got["arrivals"]))
-        # PostgreSQL's CPU per event: the relay's lease backend (the assignment) and the rest
-        # (the producers' publish, the edges, the server's own processes).
+        # PostgreSQL's CPU per event: the relay's lease backend (the assignments) and the rest
+        # (the producers' publish, the edges', the relay's other connection, the server's own).
         events = max(1, row["received"])
         row["pg_relay_us"] = row["cpu"].get("postgres_relay", 0.0) / events * 1e6
         row["pg_rest_us"] = row["cpu"].get("postgres_others", 0.0) / events * 1e6
