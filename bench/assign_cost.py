@@ -76,28 +76,21 @@ async def measure(samples: int, tenant: Any) -> dict[str, list[float]]:
     last: list[Any] = []
     publish = database_sync_to_async(lambda: outbox.publish(tenant, "bench.tick", {"n": 1}, device="dev-0"))
 
-    async def assign() -> float:
-        await publish()
-        cpu = common.oncpu_ns(backend)
-        began = time.perf_counter()
-        got = await store.aassign(session, shards, 100)
-        took = time.perf_counter() - began
-        out["assign, backend CPU"].append((common.oncpu_ns(backend) - cpu) / 1e6)
-        assert len(got) == 1, got
-        return took
-
-    async def assign_marks() -> float:
-        # As the relay at low rates: the previous assignment's rows marked forwarded in the same
-        # statement (docs/decisions/0013).
+    async def assign(marks: bool = False) -> float:
+        # With ``marks``, as the relay at low rates: the previous such call's rows marked
+        # forwarded in the same statement (docs/decisions/0013).
         nonlocal last
         await publish()
         cpu = common.oncpu_ns(backend)
         began = time.perf_counter()
-        got = await store.aassign(session, shards, 100, forwarded=last)
+        got = await store.aassign(session, shards, 100, forwarded=last if marks else ())
         took = time.perf_counter() - began
-        out["assign + marks, backend CPU"].append((common.oncpu_ns(backend) - cpu) / 1e6)
+        out["assign + marks, backend CPU" if marks else "assign, backend CPU"].append(
+            (common.oncpu_ns(backend) - cpu) / 1e6
+        )
         assert len(got) == 1, got
-        last = got
+        if marks:
+            last = got
         return took
 
     async def assign_split(sync: str) -> tuple[float, float, float]:
@@ -128,14 +121,14 @@ async def measure(samples: int, tenant: Any) -> dict[str, list[float]]:
     for _ in range(20):  # warm: plans made, caches filled
         await assign()
         await assign_split("on")
-        await assign_marks()
+        await assign(marks=True)
     out["assign, backend CPU"].clear()
     out["assign + marks, backend CPU"].clear()
     cur = await session.execute("SELECT key FROM backplane_stream LIMIT 1")
     (key,) = await cur.fetchone()
     for _ in range(samples):
         out["assign"].append(await assign() * 1000)
-        out["assign + marks"].append(await assign_marks() * 1000)
+        out["assign + marks"].append(await assign(marks=True) * 1000)
         took, statements, rest = await assign_split("on")
         out["assign, split"].append(took * 1000)
         out["statements"].append(statements * 1000)

@@ -164,7 +164,6 @@ def install_quiet_push_handling() -> None:
     — the whole message, payload included — for a debug line on the ``push_response`` logger:
     CPU for every message, and the payload in the log of anyone who turns that logger on. The
     edge's handler returns the message as that one does, and formats and logs nothing."""
-    from redis._parsers.hiredis import _AsyncHiredisParser
     from redis._parsers.resp3 import _AsyncRESP3Parser
 
     for parser in (_AsyncHiredisParser, _AsyncRESP3Parser):
