@@ -110,6 +110,18 @@ def oncpu_ns(pid: int) -> int:
         return 0
 
 
+def runq_seconds(pids: list[int]) -> float:
+    """Seconds the processes' threads have spent runnable, waiting for a CPU (schedstat)."""
+    total = 0
+    for pid in pids:
+        for stat in Path(f"/proc/{pid}/task").glob("*/schedstat"):
+            try:
+                total += int(stat.read_text().split()[1])
+            except (OSError, IndexError, ValueError):
+                pass  # a thread gone meanwhile
+    return total / 1e9
+
+
 def redis_cpu_seconds() -> float:
     """CPU seconds of the Redis server so far (INFO cpu, main process and its threads)."""
     import redis

@@ -449,6 +449,25 @@ def details(folder: Path) -> str:
                 f"{fmt(r.get('lost'))} | {fmt(r.get('p50_ms'))} | {fmt(r.get('p99_ms'))} | {fmt(r['edge_cpu_pct'])} | "
                 f"{fmt(r.get('edge_us_per_frame'))} | {fmt(r.get('edge_us_per_frame_above_idle'))} | {fmt(r['ok'])} |"
             )
+    if (ft := _load(folder, "fanout_trace")) is not None:
+        L.append(
+            "\n#### Fan-out split (1000 peers × 100 ev/s, traced): the engine's part against the peers' arrival\n"
+        )
+        L.append(
+            "| rate | commit → rows p50 / p99 | received → written p50 | commit → written p50 / p99 | "
+            "commit → peer p50 / p99 | engine share p50 / p99 | run-queue ms/s: edges | relay | load clients |"
+        )
+        L.append("|" + " ---: |" * 9)
+        for r in ft["rows"]:
+            st = r["steps"]
+            burst = st["received_to_offered"]["p50"] + st["offered_to_written"]["p50"]
+            L.append(
+                f"| {fmt(r['rate'])} | {fmt(st['commit_to_rows']['p50'])} / {fmt(st['commit_to_rows']['p99'])} | "
+                f"{fmt(burst)} | {fmt(st['commit_to_written']['p50'])} / {fmt(st['commit_to_written']['p99'])} | "
+                f"{fmt(r['p50_ms'])} / {fmt(r['p99_ms'])} | {fmt(r['engine_share_p50'])} / "
+                f"{fmt(r['engine_share_p99'])} | {fmt(r['runq_edges_ms_per_s'])} | {fmt(r['runq_relay_ms_per_s'])} | "
+                f"{fmt(r['runq_clients_ms_per_s'])} |"
+            )
     if (sio := _load(folder, "socketio")) is not None:
         L.append("\n#### Socket.IO 4 + PostgreSQL adapter (same run; CPU in % of one core, its harness)\n")
         L.append(

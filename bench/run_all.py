@@ -44,6 +44,9 @@ STEPS: list[tuple[str, str, list[str], float, float]] = [
     ("scale", "scale.py", ["--seconds", "20"], 260, 120),
     # The relay → peer hop step by step (issue 17, 3): where the e2e latency is spent.
     ("hop_trace", "hop_trace.py", [], 150, 60),
+    # The fan-out row split (issue 17, 2): the engine's part (commit → the edge's last write)
+    # against the peers' arrival, and each role's run-queue wait.
+    ("fanout_trace", "fanout_trace.py", [], 90, 40),
     # Libraries made for speed (issue 17, 6): json/orjson/msgspec, asyncio/uvloop, same run.
     ("speed_libs", "speed_libs.py", ["--repeat", "3", "--loops-repeat", "2"], 150, 40),
     # Redis sealing's cost (issues 13, 17): no keys, Fernet and AES-GCM on the relay → edge hop
@@ -58,6 +61,7 @@ OUTPUTS = {
     "connections": ["connections"],
     "scale": ["scale"],
     "hop_trace": ["hop_trace"],
+    "fanout_trace": ["fanout_trace"],
     "speed_libs": ["speed_libs"],
     "encryption": ["encryption_cost"],
 }

@@ -197,20 +197,8 @@ def run(
     return profile_text
 
 
-def runq_seconds(pids: list[int]) -> float:
-    """Seconds the processes' threads have spent runnable, waiting for a CPU (schedstat)."""
-    total = 0
-    for pid in pids:
-        for stat in Path(f"/proc/{pid}/task").glob("*/schedstat"):
-            try:
-                total += int(stat.read_text().split()[1])
-            except (OSError, IndexError, ValueError):
-                pass  # a thread gone meanwhile
-    return total / 1e9
-
-
 def runq_snap(args: Any) -> dict[str, float]:
-    return {role: runq_seconds(get()) for role, get in args.runq_roles.items()}
+    return {role: common.runq_seconds(get()) for role, get in args.runq_roles.items()}
 
 
 def runq_columns(a: dict[str, float], b: dict[str, float], wall: float) -> dict[str, float]:

@@ -1,0 +1,223 @@
+"""The fan-out row split: the engine's part of each event's time against the load clients' (issue 17, 2).
+
+Runs the fan-out row of ``e2e_latency.py`` (one tenant, ``--peers`` peers on 2 edges,
+tenant-wide events through the outbox at each of ``--rates``) with ``TYRUM_HOP_TRACE`` set, and
+joins the relay's and each edge's step times (``backplane/hoptrace.py``) per event and edge
+with the producer's commit time:
+
+    commit → rows        the relay cycle's start and its durable assignment
+    rows → read          frames built, PUBLISH, Redis → the edge's reader task
+    read → received      the edge's queue and loop turn to its delivery loop, decode
+    received → offered   the batch handed to each of the edge's sockets (cursor, coalescer)
+    offered → written    the end of that loop turn: one send() per socket
+    commit → written     the engine done with the event on that edge: every socket written
+
+against commit → peer for every delivery (the row's own figure: the load clients' reads
+included). The engine's share of the row is ``commit → written`` against ``commit → peer``;
+with the run-queue waits (schedstat: ms per second runnable but waiting for a core) of the
+edges, the relay and the load clients, it says when the load clients, on the same 2 cores,
+are what the row waits for.
+
+``--nice-clients N`` starts the load clients at that niceness (they then yield the cores to
+the edges): how much of the row is the two sharing the cores.
+
+    .venv/bin/python bench/fanout_trace.py [--peers 1000] [--rates 100] [--seconds 8] [--nice-clients 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+# (name, from, to): relay steps by event, edge steps by event and edge.
+STEPS = [
+    ("commit_to_rows", "sent", "assigned"),
+    ("rows_to_read", "assigned", "read"),
+    ("read_to_received", "read", "received"),
+    ("received_to_offered", "received", "offered"),
+    ("offered_to_written", "offered", "written"),
+    ("commit_to_written", "sent", "written"),
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--peers", type=int, default=1000)
+    parser.add_argument("--rates", default="100")
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--pools", type=int, default=2)
+    parser.add_argument("--nice-clients", type=int, default=0, help="niceness of the load clients (0: as the suite)")
+    parser.add_argument("--name", default="fanout_trace", help="results file name (bench/results/<name>.json)")
+    args = parser.parse_args()
+
+    trace_dir = common.LOGS / f"fanout-trace-{os.getpid()}"
+    shutil.rmtree(trace_dir, ignore_errors=True)
+    trace_dir.mkdir(parents=True)
+    os.environ["TYRUM_HOP_TRACE"] = str(trace_dir)  # the cluster's processes inherit it
+    from cluster import BenchCluster
+
+    from harness import data
+
+    rows: list[dict[str, Any]] = []
+    try:
+        with BenchCluster("fantrace", peers=args.peers, tenants=1, pools=args.pools) as c:
+            assert c.pools is not None and c.cluster is not None
+            fan = data.make_tenants(1, slug="fan")
+            pairs, peers_file = c.peer_set(fan, [f"fan-{i}" for i in range(args.peers)], "fan")
+            for pid in c.pools.pids:
+                os.setpriority(os.PRIO_PROCESS, pid, args.nice_clients)
+            connect = c.pools.connect(pairs)
+            print(f"connected {connect['connected']} peers over {len(c.ports)} edges in {connect['secs']:.1f}s")
+            roles = {
+                "edges": lambda: [p.pid for p in c.cluster.edges],
+                "relay": lambda: [p.pid for p in c.cluster.relays],
+                "clients": lambda: c.pools.pids,
+            }
+            edge_pids = [p.pid for p in c.cluster.edges]
+            for rate in (float(r) for r in args.rates.split(",") if r):
+                for f in trace_dir.glob("*.jsonl"):
+                    f.unlink()
+                argvs = c.producer_argvs(rate, args.seconds, peers_file, 1, "tenant")
+                qa, t0 = {k: common.runq_seconds(get()) for k, get in roles.items()}, time.monotonic()
+                row, _, rep = c.phase(
+                    "fanout", rate, "producer_proc.py", argvs, recipients=connect["connected"], seconds=args.seconds
+                )
+                qb, wall = {k: common.runq_seconds(get()) for k, get in roles.items()}, time.monotonic() - t0
+                time.sleep(1.0)  # the processes write their trace lines every 0.5 s
+                out = summarize(row, rep["sent"], trace_dir, edge_pids)
+                out.update({f"runq_{k}_ms_per_s": 1000 * (qb[k] - qa[k]) / wall for k in roles})
+                out["nice_clients"] = args.nice_clients
+                rows.append(out)
+                print(
+                    f"  {rate:g}/s: {row['received']} of {row['expected']} delivered; traced {out['traced']} "
+                    f"event-edges; commit → peer p50 {row['p50_ms']:.1f} p99 {row['p99_ms']:.1f} ms",
+                    flush=True,
+                )
+    finally:
+        if not os.environ.get("HOP_TRACE_KEEP"):
+            shutil.rmtree(trace_dir, ignore_errors=True)
+
+    table = [
+        {"step": name, **{f"{r['rate']:g}/s {q}": r["steps"][name][q] for r in rows for q in ("p50", "p99")}}
+        for name in [s[0] for s in STEPS]
+    ]
+    table.append(
+        {"step": "commit_to_peer", **{f"{r['rate']:g}/s {q}": r[f"{q}_ms"] for r in rows for q in ("p50", "p99")}}
+    )
+    common.report(
+        f"fan-out trace — {args.peers} peers of one tenant on 2 edges, {args.seconds:g}s per rate, load clients at "
+        f"nice {args.nice_clients}: ms per step (per event and edge; commit → peer per delivery)",
+        table,
+        ["step", *[f"{r['rate']:g}/s {q}" for r in rows for q in ("p50", "p99")]],
+    )
+    common.report(
+        "per rate (run-queue waits: ms per second of the phase, all threads of the role)",
+        rows,
+        [
+            "rate",
+            "received",
+            "traced",
+            "engine_share_p50",
+            "engine_share_p99",
+            "runq_edges_ms_per_s",
+            "runq_relay_ms_per_s",
+            "runq_clients_ms_per_s",
+            "cpu_edges",
+            "cpu_peers",
+            "cpu_machine",
+        ],
+    )
+    print(f"wrote {common.write(args.name, rows, {'args': vars(args), 'table': table})}")
+    print(common.machine_line())
+
+
+def summarize(row: dict[str, Any], sent: dict[str, float], trace_dir: Path, edge_pids: list[int]) -> dict[str, Any]:
+    """Per event and edge, each step's time (ms); with the row's commit → peer per delivery."""
+    from django.db import connections
+
+    from backplane.models import OutboxItem
+
+    relay, edges = read_traces(trace_dir, edge_pids)
+    events = list(OutboxItem.objects.filter(event_id__in=list(sent)).values_list("event_id", "stream", "stream_offset"))
+    connections.close_all()
+    per_step, traced = join(relay, edges, events, sent)
+    steps = {
+        name: {"p50": common.percentile(v, 50), "p99": common.percentile(v, 99), "n": len(v)}
+        for name, v in per_step.items()
+    }
+    written = steps["commit_to_written"]
+    return {
+        "rate": row["rate"],
+        "received": row["received"],
+        "expected": row["expected"],
+        "traced": traced,
+        "p50_ms": row["p50_ms"],
+        "p99_ms": row["p99_ms"],
+        # The engine's part of the row's figure: done writing the event on an edge, against its arrival.
+        "engine_share_p50": written["p50"] / max(1e-9, row["p50_ms"]),
+        "engine_share_p99": written["p99"] / max(1e-9, row["p99_ms"]),
+        "cpu_edges": row["cpu_edges"],
+        "cpu_peers": row["cpu_peers"],
+        "cpu_machine": row["cpu"]["machine"],
+        "steps": steps,
+    }
+
+
+Trace = dict[tuple[str, int], dict[str, float]]
+
+
+def read_traces(trace_dir: Path, edge_pids: list[int]) -> tuple[Trace, list[Trace]]:
+    """The relay's step times and each edge's (in ``edge_pids`` order), by (stream, offset)."""
+    relay: Trace = {}
+    edges: list[Trace] = [{} for _ in edge_pids]
+    for path in trace_dir.glob("*.jsonl"):
+        role, _, pid = path.stem.partition("-")
+        if role == "relay":
+            into = relay
+        elif role == "edge" and pid.isdigit() and int(pid) in edge_pids:
+            into = edges[edge_pids.index(int(pid))]
+        else:
+            continue
+        for line in path.read_text().splitlines():
+            rec = json.loads(line)
+            if rec["role"] != role:
+                continue  # the relay's doorbell rings
+            for stream, offset in rec["rows"]:
+                into[(stream, int(offset))] = rec["t"]
+    return relay, edges
+
+
+def join(
+    relay: Trace, edges: list[Trace], events: list[tuple[str, str, int]], sent: dict[str, float]
+) -> tuple[dict[str, list[float]], int]:
+    """Each step's times (ms) over every (event, edge) both the relay and that edge traced;
+    ``events`` are (event id, stream, offset). Returns them and how many pairs were joined."""
+    per_step: dict[str, list[float]] = {name: [] for name, _, _ in STEPS}
+    traced = 0
+    for eid, stream, offset in events:
+        r = relay.get((stream, offset))
+        if r is None or eid not in sent:
+            continue
+        for edge in edges:
+            e = edge.get((stream, offset))
+            if e is None:
+                continue
+            traced += 1
+            t = {**r, **e, "sent": sent[eid]}
+            for name, a, b in STEPS:
+                if t.get(a) and t.get(b):
+                    per_step[name].append((t[b] - t[a]) * 1000)
+    return per_step, traced
+
+
+if __name__ == "__main__":
+    main()
