@@ -176,21 +176,19 @@ Trace = dict[tuple[str, int], dict[str, float]]
 
 
 def read_traces(trace_dir: Path, edge_pids: list[int]) -> tuple[Trace, list[Trace]]:
-    """The relay's step times and each edge's (in ``edge_pids`` order), by (stream, offset)."""
+    """The relay's step times and each edge's (in ``edge_pids`` order), by (stream, offset).
+    A process writes its lines to a file named by whichever of its roles flushed them (the
+    relay's doorbell listener too), so a line's own role says what it is, the file its process."""
     relay: Trace = {}
     edges: list[Trace] = [{} for _ in edge_pids]
     for path in trace_dir.glob("*.jsonl"):
-        role, _, pid = path.stem.partition("-")
-        if role == "relay":
-            into = relay
-        elif role == "edge" and pid.isdigit() and int(pid) in edge_pids:
-            into = edges[edge_pids.index(int(pid))]
-        else:
-            continue
+        pid = path.stem.rpartition("-")[2]
+        edge = edges[edge_pids.index(int(pid))] if pid.isdigit() and int(pid) in edge_pids else None
         for line in path.read_text().splitlines():
             rec = json.loads(line)
-            if rec["role"] != role:
-                continue  # the relay's doorbell rings
+            into = relay if rec["role"] == "relay" else edge if rec["role"] == "edge" else None
+            if into is None:
+                continue  # the relay's doorbell rings, another process's edge lines
             for stream, offset in rec["rows"]:
                 into[(stream, int(offset))] = rec["t"]
     return relay, edges

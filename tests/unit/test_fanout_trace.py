@@ -17,9 +17,11 @@ def write(path: Path, role: str, recs: list[tuple[dict[str, float], list[list[ob
     path.write_text("".join(json.dumps({"role": role, "t": t, "rows": rows}) + "\n" for t, rows in recs))
 
 
-def test_read_traces__keeps_each_edge_apart_and_skips_the_rings(tmp_path: Path) -> None:
-    write(tmp_path / "relay-10.jsonl", "relay", [({"assigned": 1.0}, [["t:a", 1], ["t:a", 2]])])
-    with (tmp_path / "relay-10.jsonl").open("a") as out:
+def test_read_traces__keeps_each_edge_apart_takes_the_relay_from_every_file_and_skips_the_rings(tmp_path: Path) -> None:
+    # The relay's lines land in the file of whichever of its roles flushed them.
+    write(tmp_path / "relay-10.jsonl", "relay", [({"assigned": 1.0}, [["t:a", 1]])])
+    write(tmp_path / "bell-10.jsonl", "relay", [({"assigned": 1.0}, [["t:a", 2]])])
+    with (tmp_path / "bell-10.jsonl").open("a") as out:
         out.write(json.dumps({"role": "bell", "t": {"rung": 0.5}, "rows": [["t:a", 1]]}) + "\n")
     write(tmp_path / "edge-20.jsonl", "edge", [({"written": 1.004}, [["t:a", 1]])])
     write(tmp_path / "edge-30.jsonl", "edge", [({"written": 1.009}, [["t:a", 1]])])
