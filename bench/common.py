@@ -14,10 +14,11 @@ import functools
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -120,6 +121,22 @@ def runq_seconds(pids: list[int]) -> float:
             except (OSError, IndexError, ValueError):
                 pass  # a thread gone meanwhile
     return total / 1e9
+
+
+@contextlib.contextmanager
+def hop_trace_dir(name: str) -> Iterator[Path]:
+    """A fresh directory for the trace files of the processes a benchmark starts from here on
+    (``TYRUM_HOP_TRACE``, which they inherit; ``backplane/hoptrace.py``); removed afterwards
+    unless ``HOP_TRACE_KEEP`` is set."""
+    path = LOGS / f"{name}-{os.getpid()}"
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    os.environ["TYRUM_HOP_TRACE"] = str(path)
+    try:
+        yield path
+    finally:
+        if not os.environ.get("HOP_TRACE_KEEP"):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def redis_cpu_seconds() -> float:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -59,52 +58,47 @@ def main() -> None:
     parser.add_argument("--name", default="fanout_trace", help="results file name (bench/results/<name>.json)")
     args = parser.parse_args()
 
-    trace_dir = common.LOGS / f"fanout-trace-{os.getpid()}"
-    shutil.rmtree(trace_dir, ignore_errors=True)
-    trace_dir.mkdir(parents=True)
-    os.environ["TYRUM_HOP_TRACE"] = str(trace_dir)  # the cluster's processes inherit it
     from cluster import BenchCluster
 
     from harness import data
 
     rows: list[dict[str, Any]] = []
-    try:
-        with BenchCluster("fantrace", peers=args.peers, tenants=1, pools=args.pools) as c:
-            assert c.pools is not None and c.cluster is not None
-            fan = data.make_tenants(1, slug="fan")
-            pairs, peers_file = c.peer_set(fan, [f"fan-{i}" for i in range(args.peers)], "fan")
-            for pid in c.pools.pids:
-                os.setpriority(os.PRIO_PROCESS, pid, args.nice_clients)
-            connect = c.pools.connect(pairs)
-            print(f"connected {connect['connected']} peers over {len(c.ports)} edges in {connect['secs']:.1f}s")
-            roles = {
-                "edges": lambda: [p.pid for p in c.cluster.edges],
-                "relay": lambda: [p.pid for p in c.cluster.relays],
-                "clients": lambda: c.pools.pids,
-            }
-            edge_pids = [p.pid for p in c.cluster.edges]
-            for rate in (float(r) for r in args.rates.split(",") if r):
-                for f in trace_dir.glob("*.jsonl"):
-                    f.unlink()
-                argvs = c.producer_argvs(rate, args.seconds, peers_file, 1, "tenant")
-                qa, t0 = {k: common.runq_seconds(get()) for k, get in roles.items()}, time.monotonic()
-                row, _, rep = c.phase(
-                    "fanout", rate, "producer_proc.py", argvs, recipients=connect["connected"], seconds=args.seconds
-                )
-                qb, wall = {k: common.runq_seconds(get()) for k, get in roles.items()}, time.monotonic() - t0
-                time.sleep(1.0)  # the processes write their trace lines every 0.5 s
-                out = summarize(row, rep["sent"], trace_dir, edge_pids)
-                out.update({f"runq_{k}_ms_per_s": 1000 * (qb[k] - qa[k]) / wall for k in roles})
-                out["nice_clients"] = args.nice_clients
-                rows.append(out)
-                print(
-                    f"  {rate:g}/s: {row['received']} of {row['expected']} delivered; traced {out['traced']} "
-                    f"event-edges; commit → peer p50 {row['p50_ms']:.1f} p99 {row['p99_ms']:.1f} ms",
-                    flush=True,
-                )
-    finally:
-        if not os.environ.get("HOP_TRACE_KEEP"):
-            shutil.rmtree(trace_dir, ignore_errors=True)
+    with (
+        common.hop_trace_dir("fanout-trace") as trace_dir,
+        BenchCluster("fantrace", peers=args.peers, tenants=1, pools=args.pools) as c,
+    ):
+        assert c.pools is not None and c.cluster is not None
+        fan = data.make_tenants(1, slug="fan")
+        pairs, peers_file = c.peer_set(fan, [f"fan-{i}" for i in range(args.peers)], "fan")
+        for pid in c.pools.pids:
+            os.setpriority(os.PRIO_PROCESS, pid, args.nice_clients)
+        connect = c.pools.connect(pairs)
+        print(f"connected {connect['connected']} peers over {len(c.ports)} edges in {connect['secs']:.1f}s")
+        roles = {
+            "edges": lambda: [p.pid for p in c.cluster.edges],
+            "relay": lambda: [p.pid for p in c.cluster.relays],
+            "clients": lambda: c.pools.pids,
+        }
+        edge_pids = [p.pid for p in c.cluster.edges]
+        for rate in (float(r) for r in args.rates.split(",") if r):
+            for f in trace_dir.glob("*.jsonl"):
+                f.unlink()
+            argvs = c.producer_argvs(rate, args.seconds, peers_file, 1, "tenant")
+            qa, t0 = {k: common.runq_seconds(get()) for k, get in roles.items()}, time.monotonic()
+            row, _, rep = c.phase(
+                "fanout", rate, "producer_proc.py", argvs, recipients=connect["connected"], seconds=args.seconds
+            )
+            qb, wall = {k: common.runq_seconds(get()) for k, get in roles.items()}, time.monotonic() - t0
+            time.sleep(1.0)  # the processes write their trace lines every 0.5 s
+            out = summarize(row, rep["sent"], trace_dir, edge_pids)
+            out.update({f"runq_{k}_ms_per_s": 1000 * (qb[k] - qa[k]) / wall for k in roles})
+            out["nice_clients"] = args.nice_clients
+            rows.append(out)
+            print(
+                f"  {rate:g}/s: {row['received']} of {row['expected']} delivered; traced {out['traced']} "
+                f"event-edges; commit → peer p50 {row['p50_ms']:.1f} p99 {row['p99_ms']:.1f} ms",
+                flush=True,
+            )
 
     table = [
         {"step": name, **{f"{r['rate']:g}/s {q}": r["steps"][name][q] for r in rows for q in ("p50", "p99")}}

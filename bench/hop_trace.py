@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -77,17 +76,13 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    trace_dir = common.LOGS / f"hop-trace-{os.getpid()}"
-    shutil.rmtree(trace_dir, ignore_errors=True)
-    trace_dir.mkdir(parents=True)
-    os.environ["TYRUM_HOP_TRACE"] = str(trace_dir)  # the cluster's processes inherit it
     from cluster import BenchCluster
 
     from harness import data
 
     rows: list[dict[str, Any]] = []
     loops = [x.strip() for x in args.event_loops.split(",") if x.strip()] or [""]
-    try:
+    with common.hop_trace_dir("hop-trace") as trace_dir:
         for loop in loops:
             if loop:
                 os.environ["BACKPLANE_EVENT_LOOP"] = loop
@@ -108,9 +103,6 @@ def main() -> None:
                         {"loop": loop or "default", **summarize(rate, row, rep["sent"], got["arrivals"], trace_dir)}
                     )
                     print(f"  {loop} {rate:g}/s: traced {rows[-1]['traced']} of {row['received']} events", flush=True)
-    finally:
-        if not os.environ.get("HOP_TRACE_KEEP"):
-            shutil.rmtree(trace_dir, ignore_errors=True)
 
     def col(r: dict[str, Any], q: str) -> str:
         return f"{r['loop'] + ' ' if len(loops) > 1 else ''}{r['rate']:g}/s {q}"

@@ -450,9 +450,7 @@ def details(folder: Path) -> str:
                 f"{fmt(r.get('edge_us_per_frame'))} | {fmt(r.get('edge_us_per_frame_above_idle'))} | {fmt(r['ok'])} |"
             )
     if (ft := _load(folder, "fanout_trace")) is not None:
-        L.append(
-            "\n#### Fan-out split (1000 peers × 100 ev/s, traced): the engine's part against the peers' arrival\n"
-        )
+        L.append("\n#### Fan-out split (1000 peers × 100 ev/s, traced): the engine's part against the peers' arrival\n")
         L.append(
             "| rate | commit → rows p50 / p99 | received → written p50 | commit → written p50 / p99 | "
             "commit → peer p50 / p99 | engine share p50 / p99 | run-queue ms/s: edges | relay | load clients |"

@@ -1,6 +1,7 @@
-"""bench/scale.py's instruments (decision 0043): run-queue waits read from schedstat, the
-slowest events matched with their load client's own stalls and with the edge's heartbeats,
-and bench/peers.js's probe (BENCH_PEERS_PROBE) reporting its stalls."""
+"""bench/scale.py's instruments (decision 0043): run-queue waits read from schedstat
+(``common.runq_seconds``, which fanout_trace.py reads too), the slowest events matched with
+their load client's own stalls and with the edge's heartbeats, and bench/peers.js's probe
+(BENCH_PEERS_PROBE) reporting its stalls."""
 
 from __future__ import annotations
 
@@ -17,17 +18,18 @@ import pytest
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 sys.path.insert(0, str(BENCH))
 
+import common  # noqa: E402
 import scale  # noqa: E402
 
 
 def test_runq_seconds__reads_this_process_and_skips_a_gone_one() -> None:
     busy = subprocess.Popen([sys.executable, "-c", "import time\nt=time.time()\nwhile time.time()-t<0.5: pass"])
     try:
-        mine = scale.runq_seconds([os.getpid(), busy.pid])
-        assert mine >= scale.runq_seconds([os.getpid()]) >= 0.0
+        mine = common.runq_seconds([os.getpid(), busy.pid])
+        assert mine >= common.runq_seconds([os.getpid()]) >= 0.0
     finally:
         busy.wait()
-    assert scale.runq_seconds([busy.pid]) == 0.0  # reaped: no /proc entry
+    assert common.runq_seconds([busy.pid]) == 0.0  # reaped: no /proc entry
 
 
 def test_tail_probe__slow_events_matched_with_their_own_clients_stalls() -> None:
