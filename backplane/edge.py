@@ -316,9 +316,11 @@ class EdgeRuntime:
                 logger.warning("edge delivery loop: %s", type(exc).__name__, extra={"action": "delivery_error"})
                 await asyncio.sleep(0.5)
                 continue
-            if hoptrace.ON:  # one message at a time: the trace times each one's steps
-                await self._deliver_logged(self._traced(message))
-                continue
+            # Traced (bench/hop_trace.py), each message's time off Redis, by its first row: the
+            # batches go the same way as untraced, joined, and each notes its first message's.
+            reads: dict[Any, float] | None = None
+            if hoptrace.ON:
+                reads = {_first_row(message): hoptrace.read_time(self.stream_channel)}
             # What piled up behind it (the edge was busy) goes with it: a stream's batches that
             # follow one another as one, so each socket takes one offer and one write for them.
             try:
@@ -326,19 +328,22 @@ class EdgeRuntime:
             except Exception as exc:  # the layer's internals: the rest comes by receive, one at a time
                 logger.warning("edge delivery loop: %s", type(exc).__name__, extra={"action": "delivery_error"})
                 ready = []
-            if not ready:
-                await self._deliver_logged(self.deliver(message))
-                continue
             taken = [message]
             for got in ready:
+                read = hoptrace.read_time(self.stream_channel) if reads is not None else 0.0
                 if isinstance(got, vendor_redis.UNREADABLE):
                     self.reject(type(got).__name__)
                 elif isinstance(got, Exception):  # as receive's own failures: this one is lost
                     logger.warning("edge delivery loop: %s", type(got).__name__, extra={"action": "delivery_error"})
                 else:
                     taken.append(got)
-            for batch in joined_batches(taken):
-                await self._deliver_logged(self.deliver(batch))
+                    if reads is not None:
+                        reads.setdefault(_first_row(got), read)
+            for batch in joined_batches(taken) if ready else taken:
+                delivering = (
+                    self.deliver(batch) if reads is None else self._traced(batch, reads.get(_first_row(batch), 0.0))
+                )
+                await self._deliver_logged(delivering)
 
     async def _deliver_logged(self, delivering: Awaitable[None]) -> None:
         try:
@@ -348,10 +353,11 @@ class EdgeRuntime:
         except Exception as exc:  # a malformed batch is dropped (the sockets' head check fills it)
             logger.warning("edge dropped a batch: %s", type(exc).__name__, extra={"action": "delivery_error"})
 
-    async def _traced(self, message: dict[str, Any]) -> None:
-        """``deliver`` with the times of its steps noted (bench/hop_trace.py)."""
+    async def _traced(self, message: dict[str, Any], read: float) -> None:
+        """``deliver`` with the times of its steps noted (bench/hop_trace.py); ``read``: when
+        its (first) message came off Redis."""
         steps = {
-            "read": hoptrace.read_time(self.stream_channel),
+            "read": read,
             "received": time.time(),
             "decode_s": hoptrace.last_decode,
         }
@@ -704,6 +710,14 @@ def joined_batches(messages: Sequence[Any]) -> list[Any]:
         last[key] = len(out)
         out.append(m)
     return out
+
+
+def _first_row(m: Any) -> Any:
+    """A relay batch's stream and first offset (its key for the hop trace), or None."""
+    try:
+        return m["stream"], int(m["items"][0][0])
+    except Exception:
+        return None
 
 
 def _joinable(m: Any) -> bool:

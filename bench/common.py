@@ -111,11 +111,12 @@ def oncpu_ns(pid: int) -> int:
         return 0
 
 
-def runq_seconds(pids: list[int]) -> float:
-    """Seconds the processes' threads have spent runnable, waiting for a CPU (schedstat)."""
+def runq_seconds(pids: list[int], proc: Path = Path("/proc")) -> float:
+    """Seconds the processes' threads have spent runnable, waiting for a CPU (schedstat's
+    second field: on-CPU ns, run-queue ns, timeslices)."""
     total = 0
     for pid in pids:
-        for stat in Path(f"/proc/{pid}/task").glob("*/schedstat"):
+        for stat in (proc / str(pid) / "task").glob("*/schedstat"):
             try:
                 total += int(stat.read_text().split()[1])
             except (OSError, IndexError, ValueError):
@@ -131,10 +132,15 @@ def hop_trace_dir(name: str) -> Iterator[Path]:
     path = LOGS / f"{name}-{os.getpid()}"
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True)
+    before = os.environ.get("TYRUM_HOP_TRACE")
     os.environ["TYRUM_HOP_TRACE"] = str(path)
     try:
         yield path
     finally:
+        if before is None:
+            os.environ.pop("TYRUM_HOP_TRACE", None)
+        else:
+            os.environ["TYRUM_HOP_TRACE"] = before
         if not os.environ.get("HOP_TRACE_KEEP"):
             shutil.rmtree(path, ignore_errors=True)
 

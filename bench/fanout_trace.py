@@ -10,6 +10,7 @@ with the producer's commit time:
     read → received      the edge's queue and loop turn to its delivery loop, decode
     received → offered   the batch handed to each of the edge's sockets (cursor, coalescer)
     offered → written    the end of that loop turn: one send() per socket
+    received → written   the two above: the edge's whole burst for the event
     commit → written     the engine done with the event on that edge: every socket written
 
 against commit → peer for every delivery (the row's own figure: the load clients' reads
@@ -18,8 +19,12 @@ with the run-queue waits (schedstat: ms per second runnable but waiting for a co
 edges, the relay and the load clients, it says when the load clients, on the same 2 cores,
 are what the row waits for.
 
-``--nice-clients N`` starts the load clients at that niceness (they then yield the cores to
-the edges): how much of the row is the two sharing the cores.
+The run-queue waits are taken over the sending window (sampled every 0.2 s). The traced edge
+delivers as the untraced one: batches that piled up behind one are joined (0051), and such a
+batch's rows carry its first message's read time.
+
+``--nice-clients N`` renices every thread of the load clients once they are up (they then
+yield the cores to the edges): how much of the row is the two sharing the cores.
 
     .venv/bin/python bench/fanout_trace.py [--peers 1000] [--rates 100] [--seconds 8] [--nice-clients 0]
 """
@@ -30,6 +35,7 @@ import argparse
 import json
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -44,6 +50,7 @@ STEPS = [
     ("read_to_received", "read", "received"),
     ("received_to_offered", "received", "offered"),
     ("offered_to_written", "offered", "written"),
+    ("received_to_written", "received", "written"),
     ("commit_to_written", "sent", "written"),
 ]
 
@@ -71,7 +78,7 @@ def main() -> None:
         fan = data.make_tenants(1, slug="fan")
         pairs, peers_file = c.peer_set(fan, [f"fan-{i}" for i in range(args.peers)], "fan")
         for pid in c.pools.pids:
-            os.setpriority(os.PRIO_PROCESS, pid, args.nice_clients)
+            renice(pid, args.nice_clients)
         connect = c.pools.connect(pairs)
         print(f"connected {connect['connected']} peers over {len(c.ports)} edges in {connect['secs']:.1f}s")
         roles = {
@@ -84,14 +91,13 @@ def main() -> None:
             for f in trace_dir.glob("*.jsonl"):
                 f.unlink()
             argvs = c.producer_argvs(rate, args.seconds, peers_file, 1, "tenant")
-            qa, t0 = {k: common.runq_seconds(get()) for k, get in roles.items()}, time.monotonic()
-            row, _, rep = c.phase(
-                "fanout", rate, "producer_proc.py", argvs, recipients=connect["connected"], seconds=args.seconds
-            )
-            qb, wall = {k: common.runq_seconds(get()) for k, get in roles.items()}, time.monotonic() - t0
+            with RunqSampler(roles) as runq:
+                row, _, rep = c.phase(
+                    "fanout", rate, "producer_proc.py", argvs, recipients=connect["connected"], seconds=args.seconds
+                )
             time.sleep(1.0)  # the processes write their trace lines every 0.5 s
             out = summarize(row, rep["sent"], trace_dir, edge_pids)
-            out.update({f"runq_{k}_ms_per_s": 1000 * (qb[k] - qa[k]) / wall for k in roles})
+            out.update({f"runq_{k}_ms_per_s": v for k, v in runq.over(rep["start"], rep["end"]).items()})
             out["nice_clients"] = args.nice_clients
             rows.append(out)
             print(
@@ -156,7 +162,8 @@ def summarize(row: dict[str, Any], sent: dict[str, float], trace_dir: Path, edge
         "traced": traced,
         "p50_ms": row["p50_ms"],
         "p99_ms": row["p99_ms"],
-        # The engine's part of the row's figure: done writing the event on an edge, against its arrival.
+        # The engine's part of the row: the quantile of "done writing the event on an edge" (one
+        # time per event and edge) over the same quantile of the arrivals (one per delivery).
         "engine_share_p50": written["p50"] / max(1e-9, row["p50_ms"]),
         "engine_share_p99": written["p99"] / max(1e-9, row["p99_ms"]),
         "cpu_edges": row["cpu_edges"],
@@ -167,6 +174,54 @@ def summarize(row: dict[str, Any], sent: dict[str, float], trace_dir: Path, edge
 
 
 Trace = dict[tuple[str, int], dict[str, float]]
+
+# How often the run-queue sampler reads the roles' schedstat.
+SAMPLE_SECS = 0.2
+
+
+def renice(pid: int, niceness: int) -> None:
+    """Every thread of ``pid`` (Linux's setpriority on a pid reaches only that one thread)."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        os.setpriority(os.PRIO_PROCESS, int(tid), niceness)
+
+
+class RunqSampler:
+    """The roles' run-queue totals every SAMPLE_SECS from a thread, so that they can be read
+    over the sending window alone: the phase around it also starts the senders (Django's
+    imports) and drains."""
+
+    def __init__(self, roles: dict[str, Any]) -> None:
+        self.roles = roles
+        self.samples: list[tuple[float, dict[str, float]]] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while True:
+            self.samples.append((time.time(), {k: common.runq_seconds(get()) for k, get in self.roles.items()}))
+            if self.stop.wait(SAMPLE_SECS):
+                return
+
+    def __enter__(self) -> RunqSampler:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop.set()
+        self.thread.join(5)
+
+    def over(self, start: float, end: float) -> dict[str, float]:
+        """Run-queue wait per role, ms per second, between the samples nearest ``start`` and ``end``."""
+        return runq_between(self.samples, start, end)
+
+
+def runq_between(samples: list[tuple[float, dict[str, float]]], start: float, end: float) -> dict[str, float]:
+    if len(samples) < 2:
+        return {}
+    a = min(samples, key=lambda s: abs(s[0] - start))
+    b = min(samples, key=lambda s: abs(s[0] - end))
+    wall = max(1e-9, b[0] - a[0])
+    return {k: 1000 * (b[1][k] - a[1][k]) / wall for k in a[1]}
 
 
 def read_traces(trace_dir: Path, edge_pids: list[int]) -> tuple[Trace, list[Trace]]:

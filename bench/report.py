@@ -458,7 +458,7 @@ def details(folder: Path) -> str:
         L.append("|" + " ---: |" * 9)
         for r in ft["rows"]:
             st = r["steps"]
-            burst = st["received_to_offered"]["p50"] + st["offered_to_written"]["p50"]
+            burst = st["received_to_written"]["p50"] if "received_to_written" in st else None  # older runs: none
             L.append(
                 f"| {fmt(r['rate'])} | {fmt(st['commit_to_rows']['p50'])} / {fmt(st['commit_to_rows']['p99'])} | "
                 f"{fmt(burst)} | {fmt(st['commit_to_written']['p50'])} / {fmt(st['commit_to_written']['p99'])} | "

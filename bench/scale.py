@@ -41,11 +41,11 @@ heartbeats: the share of the slowest events, and of all, in flight in the 0.5 s 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
 import resource
-import shutil
 import subprocess
 import sys
 import time
@@ -119,24 +119,26 @@ def main() -> None:
         if sizes[-1] > cap:
             sizes[-1] = cap
             print(f"--trace: the largest size capped at {cap} (descriptors for the edge's trace file)")
-        args.trace_dir = common.LOGS / f"scale-trace-{os.getpid()}"
-        shutil.rmtree(args.trace_dir, ignore_errors=True)
-        args.trace_dir.mkdir(parents=True)
-        os.environ["TYRUM_HOP_TRACE"] = str(args.trace_dir)  # the edge and relay inherit it
 
     started = time.monotonic()
     rows: list[dict[str, Any]] = []
     notes: list[str] = []
     connects: list[dict[str, Any]] = []
     profile_text = ""
-    try:
-        with BenchCluster(
-            "scale", peers=sizes[-1], tenants=args.tenants, edges=1, pools=args.pools, ping_interval=args.ping_interval
-        ) as c:
-            profile_text = run(c, args, sizes, rows, notes, connects)
-    finally:
-        if args.trace:
-            shutil.rmtree(args.trace_dir, ignore_errors=True)
+    with contextlib.ExitStack() as stack:
+        if args.trace:  # the edge and relay inherit TYRUM_HOP_TRACE
+            args.trace_dir = stack.enter_context(common.hop_trace_dir("scale-trace"))
+        c = stack.enter_context(
+            BenchCluster(
+                "scale",
+                peers=sizes[-1],
+                tenants=args.tenants,
+                edges=1,
+                pools=args.pools,
+                ping_interval=args.ping_interval,
+            )
+        )
+        profile_text = run(c, args, sizes, rows, notes, connects)
     total = time.monotonic() - started
     common.report(
         f"scale — one edge, {args.receiving:.0%} of its peers receiving {args.per_peer_rate:g} ev/s each "

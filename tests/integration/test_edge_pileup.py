@@ -6,6 +6,7 @@ the runtime hands a stream's batches that continue one another to each socket as
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import uuid
 from typing import Any
@@ -13,7 +14,7 @@ from typing import Any
 import pytest
 from channels.layers import InMemoryChannelLayer
 
-from backplane import streams
+from backplane import hoptrace, streams
 from backplane.conf import conf
 from backplane.edge import EdgeRuntime
 from backplane.vendor import channels_redis as vendor_redis
@@ -63,45 +64,89 @@ def relay_batch(key: str, offsets: list[int], epoch: str = "e0") -> dict[str, An
     return {"type": "bp.batch", "stream": key, "epoch": epoch, "items": [[o, frame(o)] for o in offsets]}
 
 
+async def pile_up(layer: Any, runtime: EdgeRuntime, raw_redis: Any) -> tuple[Socket, Socket]:
+    """Two sockets and, queued on the edge's channel before its loop runs, 7 messages."""
+    runtime.stream_channel = await layer.new_channel()
+    tenant = uuid.uuid4()
+    a, b = Socket(tenant, "dev-a"), Socket(tenant, "dev-b")
+    await runtime.subscribe(a)
+    await runtime.subscribe(b)
+    key_a, key_b = a.keys["device"], b.keys["device"]
+    group = lambda key: streams.group_name(conf.channel_prefix, key)  # noqa: E731
+    # As a relay sends them while the edge is busy: a's 1–2, b's 1, a's 3, something no key
+    # opens, one that is no batch, a's 5 (a gap: left for the delivery core to fill), b's 2
+    # under a new epoch.
+    sends: list[tuple[str, dict[str, Any]]] = [
+        (key_a, relay_batch(key_a, [1, 2])),
+        (key_b, relay_batch(key_b, [1])),
+        (key_a, relay_batch(key_a, [3])),
+        (key_a, relay_batch(key_a, [5])),
+        (key_b, relay_batch(key_b, [2], epoch="e1")),
+    ]
+    for key, message in sends[:3]:
+        await layer.group_send(group(key), message)
+    await raw_redis.publish(raw_channel_of(layer, group(key_a)), sealed_token(relay_batch(key_a, [4]), KEY_OTHER))
+    # Opened with our key, yet no batch at all: dropped alone, the loop goes on.
+    malformed = {"type": "bp.batch", "stream": key_a, "epoch": "e0", "items": {"4": "x"}}
+    await raw_redis.publish(raw_channel_of(layer, group(key_a)), sealed_token(malformed, KEY_A))
+    for key, message in sends[3:]:
+        await layer.group_send(group(key), message)
+    await eventually(queued(layer, runtime.stream_channel, 7))  # all of it waits before the loop runs
+    return a, b
+
+
+async def run_batches_until_offered(runtime: EdgeRuntime, a: Socket, b: Socket) -> None:
+    task = asyncio.create_task(runtime._batches())
+    try:
+        await eventually(lambda: asyncio.sleep(0, len(a.offered) == 2 and len(b.offered) == 2))
+        await asyncio.sleep(0.05)  # the traced edge notes each batch's write in a later turn
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
 async def test_edge__batches_piled_up_behind_one_reach_each_socket_joined(services: None, raw_redis: Any) -> None:
     layer = make_layer([KEY_A])
     runtime = EdgeRuntime("edge-pileup", layer=layer)
-    task = None
     try:
-        runtime.stream_channel = await layer.new_channel()
-        tenant = uuid.uuid4()
-        a, b = Socket(tenant, "dev-a"), Socket(tenant, "dev-b")
-        await runtime.subscribe(a)
-        await runtime.subscribe(b)
+        a, b = await pile_up(layer, runtime, raw_redis)
+        await run_batches_until_offered(runtime, a, b)
         key_a, key_b = a.keys["device"], b.keys["device"]
-        group = lambda key: streams.group_name(conf.channel_prefix, key)  # noqa: E731
-        # As a relay sends them while the edge is busy: a's 1–2, b's 1, a's 3, something no key
-        # opens, one that is no batch, a's 5 (a gap: left for the delivery core to fill), b's 2
-        # under a new epoch.
-        sends: list[tuple[str, dict[str, Any]]] = [
-            (key_a, relay_batch(key_a, [1, 2])),
-            (key_b, relay_batch(key_b, [1])),
-            (key_a, relay_batch(key_a, [3])),
-            (key_a, relay_batch(key_a, [5])),
-            (key_b, relay_batch(key_b, [2], epoch="e1")),
-        ]
-        for key, message in sends[:3]:
-            await layer.group_send(group(key), message)
-        await raw_redis.publish(raw_channel_of(layer, group(key_a)), sealed_token(relay_batch(key_a, [4]), KEY_OTHER))
-        # Opened with our key, yet no batch at all: dropped alone, the loop goes on.
-        malformed = {"type": "bp.batch", "stream": key_a, "epoch": "e0", "items": {"4": "x"}}
-        await raw_redis.publish(raw_channel_of(layer, group(key_a)), sealed_token(malformed, KEY_A))
-        for key, message in sends[3:]:
-            await layer.group_send(group(key), message)
-        await eventually(queued(layer, runtime.stream_channel, 7))  # all of it waits before the loop runs
-
-        task = asyncio.create_task(runtime._batches())
-        await eventually(lambda: asyncio.sleep(0, len(a.offered) == 2 and len(b.offered) == 2))
         assert a.offered == [(key_a, [1, 2, 3], [1, 2, 3]), (key_a, [5], [5])]
         assert b.offered == [(key_b, [1], [1]), (key_b, [2], [2])]  # the new epoch's batch on its own
         assert runtime.rejected == 1
     finally:
-        if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        await layer.flush()
+
+
+async def test_edge__traced_the_pile_goes_the_same_way_each_batch_with_its_first_messages_read_time(
+    services: None, raw_redis: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bench/hop_trace.py's edge delivers as the untraced one (joined), and notes for each
+    batch when its first message came off Redis (one read time per message, in order)."""
+    records: list[tuple[dict[str, float], list[tuple[str, int]]]] = []
+    monkeypatch.setattr(hoptrace, "ON", True)
+    monkeypatch.setattr(hoptrace, "record", lambda role, steps, rows: records.append((steps, rows)))
+    layer = make_layer([KEY_A])
+    runtime = EdgeRuntime("edge-pileup-traced", layer=layer)
+    try:
+        a, b = await pile_up(layer, runtime, raw_redis)
+        # The layer probe's read times of the 7 messages, as it would have noted them.
+        monkeypatch.setitem(
+            hoptrace.reads, runtime.stream_channel, collections.deque([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0])
+        )
+        await run_batches_until_offered(runtime, a, b)
+        key_a, key_b = a.keys["device"], b.keys["device"]
+        assert a.offered == [(key_a, [1, 2, 3], [1, 2, 3]), (key_a, [5], [5])]
+        assert b.offered == [(key_b, [1], [1]), (key_b, [2], [2])]
+        noted = {tuple(rows): steps["read"] for steps, rows in records}
+        assert noted == {
+            ((key_a, 1), (key_a, 2), (key_a, 3)): 1.0,  # joined: its first message's read
+            ((key_b, 1),): 2.0,
+            ((key_a, 5),): 6.0,  # after the forged (4.0) and the malformed (5.0) messages
+            ((key_b, 2),): 7.0,
+        }
+        assert all(s["received"] <= s["offered"] <= s["written"] for s, _ in records)
+        assert not hoptrace.reads[runtime.stream_channel]  # every read time taken, none left to skew the next
+    finally:
         await layer.flush()

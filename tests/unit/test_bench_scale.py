@@ -32,6 +32,30 @@ def test_runq_seconds__reads_this_process_and_skips_a_gone_one() -> None:
     assert common.runq_seconds([busy.pid]) == 0.0  # reaped: no /proc entry
 
 
+def test_runq_seconds__adds_the_run_queue_field_of_every_thread(tmp_path: Path) -> None:
+    # schedstat: on-CPU ns, run-queue ns, timeslices; two threads of process 5, one of 6.
+    for pid, tid, line in ((5, 5, "900000000 250000000 7"), (5, 8, "1 500000000 2"), (6, 6, "0 1000000 1")):
+        (tmp_path / str(pid) / "task" / str(tid)).mkdir(parents=True)
+        (tmp_path / str(pid) / "task" / str(tid) / "schedstat").write_text(line + "\n")
+    assert common.runq_seconds([5], proc=tmp_path) == 0.75
+    assert common.runq_seconds([5, 6, 7], proc=tmp_path) == 0.751  # 7: gone
+
+
+def test_hop_trace_dir__set_for_the_block_then_removed_and_restored(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TYRUM_HOP_TRACE", "before")
+    monkeypatch.delenv("HOP_TRACE_KEEP", raising=False)
+    with common.hop_trace_dir("unit-trace") as path:
+        assert path.is_dir() and os.environ["TYRUM_HOP_TRACE"] == str(path)
+        (path / "edge-1.jsonl").write_text("{}\n")
+    assert not path.exists() and os.environ["TYRUM_HOP_TRACE"] == "before"
+    monkeypatch.setenv("HOP_TRACE_KEEP", "1")
+    monkeypatch.delenv("TYRUM_HOP_TRACE")
+    with common.hop_trace_dir("unit-trace") as kept:
+        pass
+    assert kept.is_dir() and "TYRUM_HOP_TRACE" not in os.environ
+    shutil.rmtree(kept)
+
+
 def test_tail_probe__slow_events_matched_with_their_own_clients_stalls() -> None:
     sent = {f"e{i}": 100.0 for i in range(100)}
     arrivals = {f"e{i}": 100.001 for i in range(100)}

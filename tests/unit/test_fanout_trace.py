@@ -22,7 +22,7 @@ def test_read_traces__keeps_each_edge_apart_takes_the_relay_from_every_file_and_
     write(tmp_path / "relay-10.jsonl", "relay", [({"assigned": 1.0}, [["t:a", 1]])])
     write(tmp_path / "bell-10.jsonl", "relay", [({"assigned": 1.0}, [["t:a", 2]])])
     with (tmp_path / "bell-10.jsonl").open("a") as out:
-        out.write(json.dumps({"role": "bell", "t": {"rung": 0.5}, "rows": [["t:a", 1]]}) + "\n")
+        out.write(json.dumps({"role": "bell", "t": {"rung": 0.5}, "rows": [["t:a", 3]]}) + "\n")
     write(tmp_path / "edge-20.jsonl", "edge", [({"written": 1.004}, [["t:a", 1]])])
     write(tmp_path / "edge-30.jsonl", "edge", [({"written": 1.009}, [["t:a", 1]])])
     write(tmp_path / "edge-99.jsonl", "edge", [({"written": 9.0}, [["t:a", 1]])])  # not this cluster's
@@ -41,3 +41,10 @@ def test_join__one_time_per_event_and_edge_from_the_commit() -> None:
     assert [round(v, 3) for v in per_step["commit_to_written"]] == [5.0, 7.0, 10.0]
     assert [round(v, 3) for v in per_step["commit_to_rows"]] == [1.0, 1.0, 1.0]
     assert [round(v, 3) for v in per_step["offered_to_written"]] == [2.0, 4.0]  # e2's edge noted no offer
+
+
+def test_runq_between__the_samples_nearest_the_window_ms_per_second() -> None:
+    samples = [(10.0, {"edges": 1.0}), (10.2, {"edges": 1.1}), (11.2, {"edges": 1.4}), (11.4, {"edges": 2.0})]
+    # 10.25 → the 10.2 sample, 11.15 → the 11.2 one: 0.3 s of waiting in 1.0 s
+    assert {k: round(v, 6) for k, v in fanout_trace.runq_between(samples, 10.25, 11.15).items()} == {"edges": 300.0}
+    assert fanout_trace.runq_between(samples[:1], 10.0, 11.0) == {}

@@ -37,8 +37,7 @@ async def test_traced_delivery__notes_each_step_in_order_and_delivers(tmp_path: 
     runtime.stream_channel = "chan"
     sock = Socket()
     runtime.members[KEY] = {sock: None}  # type: ignore[dict-item]
-    hoptrace.reads["chan"].append(1.0)
-    await runtime._traced(batch())
+    await runtime._traced(batch(), 1.0)  # the read time its delivery loop took for it
     await asyncio.sleep(0)  # the "written" step runs at the end of the loop turn
     hoptrace.flush("edge")
     assert sock.got == [[7, 8]]
