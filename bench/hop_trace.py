@@ -13,7 +13,8 @@ the peer:
     assigned → rows    the assignment's rows are in the relay's hands (the statement, commit)
     rows → rendered    frames and group messages built
     rendered → read    serialize (encrypt) + pipelined PUBLISH + Redis → the edge's reader task
-    read → received    the edge's queue and loop turn to the delivery loop + decode (decrypt)
+    read → received    the edge's queue and loop turn to the delivery loop + decode (decrypt);
+                       a batch joined with others piled up behind it (0051) notes its first's read
     received → offered the batch handed to its sockets (cursor, coalescer)
     offered → written  the end of the loop turn: the coalescer's send()
     written → peer     the kernel, the load client's loop and parsing
