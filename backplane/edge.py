@@ -316,11 +316,11 @@ class EdgeRuntime:
                 logger.warning("edge delivery loop: %s", type(exc).__name__, extra={"action": "delivery_error"})
                 await asyncio.sleep(0.5)
                 continue
-            # Traced (bench/hop_trace.py), each message's time off Redis, by its first row: the
-            # batches go the same way as untraced, joined, and each notes its first message's.
-            reads: dict[Any, float] | None = None
-            if hoptrace.ON:
-                reads = {_first_row(message): hoptrace.read_time(self.stream_channel)}
+            # Traced (bench/hop_trace.py), each message carries its time off Redis and its decode:
+            # the batches go the same way as untraced, and a joined one keeps its first message's.
+            traced = hoptrace.ON
+            if traced:
+                _note_read(message, hoptrace.read_time(self.stream_channel))
             # What piled up behind it (the edge was busy) goes with it: a stream's batches that
             # follow one another as one, so each socket takes one offer and one write for them.
             try:
@@ -330,19 +330,17 @@ class EdgeRuntime:
                 ready = []
             taken = [message]
             for got in ready:
-                read = hoptrace.read_time(self.stream_channel) if reads is not None else 0.0
+                read = hoptrace.read_time(self.stream_channel) if traced else 0.0  # one per message off Redis
                 if isinstance(got, vendor_redis.UNREADABLE):
                     self.reject(type(got).__name__)
                 elif isinstance(got, Exception):  # as receive's own failures: this one is lost
                     logger.warning("edge delivery loop: %s", type(got).__name__, extra={"action": "delivery_error"})
                 else:
                     taken.append(got)
-                    if reads is not None:
-                        reads.setdefault(_first_row(got), read)
+                    if traced:
+                        _note_read(got, read)
             for batch in joined_batches(taken) if ready else taken:
-                delivering = (
-                    self.deliver(batch) if reads is None else self._traced(batch, reads.get(_first_row(batch), 0.0))
-                )
+                delivering = self._traced(batch) if traced else self.deliver(batch)
                 await self._deliver_logged(delivering)
 
     async def _deliver_logged(self, delivering: Awaitable[None]) -> None:
@@ -353,13 +351,13 @@ class EdgeRuntime:
         except Exception as exc:  # a malformed batch is dropped (the sockets' head check fills it)
             logger.warning("edge dropped a batch: %s", type(exc).__name__, extra={"action": "delivery_error"})
 
-    async def _traced(self, message: dict[str, Any], read: float) -> None:
-        """``deliver`` with the times of its steps noted (bench/hop_trace.py); ``read``: when
-        its (first) message came off Redis."""
+    async def _traced(self, message: dict[str, Any]) -> None:
+        """``deliver`` with the times of its steps noted (bench/hop_trace.py), from when its
+        (first) message came off Redis (``_note_read``)."""
         steps = {
-            "read": read,
+            "read": message.get(HOP_READ, 0.0) if isinstance(message, dict) else 0.0,
             "received": time.time(),
-            "decode_s": hoptrace.last_decode,
+            "decode_s": message.get(HOP_DECODE, 0.0) if isinstance(message, dict) else 0.0,
         }
         await self.deliver(message)
         steps["offered"] = time.time()
@@ -679,6 +677,9 @@ JOINED_ITEMS = 256
 # In a joined batch: the last frame of each relay batch joined into it but the final one, so that
 # the commit → frame histogram still takes one sample per relay batch (``deliver``).
 JOINED_LASTS = "joined_lasts"
+# Traced only (bench/hop_trace.py): a message's time off Redis and its decode, carried by it so
+# that a joined batch keeps its first message's (``joined_batches`` keeps the first's keys).
+HOP_READ, HOP_DECODE = "_hop_read", "_hop_decode"
 
 
 def joined_batches(messages: Sequence[Any]) -> list[Any]:
@@ -712,12 +713,12 @@ def joined_batches(messages: Sequence[Any]) -> list[Any]:
     return out
 
 
-def _first_row(m: Any) -> Any:
-    """A relay batch's stream and first offset (its key for the hop trace), or None."""
-    try:
-        return m["stream"], int(m["items"][0][0])
-    except Exception:
-        return None
+def _note_read(message: Any, read: float) -> None:
+    """Traced only: when ``message`` came off Redis, and the decode before it was handed over
+    (a message taken with others piled up behind one carries the last decode of that turn:
+    the layer decodes them together; batches of one size decode alike)."""
+    if isinstance(message, dict):
+        message[HOP_READ], message[HOP_DECODE] = read, hoptrace.last_decode
 
 
 def _joinable(m: Any) -> bool:

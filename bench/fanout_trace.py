@@ -32,6 +32,7 @@ yield the cores to the edges): how much of the row is the two sharing the cores.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -120,7 +121,7 @@ def main() -> None:
         ["step", *[f"{r['rate']:g}/s {q}" for r in rows for q in ("p50", "p99")]],
     )
     common.report(
-        "per rate (run-queue waits: ms per second of the phase, all threads of the role)",
+        "per rate (run-queue waits: ms per second of the sending window, all threads of the role)",
         rows,
         [
             "rate",
@@ -182,7 +183,8 @@ SAMPLE_SECS = 0.2
 def renice(pid: int, niceness: int) -> None:
     """Every thread of ``pid`` (Linux's setpriority on a pid reaches only that one thread)."""
     for tid in os.listdir(f"/proc/{pid}/task"):
-        os.setpriority(os.PRIO_PROCESS, int(tid), niceness)
+        with contextlib.suppress(ProcessLookupError):  # a thread that ended meanwhile
+            os.setpriority(os.PRIO_PROCESS, int(tid), niceness)
 
 
 class RunqSampler:

@@ -458,13 +458,16 @@ def details(folder: Path) -> str:
         L.append("|" + " ---: |" * 9)
         for r in ft["rows"]:
             st = r["steps"]
-            burst = st["received_to_written"]["p50"] if "received_to_written" in st else None  # older runs: none
+            # Older runs had no such step: the sum of the two medians stands in.
+            burst = (st.get("received_to_written") or {}).get("p50")
+            if burst is None:
+                burst = st["received_to_offered"]["p50"] + st["offered_to_written"]["p50"]
             L.append(
                 f"| {fmt(r['rate'])} | {fmt(st['commit_to_rows']['p50'])} / {fmt(st['commit_to_rows']['p99'])} | "
                 f"{fmt(burst)} | {fmt(st['commit_to_written']['p50'])} / {fmt(st['commit_to_written']['p99'])} | "
                 f"{fmt(r['p50_ms'])} / {fmt(r['p99_ms'])} | {fmt(r['engine_share_p50'])} / "
-                f"{fmt(r['engine_share_p99'])} | {fmt(r['runq_edges_ms_per_s'])} | {fmt(r['runq_relay_ms_per_s'])} | "
-                f"{fmt(r['runq_clients_ms_per_s'])} |"
+                f"{fmt(r['engine_share_p99'])} | {fmt(r.get('runq_edges_ms_per_s'))} | "
+                f"{fmt(r.get('runq_relay_ms_per_s'))} | {fmt(r.get('runq_clients_ms_per_s'))} |"
             )
     if (sio := _load(folder, "socketio")) is not None:
         L.append("\n#### Socket.IO 4 + PostgreSQL adapter (same run; CPU in % of one core, its harness)\n")

@@ -24,11 +24,8 @@ def ids(**overrides: object) -> list[str]:
 
 
 def test_checks__every_setting_is_checked_as_conf_declares_it():
-    declared = {
-        name: typing.get_args(hint)[0]
-        for name, hint in typing.get_type_hints(Settings).items()
-        if typing.get_origin(hint) is Setting
-    }
+    declared = {name: typing.get_args(hint)[0] for name, hint in typing.get_type_hints(Settings).items()
+                if typing.get_origin(hint) is Setting}
 
     assert {name for name, t in declared.items() if t is int} == set(checks._POSITIVE_INTS)
     assert {name for name, t in declared.items() if t is float} == set(checks._POSITIVE_NUMBERS)
@@ -117,32 +114,15 @@ def test_checks__e011_prepared_statements(value):
 
 
 def test_checks__every_error_has_a_hint():
-    with override_settings(
-        BACKPLANE={
-            "SHARDS": 0,
-            "RETENTION_SECS": 0,
-            "REDACT_PATTERNS": "x",
-            "ALLOWED_ORIGINS": "x",
-            "COMPACT_MAX_ROWS": 0,
-            "NOPE": 1,
-            "PREPARED_STATEMENTS": "x",
-        },
-        BACKPLANE_LAYER="x",
-        REDIS_URL="x://",
-        SECRET_KEY=A_SECRET_KEY,
-    ):
+    with override_settings(BACKPLANE={"SHARDS": 0, "RETENTION_SECS": 0, "REDACT_PATTERNS": "x",
+                                      "ALLOWED_ORIGINS": "x", "COMPACT_MAX_ROWS": 0, "NOPE": 1,
+                                      "PREPARED_STATEMENTS": "x"},
+                           BACKPLANE_LAYER="x", REDIS_URL="x://", SECRET_KEY=A_SECRET_KEY):
         errors = check_backplane_settings()
 
     assert sorted(e.id for e in errors) == [
-        "backplane.E002",
-        "backplane.E003",
-        "backplane.E004",
-        "backplane.E006",
-        "backplane.E007",
-        "backplane.E008",
-        "backplane.E009",
-        "backplane.E010",
-        "backplane.E011",
+        "backplane.E002", "backplane.E003", "backplane.E004", "backplane.E006",
+        "backplane.E007", "backplane.E008", "backplane.E009", "backplane.E010", "backplane.E011",
     ]
     assert all(e.hint for e in errors)
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from backplane import hoptrace
+from backplane import edge, hoptrace
 from backplane.edge import EdgeRuntime
 
 KEY = "d:0123456789abcdef0123456789abcdef:dev-1"
@@ -37,7 +37,7 @@ async def test_traced_delivery__notes_each_step_in_order_and_delivers(tmp_path: 
     runtime.stream_channel = "chan"
     sock = Socket()
     runtime.members[KEY] = {sock: None}  # type: ignore[dict-item]
-    await runtime._traced(batch(), 1.0)  # the read time its delivery loop took for it
+    await runtime._traced({**batch(), edge.HOP_READ: 1.0, edge.HOP_DECODE: 0.002})  # as its loop noted them
     await asyncio.sleep(0)  # the "written" step runs at the end of the loop turn
     hoptrace.flush("edge")
     assert sock.got == [[7, 8]]
@@ -47,7 +47,7 @@ async def test_traced_delivery__notes_each_step_in_order_and_delivers(tmp_path: 
     line = json.loads(text)
     assert line["rows"] == [[KEY, 7], [KEY, 8]]
     t = line["t"]
-    assert t["read"] == 1.0
+    assert t["read"] == 1.0 and t["decode_s"] == 0.002
     assert t["read"] <= t["received"] <= t["offered"] <= t["written"]
 
 

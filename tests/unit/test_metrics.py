@@ -58,16 +58,15 @@ def socket_at(delivered: dict[str, int]) -> GatewayConsumer:
     consumer.closed = False
     consumer.keys = {name: f"key-{name}" for name in delivered}
     heads = {name: Head(epoch="e", offset=offset, first_retained=1) for name, offset in delivered.items()}
-    consumer.delivery = Delivery(consumer.keys, heads, max_replay=10, max_frame_bytes=100, inbound=TokenBucket(1, 1, 0))
+    consumer.delivery = Delivery(consumer.keys, heads, max_replay=10, max_frame_bytes=100,
+                                 inbound=TokenBucket(1, 1, 0))
     return consumer
 
 
 def test_positions__are_the_last_offset_delivered_and_the_lag_behind_the_head():
     consumer = socket_at({"tenant": 5, "device": 2})
-    heads = {
-        "key-tenant": Head(epoch="e", offset=9, first_retained=1),
-        "key-device": Head(epoch="e", offset=2, first_retained=1),
-    }
+    heads = {"key-tenant": Head(epoch="e", offset=9, first_retained=1),
+             "key-device": Head(epoch="e", offset=2, first_retained=1)}
     assert consumer.positions(heads) == {"tenant": (5, 4), "device": (2, 0)}
     consumer.closed = True
     assert consumer.positions(heads) == {}
@@ -87,16 +86,9 @@ def exposed_names(monkeypatch) -> set[str]:
 
     socket = SimpleNamespace(principal=SimpleNamespace(role="client"), proto=None)
     runtime = SimpleNamespace(draining=False, consumers={"c1": socket})
-    relay = SimpleNamespace(
-        assigned_total=1,
-        forwarded_total=1,
-        cycle_seconds=metrics.Histogram((1,)),
-        wakes=0,
-        polls=0,
-        errors=Counter({"send": 1}),
-        leases=SimpleNamespace(owned={0}),
-        backlog={"unassigned": 0, "unforwarded": 0, "oldest_pending_age_secs": 0.0},
-    )
+    relay = SimpleNamespace(assigned_total=1, forwarded_total=1, cycle_seconds=metrics.Histogram((1,)), wakes=0,
+                            polls=0, errors=Counter({"send": 1}), leases=SimpleNamespace(owned={0}),
+                            backlog={"unassigned": 0, "unforwarded": 0, "oldest_pending_age_secs": 0.0})
     monkeypatch.setattr(metrics, "_runtimes", lambda: [runtime])
     monkeypatch.setattr(metrics, "relays", [relay])
     monkeypatch.setattr(metrics.compaction, "runs", 1)

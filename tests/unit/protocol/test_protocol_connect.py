@@ -39,15 +39,8 @@ async def test_hello__names_protocol_ids_and_stream_heads(edge: InProcessEdge) -
         assert isinstance(head["epoch"], str) and head["epoch"]
         assert head["offset"] == 0
 
-    await orm(
-        publish_many,
-        tenant,
-        [
-            {"type": "a.b", "payload": {}},
-            {"type": "a.b", "payload": {}},
-            {"type": "a.b", "payload": {}, "device": "dev-h"},
-        ],
-    )
+    await orm(publish_many, tenant, [{"type": "a.b", "payload": {}}, {"type": "a.b", "payload": {}},
+                                     {"type": "a.b", "payload": {}, "device": "dev-h"}])
     assert await edge.forward() == 3
     second = await edge.connect(token)
     assert second.hello["connection_id"] != hello["connection_id"]
@@ -122,20 +115,10 @@ async def test_auth__malformed_subprotocol_token_is_refused_403(edge: InProcessE
     assert await edge.refused_status(subprotocols=[PROTOCOL, bad]) == 403
 
 
-@pytest.mark.parametrize(
-    "query",
-    [
-        "token=x",
-        "Access_Token=x",
-        "jwt=x",
-        "AUTH=x",
-        "authorization=x",
-        "api_key=x",
-        "token",
-        "a=1&TOKEN=",
-        "%74oken=x",  # percent-encoded name
-    ],
-)
+@pytest.mark.parametrize("query", [
+    "token=x", "Access_Token=x", "jwt=x", "AUTH=x", "authorization=x", "api_key=x", "token", "a=1&TOKEN=",
+    "%74oken=x",  # percent-encoded name
+])
 async def test_auth__credential_in_url_is_refused_even_with_valid_bearer(edge: InProcessEdge, query: str) -> None:
     _, token = await tenant_and_token()
     assert await edge.refused_status(token, path=f"/ws?{query}") == 403

@@ -28,13 +28,8 @@ async def test_delivery__a_relay_batch_arrives_live_as_event_frames_with_secrets
     tenant = await orm(make_tenant)
     peer = await live_peer(edge, tenant)
     event_id = f"run-{uuid.uuid4().hex}"
-    payload = {
-        "run_id": "r1",
-        "status": "running",
-        "password": "hunter2",
-        "nested": {"Api-Key": "k", "ok": [1, 2]},
-        "items": [{"Session_Token": "t", "n": 1}],
-    }
+    payload = {"run_id": "r1", "status": "running", "password": "hunter2",
+               "nested": {"Api-Key": "k", "ok": [1, 2]}, "items": [{"Session_Token": "t", "n": 1}]}
     await orm(publish, tenant, "run.updated", payload, device="dev-1", event_id=event_id)
     assert await edge.forward() == 1
     frame = (await peer.until_events(1))[0]
@@ -45,13 +40,9 @@ async def test_delivery__a_relay_batch_arrives_live_as_event_frames_with_secrets
     assert set(event) == {"event_id", "type", "occurred_at", "payload"}
     assert (event["event_id"], event["type"]) == (event_id, "run.updated")
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z", event["occurred_at"]), event["occurred_at"]
-    assert event["payload"] == {
-        "run_id": "r1",
-        "status": "running",
-        "password": "[REDACTED]",
-        "nested": {"Api-Key": "[REDACTED]", "ok": [1, 2]},
-        "items": [{"Session_Token": "[REDACTED]", "n": 1}],
-    }
+    assert event["payload"] == {"run_id": "r1", "status": "running", "password": "[REDACTED]",
+                                "nested": {"Api-Key": "[REDACTED]", "ok": [1, 2]},
+                                "items": [{"Session_Token": "[REDACTED]", "n": 1}]}
 
 
 async def test_delivery__each_stream_in_offset_order_to_exactly_its_audience(edge: InProcessEdge) -> None:

@@ -22,34 +22,25 @@ async def test_resume__replays_exactly_the_missed_events_then_resumed(edge: InPr
     await orm(publish_many, tenant, events(3, "seen", device="dev-1") + events(2, "seen"))
     await edge.forward()
     await first.until_events(5)
-    saved = {
-        name: {"epoch": first.stream_events(name)[-1]["epoch"], "offset": first.stream_events(name)[-1]["offset"]}
-        for name in ("device", "tenant")
-    }
+    saved = {name: {"epoch": first.stream_events(name)[-1]["epoch"], "offset": first.stream_events(name)[-1]["offset"]}
+             for name in ("device", "tenant")}
     assert saved["device"]["offset"] == 3 and saved["tenant"]["offset"] == 2
     await first.close()
 
-    await orm(
-        publish_many,
-        tenant,
-        events(4, "missed", device="dev-1") + events(1, "missed") + events(2, "missed", role="client"),
-    )
+    await orm(publish_many, tenant, events(4, "missed", device="dev-1") + events(1, "missed")
+              + events(2, "missed", role="client"))
     await edge.forward()
     await watcher.until_events(12)
 
     again = await edge.connect(token)
-    assert {n: again.hello["streams"][n]["offset"] for n in ("device", "tenant", "role")} == {
-        "device": 7,
-        "tenant": 3,
-        "role": 2,
-    }
+    assert {n: again.hello["streams"][n]["offset"] for n in ("device", "tenant", "role")} == \
+        {"device": 7, "tenant": 3, "role": 2}
     await again.send({"type": "resume", "streams": saved})
     result = await again.until_resumed()
     assert result == {"device": {"recovered": True, "replayed": 4}, "tenant": {"recovered": True, "replayed": 1}}
     replayed = again.events
-    assert [(e["stream"], e["offset"]) for e in replayed if e["stream"] == "device"] == [
-        ("device", o) for o in range(4, 8)
-    ]
+    assert [(e["stream"], e["offset"]) for e in replayed if e["stream"] == "device"] == \
+        [("device", o) for o in range(4, 8)]
     assert [(e["stream"], e["offset"]) for e in replayed if e["stream"] == "tenant"] == [("tenant", 3)]
     assert not [e for e in replayed if e["stream"] == "role"]  # not named: not replayed
     # A replayed frame is the frame a connected peer got, byte for byte in meaning.
@@ -106,17 +97,12 @@ async def test_resume__each_reason_and_exactly_the_named_streams(edge: InProcess
     heads = peer.hello["streams"]
     assert {n: h["offset"] for n, h in heads.items()} == {"tenant": 3, "role": 2, "device": 2}
     other_epoch = "0" * 8 if heads["tenant"]["epoch"] != "0" * 8 else "1" * 8
-    await peer.send(
-        {
-            "type": "resume",
-            "streams": {
-                "tenant": {"epoch": other_epoch, "offset": 1},
-                "role": {"epoch": heads["role"]["epoch"], "offset": 5},
-                "bogus": {"epoch": heads["device"]["epoch"], "offset": 0},
-                "device": {"epoch": heads["device"]["epoch"], "offset": 2},
-            },
-        }
-    )
+    await peer.send({"type": "resume", "streams": {
+        "tenant": {"epoch": other_epoch, "offset": 1},
+        "role": {"epoch": heads["role"]["epoch"], "offset": 5},
+        "bogus": {"epoch": heads["device"]["epoch"], "offset": 0},
+        "device": {"epoch": heads["device"]["epoch"], "offset": 2},
+    }})
     assert await peer.until_resumed() == {
         "tenant": {"recovered": False, "reason": "epoch_changed"},
         "role": {"recovered": False, "reason": "offset_ahead"},
@@ -194,13 +180,10 @@ async def test_resume__a_hole_in_the_outbox_is_not_a_partial_recovery(edge: InPr
     await orm(OutboxItem.objects.filter(stream=stream_key(tenant, "device"), stream_offset=2).delete)
     peer = await edge.connect(token)
     heads = peer.hello["streams"]
-    await peer.send(
-        {"type": "resume", "streams": {n: {"epoch": heads[n]["epoch"], "offset": 0} for n in ("device", "tenant")}}
-    )
-    assert await peer.until_resumed() == {
-        "device": {"recovered": False, "reason": "retention_exceeded"},
-        "tenant": {"recovered": True, "replayed": 2},
-    }
+    await peer.send({"type": "resume", "streams": {n: {"epoch": heads[n]["epoch"], "offset": 0}
+                                                   for n in ("device", "tenant")}})
+    assert await peer.until_resumed() == {"device": {"recovered": False, "reason": "retention_exceeded"},
+                                          "tenant": {"recovered": True, "replayed": 2}}
     assert [(e["stream"], e["offset"]) for e in peer.events] == [("tenant", 1), ("tenant", 2)]
 
 
