@@ -14,8 +14,9 @@ with the producer's commit time:
     commit → written     the engine done with the event on that edge: every socket written
 
 against commit → peer for every delivery (the row's own figure: the load clients' reads
-included). The engine's share of the row is ``commit → written`` against ``commit → peer``;
-with the run-queue waits (schedstat: ms per second runnable but waiting for a core) of the
+included). The engine's share of the row is a quantile of ``commit → written`` (one time per
+event and edge) over the same quantile of ``commit → peer`` (one per delivery); with the
+run-queue waits (schedstat: ms per second runnable but waiting for a core) of the
 edges, the relay and the load clients, it says when the load clients, on the same 2 cores,
 are what the row waits for.
 
