@@ -83,11 +83,8 @@ def main() -> None:
             renice(pid, args.nice_clients)
         connect = c.pools.connect(pairs)
         print(f"connected {connect['connected']} peers over {len(c.ports)} edges in {connect['secs']:.1f}s")
-        roles = {
-            "edges": lambda: [p.pid for p in c.cluster.edges],
-            "relay": lambda: [p.pid for p in c.cluster.relays],
-            "clients": lambda: c.pools.pids,
-        }
+        # The CPU meter's own role look-ups (the load clients are its "peers").
+        roles = {"edges": c.meter.roles["edges"], "relay": c.meter.roles["relay"], "clients": c.meter.roles["peers"]}
         edge_pids = [p.pid for p in c.cluster.edges]
         for rate in (float(r) for r in args.rates.split(",") if r):
             for f in trace_dir.glob("*.jsonl"):
